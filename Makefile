@@ -1,0 +1,22 @@
+# The two commands of the README. Both set everything up first (idempotent: scripts/setup_env.sh).
+.PHONY: run test setup bench bench-gpu
+
+setup:
+	scripts/setup_env.sh
+
+# The main job, on CPU with the embedded defaults.
+run: setup
+	.venv/bin/python -m dpkern demo
+
+# The whole test suite (CI runs exactly this through .ci/run). pytest exits 5 when it collects
+# nothing, which fails here like any other error.
+test: setup
+	.venv/bin/python -m pytest -q
+
+# Benchmarks: a quick correctness-only pass on CPU; full timings on a GPU.
+bench: setup
+	.venv/bin/python -m pytest bench -q
+
+# On the GPU machine: build, GPU tests and benchmarks in one call (writes under $$OUT).
+bench-gpu:
+	bash bench/gpu_all.sh

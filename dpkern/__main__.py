@@ -1,0 +1,3 @@
+from dpkern.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Plain-PyTorch ground truth for every kernel: slow and obviously correct."""

@@ -1,0 +1,1 @@
+"""Triton kernels, their launch helpers and config heuristics. Installed as ``dpkern.kernels``."""
