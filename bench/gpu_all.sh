@@ -22,10 +22,10 @@ $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 |
   echo "pip editable install failed; see build.log" ; tail -30 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.cuda_unavailable_reason())" | tee -a "$OUT/env.txt"
-$PY -m pytest tests -q -ra -p no:cacheprovider ${TEST_ARGS:-} "$@" > "$OUT/tests.log" 2>&1
+$PY -m pytest ${TEST_PATHS:-tests} -q -ra -p no:cacheprovider ${TEST_ARGS:-} "$@" > "$OUT/tests.log" 2>&1
 test_rc=$?
 echo "tests rc=$test_rc"; tail -5 "$OUT/tests.log"
-$PY -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+$PY -m pytest ${BENCH_PATHS:-bench} -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 bench_rc=$?
 echo "bench rc=$bench_rc"; tail -3 "$OUT/bench.log"
 $PY bench/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt"
