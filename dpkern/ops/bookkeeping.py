@@ -1,0 +1,108 @@
+"""Book-keeping weight gradient: the clipped sum Σ_i c_i G_i of a Linear layer in one GEMM.
+
+With G_i = g_iᵀ a_i, Σ_i scale_i G_i = gᵀ diag(scale ⊗ 1_T) a over the flattened (B·T) rows. The
+Triton kernel applies scale_i to sample i's fp32 partial product (not to the rounded g), so each
+sample's contribution is scaled in fp32 whatever the input dtype: sensitivity holds in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from dpkern import _alloc
+from dpkern.backend import resolve_backend
+from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_tensor,
+                                   exact_fp32_matmul, sample_chunks)
+
+_IMPLEMENTED = ("triton", "torch")
+
+
+def _check_scale(op, scale, bsz, ref):
+    check_tensor(op, "scale", scale, 1, dtypes=(torch.float32,))
+    check_same(op, "batch sizes", {"scale.shape[0]": scale.shape[0], "g.shape[0]": bsz})
+    check_device(op, {"g": ref, "scale": scale})
+
+
+def _check_out(op, out, shape, device):
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: out must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{op}: out must be a float tensor, got {out.dtype}")
+    if out.device != device:
+        raise ValueError(f"{op}: out is on {out.device}, inputs on {device}")
+
+
+def _finish(result32: torch.Tensor, out, accumulate: bool) -> torch.Tensor:
+    """Write an fp32 result into out (or return it): out = result (+ out), one rounding."""
+    if out is None:
+        return result32
+    if accumulate:
+        result32 = result32 + out.to(result32.dtype)
+    out.copy_(result32)
+    return out
+
+
+def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, out=None,
+                      accumulate: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Σ_i scale_i g_iᵀ a_i (the clipped weight gradient of a Linear layer), fp32 accumulation.
+
+    Args:
+        a: (B, T, d) layer input; float32 / float16 / bfloat16.
+        g: (B, T, p) output gradient; float32 / float16 / bfloat16.
+        scale: (B,) float32 per-sample factors (clip factor, 0 for a dropped sample).
+        out: optional (p, d) tensor of any float dtype (e.g. param.grad): written in place, or
+            added to when accumulate=True. The sum is formed in fp32 and rounded once into out.
+        backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
+    Returns:
+        out if given, else a new (p, d) float32 tensor. B = 0 gives zeros (or out unchanged when
+        accumulating).
+
+    Example:
+        >>> a, g = torch.ones(2, 3, 4), torch.ones(2, 3, 5)
+        >>> bookkeeping_wgrad(a, g, torch.tensor([1.0, 0.5]))[0, 0]
+        tensor(4.5000)
+    """
+    op = "bookkeeping_wgrad"
+    check_tensor(op, "a", a, 3)
+    check_tensor(op, "g", g, 3)
+    check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),
+                                                "g.shape[:2]": tuple(g.shape[:2])})
+    check_device(op, {"a": a, "g": g})
+    bsz, seq, d = a.shape
+    p = g.shape[2]
+    _check_scale(op, scale, bsz, g)
+    _check_out(op, out, (p, d), a.device)
+    be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED, auto_order=("triton",))
+    if be == "triton" and bsz * seq > 0:
+        from dpkern.kernels.bookkeeping import bookkeeping_fwd
+        target = out if out is not None else _alloc.empty(p, d, dtype=torch.float32,
+                                                          device=a.device)
+        bookkeeping_fwd(a, g, scale, target, accumulate=accumulate and out is not None)
+        return target
+    acc = torch.zeros(p, d, dtype=torch.float32, device=a.device)
+    with exact_fp32_matmul(a.device):
+        for sl in sample_chunks(bsz, 4 * seq * (d + p)):
+            g_c = g[sl].float() * scale[sl, None, None]
+            acc.addmm_(g_c.reshape(-1, p).t(), a[sl].float().reshape(-1, d))
+    return _finish(acc, out, accumulate)
+
+
+def bookkeeping_bias(g: torch.Tensor, scale: torch.Tensor, *, out=None, accumulate: bool = False,
+                     backend: str | None = None) -> torch.Tensor:
+    """Σ_i scale_i Σ_t g_it (the clipped bias gradient), fp32 accumulation.
+
+    g: (B, T, p) float, scale: (B,) float32, out: optional (p,) any float dtype -> (p,).
+    A bandwidth-bound reduction: implemented with torch ops on every backend.
+    """
+    op = "bookkeeping_bias"
+    check_tensor(op, "g", g, 3)
+    _check_scale(op, scale, g.shape[0], g)
+    _check_out(op, out, (g.shape[2],), g.device)
+    resolve_backend(backend if backend in (None, "auto", "torch") else "torch", g.device, op=op,
+                    implemented=("torch",))
+    per_sample = g.sum(dim=1, dtype=torch.float32)  # (B, p)
+    result = (scale[:, None] * per_sample).sum(dim=0)
+    return _finish(result, out, accumulate)
