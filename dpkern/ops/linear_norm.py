@@ -112,11 +112,11 @@ def linear_norm_sq_shared(a: torch.Tensor, gs: list, *, method: str = "auto",
     outs = [_alloc.empty(bsz, dtype=torch.float32, device=a.device) for _ in gs]
     if method == "ghost":
         from dpkern.kernels.ghost_norm import ghost_norm_fwd
-        ghost_norm_fwd(a, gs, outs)
+        ghost_norm_fwd(a, gs, outs, empty=_alloc.empty)
     else:
         from dpkern.kernels.instantiate_norm import instantiate_norm_fwd
         for g, out in zip(gs, outs):
-            instantiate_norm_fwd(a, g, out)
+            instantiate_norm_fwd(a, g, out, empty=_alloc.empty)
     return outs
 
 
