@@ -79,7 +79,7 @@ def embedding_norm_sq(ids: torch.Tensor, g: torch.Tensor, *, padding_idx: int | 
         return _torch_embedding_norm(ids, g, padding_idx)
     from dpkern.kernels.embedding_norm import embedding_norm_fwd
     out = _alloc.empty(bsz, dtype=torch.float32, device=g.device)
-    embedding_norm_fwd(ids, g, out, padding_idx=padding_idx)
+    embedding_norm_fwd(ids, g, out, padding_idx=padding_idx, empty=_alloc.empty)
     return out
 
 
@@ -135,5 +135,6 @@ def tied_cross_term(ids: torch.Tensor, g_emb: torch.Tensor, a_head: torch.Tensor
         return _torch_tied_cross(ids, g_emb, a_head, g_head, padding_idx)
     from dpkern.kernels.embedding_norm import tied_cross_fwd
     out = _alloc.empty(bsz, dtype=torch.float32, device=g_emb.device)
-    tied_cross_fwd(ids, g_emb, a_head, g_head, out, padding_idx=padding_idx)
+    tied_cross_fwd(ids, g_emb, a_head, g_head, out, padding_idx=padding_idx,
+                   empty=_alloc.empty)
     return out

@@ -1,0 +1,114 @@
+"""Book-keeping weight gradient W = Σ_i scale_i g_iᵀ a_i (p × d): one GEMM over the B·T tokens.
+
+Each program owns a [BP, BD] tile of W. For every sample i it accumulates g_iᵀ a_i over the sample's
+tokens into an fp32 tile with the inputs in their own dtype (16-bit products are exact in fp32), then
+adds scale_i times that tile to the running sum. The scale is thus applied in fp32 to the exact
+per-sample partial, never to a rounded g: each sample's contribution is scaled in fp32 whatever the
+training dtype. The result is written (or added, in fp32, then rounded once) into W in its dtype.
+Tiles are visited in grouped order so that neighbouring programs reuse g and a columns from L2.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkern.kernels.ghost_norm import dot_precision
+
+
+@dataclass(frozen=True)
+class BookkeepingConfig:
+    BLOCK_P: int
+    BLOCK_D: int
+    BLOCK_T: int
+    GROUP_P: int
+    num_warps: int
+    num_stages: int
+    # tl.dot input_precision for fp32 inputs. "tf32x3" keeps about fp32 accuracy on tensor cores;
+    # "ieee" is exact fp32 FMA (slow); DPKERN_FP32_DOT overrides.
+    fp32_dot: str = "tf32x3"
+
+
+def bookkeeping_config(seq: int, d: int, p: int) -> BookkeepingConfig:
+    """Heuristic: 128 × 128 tiles (64 × 64 for narrow layers); token step ≤ the sequence length."""
+    fp32_dot = os.environ.get("DPKERN_FP32_DOT", "tf32x3")
+    block_t = 64 if seq >= 64 else max(16, triton.next_power_of_2(seq))
+    if min(d, p) >= 512:
+        return BookkeepingConfig(128, 128, block_t, 8, 8, 3, fp32_dot)
+    return BookkeepingConfig(64, 64, block_t, 8, 4, 3, fp32_dot)
+
+
+def bookkeeping_search_space():
+    """Enumerable configs for autotuning sweeps in bench/."""
+    return [BookkeepingConfig(bp, bd, bt, 8, w, s) for bp, bd in ((128, 128), (128, 256), (64, 128))
+            for bt in (32, 64) for w in (4, 8) for s in (3, 4)]
+
+
+@triton.jit
+def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
+                            stride_ab, stride_at, stride_ad,
+                            stride_gb, stride_gt, stride_gp,
+                            stride_wp, stride_wd,
+                            ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr,
+                            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    # grouped ordering: GROUP_P row tiles sweep the column tiles together
+    pid = tl.program_id(0)
+    n_p = tl.cdiv(p, BLOCK_P)
+    n_d = tl.cdiv(d, BLOCK_D)
+    per_group = GROUP_P * n_d
+    first_p = (pid // per_group) * GROUP_P
+    group_size = tl.minimum(n_p - first_p, GROUP_P)
+    i_p = first_p + (pid % per_group) % group_size
+    i_d = (pid % per_group) // group_size
+
+    o_p = (i_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    o_t = tl.arange(0, BLOCK_T)
+    m_p = o_p < p
+    m_d = o_d < d
+    b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] running Σ_i scale_i G_i
+    for i in range(0, batch):
+        i64 = tl.cast(i, tl.int64)
+        p_g0 = g_ptr + i64 * stride_gb
+        p_a0 = a_ptr + i64 * stride_ab
+        b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] sample i's G_i tile
+        for t0 in range(0, seq, BLOCK_T):
+            o_tt = (t0 + o_t).to(tl.int64)
+            m_t = o_tt < seq
+            b_g = tl.load(p_g0 + o_p[:, None] * stride_gp + o_tt[None, :] * stride_gt,
+                          mask=m_p[:, None] & m_t[None, :], other=0.0)  # [BP, BT]
+            b_a = tl.load(p_a0 + o_tt[:, None] * stride_at + o_d[None, :] * stride_ad,
+                          mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
+            if UPCAST:
+                b_g = b_g.to(tl.float32)
+                b_a = b_a.to(tl.float32)
+            b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
+        b_w += tl.load(scale_ptr + i) * b_gi
+    p_w = w_ptr + o_p[:, None] * stride_wp + o_d[None, :] * stride_wd
+    m_w = m_p[:, None] & m_d[None, :]
+    if ACCUMULATE:
+        b_w += tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+    tl.store(p_w, b_w.to(w_ptr.dtype.element_ty), mask=m_w)
+
+
+def bookkeeping_fwd(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, w: torch.Tensor,
+                    accumulate: bool, config: BookkeepingConfig | None = None) -> None:
+    """a (B, T, d), g (B, T, p), scale (B,) fp32 -> w (p, d) = Σ scale_i g_iᵀ a_i (+ w if
+    accumulate), in w's dtype. Caller validates; B·T > 0."""
+    bsz, seq, d = a.shape
+    p = g.shape[2]
+    cfg = config or bookkeeping_config(seq, d, p)
+    grid = (triton.cdiv(p, cfg.BLOCK_P) * triton.cdiv(d, cfg.BLOCK_D),)
+    _bookkeeping_fwd_kernel[grid](
+        a_ptr=a, g_ptr=g, scale_ptr=scale, w_ptr=w, batch=bsz, seq=seq, d=d, p=p,
+        stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2),
+        stride_gb=g.stride(0), stride_gt=g.stride(1), stride_gp=g.stride(2),
+        stride_wp=w.stride(0), stride_wd=w.stride(1),
+        ACCUMULATE=accumulate, BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_T=cfg.BLOCK_T,
+        GROUP_P=cfg.GROUP_P, UPCAST=a.device.type != "cuda" or a.dtype != g.dtype,
+        DOT_PREC=dot_precision(cfg.fp32_dot, a, g),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
