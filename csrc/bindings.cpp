@@ -2,10 +2,12 @@
 // Tensors arrive as integers (device pointers) with sizes, strides, a dtype code and a stream handle.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "dpkern/noise_step.h"
 #include "dpkern/rownorm.h"
 
 namespace py = pybind11;
@@ -61,6 +63,70 @@ void rownorm_fwd(uintptr_t x, uintptr_t out, int64_t n_rows, int64_t n_cols, int
   check_cuda(err, "rownorm_fwd launch");
 }
 
+void check_finite(double x, const char* name) {
+  if (!std::isfinite(x))
+    throw std::invalid_argument(std::string("dpkern: noisy_step: ") + name + " must be finite");
+}
+
+// The descriptor array and chunk table are built (and cached) by dpkern/noise/step.py, which has
+// already checked every tensor's device, dtype, shape and contiguity.
+void noisy_step(uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors, int64_t n_chunks,
+                int param_dtype, int grad_dtype, int optimizer, int64_t k0, int64_t k1, int64_t c2,
+                int64_t c3, double noise_std, double inv_b, double lr, double weight_decay,
+                double decay, double momentum, double one_minus_dampening, bool nesterov,
+                bool first_step, double beta1, double beta2, double eps, double step_size,
+                double inv_sqrt_bc2, uintptr_t stream) {
+  if (n_tensors <= 0) throw std::invalid_argument("dpkern: noisy_step: n_tensors must be > 0");
+  if (n_chunks <= 0 || n_chunks > 0x7fffffffLL)
+    throw std::invalid_argument("dpkern: noisy_step: n_chunks out of range");
+  if (optimizer < DPK_OPT_SGD || optimizer > DPK_OPT_ADAMW)
+    throw std::invalid_argument("dpkern: noisy_step: unknown optimizer code " + std::to_string(optimizer));
+  const DpkDType pd = to_dtype(param_dtype), gd = to_dtype(grad_dtype);
+  if (pd == DPK_FLOAT16 || gd == DPK_FLOAT16)
+    throw std::invalid_argument("dpkern: noisy_step: params and grads must be float32 or bfloat16");
+  const double scalars[] = {noise_std, inv_b, lr, weight_decay, decay, momentum,
+                            one_minus_dampening, beta1, beta2, eps, step_size, inv_sqrt_bc2};
+  const char* names[] = {"noise_std", "inv_b", "lr", "weight_decay", "decay", "momentum",
+                         "one_minus_dampening", "beta1", "beta2", "eps", "step_size", "inv_sqrt_bc2"};
+  for (int i = 0; i < 12; ++i) check_finite(scalars[i], names[i]);
+  if (noise_std < 0) throw std::invalid_argument("dpkern: noisy_step: noise_std must be >= 0");
+  check_device_ptr(tensors, "tensors");
+  check_device_ptr(chunk_tensor, "chunk_tensor");
+  const auto u32 = [](int64_t x) { return static_cast<uint32_t>(x & 0xffffffffLL); };
+  DpkNoisyStepParams p{};
+  p.tensors = reinterpret_cast<const DpkNoiseTensor*>(tensors);
+  p.chunk_tensor = reinterpret_cast<const int32_t*>(chunk_tensor);
+  p.n_tensors = n_tensors;
+  p.n_chunks = n_chunks;
+  p.param_dtype = pd;
+  p.grad_dtype = gd;
+  p.optimizer = static_cast<DpkOptimizer>(optimizer);
+  p.key[0] = u32(k0);
+  p.key[1] = u32(k1);
+  p.ctr_hi[0] = u32(c2);
+  p.ctr_hi[1] = u32(c3);
+  p.noise_std = static_cast<float>(noise_std);
+  p.inv_b = static_cast<float>(inv_b);
+  p.lr = static_cast<float>(lr);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.decay = static_cast<float>(decay);
+  p.momentum = static_cast<float>(momentum);
+  p.one_minus_dampening = static_cast<float>(one_minus_dampening);
+  p.nesterov = nesterov ? 1 : 0;
+  p.first_step = first_step ? 1 : 0;
+  p.beta1 = static_cast<float>(beta1);
+  p.beta2 = static_cast<float>(beta2);
+  p.eps = static_cast<float>(eps);
+  p.step_size = static_cast<float>(step_size);
+  p.inv_sqrt_bc2 = static_cast<float>(inv_sqrt_bc2);
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = dpk_noisy_step(&p, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "noisy_step launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -69,4 +135,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("rownorm_fwd", &rownorm_fwd, py::arg("x"), py::arg("out"), py::arg("n_rows"),
         py::arg("n_cols"), py::arg("stride_xb"), py::arg("stride_xn"), py::arg("dtype"),
         py::arg("stream"));
+  m.attr("NOISE_CHUNK_OCTETS") = DPK_NOISE_CHUNK_OCTETS;
+  m.def("noisy_step", &noisy_step, py::arg("tensors"), py::arg("chunk_tensor"),
+        py::arg("n_tensors"), py::arg("n_chunks"), py::arg("param_dtype"), py::arg("grad_dtype"),
+        py::arg("optimizer"), py::arg("k0"), py::arg("k1"), py::arg("c2"), py::arg("c3"),
+        py::arg("noise_std"), py::arg("inv_b"), py::arg("lr"), py::arg("weight_decay"),
+        py::arg("decay"), py::arg("momentum"), py::arg("one_minus_dampening"),
+        py::arg("nesterov"), py::arg("first_step"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("step_size"), py::arg("inv_sqrt_bc2"), py::arg("stream"));
 }

@@ -1,0 +1,155 @@
+// Fused noise + optimizer step, one launch over all tensors (multi-tensor apply, as apex chunks it).
+// Block b takes chunk b of tensor chunk_tensor[b]; a thread takes one octet (8 global indices =
+// 2 Philox groups) per iteration: 16-byte vector loads/stores where the tensor allows, else scalar.
+// z lives only in registers; nothing full-size is allocated.
+#include <cuda_bf16.h>
+
+#include "dpkern/noise_step.h"
+#include "dpkern/philox.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kOctet = 8;
+
+__device__ __forceinline__ float load1(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load1(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ void store1(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store1(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+
+// 8 elements through 16-byte vectors: two for fp32, one for bf16. `p` is 16-byte aligned.
+__device__ __forceinline__ void load8(const float* p, float out[8]) {
+  const float4 a = __ldcs(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float out[8]) {
+  const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    out[2 * k] = f.x;
+    out[2 * k + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void store8(float* p, const float v[8]) {
+  __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  __stcs(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float v[8]) {
+  uint4 raw;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+  __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
+// The optimizer on one element; `gn` is the noisy, scaled gradient. Matches torch.optim's formulas.
+template <int OPT>
+__device__ __forceinline__ void update(const DpkNoisyStepParams& a, float gn, float& p, float& m,
+                                       float& v) {
+  if (OPT == DPK_OPT_ADAMW) {
+    p *= a.decay;
+    m = a.beta1 * m + (1.f - a.beta1) * gn;
+    v = a.beta2 * v + (1.f - a.beta2) * gn * gn;
+    const float den = sqrtf(v) * a.inv_sqrt_bc2 + a.eps;
+    p -= a.step_size * (m / den);
+  } else {
+    float d = gn + a.weight_decay * p;
+    if (OPT == DPK_OPT_SGD_MOMENTUM) {
+      m = a.first_step ? d : a.momentum * m + a.one_minus_dampening * d;
+      d = a.nesterov ? d + a.momentum * m : m;
+    }
+    p -= a.lr * d;
+  }
+}
+
+template <typename TP, typename TG, int OPT>
+__global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStepParams a) {
+  constexpr bool kM = OPT != DPK_OPT_SGD, kV = OPT == DPK_OPT_ADAMW;
+  const DpkNoiseTensor t = a.tensors[a.chunk_tensor[blockIdx.x]];
+  TP* __restrict__ pp = static_cast<TP*>(t.param);
+  const TG* __restrict__ gp = static_cast<const TG*>(t.grad);
+  float* __restrict__ mp = t.exp_avg;
+  float* __restrict__ vp = t.exp_avg_sq;
+  // Octets are numbered in the global frame, so counters depend on global indices only.
+  const int64_t first_oct = t.global_offset / kOctet;
+  const int64_t end_oct = (t.global_offset + t.numel + kOctet - 1) / kOctet;
+  const int64_t oct0 = first_oct + (blockIdx.x - t.chunk_begin) * int64_t{DPK_NOISE_CHUNK_OCTETS};
+  const int64_t oct1 = min(oct0 + int64_t{DPK_NOISE_CHUNK_OCTETS}, end_oct);
+  for (int64_t o = oct0 + threadIdx.x; o < oct1; o += kThreads) {
+    float z[kOctet];
+    dpk::normals4(2 * o, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z);
+    dpk::normals4(2 * o + 1, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z + 4);
+    const int64_t l0 = o * kOctet - t.global_offset;  // local index of the octet's first element
+    float p[kOctet], g[kOctet], m[kOctet], v[kOctet];
+    if (t.vec_ok && l0 >= 0 && l0 + kOctet <= t.numel) {
+      load8(pp + l0, p);
+      load8(gp + l0, g);
+      if (kM && !(OPT == DPK_OPT_SGD_MOMENTUM && a.first_step)) load8(mp + l0, m);
+      if (kV) load8(vp + l0, v);
+#pragma unroll
+      for (int k = 0; k < kOctet; ++k) update<OPT>(a, (g[k] + a.noise_std * z[k]) * a.inv_b, p[k], m[k], v[k]);
+      store8(pp + l0, p);
+      if (kM) store8(mp + l0, m);
+      if (kV) store8(vp + l0, v);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kOctet; ++k) {
+        const int64_t i = l0 + k;
+        if (i < 0 || i >= t.numel) continue;
+        float pk = load1(pp, i), mk = 0.f, vk = 0.f;
+        if (kM && !(OPT == DPK_OPT_SGD_MOMENTUM && a.first_step)) mk = mp[i];
+        if (kV) vk = vp[i];
+        update<OPT>(a, (load1(gp, i) + a.noise_std * z[k]) * a.inv_b, pk, mk, vk);
+        store1(pp, i, pk);
+        if (kM) mp[i] = mk;
+        if (kV) vp[i] = vk;
+      }
+    }
+  }
+}
+
+template <typename TP, typename TG>
+cudaError_t launch_opt(const DpkNoisyStepParams& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.n_chunks)), block(kThreads);
+  switch (a.optimizer) {
+    case DPK_OPT_SGD: noisy_step_kernel<TP, TG, DPK_OPT_SGD><<<grid, block, 0, stream>>>(a); break;
+    case DPK_OPT_SGD_MOMENTUM:
+      noisy_step_kernel<TP, TG, DPK_OPT_SGD_MOMENTUM><<<grid, block, 0, stream>>>(a);
+      break;
+    case DPK_OPT_ADAMW: noisy_step_kernel<TP, TG, DPK_OPT_ADAMW><<<grid, block, 0, stream>>>(a); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+// fp32 / bf16 only: the two element types dpkern trains in.
+template <typename F>
+cudaError_t dispatch_fp32_bf16(DpkDType dtype, F&& f) {
+  switch (dtype) {
+    case DPK_FLOAT32: return f(float{});
+    case DPK_BFLOAT16: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+extern "C" cudaError_t dpk_noisy_step(const DpkNoisyStepParams* p, cudaStream_t stream) {
+  static_assert(sizeof(DpkNoiseTensor) == 64, "DpkNoiseTensor is part of the Python ABI");
+  if (p == nullptr || p->tensors == nullptr || p->chunk_tensor == nullptr || p->n_tensors <= 0 ||
+      p->n_chunks <= 0 || p->n_chunks > 0x7fffffffLL)
+    return cudaErrorInvalidValue;
+  return dispatch_fp32_bf16(p->param_dtype, [&](auto ptag) {
+    return dispatch_fp32_bf16(p->grad_dtype, [&](auto gtag) {
+      return launch_opt<decltype(ptag), decltype(gtag)>(*p, stream);
+    });
+  });
+}

@@ -1,0 +1,130 @@
+"""Plain-PyTorch ground truth: Philox4x32-10 in int64 ops, Box–Muller, and the noisy optimizer step.
+
+Slow and obviously correct; the same uniforms (bit for bit) and z (to float rounding) as the Triton
+and CUDA kernels. Counter layout: kernels/philox.py and dpkern/noise/README.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK = 0xFFFFFFFF
+STREAM_GAUSSIAN = 0  # stream tag of the optimizer's Gaussian noise
+MAX_STEP = 1 << 56
+
+
+def _mulhilo(m: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of m * a for a constant m < 2**32 and a in [0, 2**32), int64 only.
+
+    m = mh * 2**16 + ml, so m*a = (a*mh >> 16) * 2**32 + [((a*mh) & 0xFFFF) << 16 + a*ml]; every
+    partial product stays below 2**49.
+    """
+    mh, ml = m >> 16, m & 0xFFFF
+    p_h = a * mh
+    p_l = a * ml
+    s = ((p_h & 0xFFFF) << 16) + p_l
+    return (p_h >> 16) + (s >> 32), s & _MASK
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 on int64 tensors holding uint32 values; returns four int64 tensors in [0, 2**32)."""
+    for r in range(10):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK, (k1 + _W1) & _MASK
+    return c0, c1, c2, c3
+
+
+def key_words(key: bytes) -> tuple[int, int, int, int]:
+    """The 16 secret bytes as four little-endian uint32 words (s0, s1, s2, s3)."""
+    if len(key) != 16:
+        raise ValueError(f"key must be 16 bytes, got {len(key)}")
+    return tuple(int.from_bytes(key[4 * i:4 * i + 4], "little") for i in range(4))
+
+
+def step_words(step: int, stream: int = STREAM_GAUSSIAN) -> tuple[int, int]:
+    """(step_lo, step_hi_stream): counter words c2, c3 before whitening."""
+    if not 0 <= step < MAX_STEP:
+        raise ValueError(f"step must be in [0, 2**56), got {step}")
+    if not 0 <= stream < 256:
+        raise ValueError(f"stream must be in [0, 256), got {stream}")
+    return step & _MASK, (stream << 24) | (step >> 32)
+
+
+def _u32(x: int) -> int:
+    return x & _MASK
+
+
+def philox_words(g: torch.Tensor, words: dict):
+    """The 4 uint32 outputs (as int64 tensors) for group indices g (int64 tensor).
+
+    words: {'k0', 'k1', 'c2', 'c3'} as given by NoiseGenerator.kernel_words(step) (int32 bit patterns).
+    """
+    g = g.to(torch.int64)
+    c0, c1 = g & _MASK, (g >> 32) & _MASK
+    c2 = torch.full_like(g, _u32(words["c2"]))
+    c3 = torch.full_like(g, _u32(words["c3"]))
+    return philox4x32_10(c0, c1, c2, c3, _u32(words["k0"]), _u32(words["k1"]))
+
+
+def uniforms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint32 words (int64 tensor) -> (u_r in (0, 1], u_a in [0, 1]) as float32, exactly as the kernels."""
+    xf = x.to(torch.float32)
+    scaled = xf * 2.0**-32  # exact: a power-of-two scaling of a float32
+    return scaled + 2.0**-33, scaled
+
+
+def normals(e: torch.Tensor, words: dict) -> torch.Tensor:
+    """z (float32) for global element indices e (int64 tensor, any shape) under `words`."""
+    x0, x1, x2, x3 = philox_words(e >> 2, words)
+    lane = e & 3
+    xr = torch.where(lane < 2, x0, x2)
+    xa = torch.where(lane < 2, x1, x3)
+    u_r, _ = uniforms(xr)
+    _, u_a = uniforms(xa)
+    r = torch.sqrt(-2.0 * torch.log(u_r))
+    t = u_a * torch.tensor(2 * math.pi, dtype=torch.float32)
+    return torch.where((lane & 1) == 0, r * torch.cos(t), r * torch.sin(t))
+
+
+def tensor_normals(numel: int, global_offset: int, words: dict, device="cpu") -> torch.Tensor:
+    """z for the elements global_offset .. global_offset + numel - 1: float32 (numel,)."""
+    e = torch.arange(global_offset, global_offset + numel, dtype=torch.int64, device=device)
+    return normals(e, words)
+
+
+def noisy_update_ref(p: torch.Tensor, g: torch.Tensor, z: torch.Tensor, m: torch.Tensor | None,
+                     v: torch.Tensor | None, *, optimizer: str, hyper: dict, noise_std: float,
+                     inv_b: float, compute_dtype=torch.float32):
+    """One element-wise update on flat tensors, in `compute_dtype`; returns (p, m, v) new values.
+
+    g_noisy = (g + noise_std * z) * inv_b, then SGD (coupled weight decay, momentum with dampening,
+    Nesterov; `first` initialises the buffer with the gradient as torch.optim.SGD does) or AdamW
+    (decoupled decay, bias corrections for step `t`), as written in torch.optim.
+    """
+    c = compute_dtype
+    pf, gf, zf = p.to(c), g.to(c), z.to(c)
+    gn = (gf + noise_std * zf) * inv_b
+    lr, wd = hyper["lr"], hyper.get("weight_decay", 0.0)
+    if optimizer == "sgd":
+        d = gn + wd * pf if wd != 0 else gn
+        mu = hyper.get("momentum", 0.0)
+        m_new = None
+        if mu != 0:
+            mf = m.to(c)
+            m_new = d.clone() if hyper.get("first", False) else mu * mf + (1 - hyper.get("dampening", 0.0)) * d
+            d = d + mu * m_new if hyper.get("nesterov", False) else m_new
+        return pf - lr * d, m_new, None
+    if optimizer == "adamw":
+        b1, b2, eps, t = hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["step"]
+        pf = pf * (1 - lr * wd)
+        m_new = b1 * m.to(c) + (1 - b1) * gn
+        v_new = b2 * v.to(c) + (1 - b2) * gn * gn
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        denom = torch.sqrt(v_new) / math.sqrt(bc2) + eps
+        return pf - (lr / bc1) * m_new / denom, m_new, v_new
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")

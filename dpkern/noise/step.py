@@ -1,0 +1,269 @@
+"""fused_noisy_step: Gaussian noise + SGD/AdamW update for a list of tensors, in one pass per backend.
+
+Validation happens before anything is reserved or written: a refused call leaves every tensor and
+the noise counter as they were.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from dpkern._ext import require_cuda_ext
+from dpkern.backend import resolve_backend
+from dpkern.noise.keys import NoiseGenerator
+from dpkern.noise.reference import noisy_update_ref, tensor_normals
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 2}  # DpkDType
+_OPT_SGD, _OPT_SGD_MOMENTUM, _OPT_ADAMW = 0, 1, 2  # DpkOptimizer
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    """torch.optim.SGD's hyperparameters (weight decay coupled: added to the noisy gradient)."""
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    """torch.optim.AdamW's hyperparameters (decoupled weight decay, bias correction)."""
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+def _check_hyper(hyper) -> None:
+    if isinstance(hyper, SGDHyper):
+        if hyper.nesterov and (hyper.momentum <= 0 or hyper.dampening != 0):
+            raise ValueError("hyper: Nesterov momentum needs momentum > 0 and dampening = 0")
+        vals = {"lr": hyper.lr, "momentum": hyper.momentum, "dampening": hyper.dampening,
+                "weight_decay": hyper.weight_decay}
+    elif isinstance(hyper, AdamWHyper):
+        if not (0 <= hyper.beta1 < 1 and 0 <= hyper.beta2 < 1):
+            raise ValueError(f"hyper: betas must be in [0, 1), got ({hyper.beta1}, {hyper.beta2})")
+        vals = {"lr": hyper.lr, "eps": hyper.eps, "weight_decay": hyper.weight_decay}
+    else:
+        raise TypeError(f"hyper must be SGDHyper or AdamWHyper, got {type(hyper).__name__}")
+    for k, v in vals.items():
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"hyper.{k} must be a finite number >= 0, got {v!r}")
+
+
+def _check_list(name, xs, params, dtypes):
+    if not isinstance(xs, (list, tuple)) or len(xs) != len(params):
+        n = len(xs) if isinstance(xs, (list, tuple)) else type(xs).__name__
+        raise ValueError(f"{name} must be a list of {len(params)} tensors (one per param), got {n}")
+    for i, (x, p) in enumerate(zip(xs, params)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape != p.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)}, params[{i}] has {tuple(p.shape)}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] must be {' or '.join(map(str, dtypes))}, got {x.dtype}")
+        if x.device != p.device:
+            raise ValueError(f"{name}[{i}] is on {x.device}, params[{i}] on {p.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous")
+
+
+def validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets):
+    """Checks every argument; returns the global offsets (default: params laid end to end)."""
+    if not isinstance(params, (list, tuple)) or len(params) == 0:
+        raise ValueError("params must be a non-empty list of tensors")
+    dev = None
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+        if p.dtype not in _PARAM_DTYPES:
+            raise TypeError(f"params[{i}] must be float32 or bfloat16, got {p.dtype}")
+        if not p.is_contiguous():
+            raise ValueError(f"params[{i}] must be contiguous")
+        dev = dev or p.device
+        if p.device != dev:
+            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {dev}: one device per call")
+    _check_hyper(hyper)
+    _check_list("grads", grads, params, _PARAM_DTYPES)
+    if isinstance(hyper, AdamWHyper) or (isinstance(hyper, SGDHyper) and hyper.momentum != 0):
+        _check_list("exp_avgs", exp_avgs, params, (torch.float32,))
+    if isinstance(hyper, AdamWHyper):
+        _check_list("exp_avg_sqs", exp_avg_sqs, params, (torch.float32,))
+    if global_offsets is None:
+        offs, o = [], 0
+        for p in params:
+            offs.append(o)
+            o += p.numel()
+        return offs
+    if len(global_offsets) != len(params):
+        raise ValueError(f"global_offsets must have {len(params)} entries, got {len(global_offsets)}")
+    spans = []
+    for i, (o, p) in enumerate(zip(global_offsets, params)):
+        if not isinstance(o, int) or isinstance(o, bool) or o < 0 or o + p.numel() > 1 << 62:
+            raise ValueError(f"global_offsets[{i}] must be an int in [0, 2**62 - numel), got {o!r}")
+        spans.append((o, o + p.numel(), i))
+    spans.sort()
+    for (a0, a1, i), (b0, b1, j) in zip(spans, spans[1:]):
+        if b0 < a1 and b1 > b0 and a1 > a0:
+            raise ValueError(f"global_offsets: params[{i}] and params[{j}] overlap in the global index "
+                             "space; they would draw the same noise")
+    return list(global_offsets)
+
+
+def kernel_scalars(hyper, *, noise_std: float, inv_b: float, t: int) -> tuple[dict, int, bool]:
+    """The float arguments shared by the Triton and CUDA kernels, the optimizer code, Nesterov flag."""
+    s = dict(noise_std=float(noise_std), inv_b=float(inv_b), lr=float(hyper.lr),
+             weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0, one_minus_damp=1.0,
+             beta1=0.0, beta2=0.0, eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
+    if isinstance(hyper, AdamWHyper):
+        s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
+                 eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1**t),
+                 inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2**t))
+        return s, _OPT_ADAMW, False
+    if hyper.momentum != 0:
+        s.update(momentum=hyper.momentum, one_minus_damp=1.0 - hyper.dampening)
+        return s, _OPT_SGD_MOMENTUM, bool(hyper.nesterov)
+    return s, _OPT_SGD, False
+
+
+def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper, noise_std: float,
+                     expected_batch_size: float, noise: NoiseGenerator, t: int = 1,
+                     counter_step: int | None = None, global_offsets=None,
+                     backend: str | None = None) -> int:
+    """In place, for every i: p_i <- update(p_i, (g_i + noise_std * z_i) / expected_batch_size).
+
+    Args:
+        params: list of contiguous float32 / bfloat16 tensors on one device (updated in place).
+        grads: clipped gradient sums, same shapes, float32 / bfloat16 (any mix with params).
+        exp_avgs: fp32 states (SGD momentum buffer, AdamW m), same shapes; unused for plain SGD.
+        exp_avg_sqs: fp32 AdamW v, same shapes.
+        hyper: SGDHyper | AdamWHyper.
+        noise_std: sigma * C (>= 0; 0 still runs the fused update).
+        expected_batch_size: B_expected (public), > 0; the update divides by it.
+        noise: the NoiseGenerator (key + counter).
+        t: optimizer step, 1-based (AdamW bias correction; SGD: t == 1 initialises momentum).
+        counter_step: the noise counter step to use (default: noise.next_step()); a caller
+            releasing several groups in one logical step reserves one step and passes it to each.
+        global_offsets: global index of each tensor's element 0 (default: laid end to end);
+            a shard passes its own offsets so z matches the unsharded model.
+        backend: "auto" | "cuda" | "triton" | "torch".
+    Returns: the counter step used.
+    """
+    offs = validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets)
+    if not isinstance(noise, NoiseGenerator):
+        raise TypeError(f"noise must be a NoiseGenerator, got {type(noise).__name__}")
+    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
+            and expected_batch_size > 0):
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    if not isinstance(t, int) or t < 1:
+        raise ValueError(f"t (optimizer step) must be an int >= 1, got {t!r}")
+    device = params[0].device
+    be = resolve_backend(backend, device, op="fused_noisy_step", auto_order=("cuda", "triton"))
+    scalars, opt, nesterov = kernel_scalars(hyper, noise_std=noise_std,
+                                            inv_b=1.0 / expected_batch_size, t=t)
+    first = opt == _OPT_SGD_MOMENTUM and t == 1
+    step = noise.next_step() if counter_step is None else counter_step
+    words = noise.kernel_words(step)
+    ms = exp_avgs if opt != _OPT_SGD else [None] * len(params)
+    vs = exp_avg_sqs if opt == _OPT_ADAMW else [None] * len(params)
+    if be == "cuda":
+        _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words)
+    elif be == "triton":
+        from dpkern.kernels.noise_step import noise_step_launch
+        scal = dict(scalars, **words)
+        for p, g, m, v, o in zip(params, grads, ms, vs, offs):
+            noise_step_launch(p, g, m, v, global_offset=o, scalars=scal, opt=opt,
+                              nesterov=nesterov, first=first)
+    else:
+        _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words)
+    return step
+
+
+def _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words):
+    name = "adamw" if opt == _OPT_ADAMW else "sgd"
+    hd = {"lr": hyper.lr, "weight_decay": hyper.weight_decay, "first": first, "step": t}
+    if opt == _OPT_ADAMW:
+        hd.update(beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps)
+    elif opt == _OPT_SGD_MOMENTUM:
+        hd.update(momentum=hyper.momentum, dampening=hyper.dampening, nesterov=hyper.nesterov)
+    for p, g, m, v, o in zip(params, grads, ms, vs, offs):
+        if p.numel() == 0:
+            continue
+        z = tensor_normals(p.numel(), o, words, device=p.device).view(p.shape)
+        p_new, m_new, v_new = noisy_update_ref(p, g, z, m, v, optimizer=name, hyper=hd,
+                                               noise_std=scalars["noise_std"],
+                                               inv_b=scalars["inv_b"])
+        p.copy_(p_new)
+        if m_new is not None:
+            m.copy_(m_new)
+        if v_new is not None:
+            v.copy_(v_new)
+
+
+# Descriptor tables depend only on pointers, sizes and offsets, which stay fixed across steps.
+_DESC_CACHE: OrderedDict = OrderedDict()
+_DESC_CACHE_SIZE = 16
+
+
+def _descriptors(ext, params, grads, ms, vs, offs):
+    key = tuple((p.data_ptr(), g.data_ptr(), 0 if m is None else m.data_ptr(),
+                 0 if v is None else v.data_ptr(), p.numel(), o)
+                for p, g, m, v, o in zip(params, grads, ms, vs, offs) if p.numel() > 0)
+    key = (params[0].device, key)
+    hit = _DESC_CACHE.get(key)
+    if hit is not None:
+        _DESC_CACHE.move_to_end(key)
+        return hit
+    octets = ext.NOISE_CHUNK_OCTETS
+    rows, chunks, begin = [], [], 0
+    for pp, gp, mp, vp, n, o in key[1]:
+        n_oct = (o + n + 7) // 8 - o // 8
+        n_chunk = -(-n_oct // octets)
+        vec_ok = int(o % 8 == 0 and all(x % 16 == 0 for x in (pp, gp, mp, vp)))
+        rows.append([pp, gp, mp, vp, n, o, begin, vec_ok])
+        chunks.append(n_chunk)
+        begin += n_chunk
+    dev = params[0].device
+    desc = torch.tensor(rows, dtype=torch.int64).to(dev)  # [n_tensors, 8] = DpkNoiseTensor
+    table = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
+                                    torch.tensor(chunks)).to(dev)  # [n_chunks]
+    entry = (desc, table, len(rows), begin)
+    _DESC_CACHE[key] = entry
+    while len(_DESC_CACHE) > _DESC_CACHE_SIZE:
+        _DESC_CACHE.popitem(last=False)
+    return entry
+
+
+def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words):
+    ext = require_cuda_ext()
+    groups: dict = {}
+    for i, (p, g) in enumerate(zip(params, grads)):
+        groups.setdefault((p.dtype, g.dtype), []).append(i)
+    dev = params[0].device
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        for (pd, gd), idx in groups.items():
+            sel = lambda xs: [xs[i] for i in idx]  # noqa: E731
+            desc, table, n_t, n_c = _descriptors(ext, sel(params), sel(grads), sel(ms), sel(vs),
+                                                 sel(offs))
+            if n_c == 0:
+                continue
+            ext.noisy_step(tensors=desc.data_ptr(), chunk_tensor=table.data_ptr(), n_tensors=n_t,
+                           n_chunks=n_c, param_dtype=_DTYPE_CODE[pd], grad_dtype=_DTYPE_CODE[gd],
+                           optimizer=opt, k0=words["k0"], k1=words["k1"], c2=words["c2"],
+                           c3=words["c3"], noise_std=scalars["noise_std"], inv_b=scalars["inv_b"],
+                           lr=scalars["lr"], weight_decay=scalars["weight_decay"],
+                           decay=scalars["decay"], momentum=scalars["momentum"],
+                           one_minus_dampening=scalars["one_minus_damp"], nesterov=nesterov,
+                           first_step=first, beta1=scalars["beta1"], beta2=scalars["beta2"],
+                           eps=scalars["eps"], step_size=scalars["step_size"],
+                           inv_sqrt_bc2=scalars["inv_sqrt_bc2"], stream=stream)

@@ -1,0 +1,101 @@
+"""Fused Gaussian noise + optimizer step (the Triton twin of csrc/noise_step.cu).
+
+Per element: g_noisy = (g + noise_std * z) * inv_b with z from Philox (kernels/philox.py), then SGD
+or AdamW, writing the parameter and the fp32 states in place. z never touches memory.
+
+A program covers BLOCK_G whole Philox groups of the *global* element index (4 elements each), so the
+counter of an element depends only on its global index: a shard that starts at any global offset
+draws the same z as the unsharded tensor. Loads are contiguous (local index = global - offset).
+One launch per tensor; the CUDA kernel does all tensors in one launch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkern.kernels.philox import normals4
+
+OPT_SGD, OPT_SGD_MOMENTUM, OPT_ADAMW = 0, 1, 2  # same codes as DpkOptimizer in noise_step.h
+
+
+@dataclass(frozen=True)
+class NoiseStepConfig:
+    BLOCK_G: int  # Philox groups per program (4 elements each)
+    num_warps: int
+
+
+def noise_step_config(numel: int) -> NoiseStepConfig:
+    """1024 elements per program (256 groups); small tensors take a smaller block."""
+    groups = min(256, max(16, triton.next_power_of_2(max(1, numel) // 4 + 1)))
+    return NoiseStepConfig(BLOCK_G=groups, num_warps=4 if groups >= 256 else 2)
+
+
+def noise_step_search_space():
+    return [NoiseStepConfig(g, w) for g in (128, 256, 512, 1024) for w in (2, 4, 8)]
+
+
+@triton.jit(do_not_specialize=["numel", "global_offset", "k0", "k1", "c2", "c3"])
+def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
+                       k0, k1, c2, c3,
+                       noise_std, inv_b, lr, weight_decay, decay, momentum, one_minus_damp,
+                       beta1, beta2, eps, step_size, inv_sqrt_bc2,
+                       OPT: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+                       ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    o_g = (global_offset >> 2) + pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # [BG]
+    b_z = normals4(o_g, k0, k1, c2, c3)  # [4 BG]
+    if ALIGNED:  # global_offset % 4 == 0: local index = 4 * (group - offset / 4) + lane
+        o_l = pid * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G).to(tl.int64)
+    else:
+        o_e = ((global_offset >> 2) + pid * BLOCK_G) * 4 + tl.arange(0, 4 * BLOCK_G).to(tl.int64)
+        o_l = o_e - global_offset  # local element index, [4 BG]
+    m_l = (o_l >= 0) & (o_l < numel)
+    b_p = tl.load(p_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)
+    b_g = tl.load(g_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)
+    b_gn = (b_g + noise_std * b_z) * inv_b
+    if OPT == 2:  # AdamW, decoupled weight decay
+        b_m = tl.load(m_ptr + o_l, mask=m_l, other=0.0)
+        b_v = tl.load(v_ptr + o_l, mask=m_l, other=0.0)
+        b_p = b_p * decay
+        b_m = beta1 * b_m + (1.0 - beta1) * b_gn
+        b_v = beta2 * b_v + (1.0 - beta2) * b_gn * b_gn
+        b_den = tl.sqrt(b_v) * inv_sqrt_bc2 + eps
+        b_p = b_p - step_size * (b_m / b_den)
+        tl.store(m_ptr + o_l, b_m, mask=m_l)
+        tl.store(v_ptr + o_l, b_v, mask=m_l)
+    else:  # SGD, coupled weight decay
+        b_d = b_gn + weight_decay * b_p
+        if OPT == 1:
+            if FIRST:
+                b_m = b_d
+            else:
+                b_m = momentum * tl.load(m_ptr + o_l, mask=m_l, other=0.0) + one_minus_damp * b_d
+            tl.store(m_ptr + o_l, b_m, mask=m_l)
+            if NESTEROV:
+                b_d = b_d + momentum * b_m
+            else:
+                b_d = b_m
+        b_p = b_p - lr * b_d
+    tl.store(p_ptr + o_l, b_p.to(p_ptr.dtype.element_ty), mask=m_l)
+
+
+def noise_step_launch(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,
+                      *, global_offset: int, scalars: dict, opt: int, nesterov: bool, first: bool,
+                      config: NoiseStepConfig | None = None) -> None:
+    """Update one contiguous tensor in place. The caller validated everything; `scalars` holds the
+    kernel's float and counter arguments (built once per step by dpkern.noise.step)."""
+    n = p.numel()
+    if n == 0:
+        return
+    cfg = config or noise_step_config(n)
+    first_group = global_offset >> 2
+    last_group = (global_offset + n - 1) >> 2
+    grid = (triton.cdiv(last_group - first_group + 1, cfg.BLOCK_G),)
+    _noise_step_kernel[grid](
+        p_ptr=p, g_ptr=g, m_ptr=m if m is not None else p, v_ptr=v if v is not None else p,
+        numel=n, global_offset=global_offset, **scalars,
+        OPT=opt, NESTEROV=nesterov, FIRST=first, ALIGNED=global_offset % 4 == 0,
+        BLOCK_G=cfg.BLOCK_G, num_warps=cfg.num_warps)
