@@ -72,22 +72,36 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
                 memo[sigma] = math.inf
         return memo[sigma]
 
-    # Bracket: eps(lo) > target >= eps(hi).
-    hi = 1.0
-    while eps(hi) > target_epsilon:
-        if hi >= sigma_max:
-            if bound_failures:
-                raise EdgeworthBoundError(
-                    "cannot calibrate with the Edgeworth accountant: calibration uses its rigorous "
-                    "bound, which does not converge here. " + bound_failures[-1])
-            raise ValueError(f"target_epsilon={target_epsilon} is unreachable at target_delta="
-                             f"{target_delta} with sigma <= sigma_max={sigma_max}")
-        hi = min(hi * 2.0, sigma_max)
-    lo = hi / 2.0
-    while eps(lo) <= target_epsilon:
-        hi, lo = lo, lo / 2.0
-        if hi <= tolerance:
-            return hi
+    # Start from the GDP/CLT sigma (analytic, close to the tight one), then bracket geometrically:
+    # eps(lo) > target >= eps(hi). Few evaluations of the (possibly slow) accountant.
+    guess = 1.0
+    if accountant != "gdp":
+        try:
+            guess = get_noise_multiplier(target_epsilon, target_delta, q, steps, "gdp",
+                                         tolerance=tolerance, sigma_max=sigma_max)
+        except ValueError:
+            pass
+    guess = min(max(guess, 2 * tolerance), sigma_max)
+    factor = 1.03
+    if eps(guess) > target_epsilon:
+        lo, hi = guess, min(guess * factor, sigma_max)
+        while eps(hi) > target_epsilon:
+            if hi >= sigma_max:
+                if bound_failures:
+                    raise EdgeworthBoundError(
+                        "cannot calibrate with the Edgeworth accountant: calibration uses its "
+                        "rigorous bound, which does not converge here. " + bound_failures[-1])
+                raise ValueError(f"target_epsilon={target_epsilon} is unreachable at "
+                                 f"target_delta={target_delta} with sigma <= sigma_max={sigma_max}")
+            factor *= factor
+            lo, hi = hi, min(hi * factor, sigma_max)
+    else:
+        hi, lo = guess, guess / factor
+        while eps(lo) <= target_epsilon:
+            if lo <= tolerance:
+                return lo
+            factor *= factor
+            hi, lo = lo, lo / factor
 
     # Brent on log(eps) (close to linear in log sigma), then bisection until the bracket is tight.
     def g(log_sigma: float) -> float:
