@@ -87,7 +87,9 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                 b_g = b_g.to(tl.float32)
                 b_a = b_a.to(tl.float32)
             b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
-        b_w += tl.load(scale_ptr + i) * b_gi
+        # a dropped sample (scale 0) contributes exactly nothing, even if its grads are non-finite
+        scale_i = tl.load(scale_ptr + i)
+        b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
     p_w = w_ptr + o_p[:, None] * stride_wp + o_d[None, :] * stride_wd
     m_w = m_p[:, None] & m_d[None, :]
     if ACCUMULATE:

@@ -53,6 +53,7 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
         a: (B, T, d) layer input; float32 / float16 / bfloat16.
         g: (B, T, p) output gradient; float32 / float16 / bfloat16.
         scale: (B,) float32 per-sample factors (clip factor, 0 for a dropped sample).
+            A sample with scale 0 contributes exactly nothing, even where its a or g is not finite.
         out: optional (p, d) tensor of any float dtype (e.g. param.grad): written in place, or
             added to when accumulate=True. The sum is formed in fp32 and rounded once into out.
         backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
@@ -85,8 +86,9 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
     acc = torch.zeros(p, d, dtype=torch.float32, device=a.device)
     with exact_fp32_matmul(a.device):
         for sl in sample_chunks(bsz, 4 * seq * (d + p)):
-            g_c = g[sl].float() * scale[sl, None, None]
-            acc.addmm_(g_c.reshape(-1, p).t(), a[sl].float().reshape(-1, d))
+            keep = scale[sl] != 0  # a dropped sample contributes nothing, even if non-finite
+            g_c = g[sl][keep].float() * scale[sl][keep, None, None]
+            acc.addmm_(g_c.reshape(-1, p).t(), a[sl][keep].float().reshape(-1, d))
     return _finish(acc, out, accumulate)
 
 
@@ -103,6 +105,7 @@ def bookkeeping_bias(g: torch.Tensor, scale: torch.Tensor, *, out=None, accumula
     _check_out(op, out, (g.shape[2],), g.device)
     resolve_backend(backend if backend in (None, "auto", "torch") else "torch", g.device, op=op,
                     implemented=("torch",))
-    per_sample = g.sum(dim=1, dtype=torch.float32)  # (B, p)
-    result = (scale[:, None] * per_sample).sum(dim=0)
+    keep = scale != 0  # a dropped sample contributes nothing, even if non-finite
+    per_sample = g[keep].sum(dim=1, dtype=torch.float32)  # (B', p)
+    result = (scale[keep, None] * per_sample).sum(dim=0)
     return _finish(result, out, accumulate)

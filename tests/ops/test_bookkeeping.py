@@ -1,0 +1,128 @@
+"""bookkeeping_wgrad / bookkeeping_bias: every backend against the float64 reference, written into
+outputs of several dtypes and layouts, with and without accumulation; dropped samples stay dropped.
+
+Tolerance: each output element is a signed sum, so its error is bounded relative to the sum of
+absolute terms, Σ_i |s_i| Σ_t |g_it||a_it| (the reference on absolute values), times the reduction
+rtol of tests/tolerance.py; an output rounded to a 16-bit dtype adds that dtype's half-ulp of |ref|.
+"""
+import pytest
+import torch
+
+from dpkern.ops.bookkeeping import bookkeeping_bias, bookkeeping_wgrad
+from dpkern.reference.persample import bookkeeping_bias_ref, bookkeeping_wgrad_ref
+from tests.conftest import HAS_GPU, kernel_devices
+from tests.tolerance import OUTPUT_EPS, reduction_rtol
+
+DTYPES = [torch.float32, torch.bfloat16]
+SHAPES = [(0, 5, 8, 8), (1, 1, 60, 17), (2, 63, 60, 33), (3, 17, 8, 130), (1, 130, 33, 70)]
+GPU_SHAPES = SHAPES + [(8, 512, 2048, 2048), (16, 256, 2048, 5632), (1, 4096, 2048, 256)]
+
+
+def assert_close_signed(out, ref, ref_abs, n_reduce, out_dtype=torch.float32):
+    out, ref, ref_abs = out.double().cpu(), ref.double().cpu(), ref_abs.double().cpu()
+    tol = reduction_rtol(n_reduce) * ref_abs + OUTPUT_EPS[out_dtype] * ref.abs() + 1e-30
+    err = (out - ref).abs()
+    assert not torch.isnan(out).any(), "NaN in output"
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} elements off; worst err {float(err.max()):.3e}, " \
+                          f"tol there {float(tol.flatten()[err.argmax()]):.3e}"
+
+
+def _inputs(shape, dtype, device):
+    b, t, d, p = shape
+    a = torch.randn(b, t, d, device=device).to(dtype)
+    g = torch.randn(b, t, p, device=device).to(dtype)
+    scale = torch.rand(b, device=device)
+    return a, g, scale
+
+
+@pytest.mark.parametrize("out_kind", ["none", "fp32", "bf16-accumulate", "fp32-transposed-accumulate"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES if HAS_GPU else SHAPES,
+                         ids=lambda s: "B{}xT{}xd{}xp{}".format(*s))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("device", kernel_devices())
+def test_bookkeeping_matches_reference(device, backend, shape, dtype, out_kind):
+    torch.manual_seed(hash((shape, str(dtype), out_kind)) % 2**31)
+    a, g, scale = _inputs(shape, dtype, device)
+    b, t, d, p = shape
+    ref = bookkeeping_wgrad_ref(a.double(), g.double(), scale.double())
+    ref_abs = bookkeeping_wgrad_ref(a.double().abs(), g.double().abs(), scale.double())
+    out_dtype = torch.float32
+    if out_kind == "none":
+        out = bookkeeping_wgrad(a, g, scale, backend=backend)
+        assert out.dtype == torch.float32 and out.shape == (p, d)
+    else:
+        accumulate = out_kind.endswith("accumulate")
+        if out_kind == "fp32":
+            buf = torch.full((p, d), float("nan"), device=device)  # overwritten, never read
+        elif out_kind == "bf16-accumulate":
+            out_dtype = torch.bfloat16
+            buf = torch.randn(p, d, device=device).to(out_dtype)
+        else:  # a (d, p) buffer seen as (p, d): strides (1, p)
+            buf = torch.randn(d, p, device=device).t()
+        if accumulate:
+            ref = ref + buf.double()
+            ref_abs = ref_abs + buf.double().abs()
+        out = bookkeeping_wgrad(a, g, scale, out=buf, accumulate=accumulate, backend=backend)
+        assert out is buf
+    assert_close_signed(out, ref, ref_abs, n_reduce=b * t, out_dtype=out_dtype)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dropped_sample_contributes_nothing_even_if_non_finite(backend):
+    device = kernel_devices()[0]
+    torch.manual_seed(1)
+    a, g, scale = _inputs((3, 20, 12, 9), torch.float32, device)
+    g[1, 3, 2] = float("inf")
+    a[1, 5, 0] = float("nan")
+    scale[1] = 0.0
+    keep = torch.tensor([0, 2], device=device)
+    ref = bookkeeping_wgrad_ref(a[keep].double(), g[keep].double(), scale[keep].double())
+    ref_abs = bookkeeping_wgrad_ref(a[keep].double().abs(), g[keep].double().abs(), scale[keep].double())
+    out = bookkeeping_wgrad(a, g, scale, backend=backend)
+    assert_close_signed(out, ref, ref_abs, n_reduce=60)
+    bias = bookkeeping_bias(g, scale, backend=backend if backend == "torch" else None)
+    assert torch.isfinite(bias).all()
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bookkeeping_bias(dtype, out_dtype):
+    torch.manual_seed(2)
+    g = torch.randn(3, 63, 60).to(dtype)
+    scale = torch.rand(3)
+    ref = bookkeeping_bias_ref(g.double(), scale.double())
+    ref_abs = bookkeeping_bias_ref(g.double().abs(), scale.double())
+    if out_dtype is None:
+        out = bookkeeping_bias(g, scale)
+    else:
+        buf = torch.ones(60, dtype=out_dtype)
+        out = bookkeeping_bias(g, scale, out=buf, accumulate=True)
+        ref, ref_abs = ref + 1, ref_abs + 1
+    assert_close_signed(out, ref, ref_abs, n_reduce=3 * 63, out_dtype=out_dtype or torch.float32)
+
+
+def test_empty_batch_gives_zeros_or_leaves_out_unchanged():
+    for backend in ("torch", "triton"):
+        a, g, scale = torch.randn(0, 4, 5), torch.randn(0, 4, 6), torch.rand(0)
+        assert torch.equal(bookkeeping_wgrad(a, g, scale, backend=backend), torch.zeros(6, 5))
+        buf = torch.ones(6, 5, dtype=torch.bfloat16)
+        bookkeeping_wgrad(a, g, scale, out=buf, accumulate=True, backend=backend)
+        assert torch.equal(buf, torch.ones(6, 5, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    ({"scale": torch.ones(2, dtype=torch.float64)}, TypeError, "scale must be one of"),
+    ({"scale": torch.ones(3)}, ValueError, "batch sizes"),
+    ({"out": torch.ones(4, 5)}, ValueError, r"out must have shape \(6, 5\)"),
+    ({"out": torch.ones(6, 5, dtype=torch.int32)}, TypeError, "out must be a float tensor"),
+    ({"g": torch.ones(2, 3, 6)}, ValueError, "batch and sequence sizes"),
+])
+def test_bookkeeping_rejects_bad_input(kw, err, match):
+    args = dict(a=torch.ones(2, 4, 5), g=torch.ones(2, 4, 6), scale=torch.ones(2))
+    args.update(kw)
+    out = args.pop("out", None)
+    with pytest.raises(err, match=match):
+        bookkeeping_wgrad(args["a"], args["g"], args["scale"], out=out, backend="torch")

@@ -1,0 +1,135 @@
+"""linear_norm_sq / linear_norm_sq_shared / bias_norm_sq: every backend and method against explicit
+per-sample gradients in float64, awkward shapes, poisoned outputs, both fp32 and bf16 inputs."""
+import pytest
+import torch
+
+from dpkern.ops.linear_norm import (bias_norm_sq, choose_method, linear_norm_sq,
+                                    linear_norm_sq_shared)
+from dpkern.reference.persample import bias_norm_sq_ref, linear_norm_sq_ref
+from tests.conftest import HAS_GPU, kernel_devices
+from tests.tolerance import assert_close_reduction
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (B, T, d, p): B=0, B=1, T=1, T=63, d=60, a sequence over two 64-row tiles, p over two K-blocks
+SHAPES = [(0, 5, 8, 8), (1, 1, 60, 17), (2, 63, 60, 33), (3, 17, 8, 130), (1, 130, 33, 70)]
+GPU_SHAPES = SHAPES + [(8, 512, 2048, 2048), (2, 4096, 256, 512), (4, 1000, 4096, 1024)]
+
+
+def n_reduce(seq, d, p):
+    """Longest chain of fp32 additions behind one norm (either method): T·(d+p) plus the T² plane."""
+    return seq * (d + p) + seq * seq
+
+
+def _inputs(shape, dtype, device, layout):
+    b, t, d, p = shape
+    if layout == "contiguous":
+        return torch.randn(b, t, d, device=device).to(dtype), torch.randn(b, t, p, device=device).to(dtype)
+    # feature dim not innermost for a, token dim sliced out of a wider buffer for g
+    a = torch.randn(b, d, t, device=device).to(dtype).transpose(1, 2)
+    g = torch.randn(b, t + 2, p, device=device).to(dtype)[:, 1:t + 1]
+    return a, g
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("method", ["ghost", "instantiate", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES if HAS_GPU else SHAPES,
+                         ids=lambda s: "B{}xT{}xd{}xp{}".format(*s))
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("device", kernel_devices())
+def test_linear_norm_matches_reference(device, backend, shape, dtype, method, layout):
+    torch.manual_seed(hash((shape, str(dtype), method, layout)) % 2**31)
+    a, g = _inputs(shape, dtype, device, layout)
+    out = linear_norm_sq(a, g, method=method, backend=backend)
+    assert out.shape == (shape[0],) and out.dtype == torch.float32 and out.device == a.device
+    ref = linear_norm_sq_ref(a.double(), g.double())  # same rounded inputs, float64 sums
+    assert_close_reduction(out, ref, n_reduce=n_reduce(*shape[1:]))
+
+
+@pytest.mark.parametrize("method", ["ghost", "instantiate"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_shared_input_group(backend, method):
+    """q/k/v-like group: 4 gradients (more than one kernel launch's group), mixed widths and dtypes."""
+    device = kernel_devices()[0]
+    torch.manual_seed(7)
+    bsz, seq, d = 3, 63, 60
+    a = torch.randn(bsz, seq, d, device=device).to(torch.bfloat16)
+    gs = [torch.randn(bsz, seq, p, device=device).to(dt)
+          for p, dt in ((60, torch.bfloat16), (20, torch.bfloat16), (20, torch.float32), (7, torch.bfloat16))]
+    outs = linear_norm_sq_shared(a, gs, method=method, backend=backend)
+    assert len(outs) == len(gs)
+    for out, g in zip(outs, gs):
+        ref = linear_norm_sq_ref(a.double(), g.double())
+        assert_close_reduction(out, ref, n_reduce=n_reduce(seq, d, g.shape[2]))
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_ghost_kernel_many_tile_pairs(block):
+    """Small tiles give many (t, s) tile pairs at a CPU-sized T: exercises the symmetric weighting."""
+    from dpkern import _alloc
+    from dpkern.kernels.ghost_norm import GhostNormConfig, ghost_norm_fwd
+    from dpkern.kernels.instantiate_norm import InstantiateNormConfig, instantiate_norm_fwd
+    device = kernel_devices()[0]
+    torch.manual_seed(block)
+    a, g = torch.randn(2, 63, 20, device=device), torch.randn(2, 63, 24, device=device)
+    ref = linear_norm_sq_ref(a.double(), g.double())
+    out = _alloc.empty(2, dtype=torch.float32, device=device)
+    ghost_norm_fwd(a, [g], [out], GhostNormConfig(block, 16, 4, 2), empty=_alloc.empty)
+    assert_close_reduction(out, ref, n_reduce=n_reduce(63, 20, 24))
+    out = _alloc.empty(2, dtype=torch.float32, device=device)
+    instantiate_norm_fwd(a, g, out, InstantiateNormConfig(block, 16, 16, 4, 2), empty=_alloc.empty)
+    assert_close_reduction(out, ref, n_reduce=n_reduce(63, 20, 24))
+
+
+def test_method_choice_follows_flop_model():
+    assert choose_method(512, 2048, 2048) == "ghost"  # T(d+p)/2 = 1M < dp = 4M
+    assert choose_method(4096, 256, 256) == "instantiate"
+    assert choose_method(4096, 256, 256, backend="torch") == "instantiate"
+    assert choose_method(1024, 2048, 256, backend="torch") == "instantiate"  # 2.3M > 0.5M
+    # sharing the input Gram across q/k/v makes ghost win where one layer alone would not
+    assert choose_method(640, 1024, [1024] * 3, backend="torch") == "ghost"
+    assert choose_method(640, 1024, 1024, backend="torch") == "instantiate"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bias_norm(dtype):
+    torch.manual_seed(3)
+    g = torch.randn(3, 63, 60).to(dtype)
+    assert_close_reduction(bias_norm_sq(g), bias_norm_sq_ref(g.double()), n_reduce=63 * 60)
+    assert bias_norm_sq(torch.randn(0, 4, 5)).shape == (0,)
+
+
+def test_empty_sequence_gives_zero_norms():
+    for backend in ("torch", "triton"):
+        out = linear_norm_sq(torch.randn(3, 0, 4), torch.randn(3, 0, 5), backend=backend)
+        assert torch.equal(out, torch.zeros(3))
+
+
+@pytest.mark.parametrize("a,g,kw,err,match", [
+    (torch.ones(2, 3), torch.ones(2, 3, 4), {}, ValueError, "a must have rank 3"),
+    (torch.ones(2, 3, 4, dtype=torch.int32), torch.ones(2, 3, 4), {}, TypeError, "a must be one of"),
+    (torch.ones(2, 3, 4), torch.ones(2, 4, 4), {}, ValueError, "batch and sequence sizes"),
+    (torch.ones(2, 3, 4), torch.ones(2, 3, 4), {"method": "exact"}, ValueError, "method must be"),
+    (torch.ones(2, 3, 4), [[1.0]], {}, TypeError, "g must be a torch.Tensor"),
+])
+def test_linear_norm_rejects_bad_input(a, g, kw, err, match):
+    with pytest.raises(err, match=match):
+        linear_norm_sq(a, g, backend="torch", **kw)
+
+
+def test_shared_rejects_empty_group():
+    with pytest.raises(TypeError, match="gs must be a non-empty list"):
+        linear_norm_sq_shared(torch.ones(2, 3, 4), [], backend="torch")
+
+
+@pytest.mark.gpu
+def test_norm_kernels_fp32_use_exact_products():
+    """fp32 inputs whose products TF32 would round: the ghost and instantiation kernels must agree
+    with float64 to fp32 accuracy (input_precision='ieee'), not TF32's 2**-11."""
+    torch.manual_seed(0)
+    a = 1 + torch.rand(4, 256, 512, device="cuda") * 2**-12
+    g = 1 + torch.rand(4, 256, 512, device="cuda") * 2**-12
+    ref = linear_norm_sq_ref(a.double(), g.double())
+    for method in ("ghost", "instantiate"):
+        out = linear_norm_sq(a, g, method=method, backend="triton")
+        assert_close_reduction(out, ref, n_reduce=n_reduce(256, 512, 512))
