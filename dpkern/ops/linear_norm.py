@@ -142,10 +142,10 @@ def linear_norm_sq(a: torch.Tensor, g: torch.Tensor, *, method: str = "auto",
 
 def bias_norm_sq(g: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Per-sample ‖Σ_t g_it‖² (a bias's gradient; also a LayerNorm/RMSNorm weight's with g replaced
-    by g ⊙ x̂). g: (B, T, p) float -> (B,) float32. A bandwidth-bound reduction: torch only."""
+    by g ⊙ x̂). g: (B, T, p) float -> (B,) float32. A bandwidth-bound reduction: every backend
+    runs it as one fp32 torch reduction (the backend name is still validated)."""
     op = "bias_norm_sq"
     check_tensor(op, "g", g, 3)
-    resolve_backend(backend if backend in (None, "auto", "torch") else "torch", g.device, op=op,
-                    implemented=("torch",))
+    resolve_backend(backend, g.device, op=op)  # validates the name; every backend reduces with torch
     acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     return g.sum(dim=1, dtype=acc).square().sum(dim=1)

@@ -126,3 +126,11 @@ def test_bookkeeping_rejects_bad_input(kw, err, match):
     out = args.pop("out", None)
     with pytest.raises(err, match=match):
         bookkeeping_wgrad(args["a"], args["g"], args["scale"], out=out, backend="torch")
+
+
+def test_bias_ops_validate_backend_name():
+    from dpkern.ops.linear_norm import bias_norm_sq
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bookkeeping_bias(torch.ones(2, 3, 4), torch.ones(2), backend="cudnn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bias_norm_sq(torch.ones(2, 3, 4), backend="cudnn")
