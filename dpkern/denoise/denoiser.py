@@ -1,0 +1,214 @@
+"""Denoise the released (noisy, averaged) gradients of a model's weight matrices by singular-value
+shrinkage. Pure post-processing: the inputs are the released gradient and the public noise std only.
+
+`denoise_matrices_` works on a list of 2-D tensors in place; `RMTDenoiser` is the engine hook
+(`make_private(..., grad_postprocessors=[RMTDenoiser()])`): postprocess(grads, noise_std) -> None.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from dpkern.denoise.rsvd import ORTHS, adaptive_svd, exact_svd
+from dpkern.denoise.shrinkers import SHRINKERS, bulk_edge, shrink
+
+METHODS = ("randomized", "exact")
+
+
+def _check_noise_std(noise_std) -> float:
+    try:
+        s = float(noise_std)
+    except (TypeError, ValueError):
+        raise ValueError(f"noise_std must be a number, got {noise_std!r}") from None
+    if not (math.isfinite(s) and s >= 0.0):
+        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std!r}")
+    return s
+
+
+def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: str = "frobenius",
+                      kappa: float = 1.0, norm_correction: bool = False, max_norm_gain: float = 10.0,
+                      method: str = "randomized", rank: int = 8, oversample: int = 16,
+                      n_iter: int = 5, max_rank: int | None = None, orth: str = "cholqr2",
+                      generators: Sequence[torch.Generator] | None = None,
+                      max_batch_numel: int = 1 << 28) -> list[int]:
+    """Replace each noisy matrix G~ (m, n) by U diag(eta(s)) V^T, in place. Returns the ranks kept.
+
+    Matrices of equal shape up to transposition (e.g. (5504, 2048) and (2048, 5504)) on the same
+    device are stacked, in chunks of at most `max_batch_numel` elements, and decomposed together.
+
+    Args:
+        mats: 2-D float tensors (fp32 / bf16 / fp16; work is in fp32), overwritten.
+        noise_std: sigma_e, the std of the Gaussian noise in each entry (sigma * C / B_expected).
+            0 means nothing to remove: the matrices are left as they are.
+        shrinker: one of SHRINKERS; kappa: threshold multiplier of the bulk edge.
+        norm_correction: rescale ||G-hat||_F to sqrt(max(||G~||_F^2 - m n sigma_e^2, 0)) (the
+            unbiased estimate of ||G||_F), by a factor of at most `max_norm_gain`. Our own rule.
+        method: "randomized" (adaptive subspace iteration) or "exact" (torch.linalg.svd).
+        rank, oversample, n_iter, max_rank, orth: see rsvd.adaptive_svd.
+        generators: one per matrix for the random sketches (reproducible, batching-invariant).
+    Returns:
+        list of int: number of singular values kept per matrix.
+
+    Example:
+        >>> g = torch.randn(64, 128) * 0.1          # pure noise of std 0.1
+        >>> denoise_matrices_([g], 0.1, kappa=1.2)
+        [0]
+        >>> bool((g == 0).all())
+        True
+    """
+    if shrinker not in SHRINKERS:
+        raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if orth not in ORTHS:
+        raise ValueError(f"orth must be one of {ORTHS}, got {orth!r}")
+    if not (float(max_norm_gain) >= 1.0):
+        raise ValueError(f"max_norm_gain must be >= 1, got {max_norm_gain!r}")
+    sigma = _check_noise_std(noise_std)
+    for i, t in enumerate(mats):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"mats[{i}] must be a 2-D floating tensor, got "
+                             f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+    if generators is not None and len(generators) != len(mats):
+        raise ValueError(f"generators must have one entry per matrix ({len(mats)}), "
+                         f"got {len(generators)}")
+    ranks = [0] * len(mats)
+    if sigma == 0.0:
+        return [min(t.shape) for t in mats]
+    groups: dict = defaultdict(list)
+    for i, t in enumerate(mats):
+        if t.numel():
+            groups[(min(t.shape), max(t.shape), t.device)].append(i)
+    for (m, n, _), idx in groups.items():
+        per_chunk = max(1, max_batch_numel // (m * n))
+        for c in range(0, len(idx), per_chunk):
+            chunk = idx[c:c + per_chunk]
+            for i, k in zip(chunk, _denoise_stack(
+                    [mats[i] for i in chunk], m, n, sigma, shrinker, kappa, norm_correction,
+                    float(max_norm_gain), method, rank, oversample, n_iter, max_rank, orth,
+                    None if generators is None else [generators[i] for i in chunk])):
+                ranks[i] = k
+    return ranks
+
+
+def _denoise_stack(ts, m, n, sigma, shrinker, kappa, norm_correction, max_norm_gain, method,
+                   rank, oversample, n_iter, max_rank, orth, generators) -> list[int]:
+    """ts: tensors of shape (m, n) or (n, m), m <= n. Stacked as (b, m, n) fp32, written back."""
+    flip = [t.shape[0] != m for t in ts]
+    a = torch.stack([(t.mT if f else t).float() for t, f in zip(ts, flip)])   # (b, m, n)
+    thr = kappa * bulk_edge(m, n, sigma)
+    if method == "exact":
+        u, s, vh = exact_svd(a, max_rank)
+        trip = [(u[j], s[j], vh[j]) for j in range(len(ts))]
+    else:
+        trip = adaptive_svd(a, thr, rank=rank, oversample=oversample, n_iter=n_iter,
+                            max_rank=max_rank, generators=generators, orth=orth)
+    if norm_correction:
+        fro2 = a.square().sum((-2, -1)).double()                              # (b,)
+        target = (fro2 - m * n * sigma**2).clamp_min(0.0).sqrt().tolist()
+    ranks = []
+    for j, (t, f, (u, s, vh)) in enumerate(zip(ts, flip, trip)):
+        eta = shrink(s, sigma, m, n, shrinker, kappa)                         # (k,)
+        k = int((eta > 0).sum())
+        ranks.append(k)
+        if k == 0:
+            t.zero_()
+            continue
+        if norm_correction:
+            norm = float(eta.double().norm())                                 # = ||G-hat||_F
+            eta = eta * min(target[j] / norm, max_norm_gain)
+        g_hat = torch.matmul(u[:, :k] * eta[:k], vh[:k])                      # (m, n)
+        t.copy_(g_hat.mT if f else g_hat)
+    return ranks
+
+
+class RMTDenoiser:
+    """Engine post-processor: denoise every 2-D weight-gradient matrix of the released gradient.
+
+    Called as ``denoiser(grads, noise_std)`` with ``grads`` the noisy averaged gradients by
+    parameter name and ``noise_std`` = sigma * C / B_expected; modifies ``grads`` in place.
+
+    What is denoised: tensors with 2 dimensions and both dims >= ``min_dim``. Left as released:
+    vectors (biases, norm weights: no matrix structure to exploit), tensors of other ranks (conv
+    kernels), and every name matched by ``skip`` (substrings, default ``("embed",)``): embedding
+    tables are matrices, but their gradient has one row per distinct token in the batch, a high-
+    rank, row-sparse signal outside the low-rank model, which the shrinker would mostly zero. Pass
+    ``skip=()`` to denoise them too, or build with :meth:`for_model` to skip ``nn.Embedding``
+    weights by module type instead of by name.
+
+    Other arguments: see :func:`denoise_matrices_`. ``seed`` seeds the random sketches (public
+    randomness: it plays no part in the privacy guarantee). ``last_ranks`` holds, after each call,
+    the number of singular values kept per denoised name.
+
+    Example:
+        >>> den = RMTDenoiser(kappa=1.2)
+        >>> grads = {"fc.weight": 0.1 * torch.randn(64, 128), "fc.bias": 0.1 * torch.randn(64)}
+        >>> den(grads, 0.1)
+        >>> den.last_ranks, bool((grads["fc.weight"] == 0).all())
+        ({'fc.weight': 0}, True)
+    """
+
+    def __init__(self, *, shrinker: str = "frobenius", kappa: float = 1.0,
+                 norm_correction: bool = False, max_norm_gain: float = 10.0,
+                 method: str = "randomized", rank: int = 8, oversample: int = 16, n_iter: int = 5,
+                 max_rank: int | None = None, orth: str = "cholqr2",
+                 skip: Iterable[str] = ("embed",), skip_names: Iterable[str] = (),
+                 min_dim: int = 2, seed: int = 0, max_batch_numel: int = 1 << 28):
+        if shrinker not in SHRINKERS:
+            raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not (math.isfinite(float(kappa)) and float(kappa) > 0):
+            raise ValueError(f"kappa must be finite and > 0, got {kappa!r}")
+        if isinstance(skip, str):
+            raise ValueError("skip must be an iterable of substrings, not a single string")
+        if int(rank) < 1:
+            raise ValueError(f"rank must be >= 1, got {rank!r}")
+        self.kwargs = dict(shrinker=shrinker, kappa=float(kappa), norm_correction=bool(norm_correction),
+                           max_norm_gain=float(max_norm_gain), method=method, rank=int(rank),
+                           oversample=int(oversample), n_iter=int(n_iter), max_rank=max_rank,
+                           orth=orth, max_batch_numel=int(max_batch_numel))
+        self.skip = tuple(s.lower() for s in skip)
+        self.skip_names = frozenset(skip_names)
+        self.min_dim = int(min_dim)
+        self.seed = int(seed)
+        self.calls = 0
+        self.last_ranks: dict[str, int] = {}
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **kwargs) -> "RMTDenoiser":
+        """Skip the weights of every nn.Embedding in `model` (by parameter name), not by substring."""
+        names = {f"{mod_name}.{p_name}" if mod_name else p_name
+                 for mod_name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding)
+                 for p_name, _ in mod.named_parameters(recurse=False)}
+        kwargs.setdefault("skip", ())
+        return cls(skip_names=names, **kwargs)
+
+    def selects(self, name: str, t: torch.Tensor | None) -> bool:
+        """Whether the gradient `t` of parameter `name` is denoised."""
+        if t is None or t.dim() != 2 or min(t.shape) < self.min_dim or name in self.skip_names:
+            return False
+        low = name.lower()
+        return not any(s in low for s in self.skip)
+
+    def __call__(self, grads: Mapping[str, torch.Tensor], noise_std: float) -> None:
+        noise_std = _check_noise_std(noise_std)
+        names = [k for k, t in grads.items() if self.selects(k, t)]
+        call = self.calls
+        self.calls += 1
+        gens = []
+        for k in names:
+            g = torch.Generator(device=grads[k].device)
+            g.manual_seed(zlib.crc32(f"{self.seed}:{call}:{k}".encode()))
+            gens.append(g)
+        ranks = denoise_matrices_([grads[k] for k in names], noise_std, generators=gens,
+                                  **self.kwargs)
+        self.last_ranks = dict(zip(names, ranks))
+
+    def __repr__(self) -> str:
+        kw = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"RMTDenoiser({kw}, skip={self.skip!r}, min_dim={self.min_dim})"
