@@ -127,6 +127,24 @@ void noisy_step(uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors, in
   check_cuda(err, "noisy_step launch");
 }
 
+void philox_normals(uintptr_t words, uintptr_t z, int64_t first_group, int64_t n_groups,
+                    int64_t k0, int64_t k1, int64_t c2, int64_t c3, uintptr_t stream) {
+  if (first_group < 0 || n_groups < 0)
+    throw std::invalid_argument("dpkern: philox_normals: first_group and n_groups must be >= 0");
+  if (n_groups == 0) return;
+  if (words != 0) check_device_ptr(words, "words");
+  if (z != 0) check_device_ptr(z, "z");
+  const auto u32 = [](int64_t x) { return static_cast<uint32_t>(x & 0xffffffffLL); };
+  DpkPhiloxParams p{reinterpret_cast<uint32_t*>(words), reinterpret_cast<float*>(z), first_group,
+                    n_groups, {u32(k0), u32(k1)}, {u32(c2), u32(c3)}};
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = dpk_philox_normals(&p, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "philox_normals launch");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -134,6 +152,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &device_count);
   m.def("rownorm_fwd", &rownorm_fwd, py::arg("x"), py::arg("out"), py::arg("n_rows"),
         py::arg("n_cols"), py::arg("stride_xb"), py::arg("stride_xn"), py::arg("dtype"),
+        py::arg("stream"));
+  m.def("philox_normals", &philox_normals, py::arg("words"), py::arg("z"), py::arg("first_group"),
+        py::arg("n_groups"), py::arg("k0"), py::arg("k1"), py::arg("c2"), py::arg("c3"),
         py::arg("stream"));
   m.attr("NOISE_CHUNK_OCTETS") = DPK_NOISE_CHUNK_OCTETS;
   m.def("noisy_step", &noisy_step, py::arg("tensors"), py::arg("chunk_tensor"),

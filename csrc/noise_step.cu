@@ -140,7 +140,34 @@ cudaError_t dispatch_fp32_bf16(DpkDType dtype, F&& f) {
   }
 }
 
+__global__ void philox_normals_kernel(const DpkPhiloxParams a) {
+  const int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  if (i >= a.n_groups) return;
+  const int64_t g = a.first_group + i;
+  if (a.words != nullptr) {
+    const uint64_t gu = static_cast<uint64_t>(g);
+    const dpk::Philox4 w = dpk::philox4x32_10(static_cast<uint32_t>(gu),
+                                              static_cast<uint32_t>(gu >> 32), a.ctr_hi[0],
+                                              a.ctr_hi[1], a.key[0], a.key[1]);
+    for (int k = 0; k < 4; ++k) a.words[4 * i + k] = w.x[k];
+  }
+  if (a.z != nullptr) {
+    float z[4];
+    dpk::normals4(g, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z);
+    for (int k = 0; k < 4; ++k) a.z[4 * i + k] = z[k];
+  }
+}
+
 }  // namespace
+
+extern "C" cudaError_t dpk_philox_normals(const DpkPhiloxParams* p, cudaStream_t stream) {
+  if (p == nullptr || p->n_groups < 0 || p->first_group < 0) return cudaErrorInvalidValue;
+  if (p->n_groups == 0) return cudaSuccess;
+  const int64_t blocks = (p->n_groups + kThreads - 1) / kThreads;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  philox_normals_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(*p);
+  return cudaGetLastError();
+}
 
 extern "C" cudaError_t dpk_noisy_step(const DpkNoisyStepParams* p, cudaStream_t stream) {
   static_assert(sizeof(DpkNoiseTensor) == 64, "DpkNoiseTensor is part of the Python ABI");

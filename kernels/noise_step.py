@@ -37,6 +37,15 @@ def noise_step_search_space():
     return [NoiseStepConfig(g, w) for g in (128, 256, 512, 1024) for w in (2, 4, 8)]
 
 
+@triton.jit
+def _rne_bf16(x):
+    """fp32 -> bf16 with round-to-nearest-even done on the bits, then an exact cast. The GPU cast
+    already rounds this way; the CPU interpreter truncates, which would drift over steps."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
 @triton.jit(do_not_specialize=["numel", "global_offset", "k0", "k1", "c2", "c3"])
 def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
                        k0, k1, c2, c3,
@@ -79,7 +88,10 @@ def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
             else:
                 b_d = b_m
         b_p = b_p - lr * b_d
-    tl.store(p_ptr + o_l, b_p.to(p_ptr.dtype.element_ty), mask=m_l)
+    if p_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(p_ptr + o_l, _rne_bf16(b_p), mask=m_l)
+    else:
+        tl.store(p_ptr + o_l, b_p, mask=m_l)
 
 
 def noise_step_launch(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,

@@ -113,3 +113,30 @@ def normals4(g, k0, k1, c2, c3):
     # join(join(z0, z2), join(z1, z3))[i, a, b] = z_{2a + b}; flattening puts it at 4i + 2a + b.
     z = tl.join(tl.join(z0, z2), tl.join(z1, z3))  # [BG, 2, 2]
     return tl.reshape(z, [g.shape[0] * 4])
+
+
+@triton.jit(do_not_specialize=["first_group", "n_groups", "k0", "k1", "c2", "c3"])
+def _philox_stream_kernel(words_ptr, z_ptr, first_group, n_groups, k0, k1, c2, c3,
+                          BLOCK_G: tl.constexpr):
+    """Raw Philox words [n_groups, 4] (as int64) and normals [n_groups * 4] of consecutive groups."""
+    pid = tl.program_id(0).to(tl.int64)
+    o_i = pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # [BG]
+    m_i = o_i < n_groups
+    c0, c1, cc2, cc3 = counter_words(first_group + o_i, c2, c3)
+    x0, x1, x2, x3 = philox4x32_10(c0, c1, cc2, cc3, k0, k1)
+    tl.store(words_ptr + 4 * o_i, x0.to(tl.int64), mask=m_i)
+    tl.store(words_ptr + 4 * o_i + 1, x1.to(tl.int64), mask=m_i)
+    tl.store(words_ptr + 4 * o_i + 2, x2.to(tl.int64), mask=m_i)
+    tl.store(words_ptr + 4 * o_i + 3, x3.to(tl.int64), mask=m_i)
+    b_z = normals4(first_group + o_i, k0, k1, c2, c3)  # [4 BG]
+    o_e = pid * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G).to(tl.int64)
+    tl.store(z_ptr + o_e, b_z, mask=o_e < 4 * n_groups)
+
+
+def philox_stream(words_out, z_out, first_group: int, n_groups: int, kw: dict, block_g: int = 256):
+    """Launch `_philox_stream_kernel`; words_out int64 [n_groups, 4], z_out float32 [4 n_groups]."""
+    if n_groups == 0:
+        return
+    _philox_stream_kernel[(triton.cdiv(n_groups, block_g),)](
+        words_ptr=words_out, z_ptr=z_out, first_group=first_group, n_groups=n_groups,
+        BLOCK_G=block_g, **kw)

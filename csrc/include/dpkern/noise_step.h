@@ -58,6 +58,19 @@ typedef struct {
 // Enqueues one launch on `stream`. Returns cudaSuccess or the launch error; never synchronizes.
 cudaError_t dpk_noisy_step(const DpkNoisyStepParams* params, cudaStream_t stream);
 
+// The raw stream, for tests and other samplers: Philox words and normals of groups
+// first_group .. first_group + n_groups - 1 (element 4g + l of the global index space at l).
+typedef struct {
+  uint32_t* words;      // [n_groups * 4] device, or null
+  float* z;             // [n_groups * 4] device, or null
+  int64_t first_group;  // >= 0
+  int64_t n_groups;     // >= 0
+  uint32_t key[2];
+  uint32_t ctr_hi[2];
+} DpkPhiloxParams;
+
+cudaError_t dpk_philox_normals(const DpkPhiloxParams* params, cudaStream_t stream);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif
