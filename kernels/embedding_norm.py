@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels.ghost_norm import _gram_tile, dot_precision, tile_pairs
+from dpkern.kernels.ghost_norm import _gram_tile, dot_precision, norm_fp32_dot, tile_pairs
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,10 @@ class EmbeddingNormConfig:
 
 def embedding_norm_config(seq: int) -> EmbeddingNormConfig:
     if seq >= 1024:
-        return EmbeddingNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3)
-    return EmbeddingNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        return EmbeddingNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3,
+                                   fp32_dot=norm_fp32_dot())
+    return EmbeddingNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3,
+                               fp32_dot=norm_fp32_dot())
 
 
 def embedding_norm_search_space():

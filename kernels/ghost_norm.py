@@ -9,6 +9,7 @@ no atomics. Math and FLOP model: kernels/README_persample.md.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -28,11 +29,22 @@ class GhostNormConfig:
     fp32_dot: str = "ieee"  # tl.dot input_precision for fp32 inputs: "ieee" | "tf32x3"
 
 
+def norm_fp32_dot() -> str:
+    """input_precision of the norm kernels for fp32 inputs: "ieee" unless DPKERN_NORM_FP32_DOT says
+    "tf32x3" (≈ fp32 accuracy on tensor cores). Plain "tf32" is refused: it can under-estimate."""
+    val = os.environ.get("DPKERN_NORM_FP32_DOT", "ieee")
+    if val not in ("ieee", "tf32x3"):
+        raise ValueError(f"DPKERN_NORM_FP32_DOT must be 'ieee' or 'tf32x3', got {val!r}")
+    return val
+
+
 def ghost_norm_config(seq: int) -> GhostNormConfig:
     """Heuristic: 64-row tiles for short sequences (more programs), 128 from T ≥ 1024."""
     if seq >= 1024:
-        return GhostNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3)
-    return GhostNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3)
+        return GhostNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3,
+                               fp32_dot=norm_fp32_dot())
+    return GhostNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3,
+                           fp32_dot=norm_fp32_dot())
 
 
 def ghost_norm_search_space():

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels.ghost_norm import dot_precision
+from dpkern.kernels.ghost_norm import dot_precision, norm_fp32_dot
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,9 @@ def instantiate_norm_config(seq: int, d: int, p: int) -> InstantiateNormConfig:
     """Heuristic: 128 × 128 output tiles for wide layers, 64 × 64 for narrow ones."""
     if min(d, p) >= 1024:
         return InstantiateNormConfig(BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, num_warps=8,
-                                     num_stages=3)
-    return InstantiateNormConfig(BLOCK_P=64, BLOCK_D=64, BLOCK_T=32, num_warps=4, num_stages=3)
+                                     num_stages=3, fp32_dot=norm_fp32_dot())
+    return InstantiateNormConfig(BLOCK_P=64, BLOCK_D=64, BLOCK_T=32, num_warps=4, num_stages=3,
+                                 fp32_dot=norm_fp32_dot())
 
 
 def instantiate_norm_search_space():
