@@ -16,3 +16,9 @@ __all__ = [
     "triton_available",
     "rownorm_sq",
 ]
+
+try:  # the DP engine (issue 4); its absence must not break `import dpkern`
+    from dpkern.engine import PrivacyEngine  # noqa: E402
+    __all__.append("PrivacyEngine")
+except ImportError:  # pragma: no cover
+    pass

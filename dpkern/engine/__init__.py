@@ -1,0 +1,195 @@
+"""PrivacyEngine: Opacus-shaped make_private with book-keeping clipping (flow: engine_README.md).
+
+    engine = PrivacyEngine(accountant="prv")
+    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
+        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    for batch in loader:
+        per_sample_losses(model, batch).mean().backward()
+        optimizer.step(); optimizer.zero_grad()
+    engine.get_epsilon(delta=1e-5)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch.utils.data import DataLoader
+
+from dpkern.data.poisson import DPDataLoader, secret_generator
+from dpkern.engine.tape import GradTape
+from dpkern.layers import wrap_model
+from dpkern.layers.uses import batch_size, bookkeep, norms_sq
+from dpkern.optim.clipping import check_clipping, clip_factors
+from dpkern.optim.dp_optimizer import DPOptimizer
+
+__all__ = ["PrivacyEngine"]
+
+
+class _Clipper:
+    """End of every backward pass: per-sample norms -> clip factors -> book-keeping into the DP
+    optimizer's accumulators. Holds the tape's records only for the duration of the call."""
+
+    def __init__(self, private: dict, clipping: str, max_grad_norm: float, per_param: list | None,
+                 loss_reduction: str, gamma: float, backend: str | None):
+        self.private = private
+        self.clipping = clipping
+        self.max_grad_norm = max_grad_norm
+        self.per_param = dict(zip(private, per_param)) if per_param is not None else None
+        self.loss_reduction = loss_reduction
+        self.gamma = gamma
+        self.backend = backend
+        self.optimizer: DPOptimizer | None = None
+
+    def __call__(self, uses: dict) -> None:
+        opt = self.optimizer
+        params = [p for p in self.private if p in uses]
+        sizes = {(batch_size(u), u.path) for p in params for u in uses[p]}
+        if len({b for b, _ in sizes}) > 1:
+            raise RuntimeError("layers saw different batch sizes in one backward pass ("
+                               + ", ".join(f"{w}: {b}" for b, w in sorted(sizes)) + "); the engine "
+                               "needs every supported layer's input to keep the batch on dim 0")
+        bsz = next(iter(sizes))[0] if sizes else 0
+        if bsz == 0:
+            opt.note_backward(0)
+            return
+        # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
+        s = float(bsz) if self.loss_reduction == "mean" else 1.0
+        norms = [n * (s * s) for n in norms_sq(uses, params, backend=self.backend)]
+        per_param = [self.per_param[p] for p in params] if self.per_param else None
+        factors, finite = clip_factors(norms, self.clipping, self.max_grad_norm, per_param,
+                                       self.gamma)
+        n_bad = int(bsz - finite.sum().item())
+        for p, c in zip(params, factors):
+            p_uses = uses.pop(p)
+            if p not in opt.params:
+                continue
+            if n_bad:
+                p_uses = [u.zero_samples(finite) for u in p_uses]
+            bookkeep(p_uses, c * s, opt.accumulator(p), backend=self.backend)
+        opt.note_backward(bsz, n_bad)
+
+
+class PrivacyEngine:
+    """DP-SGD for PyTorch / Hugging Face models, Opacus-compatible.
+
+    Args:
+        accountant: "prv" (tight, default), "rdp", "gdp" (approximate) or "edgeworth".
+        secure_mode: refuse explicit seeds (noise and sampling seeds come from os.urandom).
+        backend: "auto" | "triton" | "torch" for the per-sample ops (default: DPKERN_BACKEND).
+    """
+
+    def __init__(self, accountant: str = "prv", secure_mode: bool = False, *,
+                 backend: str | None = None):
+        from dpkern.accounting import create_accountant
+        self.accountant_name = accountant
+        self.accountant = create_accountant(accountant)
+        self.secure_mode = bool(secure_mode)
+        self.backend = backend
+        self.sample_rate: float | None = None
+
+    def make_private(self, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     data_loader: DataLoader | None, noise_multiplier: float, max_grad_norm,
+                     poisson_sampling: bool = True, clipping: str = "flat",
+                     loss_reduction: str = "mean", expected_batch_size: int | None = None,
+                     sample_rate: float | None = None, grad_postprocessors: list | None = None,
+                     automatic_gamma: float = 0.01, seed: int | None = None):
+        """Make `module` + `optimizer` private; returns (module, DPOptimizer, data loader).
+
+        Args:
+            module: the model; supported layers are wrapped in place (the same object comes back).
+            optimizer: any torch optimizer over (a subset of) the module's trainable parameters.
+            data_loader: with poisson_sampling, replaced by a DPDataLoader with sample rate
+                q = batch_size / len(dataset). None is allowed with expected_batch_size and
+                sample_rate given (you then sample and report empty batches yourself).
+            noise_multiplier: σ >= 0; noise std on every coordinate is σC (σC/B_expected after
+                averaging).
+            max_grad_norm: C > 0; with clipping="per_layer" also a list, one C_k per private
+                parameter in model order (C = ‖(C_k)‖).
+            clipping: "flat" | "per_layer" | "automatic" (c_i = C / (‖G_i‖ + automatic_gamma)).
+            loss_reduction: "mean" (the loss is the mean of per-sample losses of the batch or
+                micro-batch) or "sum".
+            expected_batch_size: the public normaliser B_expected (the logical batch size);
+                default data_loader.batch_size. Fixed here, never recomputed.
+            grad_postprocessors: callables f(grads: dict[name, Tensor], noise_std: float) applied
+                in place to the noisy averaged gradients before the inner optimizer's step.
+            seed: fixed seed for sampling and noise (tests; refused in secure_mode).
+        """
+        sigma = float(noise_multiplier)
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if seed is not None and self.secure_mode:
+            raise ValueError("seed: explicit seeds are not allowed with secure_mode=True")
+        self._check_optimizer(module, optimizer)
+        n_private = len({p for p in module.parameters() if p.requires_grad})
+        total_c, per_param = check_clipping(clipping, max_grad_norm, n_private)
+
+        bsz = expected_batch_size
+        if data_loader is not None:
+            n_data = len(data_loader.dataset)
+            bsz = bsz if bsz is not None else data_loader.batch_size
+            if bsz is None:
+                raise ValueError("expected_batch_size: the data_loader has no batch_size; pass it")
+            sample_rate = sample_rate if sample_rate is not None else min(1.0, bsz / n_data)
+        elif bsz is None or sample_rate is None:
+            raise ValueError("data_loader=None needs expected_batch_size= and sample_rate=")
+        if int(bsz) <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {bsz}")
+
+        clipper = _Clipper({}, clipping, total_c, None, loss_reduction, automatic_gamma,
+                           self.backend)
+        private = wrap_model(module, GradTape(clipper))
+        clipper.private = private
+        if per_param is not None:
+            clipper.per_param = dict(zip(private, per_param))
+        dp_opt = DPOptimizer(optimizer, private_params=private, noise_multiplier=sigma,
+                             max_grad_norm=total_c, expected_batch_size=int(bsz),
+                             loss_reduction=loss_reduction, grad_postprocessors=grad_postprocessors,
+                             secure_mode=self.secure_mode, seed=seed)
+        clipper.optimizer = dp_opt
+        if data_loader is not None and poisson_sampling:
+            gen = secret_generator(None if seed is None else seed + 1, secure_mode=self.secure_mode)
+            data_loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate,
+                                                        generator=gen)
+            data_loader.add_batch_listener(dp_opt.signal_batch)
+        elif data_loader is not None:
+            warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling with "
+                          f"q = {sample_rate:.4g}, which a shuffled loader does not give; the "
+                          "reported epsilon is then not a guarantee")
+        self.sample_rate = float(sample_rate)
+        q = self.sample_rate
+        dp_opt.step_hooks.append(
+            lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=q))
+        return module, dp_opt, data_loader
+
+    def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
+                                  target_delta: float, epochs: int, **kwargs):
+        """make_private with σ calibrated so that `epochs` epochs spend at most target_epsilon
+        (steps = epochs · round(1/q), q = batch_size / len(dataset)). Returns the same triple."""
+        from dpkern.accounting import get_noise_multiplier
+        bsz = kwargs.get("expected_batch_size") or data_loader.batch_size
+        q = kwargs.get("sample_rate") or min(1.0, bsz / len(data_loader.dataset))
+        steps = int(epochs) * max(1, round(1.0 / q))
+        sigma = get_noise_multiplier(target_epsilon, target_delta, q, steps,
+                                     accountant=self.accountant_name)
+        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                 noise_multiplier=sigma, **kwargs)
+
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at this δ, by the engine's accountant."""
+        return self.accountant.get_epsilon(delta)
+
+    @staticmethod
+    def _check_optimizer(module, optimizer) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer)}")
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("optimizer is already a DPOptimizer; pass the original optimizer")
+        own = {p for p in module.parameters()}
+        for gi, group in enumerate(optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p not in own:
+                    raise ValueError(f"optimizer: param_groups[{gi}]['params'][{pi}] (shape "
+                                     f"{tuple(p.shape)}) is not a parameter of the module")

@@ -1,0 +1,31 @@
+"""A wrapped module's link to the engine: its path, which of its parameters are private, the tape."""
+from __future__ import annotations
+
+import torch
+
+
+class Site:
+    """One wrapped module. Its autograd Functions call `record` from their backward."""
+
+    def __init__(self, path: str, module: torch.nn.Module, tape, names: tuple[str, ...]):
+        self.path = path
+        self.tape = tape
+        # The module's private parameters by attribute name (frozen ones are left out).
+        self.private = {n: getattr(module, n) for n in names
+                        if getattr(module, n, None) is not None and getattr(module, n).requires_grad}
+
+    def record(self, name: str, use) -> None:
+        p = self.private.get(name)
+        if p is not None:
+            self.tape.record(p, use)
+
+    def wants(self, name: str) -> bool:
+        return name in self.private
+
+
+def as_bt(x: torch.Tensor, what: str, path: str) -> torch.Tensor:
+    """(B, ..., n) -> (B, T, n) with T the product of the middle dims; B is dim 0 (batch first)."""
+    if x.dim() < 2:
+        raise RuntimeError(f"{path}: {what} has shape {tuple(x.shape)}; the engine needs a batch "
+                           "dimension first (B, ..., features)")
+    return x.reshape(x.shape[0], -1, x.shape[-1])

@@ -1,0 +1,68 @@
+"""nn.Linear (any leading dims) and Hugging Face Conv1D (GPT-2): y = x Wᵀ + b / y = x W + b.
+
+Backward computes grad_input as usual, leaves (x, grad_out) on the tape for the per-sample norm and
+the deferred clipped weight gradient, and returns no weight gradient: autograd's own weight-grad
+GEMM never runs. The bias's per-sample gradients Σ_t g_t (B, p) are instantiated (cheap).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dpkern.layers._site import Site, as_bt
+from dpkern.layers.uses import LinearUse, PerSampleUse
+
+
+def _bias_use(site: Site, g: torch.Tensor) -> None:
+    if site.wants("bias"):
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        site.record("bias", PerSampleUse(g.sum(dim=1, dtype=acc), site.path))
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, site):
+        ctx.site = site
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        site = ctx.site
+        gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
+        g = as_bt(gy, "grad_output", site.path)
+        if site.wants("weight"):
+            site.record("weight", LinearUse(as_bt(x, "input", site.path).to(g.dtype), g, site.path))
+        _bias_use(site, g)
+        return gx, None, None, None
+
+
+class _Conv1DFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, site):
+        ctx.site = site
+        ctx.save_for_backward(x, weight)
+        y = x.reshape(-1, x.shape[-1]) @ weight
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        site = ctx.site
+        gx = gy.matmul(weight.to(gy.dtype).t()) if ctx.needs_input_grad[0] else None
+        g = as_bt(gy, "grad_output", site.path)
+        if site.wants("weight"):  # weight (d, p): gradient Σ_t x_tᵀ g_t, a LinearUse with roles swapped
+            site.record("weight", LinearUse(g, as_bt(x, "input", site.path).to(g.dtype), site.path))
+        _bias_use(site, g)
+        return gx, None, None, None
+
+
+def linear_forward(module: torch.nn.Linear, site: Site):
+    return lambda x: _LinearFn.apply(x, module.weight, module.bias, site)
+
+
+def conv1d_forward(module, site: Site):
+    return lambda x: _Conv1DFn.apply(x, module.weight, module.bias, site)

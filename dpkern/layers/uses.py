@@ -1,0 +1,151 @@
+"""What one use of a private parameter leaves for after the backward, and what is done with it.
+
+A *use* is one application of a parameter in the forward pass. Three kinds cover every supported
+layer, and a parameter may have several uses (a tied embedding / lm_head, a layer called twice):
+
+* ``LinearUse(a, g)``: the parameter's gradient is Σ_t g_tᵀ a_t, a (B, T, d), g (B, T, p). Linear
+  weights; Hugging Face Conv1D weights with the roles of a and g swapped (its weight is (d, p)).
+* ``EmbeddingUse(ids, g, padding_idx)``: gradient rows ids[t] += g_t; ids (B, T), g (B, T, d).
+* ``PerSampleUse(grads)``: the per-sample gradients themselves, (B, *param.shape) fp32, for cheap
+  parameters (biases, LayerNorm / RMSNorm weights) where instantiating them costs O(B·d).
+
+Uses of one kind add up by concatenation along T (exact), so a parameter's per-sample norm is
+‖Σ uses‖² with one call per kind, plus the tied cross term 2⟨E_i, H_i⟩ when an embedding and a
+linear use share the weight. Other mixes are refused when the model is wrapped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dpkern.ops.bookkeeping import bookkeeping_wgrad
+from dpkern.ops.embedding_norm import embedding_norm_sq, tied_cross_term
+from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_shared
+from dpkern.ops.rownorm import rownorm_sq
+
+
+@dataclass
+class LinearUse:
+    a: torch.Tensor  # (B, T, d)
+    g: torch.Tensor  # (B, T, p)
+    path: str
+
+    def zero_samples(self, keep: torch.Tensor) -> "LinearUse":
+        m = keep.view(-1, 1, 1)
+        return LinearUse(torch.where(m, self.a, 0), torch.where(m, self.g, 0), self.path)
+
+
+@dataclass
+class EmbeddingUse:
+    ids: torch.Tensor  # (B, T) int
+    g: torch.Tensor  # (B, T, d)
+    padding_idx: int | None
+    path: str
+
+    def zero_samples(self, keep: torch.Tensor) -> "EmbeddingUse":
+        return EmbeddingUse(self.ids, torch.where(keep.view(-1, 1, 1), self.g, 0),
+                            self.padding_idx, self.path)
+
+
+@dataclass
+class PerSampleUse:
+    grads: torch.Tensor  # (B, *param.shape), fp32 or wider
+    path: str
+
+    def zero_samples(self, keep: torch.Tensor) -> "PerSampleUse":
+        m = keep.view(-1, *([1] * (self.grads.dim() - 1)))
+        return PerSampleUse(torch.where(m, self.grads, 0), self.path)
+
+
+USE_KINDS = (LinearUse, EmbeddingUse, PerSampleUse)
+
+
+def batch_size(use) -> int:
+    return (use.a if isinstance(use, LinearUse) else
+            use.g if isinstance(use, EmbeddingUse) else use.grads).shape[0]
+
+
+def _split(uses):
+    lin = [u for u in uses if isinstance(u, LinearUse)]
+    emb = [u for u in uses if isinstance(u, EmbeddingUse)]
+    per = [u for u in uses if isinstance(u, PerSampleUse)]
+    if per and (lin or emb):
+        raise RuntimeError(f"a parameter is shared between layers of unsupported kinds "
+                           f"({', '.join(u.path for u in uses)})")
+    return lin, emb, per
+
+
+def _cat_t(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
+
+
+def param_norm_sq(uses: list, *, backend: str | None = None) -> torch.Tensor:
+    """Per-sample squared norm (B,) fp32 of a parameter's gradient summed over all its uses."""
+    lin, emb, per = _split(uses)
+    if per:
+        total = per[0].grads if len(per) == 1 else sum(u.grads for u in per)
+        flat = total.reshape(total.shape[0], -1)
+        if flat.dtype == torch.float64:  # rownorm_sq takes fp32 / half types
+            return flat.square().sum(dim=1)
+        return rownorm_sq(flat, backend=backend)
+    out = None
+    if lin:
+        a, g = _cat_t([u.a for u in lin]), _cat_t([u.g for u in lin])
+        out = linear_norm_sq(a, g, backend=backend)
+    if emb:
+        pads = {u.padding_idx for u in emb}
+        if len(pads) > 1:
+            raise RuntimeError(f"embedding uses of one weight disagree on padding_idx "
+                               f"({', '.join(u.path for u in emb)})")
+        ids, ge = _cat_t([u.ids for u in emb]), _cat_t([u.g for u in emb])
+        e = embedding_norm_sq(ids, ge, padding_idx=emb[0].padding_idx, backend=backend)
+        out = e if out is None else out + e
+        if lin:  # tied weight: ‖E + H‖² = ‖E‖² + ‖H‖² + 2⟨E, H⟩
+            out = out + 2.0 * tied_cross_term(ids, ge, a, g, padding_idx=emb[0].padding_idx,
+                                              backend=backend)
+    return out
+
+
+def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -> list:
+    """param_norm_sq for each of `params`; Linear layers that read one input tensor (q/k/v,
+    gate/up) share one Gram computation through linear_norm_sq_shared."""
+    out: dict = {}
+    shared: dict = {}
+    for p in params:
+        uses = uses_by_param[p]
+        if len(uses) == 1 and isinstance(uses[0], LinearUse):
+            a = uses[0].a
+            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
+            shared.setdefault(key, []).append(p)
+        else:
+            out[p] = param_norm_sq(uses, backend=backend)
+    for group in shared.values():
+        a = uses_by_param[group[0]][0].a
+        if len(group) == 1:
+            out[group[0]] = linear_norm_sq(a, uses_by_param[group[0]][0].g, backend=backend)
+            continue
+        res = linear_norm_sq_shared(a, [uses_by_param[p][0].g for p in group], backend=backend)
+        out.update(zip(group, res))
+    return [out[p] for p in params]
+
+
+def bookkeep(uses: list, scale: torch.Tensor, out: torch.Tensor, *,
+             backend: str | None = None) -> None:
+    """out += Σ_i scale_i · (per-sample gradient of sample i), over all uses; fp32 accumulation.
+
+    scale: (B,) float32; out: the parameter's fp32 accumulator (param.shape).
+    """
+    for u in uses:
+        if isinstance(u, LinearUse):
+            bookkeeping_wgrad(u.a, u.g, scale, out=out, accumulate=True, backend=backend)
+        elif isinstance(u, EmbeddingUse):
+            ids = u.ids.reshape(-1)
+            rows = (u.g.to(out.dtype) * scale.to(out.dtype).view(-1, 1, 1)).reshape(ids.numel(), -1)
+            if u.padding_idx is not None:
+                keep = ids != u.padding_idx
+                ids, rows = ids[keep], rows[keep]
+            out.index_add_(0, ids, rows)
+        else:
+            g = u.grads.reshape(u.grads.shape[0], -1)
+            out.add_((scale.to(g.dtype) @ g).view(out.shape).to(out.dtype))
