@@ -1,0 +1,119 @@
+"""Fused noise + optimizer step on a 1B-parameter set: bytes/param over kernel time vs copy bandwidth,
+and the ratio to the unfused torch baseline (randn_like + add + torch.optim.AdamW(fused=True))."""
+import pytest
+import torch
+
+import dpkern
+from bench.conftest import HAS_GPU
+from dpkern.noise import AdamWHyper, NoiseGenerator, SGDHyper, fused_noisy_step
+
+
+def _model_shapes():
+    """A 1.0B-parameter decoder (d=2048, ffn=5632, 17 layers, vocab 32000, untied head): 155 tensors."""
+    d, f, vocab, layers = 2048, 5632, 32000, 17
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(f, d), (f, d), (d, f), (d,), (d,)]
+    return shapes + [(d,), (vocab, d)]
+
+
+SHAPES = _model_shapes() if HAS_GPU else [(300, 64), (64,), (1000, 7)]
+HYPERS = {"sgd": SGDHyper(lr=1e-3), "sgd_momentum": SGDHyper(lr=1e-3, momentum=0.9),
+          "adamw": AdamWHyper(lr=1e-4)}
+DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16)}
+SIGMA_C, B = 1.0, 1024.0
+_BASELINE_MS: dict = {}  # dtype -> unfused AdamW median ms, measured first in the same run
+
+
+def bytes_per_param(opt: str, pdt, gdt) -> int:
+    """Bytes that must move per element: p read + written, g read, fp32 states read + written."""
+    ps, gs = torch.finfo(pdt).bits // 8, torch.finfo(gdt).bits // 8
+    states = {"sgd": 0, "sgd_momentum": 1, "adamw": 2}[opt]
+    return 2 * ps + gs + 8 * states
+
+
+def _backends():
+    if not HAS_GPU:
+        return ["torch"]
+    return ["triton"] + (["cuda"] if dpkern.cuda_available() else [])
+
+
+def _tensors(pdt, gdt, opt, dev):
+    torch.manual_seed(0)
+    ps = [(torch.randn(s, device=dev) * 0.02).to(pdt) for s in SHAPES]
+    gs = [torch.randn(s, device=dev).to(gdt) for s in SHAPES]
+    ms = [torch.zeros(s, device=dev) for s in SHAPES] if opt != "sgd" else None
+    vs = [torch.zeros(s, device=dev) for s in SHAPES] if opt == "adamw" else None
+    return ps, gs, ms, vs
+
+
+def _check_against_torch(backend, opt, pdt, gdt, dev):
+    """A few real-shaped small tensors: the backend must match the torch reference before timing."""
+    shapes = [(2048,), (257, 33), (1000,)]
+    out = []
+    for be in (backend, "torch"):
+        torch.manual_seed(1)
+        ps = [torch.randn(s, device=dev).to(pdt) for s in shapes]
+        gs = [torch.randn(s, device=dev).to(gdt) for s in shapes]
+        ms = [torch.zeros(s, device=dev) for s in shapes]
+        vs = [torch.zeros(s, device=dev) for s in shapes]
+        fused_noisy_step(ps, gs, ms, vs, hyper=HYPERS[opt], noise_std=SIGMA_C, expected_batch_size=B,
+                         noise=NoiseGenerator(secure=False, seed=0), backend=be)
+        out.append(ps)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if pdt == torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_noise_step_unfused_baseline(timed, dtype):
+    """randn_like + add (+ scale) per tensor, then torch.optim.AdamW(fused=True) (or foreach on CPU)."""
+    dev = "cuda" if HAS_GPU else "cpu"
+    pdt, gdt = DTYPES[dtype]
+    torch.manual_seed(0)
+    ps = [(torch.randn(s, device=dev) * 0.02).to(pdt) for s in SHAPES]
+    gs = [torch.randn(s, device=dev).to(gdt) for s in SHAPES]
+    h = HYPERS["adamw"]
+    opt = torch.optim.AdamW(ps, lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps,
+                            weight_decay=h.weight_decay, fused=HAS_GPU)
+
+    def step():
+        for p, g in zip(ps, gs):
+            p.grad = torch.add(g, torch.randn_like(g), alpha=SIGMA_C).mul_(1.0 / B)
+        opt.step()
+
+    n = sum(p.numel() for p in ps)
+    info = timed(step, bytes_moved=bytes_per_param("adamw", pdt, gdt) * n)
+    if "median_ms" in info:
+        _BASELINE_MS[dtype] = info["median_ms"]
+    info.update(op="noise_step", backend="torch_unfused_adamw", optimizer="adamw", dtype=dtype,
+                n_params=n, n_tensors=len(ps), bytes_per_param=bytes_per_param("adamw", pdt, gdt))
+    del ps, gs, opt
+    if HAS_GPU:
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("opt", list(HYPERS))
+def test_noise_step_bench(timed, opt, dtype, backend):
+    dev = "cuda" if HAS_GPU else "cpu"
+    pdt, gdt = DTYPES[dtype]
+    _check_against_torch(backend, opt, pdt, gdt, dev)  # a wrong kernel is never reported
+    ps, gs, ms, vs = _tensors(pdt, gdt, opt, dev)
+    gen = NoiseGenerator(secure=False, seed=0)
+    n = sum(p.numel() for p in ps)
+
+    def step():
+        fused_noisy_step(ps, gs, ms, vs, hyper=HYPERS[opt], noise_std=SIGMA_C,
+                         expected_batch_size=B, noise=gen, t=1, backend=backend)
+
+    bpp = bytes_per_param(opt, pdt, gdt)
+    info = timed(step, bytes_moved=bpp * n)
+    info.update(op="noise_step", backend=backend, optimizer=opt, dtype=dtype, n_params=n,
+                n_tensors=len(ps), bytes_per_param=bpp)
+    if opt == "adamw" and dtype in _BASELINE_MS and "median_ms" in info:
+        info["speedup_vs_unfused_adamw"] = _BASELINE_MS[dtype] / info["median_ms"]
+    del ps, gs, ms, vs
+    if HAS_GPU:
+        torch.cuda.empty_cache()
