@@ -115,6 +115,14 @@ def gamma_from_uniforms(U: torch.Tensor, k: float, rounds: int = DEFAULT_ROUNDS)
         return -torch.log(U[:, 3]) - torch.log(U[:, 4])
     if mode == "k05":
         return -torch.log(U[:, 3]) * torch.cos(2 * math.pi * U[:, 4]) ** 2
+    out, _ = marsaglia_tsang(U, k, rounds)
+    if k < 1:
+        out = out * torch.exp(torch.log(U[:, 3]) / k)
+    return out
+
+
+def marsaglia_tsang(U: torch.Tensor, k: float, rounds: int = DEFAULT_ROUNDS):
+    """(Gamma(max(k, k+1 if k < 1)) draw, accepted flag) from blocks 1 .. rounds/2 of U."""
     d, c = mt_constants(k)
     out = torch.full_like(U[:, 0], d)          # fallback if every candidate is rejected
     found = torch.zeros_like(U[:, 0], dtype=torch.bool)
@@ -129,9 +137,7 @@ def gamma_from_uniforms(U: torch.Tensor, k: float, rounds: int = DEFAULT_ROUNDS)
                             + d * torch.log(torch.clamp(w, min=1e-30)))
             out = torch.where(ok & ~found, d * w, out)
             found = found | ok
-    if k < 1:
-        out = out * torch.exp(torch.log(U[:, 3]) / k)
-    return out
+    return out, found
 
 
 def lmo_noise_from_uniforms(U: torch.Tensor, p: LMOParams,
