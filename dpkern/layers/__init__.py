@@ -11,6 +11,8 @@ untouched; any other module with a trainable parameter is refused, as is BatchNo
 """
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -65,6 +67,12 @@ def wrap_model(model: nn.Module, tape) -> dict:
     UnsupportedModuleError, naming the module's path, for anything the engine cannot make private.
     """
     _refuse_mixing(model)
+    for m in model.modules():  # a deep copy of a private model: drop the inert leftovers
+        if "_dpkern_site" in m.__dict__ and m._dpkern_site is None:
+            _unwrap_one(m)
+        root = m.__dict__.get("_dpkern_root")
+        if root is not None and root.tape is None:
+            _unwrap_one(m)
     plan, kinds = [], {}
     for path, m in model.named_modules():
         trainable = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
@@ -103,39 +111,53 @@ def wrap_model(model: nn.Module, tape) -> dict:
     return private
 
 
-def _install(m: nn.Module, site: Site, factory) -> None:
-    original = m.forward
-    dp_forward = factory(m, site)
-
-    def forward(*args, **kwargs):
-        if not torch.is_grad_enabled():  # inference: nothing to record
-            return original(*args, **kwargs)
-        tape = site.tape
-        if tape.batch_hint is None and args and isinstance(args[0], torch.Tensor) and args[0].dim():
-            tape.batch_hint = args[0].shape[0]  # the first wrapped layer of a forward sees B
-        return dp_forward(*args, **kwargs)
-
-    m.forward = forward
+def _install(m: nn.Module, site: Site, rule_forward) -> None:
     m._dpkern_site = site
+    m._dpkern_rule = rule_forward
+    m.forward = types.MethodType(_dp_forward, m)
+
+
+def _dp_forward(self, *args, **kwargs):
+    site = self.__dict__.get("_dpkern_site")
+    if site is None or not torch.is_grad_enabled():  # inference, or a deep copy: plain module
+        return type(self).forward(self, *args, **kwargs)
+    tape = site.tape
+    if tape.batch_hint is None and args and isinstance(args[0], torch.Tensor) and args[0].dim():
+        tape.batch_hint = args[0].shape[0]  # the first wrapped layer of a forward sees B
+    return self._dpkern_rule(self, site, *args, **kwargs)
 
 
 def wrap_root(model: nn.Module, tape) -> None:
     """Each forward of the whole model starts a new batch: forget the previous batch size."""
-    original = model.forward
+    model._dpkern_root = _RootTape(tape)
+    model._dpkern_root_forward = model.forward  # the module's own forward (maybe wrapped)
+    model.forward = types.MethodType(_root_forward, model)
 
-    def forward(*args, **kwargs):
-        tape.batch_hint = None
-        return original(*args, **kwargs)
 
-    model.forward = forward
-    model._dpkern_root = True
+def _root_forward(self, *args, **kwargs):
+    root = self.__dict__.get("_dpkern_root")
+    if root is not None and root.tape is not None:
+        root.tape.batch_hint = None
+    return self._dpkern_root_forward(*args, **kwargs)
+
+
+class _RootTape:
+    """Holds the tape for the root forward; a deep copy of the model drops it (see Site)."""
+
+    def __init__(self, tape):
+        self.tape = tape
+
+    def __deepcopy__(self, memo):
+        return _RootTape(None)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Restore the original forward of every wrapped module (the model stops being private)."""
     for m in model.modules():
-        if getattr(m, "_dpkern_site", None) is not None or getattr(m, "_dpkern_root", False):
-            del m.forward
-            m.__dict__.pop("_dpkern_site", None)
-            m.__dict__.pop("_dpkern_root", None)
+        _unwrap_one(m)
     return model
+
+
+def _unwrap_one(m: nn.Module) -> None:
+    for key in ("forward", "_dpkern_site", "_dpkern_rule", "_dpkern_root", "_dpkern_root_forward"):
+        m.__dict__.pop(key, None)

@@ -22,6 +22,11 @@ class Site:
     def wants(self, name: str) -> bool:
         return name in self.private
 
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(private_model) gives a plain, non-private model (its wrapped modules see
+        # no site and run their own forward), not a second engine sharing nothing with the first.
+        return None
+
 
 def as_bt(x: torch.Tensor, what: str, path: str) -> torch.Tensor:
     """(B, ..., n) -> (B, T, n) with T the product of the middle dims; B is dim 0 (batch first)."""

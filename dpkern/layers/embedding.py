@@ -37,13 +37,11 @@ def check_embedding(module: torch.nn.Embedding, path: str) -> None:
                          "the weight in the forward pass)")
 
 
-def embedding_forward(module: torch.nn.Embedding, site: Site):
-    def forward(ids):
-        hint = site.tape.batch_hint
-        if ids.dim() >= 1 and ids.shape[0] == 1 and hint is not None and hint > 1:
-            # Ids shared by the whole batch (GPT-2 / BERT position_ids of shape (1, T)): the output
-            # would be broadcast over the batch and autograd would sum its gradient over samples
-            # before we see it. Expanding gives the same values and keeps per-sample gradients.
-            ids = ids.expand(hint, *ids.shape[1:])
-        return _EmbeddingFn.apply(ids, module.weight, module.padding_idx, site)
-    return forward
+def embedding_forward(module: torch.nn.Embedding, site: Site, ids: torch.Tensor) -> torch.Tensor:
+    hint = site.tape.batch_hint
+    if ids.dim() >= 1 and ids.shape[0] == 1 and hint is not None and hint > 1:
+        # Ids shared by the whole batch (GPT-2 / BERT position_ids of shape (1, T)): the output
+        # would be broadcast over the batch and autograd would sum its gradient over samples
+        # before we see it. Expanding gives the same values and keeps per-sample gradients.
+        ids = ids.expand(hint, *ids.shape[1:])
+    return _EmbeddingFn.apply(ids, module.weight, module.padding_idx, site)

@@ -60,9 +60,9 @@ class _Conv1DFn(torch.autograd.Function):
         return gx, None, None, None
 
 
-def linear_forward(module: torch.nn.Linear, site: Site):
-    return lambda x: _LinearFn.apply(x, module.weight, module.bias, site)
+def linear_forward(module: torch.nn.Linear, site: Site, x: torch.Tensor) -> torch.Tensor:
+    return _LinearFn.apply(x, module.weight, module.bias, site)
 
 
-def conv1d_forward(module, site: Site):
-    return lambda x: _Conv1DFn.apply(x, module.weight, module.bias, site)
+def conv1d_forward(module, site: Site, x: torch.Tensor) -> torch.Tensor:
+    return _Conv1DFn.apply(x, module.weight, module.bias, site)

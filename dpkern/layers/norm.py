@@ -43,24 +43,18 @@ class _AffineFn(torch.autograd.Function):
         return gx, None, None, None
 
 
-def layer_norm_forward(module: torch.nn.LayerNorm, site: Site):
-    def forward(x):
-        xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-        return _AffineFn.apply(xhat, module.weight, module.bias, site)
-    return forward
+def layer_norm_forward(module: torch.nn.LayerNorm, site: Site, x: torch.Tensor) -> torch.Tensor:
+    xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    return _AffineFn.apply(xhat, module.weight, module.bias, site)
 
 
-def rms_norm_forward(module: torch.nn.RMSNorm, site: Site):
-    def forward(x):
-        xhat = F.rms_norm(x, module.normalized_shape, None, module.eps)
-        return _AffineFn.apply(xhat, module.weight, None, site)
-    return forward
+def rms_norm_forward(module: torch.nn.RMSNorm, site: Site, x: torch.Tensor) -> torch.Tensor:
+    xhat = F.rms_norm(x, module.normalized_shape, None, module.eps)
+    return _AffineFn.apply(xhat, module.weight, None, site)
 
 
-def hf_rms_norm_forward(module, site: Site):
-    def forward(hidden_states):
-        input_dtype = hidden_states.dtype
-        h = hidden_states.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-        return _AffineFn.apply(h.to(input_dtype), module.weight, None, site)
-    return forward
+def hf_rms_norm_forward(module, site: Site, hidden_states: torch.Tensor) -> torch.Tensor:
+    input_dtype = hidden_states.dtype
+    h = hidden_states.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+    return _AffineFn.apply(h.to(input_dtype), module.weight, None, site)
