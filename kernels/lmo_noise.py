@@ -1,11 +1,12 @@
 """Fused mechanism noise: Philox uniforms -> LMO-DP (or Gaussian) noise, added to a flat buffer.
 
 out[i] = g[i] + scale * noise(key, step, offset + i), in registers: no noise tensor is written.
-The counter layout, the uniform map and the LMO transform are documented in
-dpkern/mechanisms/lmo_ref.py, which is the float64 ground truth for every function here.
+Philox and the counter layout are dpkern.noise's (kernels/philox.py): the LMO sampler uses stream 1,
+coordinate e takes calls e * N_BLK + j; the uniform map and the LMO transform are documented in
+dpkern/mechanisms/lmo_ref.py, the float64 ground truth for every function here. The Gaussian
+baseline uses kernels/philox.py's `normals` (stream 0) unchanged.
 The same kernel can read its uniforms from a tensor instead (FROM_PTR) so the transform can be
 tested on chosen uniforms. Flags are constexpr; GAMMA_MODE: 0 k=1, 1 k=2, 2 k=0.5, 3 Marsaglia-Tsang.
-TODO(issue 6): switch _philox_block to kernels/philox.py's helpers once they land (same layout).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.random import philox_impl
+
+from dpkern.kernels.philox import normals, philox4x32_10
 
 GAMMA_MODES = {"k1": 0, "k2": 1, "k05": 2, "mt": 3}
 _TWO_PI = 6.283185307179586
@@ -43,28 +45,29 @@ def _uniform(x):
 
 
 @triton.jit
-def _philox_block(o_i, k0, k1, step, BLK: tl.constexpr, TAG: tl.constexpr):
-    """Four uniforms for global indices o_i (int64) at counter block BLK of mechanism TAG."""
-    c0 = (o_i & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (o_i >> 32).to(tl.uint32)
-    c2 = c0 * 0 + step.to(tl.uint32)
-    c3 = c0 * 0 + ((TAG << 24) | BLK)
-    r0, r1, r2, r3 = philox_impl(c0, c1, c2, c3, k0.to(tl.uint32), k1.to(tl.uint32))
+def _philox_block(o_i, k0, k1, c2, c3, BLK: tl.constexpr, N_BLK: tl.constexpr):
+    """Four open uniforms for global indices o_i (int64): Philox call o_i * N_BLK + BLK."""
+    x = o_i * N_BLK + BLK
+    c0 = (x & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((x >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2.to(tl.uint32) + zero, c3.to(tl.uint32) + zero,
+                                   k0, k1)
     return _uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3)
 
 
 @triton.jit
-def _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, step, BLK: tl.constexpr, TAG: tl.constexpr,
-                   N_U: tl.constexpr, FROM_PTR: tl.constexpr):
-    if FROM_PTR:  # test path: uniforms given as an (n, N_U) fp32 tensor
-        p_u = u_ptr + o_l * N_U + BLK * 4
+def _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, BLK: tl.constexpr, N_BLK: tl.constexpr,
+                   FROM_PTR: tl.constexpr):
+    if FROM_PTR:  # test path: uniforms given as an (n, 4 * N_BLK) fp32 tensor
+        p_u = u_ptr + o_l * (4 * N_BLK) + BLK * 4
         u0 = tl.load(p_u, mask=m_l, other=0.5)
         u1 = tl.load(p_u + 1, mask=m_l, other=0.5)
         u2 = tl.load(p_u + 2, mask=m_l, other=0.5)
         u3 = tl.load(p_u + 3, mask=m_l, other=0.5)
         return u0, u1, u2, u3
     else:
-        return _philox_block(o_i, k0, k1, step, BLK, TAG)
+        return _philox_block(o_i, k0, k1, c2, c3, BLK, N_BLK)
 
 
 @triton.jit
@@ -86,31 +89,31 @@ def _mt_candidate(z, ua, d, c, found, g):
     return found, g
 
 
-@triton.jit(do_not_specialize=["offset", "k0", "k1", "step"])
-def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, step, scale,
+@triton.jit(do_not_specialize=["offset", "k0", "k1", "c2", "c3"])
+def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, c2, c3, scale,
                           a1_theta, a3_over_lam, a4, unif_a, unif_w, mt_d, mt_c, inv_k,
                           GAMMA_MODE: tl.constexpr, ROUNDS: tl.constexpr, BOOST: tl.constexpr,
-                          N_U: tl.constexpr, FROM_PTR: tl.constexpr, HAS_G: tl.constexpr,
+                          N_BLK: tl.constexpr, FROM_PTR: tl.constexpr, HAS_G: tl.constexpr,
                           BLOCK: tl.constexpr):
     i_p = tl.program_id(0).to(tl.int64)
     o_l = i_p * BLOCK + tl.arange(0, BLOCK)          # [B] local element index
     m_l = o_l < n
     o_i = o_l + offset                               # [B] global index: the RNG counter
-    u_e, u_u, u_lap, u_g = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, step, 0, 1, N_U, FROM_PTR)
+    u_e, u_u, u_lap, u_g = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, 0, N_BLK, FROM_PTR)
     if GAMMA_MODE == 0:
         gam = -tl.log(u_g)
     elif GAMMA_MODE == 1:
-        v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, step, 1, 1, N_U, FROM_PTR)
+        v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, 1, N_BLK, FROM_PTR)
         gam = -tl.log(u_g) - tl.log(v0)
     elif GAMMA_MODE == 2:
-        v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, step, 1, 1, N_U, FROM_PTR)
+        v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, 1, N_BLK, FROM_PTR)
         cs = tl.cos(_TWO_PI * v0)
         gam = -tl.log(u_g) * cs * cs
     else:
         gam = tl.zeros([BLOCK], dtype=tl.float32) + mt_d
         found = tl.zeros([BLOCK], dtype=tl.int32)
         for r in tl.static_range(ROUNDS // 2):
-            v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, step, 1 + r, 1, N_U,
+            v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, 1 + r, N_BLK,
                                             FROM_PTR)
             rad = tl.sqrt(-2.0 * tl.log(v0))
             found, gam = _mt_candidate(rad * tl.cos(_TWO_PI * v1), v2, mt_d, mt_c, found, gam)
@@ -125,21 +128,20 @@ def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, step, scale,
     tl.store(out_ptr + o_l, noise.to(out_ptr.dtype.element_ty), mask=m_l)
 
 
-@triton.jit(do_not_specialize=["offset", "k0", "k1", "step"])
-def _gaussian_noise_fwd_kernel(g_ptr, out_ptr, n, offset, k0, k1, step, scale,
+@triton.jit(do_not_specialize=["offset", "k0", "k1", "c2", "c3"])
+def _gaussian_noise_fwd_kernel(g_ptr, out_ptr, n, offset, k0, k1, c2, c3, scale,
                                HAS_G: tl.constexpr, BLOCK: tl.constexpr):
     i_p = tl.program_id(0).to(tl.int64)
     o_l = i_p * BLOCK + tl.arange(0, BLOCK)
     m_l = o_l < n
-    u0, u1, u2, u3 = _philox_block(o_l + offset, k0, k1, step, 0, 0)
-    noise = scale * tl.sqrt(-2.0 * tl.log(u0)) * tl.cos(_TWO_PI * u1)
+    noise = scale * normals(o_l + offset, k0, k1, c2, c3)
     if HAS_G:
         noise = tl.load(g_ptr + o_l, mask=m_l, other=0.0).to(tl.float32) + noise
     tl.store(out_ptr + o_l, noise.to(out_ptr.dtype.element_ty), mask=m_l)
 
 
-def lmo_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, key_lo: int, key_hi: int,
-                  step: int, offset: int, scale: float, p, gamma_mode: str, rounds: int,
+def lmo_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, words: dict, offset: int,
+                  scale: float, p, gamma_mode: str, rounds: int, n_blocks: int,
                   mt_d: float, mt_c: float, uniforms: torch.Tensor | None = None,
                   config: NoiseConfig | None = None) -> None:
     """Launch on flat contiguous out (n,) [and g (n,), may alias out]. Caller validates."""
@@ -149,22 +151,20 @@ def lmo_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, key_lo: int, key
     cfg = config or noise_config(n)
     _lmo_noise_fwd_kernel[(triton.cdiv(n, cfg.BLOCK),)](
         g_ptr=g if g is not None else out, out_ptr=out,
-        u_ptr=uniforms if uniforms is not None else out, n=n, offset=offset, k0=key_lo,
-        k1=key_hi, step=step, scale=scale, a1_theta=p.a1 * p.theta, a3_over_lam=p.a3 / p.lam,
-        a4=p.a4, unif_a=p.a, unif_w=p.b - p.a, mt_d=mt_d, mt_c=mt_c, inv_k=1.0 / p.k,
+        u_ptr=uniforms if uniforms is not None else out, n=n, offset=offset, scale=scale,
+        a1_theta=p.a1 * p.theta, a3_over_lam=p.a3 / p.lam, a4=p.a4, unif_a=p.a, unif_w=p.b - p.a, mt_d=mt_d, mt_c=mt_c, inv_k=1.0 / p.k,
         GAMMA_MODE=GAMMA_MODES[gamma_mode], ROUNDS=rounds, BOOST=p.k < 1,
-        N_U=uniforms.shape[1] if uniforms is not None else 4, FROM_PTR=uniforms is not None,
+        N_BLK=n_blocks, FROM_PTR=uniforms is not None, **words,
         HAS_G=g is not None, BLOCK=cfg.BLOCK, num_warps=cfg.num_warps)
 
 
-def gaussian_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, key_lo: int, key_hi: int,
-                       step: int, offset: int, scale: float,
-                       config: NoiseConfig | None = None) -> None:
+def gaussian_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, words: dict, offset: int,
+                       scale: float, config: NoiseConfig | None = None) -> None:
     """out = [g +] scale * N(0, 1) on flat contiguous tensors (the baseline for LMO's cost)."""
     n = out.numel()
     if n == 0:
         return
     cfg = config or noise_config(n)
     _gaussian_noise_fwd_kernel[(triton.cdiv(n, cfg.BLOCK),)](
-        g_ptr=g if g is not None else out, out_ptr=out, n=n, offset=offset, k0=key_lo, k1=key_hi,
-        step=step, scale=scale, HAS_G=g is not None, BLOCK=cfg.BLOCK, num_warps=cfg.num_warps)
+        g_ptr=g if g is not None else out, out_ptr=out, n=n, offset=offset, scale=scale, **words,
+        HAS_G=g is not None, BLOCK=cfg.BLOCK, num_warps=cfg.num_warps)

@@ -15,7 +15,7 @@ class GaussianMechanism(Mechanism):
     """Example::
 
         mech = GaussianMechanism(noise_multiplier=1.0, clip_norm=1.0)
-        mech.add_noise_(flat_grad_sum, key=secret_key, step=t)
+        mech.add_noise_(flat_grad_sum, generator=noise_generator, step=noise_generator.next_step())
         mech.epsilon(sample_rate=0.01, steps=10_000, delta=1e-5)   # certified
     """
 
@@ -36,14 +36,16 @@ class GaussianMechanism(Mechanism):
     def noise_std(self) -> float:
         return self.noise_multiplier * self.clip_norm
 
-    def add_noise_(self, grad, *, key, step, offset=0, backend=None):
-        return noise_ops.gaussian_noise_add_(grad, std=self.noise_std(), key=key, step=step,
-                                             offset=offset, backend=backend)
+    def add_noise_(self, grad, *, generator, step, offset=0, backend=None):
+        return noise_ops.gaussian_noise_add_(grad, std=self.noise_std(),
+                                             words=self._words(generator, step), offset=offset,
+                                             backend=backend)
 
-    def sample(self, n, *, key, step, offset=0, device="cpu", backend=None):
+    def sample(self, n, *, generator, step, offset=0, device="cpu", backend=None):
         out = torch.zeros(n, dtype=torch.float32, device=device)
-        return noise_ops.gaussian_noise_add_(out, std=self.noise_std(), key=key, step=step,
-                                             offset=offset, backend=backend)
+        return noise_ops.gaussian_noise_add_(out, std=self.noise_std(),
+                                             words=self._words(generator, step), offset=offset,
+                                             backend=backend)
 
     def epsilon(self, *, sample_rate, steps, delta):
         if self.accountant == "prv":
@@ -58,4 +60,5 @@ class GaussianMechanism(Mechanism):
                               "steps": steps})
 
     def __repr__(self):
-        return f"GaussianMechanism(noise_multiplier={self.noise_multiplier}, clip_norm={self.clip_norm})"
+        return (f"GaussianMechanism(noise_multiplier={self.noise_multiplier}, "
+                f"clip_norm={self.clip_norm})")

@@ -16,7 +16,7 @@ from dpkern.mechanisms import lmo_accountant as acct
 from dpkern.mechanisms import noise_ops
 from dpkern.mechanisms.base import Mechanism
 from dpkern.mechanisms.lmo_params import LMOParams
-from dpkern.mechanisms.lmo_ref import DEFAULT_ROUNDS, lmo_blocks
+from dpkern.mechanisms.lmo_ref import DEFAULT_ROUNDS, STREAM_LMO, lmo_blocks
 
 UNCERTIFIED_EXPLANATION = (
     "LMO-DP's epsilon is not a certified differential-privacy guarantee. Its accountant (1) bounds "
@@ -52,11 +52,12 @@ class LMOMechanism(Mechanism):
     Example::
 
         mech = LMOMechanism(PAPER_DEFAULT, accounting="certified")
-        mech.add_noise_(flat_grad_sum, key=secret_key, step=t)
+        mech.add_noise_(flat_grad_sum, generator=noise_generator, step=noise_generator.next_step())
         mech.epsilon(sample_rate=q, steps=T, delta=1e-10)   # certified=True
     """
 
     name = "lmo"
+    stream = STREAM_LMO
 
     def __init__(self, params: LMOParams, clip_norm: float = 1.0, *,
                  accounting: str = "reported", accept_uncertified_epsilon: bool = False,
@@ -83,13 +84,14 @@ class LMOMechanism(Mechanism):
         val, _ = quad(f, 0, np.inf, limit=200)
         return self.clip_norm * math.sqrt(2 * val)
 
-    def add_noise_(self, grad, *, key, step, offset=0, backend=None):
-        return noise_ops.lmo_noise_add_(grad, self.params, key=key, step=step,
+    def add_noise_(self, grad, *, generator, step, offset=0, backend=None):
+        return noise_ops.lmo_noise_add_(grad, self.params, words=self._words(generator, step),
                                         clip_norm=self.clip_norm, offset=offset,
                                         rounds=self.rounds, backend=backend)
 
-    def sample(self, n, *, key, step, offset=0, device="cpu", backend=None):
-        z = noise_ops.lmo_noise_sample(n, self.params, key=key, step=step, offset=offset,
+    def sample(self, n, *, generator, step, offset=0, device="cpu", backend=None):
+        z = noise_ops.lmo_noise_sample(n, self.params, words=self._words(generator, step),
+                                       offset=offset,
                                        rounds=self.rounds, device=device, backend=backend)
         return z * self.clip_norm
 

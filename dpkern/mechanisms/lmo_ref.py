@@ -1,23 +1,23 @@
-"""Plain-PyTorch ground truth for the mechanism samplers (float64, slow, obviously correct).
+"""Plain-PyTorch ground truth for the LMO-DP sampler (float64, slow, obviously correct).
 
-Counter layout (shared with kernels/lmo_noise.py): Philox4x32-10 with key (k0, k1) = the 64-bit
-secret key, counter = (i mod 2^32, i >> 32, step, TAG << 24 | block) for global element index i;
-each call gives 4 uint32, each mapped to the open-interval uniform (2m+1) / 2^24, m = x >> 9
-(exact in fp32, never 0 or 1, symmetric about 1/2). TAG separates mechanisms (Gaussian 0, LMO 1),
-so no (key, counter) pair is shared between them.
-TODO(issue 6): when dpkern/noise's Philox reference and kernels/philox.py land, take the Philox and
-the uniform map from there (this private copy exists only so the fused kernel is testable now).
+Counter layout: dpkern.noise's (kernels/philox.py, dpkern/noise/README.md) on stream 1. Host side,
+``words = NoiseGenerator.kernel_words(step, stream=STREAM_LMO)`` gives the Philox key and the
+whitened step words; coordinate e (global index) takes Philox calls X = e * B + j, j = 0 .. B - 1,
+B = lmo_blocks(params) (Gaussian noise on stream 0 packs 4 elements per call; LMO needs >= 4
+uniforms per element). Each word x maps to the OPEN-interval uniform (2m+1) / 2^24, m = x >> 9
+(exact in fp32, never 0 or 1, symmetric about 1/2: the Laplace and log transforms need both ends
+open, which dpkern.noise's radius/angle uniforms are not).
 
-LMO-DP per coordinate (uniforms U[:, j], j = 4 * block + lane):
-  j=0 Exp(rate lam) = -log(U0)/lam,  j=1 Uniform(a, b) = a + (b - a) U1,  j=2 Laplace sign/magnitude,
-  Gamma(k, theta) by ``gamma_mode(k)``:
-    "k1"  (k = 1):   -log(U3)                       1 block
-    "k2"  (k = 2):   -log(U3) - log(U4)             2 blocks
-    "k05" (k = 0.5): -log(U3) cos^2(2 pi U4)   (= Z^2/2, Box-Muller)    2 blocks
+LMO-DP per coordinate (uniforms U[:, 4j + lane]):
+  U0: Exp(rate lam) = -log(U0)/lam,  U1: Uniform(a, b) = a + (b - a) U1,  U2: Laplace sign/magnitude,
+  Gamma(k, theta) by gamma_mode(k):
+    "k1"  (k = 1):   -log(U3)                       1 call
+    "k2"  (k = 2):   -log(U3) - log(U4)             2 calls
+    "k05" (k = 0.5): -log(U3) cos^2(2 pi U4)   (= Z^2/2, Box-Muller)    2 calls
     "mt"  (other k): Marsaglia-Tsang, `rounds` candidates, branch-free (first accepted wins;
-                     if none is, the value d, probability <= 0.05^rounds for k >= 1); k < 1 uses
-                     Gamma(k+1) * U3^(1/k). Block 1 + r feeds candidates 2r, 2r+1:
-                     Box-Muller normals from (U, U') and acceptance uniforms U'', U'''.
+                     if none is, the value d; probability < 0.005^(rounds/2), see README.md);
+                     k < 1 uses Gamma(k+1) * U3^(1/k). Call 1 + r feeds candidates 2r and 2r+1:
+                     Box-Muller normals from its lanes 0, 1 and acceptance uniforms from lanes 2, 3.
   u = a1 theta Gamma + a3 Exp + a4 Uniform;  noise = sign(U2 - 1/2) * (-log(1 - 2|U2 - 1/2|)) / u.
 """
 from __future__ import annotations
@@ -27,33 +27,23 @@ import math
 import torch
 
 from dpkern.mechanisms.lmo_params import LMOParams
+from dpkern.noise.reference import normals, philox_words
 
-_M = 0xFFFFFFFF
-_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
-_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
-TAG_GAUSSIAN, TAG_LMO = 0, 1
+STREAM_LMO = 1
 DEFAULT_ROUNDS = 8
+_WORD_KEYS = ("k0", "k1", "c2", "c3")
 
 
-def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * b for a constant a < 2^32 and int64 b < 2^32, no overflow."""
-    p0 = a * (b & 0xFFFF)                 # < 2^48
-    p1 = a * (b >> 16)                    # < 2^48
-    t = (p0 >> 16) + p1                   # a*b = t * 2^16 + (p0 & 0xFFFF)
-    return t >> 16, (((t & 0xFFFF) << 16) | (p0 & 0xFFFF))
-
-
-def philox4x32_ref(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
-    """Philox4x32 on int64 tensors holding uint32 values. Returns 4 int64 tensors."""
-    c = [torch.as_tensor(x, dtype=torch.int64) & _M for x in (c0, c1, c2, c3)]
-    c0, c1, c2, c3 = torch.broadcast_tensors(*c)
-    k0, k1 = int(k0) & _M, int(k1) & _M
-    for _ in range(rounds):
-        hi_b, lo_b = _mul32(_ROUND_B, c2)
-        hi_a, lo_a = _mul32(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _KEY_A) & _M, (k1 + _KEY_B) & _M
-    return c0, c1, c2, c3
+def check_words(words) -> dict:
+    """words = NoiseGenerator.kernel_words(step, stream=...): four int32 bit patterns."""
+    if not isinstance(words, dict) or set(words) != set(_WORD_KEYS):
+        raise ValueError("words must be the dict NoiseGenerator.kernel_words(step, stream=...) "
+                         f"returns (keys {_WORD_KEYS}), got {words!r}")
+    for k in _WORD_KEYS:
+        v = words[k]
+        if isinstance(v, bool) or not isinstance(v, int) or not -2**31 <= v < 2**31:
+            raise ValueError(f"words[{k!r}] must be an int32 bit pattern, got {v!r}")
+    return words
 
 
 def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
@@ -61,27 +51,14 @@ def uniform_from_bits(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 9).double() * 2 + 1) * 2.0**-24
 
 
-def split_key(key: int) -> tuple[int, int]:
-    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**64:
-        raise ValueError(f"key must be an int in [0, 2**64), got {key!r}")
-    return key & _M, key >> 32
-
-
-def check_step(step: int) -> int:
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
-        raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
-    return step
-
-
-def counter_uniforms(n: int, n_blocks: int, *, key: int, step: int, tag: int, offset: int = 0,
+def counter_uniforms(n: int, n_blocks: int, words: dict, offset: int = 0,
                      device="cpu") -> torch.Tensor:
-    """(n, 4 * n_blocks) float64 uniforms for elements offset .. offset + n - 1."""
-    k0, k1 = split_key(key)
-    i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    """(n, 4 * n_blocks) float64 uniforms for global elements offset .. offset + n - 1."""
+    check_words(words)
+    e = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     cols = []
     for blk in range(n_blocks):
-        r = philox4x32_ref(i & _M, i >> 32, check_step(step), (tag << 24) | blk, k0, k1)
-        cols += [uniform_from_bits(x) for x in r]
+        cols += [uniform_from_bits(x) for x in philox_words(e * n_blocks + blk, words)]
     return torch.stack(cols, dim=1) if cols else torch.empty(n, 0, dtype=torch.float64)
 
 
@@ -155,15 +132,14 @@ def lmo_noise_from_uniforms(U: torch.Tensor, p: LMOParams,
     return torch.where(v < 0, -mag, mag) / u
 
 
-def lmo_noise_ref(n: int, p: LMOParams, *, key: int, step: int, offset: int = 0,
+def lmo_noise_ref(n: int, p: LMOParams, *, words: dict, offset: int = 0,
                   rounds: int = DEFAULT_ROUNDS, device="cpu") -> torch.Tensor:
     """(n,) float64 LMO-DP noise (clip norm 1) for global elements offset .. offset + n - 1."""
-    U = counter_uniforms(n, lmo_blocks(p, rounds), key=key, step=step, tag=TAG_LMO,
-                         offset=offset, device=device)
+    U = counter_uniforms(n, lmo_blocks(p, rounds), words, offset, device)
     return lmo_noise_from_uniforms(U, p, rounds)
 
 
-def gaussian_noise_ref(n: int, *, key: int, step: int, offset: int = 0, device="cpu"):
-    """(n,) float64 N(0, 1) noise: Box-Muller on lanes 0, 1 of block 0 (tag 0)."""
-    U = counter_uniforms(n, 1, key=key, step=step, tag=TAG_GAUSSIAN, offset=offset, device=device)
-    return torch.sqrt(-2 * torch.log(U[:, 0])) * torch.cos(2 * math.pi * U[:, 1])
+def gaussian_noise_ref(n: int, *, words: dict, offset: int = 0, device="cpu") -> torch.Tensor:
+    """(n,) float64 N(0, 1): dpkern.noise's normals (stream 0 words) for the same elements."""
+    e = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    return normals(e, check_words(words)).double()

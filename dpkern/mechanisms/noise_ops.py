@@ -1,7 +1,9 @@
 """Launchers: counter-based mechanism noise added in place to a flat gradient buffer.
 
-Every backend computes the same function of (key, step, global element index): the Triton kernel
-draws Philox uniforms in registers; the torch backend evaluates the float64 reference
+Every backend computes the same function of (words, global element index), where
+words = dpkern.noise.NoiseGenerator.kernel_words(step, stream=...) carries the secret key and the
+step (LMO: stream lmo_ref.STREAM_LMO = 1; Gaussian: stream 0). The Triton kernel draws Philox
+uniforms in registers; the torch backend evaluates the float64 reference
 (dpkern/mechanisms/lmo_ref.py) on the same counters in chunks and adds it in fp32.
 """
 from __future__ import annotations
@@ -26,9 +28,8 @@ def _check_buffer(grad, op: str) -> None:
         raise ValueError(f"{op}: grad must be contiguous (it is treated as a flat buffer)")
 
 
-def _check_common(key, step, offset, rounds=None, p=None):
-    lmo_ref.split_key(key)
-    lmo_ref.check_step(step)
+def _check_common(words, offset, rounds=None, p=None):
+    lmo_ref.check_words(words)
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0, got {offset!r}")
     if p is not None:
@@ -46,57 +47,59 @@ def _torch_add_(grad, offset, scale, draw):
     return grad
 
 
-def lmo_noise_add_(grad: torch.Tensor, params: LMOParams, *, key: int, step: int,
+def lmo_noise_add_(grad: torch.Tensor, params: LMOParams, *, words: dict,
                    clip_norm: float = 1.0, offset: int = 0, rounds: int = lmo_ref.DEFAULT_ROUNDS,
                    backend: str | None = None) -> torch.Tensor:
-    """grad[i] += clip_norm * LMO-noise(key, step, offset + i), in place; returns grad.
+    """grad[i] += clip_norm * LMO-noise(words, offset + i), in place; returns grad.
 
     Args:
         grad: contiguous float32/float16/bfloat16 tensor of any shape (a flat buffer of n
             coordinates), e.g. the sum of clipped per-sample gradients. Accumulation in fp32.
         params: the LMO-DP configuration; noise has Laplace scale clip_norm / u per coordinate.
-        key: secret 64-bit key; step: the logical step (< 2^32); offset: the global index of
-            grad's first element, so shards or a multi-tensor walk draw the same noise as one buffer.
+        words: NoiseGenerator.kernel_words(step, stream=STREAM_LMO) (secret key + step); offset:
+            the global index of grad's first element, so shards or a multi-tensor walk draw the
+            same noise as one buffer.
         rounds: Marsaglia-Tsang candidates (even) when params.k is not 0.5, 1 or 2.
     Example::
 
-        g = torch.zeros(10); lmo_noise_add_(g, PAPER_DEFAULT, key=1234, step=0, backend="torch")
+        gen = NoiseGenerator()                      # dpkern.noise: secret key + step counter
+        words = gen.kernel_words(gen.next_step(), stream=STREAM_LMO)
+        lmo_noise_add_(flat_grad_sum, PAPER_DEFAULT, words=words, clip_norm=1.0)
     """
     _check_buffer(grad, "lmo_noise_add_")
-    _check_common(key, step, offset, rounds, params)
+    _check_common(words, offset, rounds, params)
     be = resolve_backend(backend, grad.device, op="lmo_noise_add_", implemented=("triton", "torch"),
                          auto_order=("triton",))
     if be == "torch":
         return _torch_add_(grad, offset, float(clip_norm), lambda n, off, dev: lmo_ref.lmo_noise_ref(
-            n, params, key=key, step=step, offset=off, rounds=rounds, device=dev))
+            n, params, words=words, offset=off, rounds=rounds, device=dev))
     from dpkern.kernels.lmo_noise import lmo_noise_fwd
-    k0, k1 = lmo_ref.split_key(key)
     d, c = lmo_ref.mt_constants(params.k)
     flat = grad.view(-1)
-    lmo_noise_fwd(flat, flat, key_lo=k0, key_hi=k1, step=step, offset=offset,
-                  scale=float(clip_norm), p=params, gamma_mode=lmo_ref.gamma_mode(params.k),
-                  rounds=rounds, mt_d=d, mt_c=c)
+    lmo_noise_fwd(flat, flat, words=words, offset=offset, scale=float(clip_norm), p=params,
+                  gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds,
+                  n_blocks=lmo_ref.lmo_blocks(params, rounds), mt_d=d, mt_c=c)
     return grad
 
 
-def lmo_noise_sample(n: int, params: LMOParams, *, key: int, step: int, offset: int = 0,
+def lmo_noise_sample(n: int, params: LMOParams, *, words: dict, offset: int = 0,
                      rounds: int = lmo_ref.DEFAULT_ROUNDS, device="cpu",
                      backend: str | None = None) -> torch.Tensor:
     """(n,) float32 LMO-DP noise (clip norm 1), the same values lmo_noise_add_ adds. For audits
     and tests; training should use lmo_noise_add_ (no noise tensor)."""
-    _check_common(key, step, offset, rounds, params)
+    _check_common(words, offset, rounds, params)
     device = torch.device(device)
     be = resolve_backend(backend, device, op="lmo_noise_sample", implemented=("triton", "torch"),
                          auto_order=("triton",))
     if be == "torch":
-        return lmo_ref.lmo_noise_ref(n, params, key=key, step=step, offset=offset, rounds=rounds,
+        return lmo_ref.lmo_noise_ref(n, params, words=words, offset=offset, rounds=rounds,
                                      device=device).float()
     from dpkern.kernels.lmo_noise import lmo_noise_fwd
     out = _alloc.empty(n, dtype=torch.float32, device=device)
-    k0, k1 = lmo_ref.split_key(key)
     d, c = lmo_ref.mt_constants(params.k)
-    lmo_noise_fwd(out, None, key_lo=k0, key_hi=k1, step=step, offset=offset, scale=1.0, p=params,
-                  gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds, mt_d=d, mt_c=c)
+    lmo_noise_fwd(out, None, words=words, offset=offset, scale=1.0, p=params,
+                  gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds,
+                  n_blocks=lmo_ref.lmo_blocks(params, rounds), mt_d=d, mt_c=c)
     return out
 
 
@@ -121,25 +124,24 @@ def lmo_noise_from_uniforms(U: torch.Tensor, params: LMOParams, *,
     Uc = U.to(torch.float32).contiguous()
     out = _alloc.empty(U.shape[0], dtype=torch.float32, device=U.device)
     d, c = lmo_ref.mt_constants(params.k)
-    lmo_noise_fwd(out, None, key_lo=0, key_hi=0, step=0, offset=0, scale=1.0, p=params,
-                  gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds, mt_d=d, mt_c=c,
-                  uniforms=Uc)
+    lmo_noise_fwd(out, None, words={"k0": 0, "k1": 0, "c2": 0, "c3": 0}, offset=0, scale=1.0,
+                  p=params, gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds,
+                  n_blocks=need // 4, mt_d=d, mt_c=c, uniforms=Uc)
     return out
 
 
-def gaussian_noise_add_(grad: torch.Tensor, *, std: float, key: int, step: int, offset: int = 0,
+def gaussian_noise_add_(grad: torch.Tensor, *, std: float, words: dict, offset: int = 0,
                         backend: str | None = None) -> torch.Tensor:
-    """grad[i] += std * N(0, 1)(key, step, offset + i), in place (tag 0 of the counter layout)."""
+    """grad[i] += std * z(words, offset + i), in place: dpkern.noise's normals (pass stream 0 words),
+    without the optimizer update (the baseline the LMO sampler is measured against)."""
     _check_buffer(grad, "gaussian_noise_add_")
-    _check_common(key, step, offset)
+    _check_common(words, offset)
     be = resolve_backend(backend, grad.device, op="gaussian_noise_add_",
                          implemented=("triton", "torch"), auto_order=("triton",))
     if be == "torch":
         return _torch_add_(grad, offset, float(std), lambda n, off, dev: lmo_ref.gaussian_noise_ref(
-            n, key=key, step=step, offset=off, device=dev))
+            n, words=words, offset=off, device=dev))
     from dpkern.kernels.lmo_noise import gaussian_noise_fwd
-    k0, k1 = lmo_ref.split_key(key)
     flat = grad.view(-1)
-    gaussian_noise_fwd(flat, flat, key_lo=k0, key_hi=k1, step=step, offset=offset,
-                       scale=float(std))
+    gaussian_noise_fwd(flat, flat, words=words, offset=offset, scale=float(std))
     return grad

@@ -116,8 +116,10 @@ def test_l1_route_certifies_nothing_at_model_scale():
 
 def test_usefulness_is_p_abs_noise_below_gamma():
     """1 - M(-gamma) against the fraction of reference noise draws with |noise| <= gamma."""
-    from dpkern.mechanisms.lmo_ref import lmo_noise_ref
-    z = lmo_noise_ref(60_000, PAPER_DEFAULT, key=11, step=0)
+    from dpkern.mechanisms.lmo_ref import STREAM_LMO, lmo_noise_ref
+    from dpkern.noise import NoiseGenerator
+    words = NoiseGenerator(secure=False, seed=11).kernel_words(0, STREAM_LMO)
+    z = lmo_noise_ref(60_000, PAPER_DEFAULT, words=words)
     frac = float((z.abs() <= 0.9).double().mean())
     assert abs(frac - default_usefulness(0.9)) < 5 * math.sqrt(frac * (1 - frac) / z.numel())
 

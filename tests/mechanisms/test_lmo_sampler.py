@@ -11,6 +11,7 @@ from dpkern.mechanisms import lmo_ref as R
 from dpkern.mechanisms import noise_ops as N
 from dpkern.mechanisms.lmo_accountant import log_mgf
 from dpkern.mechanisms.lmo_params import PAPER_DEFAULT, LMOParams
+from dpkern.noise import NoiseGenerator
 from tests.conftest import HAS_GPU, kernel_devices
 from tests.tolerance import OUTPUT_EPS
 
@@ -22,7 +23,12 @@ PARAMS = {
     "mt": LMOParams(a1=0.4, a3=0.1, a4=0.2, theta=0.5, k=3.7, lam=10.0, a=0.5, b=1.0),
     "mt_boost": LMOParams(a1=0.7, a3=0.3, a4=0.1, theta=1.0, k=0.3, lam=0.5, a=0.0, b=2.0),
 }
-KEY = 0x9E3779B97F4A7C15  # > 2^63: the high key word is used
+SEED = 20240527
+
+
+def W(step, seed=SEED, stream=R.STREAM_LMO):
+    """dpkern.noise kernel words for a deterministic test generator."""
+    return NoiseGenerator(secure=False, seed=seed).kernel_words(step, stream=stream)
 # Kernel (fp32) vs reference (fp64): a few fp32 roundings in log/cos/exp and two divisions. On the
 # GPU, Triton's log lowers to lg2.approx (absolute error ~2^-22), so noise values near 0 also get
 # an absolute allowance (noise is O(1-100) in units of C).
@@ -37,17 +43,6 @@ def exact_cdf(p: LMOParams):
         half = 0.5 * np.exp(log_mgf(p, -np.abs(x)))
         return np.where(x < 0, half, 1 - half)
     return cdf
-
-
-def test_philox_known_answers():
-    """Random123's Philox4x32-10 known-answer vectors."""
-    got = R.philox4x32_ref(0, 0, 0, 0, 0, 0)
-    assert [int(x) for x in got] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    m = 0xFFFFFFFF
-    got = R.philox4x32_ref(m, m, m, m, m, m)
-    assert [int(x) for x in got] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
-    got = R.philox4x32_ref(0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0)
-    assert [int(x) for x in got] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
 def test_uniform_map_is_open_and_symmetric():
@@ -82,8 +77,8 @@ def test_transform_on_chosen_uniforms(name, backend):
 @pytest.mark.parametrize("device", kernel_devices())
 def test_fused_sample_matches_reference(device, n, name):
     p = PARAMS[name]
-    out = N.lmo_noise_sample(n, p, key=KEY, step=7, offset=3, device=device, backend="triton")
-    ref = R.lmo_noise_ref(n, p, key=KEY, step=7, offset=3)
+    out = N.lmo_noise_sample(n, p, words=W(7), offset=3, device=device, backend="triton")
+    ref = R.lmo_noise_ref(n, p, words=W(7), offset=3)
     assert out.shape == (n,) and out.dtype == torch.float32
     torch.testing.assert_close(out.cpu().double(), ref, rtol=RTOL, atol=ATOL)
 
@@ -96,9 +91,9 @@ def test_noise_add_in_place(backend, dtype):
     p, C, n = PARAMS["k2"], 0.7, 517
     grad = torch.randn(11, 47, device=device).to(dtype)     # any shape, treated as flat
     before = grad.clone()
-    ret = N.lmo_noise_add_(grad, p, key=KEY, step=2, clip_norm=C, offset=100, backend=backend)
+    ret = N.lmo_noise_add_(grad, p, words=W(2), clip_norm=C, offset=100, backend=backend)
     assert ret is grad
-    want = before.double().view(-1).cpu() + C * R.lmo_noise_ref(n, p, key=KEY, step=2, offset=100)
+    want = before.double().view(-1).cpu() + C * R.lmo_noise_ref(n, p, words=W(2), offset=100)
     torch.testing.assert_close(grad.view(-1).cpu().double(), want.to(dtype).double(),
                                rtol=2 * OUTPUT_EPS[dtype] + RTOL, atol=ATOL)
 
@@ -108,15 +103,15 @@ def test_noise_is_counter_based(backend):
     """Shards at an offset reproduce the same noise; a new step or key gives fresh noise."""
     device = kernel_devices()[0]
     p = PARAMS["mt"]
-    full = N.lmo_noise_sample(300, p, key=KEY, step=4, device=device, backend=backend)
-    tail = N.lmo_noise_sample(100, p, key=KEY, step=4, offset=200, device=device, backend=backend)
+    full = N.lmo_noise_sample(300, p, words=W(4), device=device, backend=backend)
+    tail = N.lmo_noise_sample(100, p, words=W(4), offset=200, device=device, backend=backend)
     assert torch.equal(full[200:], tail)
-    other_step = N.lmo_noise_sample(300, p, key=KEY, step=5, device=device, backend=backend)
-    other_key = N.lmo_noise_sample(300, p, key=KEY + 1, step=4, device=device, backend=backend)
+    other_step = N.lmo_noise_sample(300, p, words=W(5), device=device, backend=backend)
+    other_key = N.lmo_noise_sample(300, p, words=W(4, seed=SEED + 1), device=device, backend=backend)
     assert not torch.isclose(full, other_step).any() and not torch.isclose(full, other_key).any()
     gauss = torch.zeros(300, device=device)
-    N.gaussian_noise_add_(gauss, std=1.0, key=KEY, step=4, backend=backend)
-    assert not torch.isclose(full, gauss).any()  # different counter tag, not a reused stream
+    N.gaussian_noise_add_(gauss, std=1.0, words=W(4, stream=0), backend=backend)
+    assert not torch.isclose(full, gauss).any()  # stream 0 vs 1: not a reused counter
 
 
 def _ks(z: torch.Tensor, p: LMOParams):
@@ -127,7 +122,7 @@ def _ks(z: torch.Tensor, p: LMOParams):
 def test_reference_law_ks(name):
     """Large reference sample vs the exact mixture CDF. Deterministic key: not flaky."""
     p = PARAMS[name]
-    z = R.lmo_noise_ref(60_000, p, key=KEY, step=1)
+    z = R.lmo_noise_ref(60_000, p, words=W(1))
     assert _ks(z, p).pvalue > 1e-3
 
 
@@ -136,7 +131,7 @@ def test_kernel_law_ks(name):
     p = PARAMS[name]
     device = kernel_devices()[0]
     n = 1 << 23 if HAS_GPU else 8192
-    z = N.lmo_noise_sample(n, p, key=KEY + 17, step=3, device=device, backend="triton")
+    z = N.lmo_noise_sample(n, p, words=W(3, seed=SEED + 17), device=device, backend="triton")
     assert _ks(z, p).pvalue > 1e-3
 
 
@@ -144,14 +139,14 @@ def test_ks_rejects_lam_read_as_a_scale():
     """The KS check can fail: the artifact's convention (lam as a scale) has a different law."""
     p = PAPER_DEFAULT
     wrong = LMOParams(**{**p.as_dict(), "lam": 1 / p.lam})  # rate 1/lam == numpy scale lam
-    z = R.lmo_noise_ref(100_000, wrong, key=KEY, step=1)
+    z = R.lmo_noise_ref(100_000, wrong, words=W(1))
     assert _ks(z, p).pvalue < 1e-6
 
 
 @pytest.mark.parametrize("k", [0.5, 1.0, 2.0, 3.7, 0.3, 12.0])
 def test_gamma_paths_ks(k):
     p = LMOParams(k=k)
-    U = R.counter_uniforms(20_000, R.lmo_blocks(p), key=KEY, step=9, tag=R.TAG_LMO)
+    U = R.counter_uniforms(20_000, R.lmo_blocks(p), W(9))
     g = R.gamma_from_uniforms(U, k).numpy()
     assert stats.kstest(g, stats.gamma(k).cdf).pvalue > 1e-3
 
@@ -161,7 +156,7 @@ def test_marsaglia_tsang_rarely_needs_the_fallback(k):
     """Two candidates both rejected on < 0.5 % of coordinates (acceptance >= 0.95 per candidate),
     so all 8 default candidates are rejected with probability < (0.005)^4 ~ 1e-9 (README)."""
     p = LMOParams(k=k)
-    U = R.counter_uniforms(100_000, R.lmo_blocks(p, 2), key=KEY, step=0, tag=R.TAG_LMO)
+    U = R.counter_uniforms(100_000, R.lmo_blocks(p, 2), W(0))
     _, found = R.marsaglia_tsang(U, k, rounds=2)
     frac = 1 - float(found.double().mean())
     assert 0 < frac < 0.005, frac
@@ -170,15 +165,14 @@ def test_marsaglia_tsang_rarely_needs_the_fallback(k):
 @pytest.mark.parametrize("bad,err,match", [
     (dict(grad=torch.ones(4, dtype=torch.int32)), TypeError, "float32, float16 or bfloat16"),
     (dict(grad=torch.ones(4, 4).t()), ValueError, "contiguous"),
-    (dict(key=-1), ValueError, "key"),
-    (dict(key=2**64), ValueError, "key"),
-    (dict(step=2**32), ValueError, "step"),
+    (dict(words={"k0": 1}), ValueError, "kernel_words"),
+    (dict(words={"k0": 2**31, "k1": 0, "c2": 0, "c3": 0}), ValueError, "int32"),
     (dict(offset=-3), ValueError, "offset"),
     (dict(rounds=3, params=PARAMS["mt"]), ValueError, "rounds"),
     (dict(params={"k": 1}), TypeError, "LMOParams"),
 ])
 def test_noise_add_rejects_bad_input(bad, err, match):
-    args = dict(grad=torch.zeros(4), params=PAPER_DEFAULT, key=1, step=0, offset=0, rounds=8)
+    args = dict(grad=torch.zeros(4), params=PAPER_DEFAULT, words=W(0), offset=0, rounds=8)
     args.update(bad)
     grad, params = args.pop("grad"), args.pop("params")
     with pytest.raises(err, match=match):
@@ -193,9 +187,9 @@ def test_full_size_kernel_matches_reference_gpu(name):
     that on at most 1e-6 of coordinates."""
     p, n, off, chunk = PARAMS[name], 1 << 26, 1 << 33, 1 << 23
     grad = torch.zeros(n, device="cuda")
-    N.lmo_noise_add_(grad, p, key=KEY, step=123, offset=off, backend="triton")
+    N.lmo_noise_add_(grad, p, words=W(123), offset=off, backend="triton")
     bad = 0
     for s in range(0, n, chunk):
-        ref = R.lmo_noise_ref(chunk, p, key=KEY, step=123, offset=off + s, device="cuda")
+        ref = R.lmo_noise_ref(chunk, p, words=W(123), offset=off + s, device="cuda")
         bad += int((~torch.isclose(grad[s:s + chunk].double(), ref, rtol=RTOL, atol=ATOL)).sum())
     assert bad <= (n // 1_000_000 if name.startswith("mt") else 0)

@@ -6,7 +6,8 @@ import torch
 
 from dpkern.mechanisms import (PAPER_DEFAULT, GaussianMechanism, LMOMechanism, LMOParams,
                                UncertifiedEpsilonError)
-from dpkern.mechanisms.lmo_ref import lmo_noise_ref
+from dpkern.mechanisms.lmo_ref import STREAM_LMO, lmo_noise_ref
+from dpkern.noise import NoiseGenerator
 from tests.conftest import kernel_devices
 
 Q, T, DELTA = 0.0152, 394, 1e-10
@@ -42,7 +43,8 @@ def test_lmo_certified_accounting_needs_no_opt_in_and_is_larger():
 
 def test_lmo_noise_std_matches_samples():
     mech = LMOMechanism(PAPER_DEFAULT, clip_norm=0.5, accounting="certified")
-    z = 0.5 * lmo_noise_ref(100_000, PAPER_DEFAULT, key=3, step=0)
+    z = 0.5 * lmo_noise_ref(100_000, PAPER_DEFAULT,
+                            words=NoiseGenerator(secure=False, seed=3).kernel_words(0, STREAM_LMO))
     # E[z^2] estimate; heavy-ish tails, so allow 5 standard errors of the second moment.
     m2, se = float((z**2).mean()), float((z**2).std()) / math.sqrt(z.numel())
     assert abs(m2 - mech.noise_std()**2) < 5 * se
@@ -54,14 +56,16 @@ def test_mechanisms_add_exactly_what_they_sample(backend):
     for mech in (LMOMechanism(LMOParams(k=2.0), clip_norm=2.0, accounting="certified"),
                  GaussianMechanism(1.3, clip_norm=2.0)):
         g = torch.full((3, 41), 0.25, device=device)
-        mech.add_noise_(g, key=77, step=9, offset=5, backend=backend)
-        z = mech.sample(123, key=77, step=9, offset=5, device=device, backend=backend)
+        gen = NoiseGenerator(secure=False, seed=77)
+        mech.add_noise_(g, generator=gen, step=9, offset=5, backend=backend)
+        z = mech.sample(123, generator=gen, step=9, offset=5, device=device, backend=backend)
         torch.testing.assert_close(g.view(-1) - 0.25, z, rtol=1e-6, atol=1e-6)
 
 
 def test_gaussian_noise_has_its_std_and_a_certified_epsilon():
     mech = GaussianMechanism(1.5, clip_norm=0.4)
-    z = mech.sample(200_000, key=5, step=0, backend="torch")
+    z = mech.sample(200_000, generator=NoiseGenerator(secure=False, seed=5), step=0,
+                    backend="torch")
     assert float(z.mean()).__abs__() < 5 * 0.6 / math.sqrt(z.numel())
     assert float(z.std()) == pytest.approx(0.6, rel=0.01)
     rep = mech.epsilon(sample_rate=0.01, steps=1000, delta=1e-5)
