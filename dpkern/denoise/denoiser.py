@@ -107,21 +107,24 @@ def _denoise_stack(ts, m, n, sigma, shrinker, kappa, norm_correction, max_norm_g
     else:
         trip = adaptive_svd(a, thr, rank=rank, oversample=oversample, n_iter=n_iter,
                             max_rank=max_rank, generators=generators, orth=orth)
+    # All shrinkage of the chunk in one call (same m, n), then one host sync for the ranks.
+    s_all = torch.cat([s for _, s, _ in trip])
+    eta_all = shrink(s_all, sigma, m, n, shrinker, kappa)
+    counts = [s.numel() for _, s, _ in trip]
+    etas = torch.split(eta_all, counts)
+    ranks = [int(c) for c in torch.stack([(e > 0).sum() for e in etas]).tolist()] if trip else []
     if norm_correction:
         fro2 = a.square().sum((-2, -1)).double()                              # (b,)
-        target = (fro2 - m * n * sigma**2).clamp_min(0.0).sqrt().tolist()
-    ranks = []
-    for j, (t, f, (u, s, vh)) in enumerate(zip(ts, flip, trip)):
-        eta = shrink(s, sigma, m, n, shrinker, kappa)                         # (k,)
-        k = int((eta > 0).sum())
-        ranks.append(k)
+        target = (fro2 - m * n * sigma**2).clamp_min(0.0).sqrt()
+        norms = torch.stack([e.double().norm() for e in etas])               # = ||G-hat||_F
+        gains = (target / norms.clamp_min(1e-300)).clamp_max(max_norm_gain).to(eta_all.dtype)
+    for j, (t, f, (u, _, vh)) in enumerate(zip(ts, flip, trip)):
+        k = ranks[j]                     # shrinkers are monotone: the kept values are a prefix
         if k == 0:
             t.zero_()
             continue
-        if norm_correction:
-            norm = float(eta.double().norm())                                 # = ||G-hat||_F
-            eta = eta * min(target[j] / norm, max_norm_gain)
-        g_hat = torch.matmul(u[:, :k] * eta[:k], vh[:k])                      # (m, n)
+        eta = etas[j][:k] * gains[j] if norm_correction else etas[j][:k]
+        g_hat = torch.matmul(u[:, :k] * eta, vh[:k])                          # (m, n)
         t.copy_(g_hat.mT if f else g_hat)
     return ranks
 

@@ -150,10 +150,11 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
             u, s, vh = randomized_svd(sub, k, oversample=oversample, n_iter=n_iter, omega=omega,
                                       orth=orth)
             more = (s[:, -1] > sub_thr) & (k < cap)
-        more_host = more.tolist()
+        more_host = more.tolist()                                       # one sync per round
+        keeps = (s > sub_thr[:, None]).sum(1).tolist()
         for j, i in enumerate(idx_list):
             if not more_host[j]:
-                keep = int((s[j] > sub_thr[j]).sum())
+                keep = keeps[j]
                 out[i] = (u[j, :, :keep], s[j, :keep], vh[j, :keep, :])
         todo = todo[more]
         v_prev = vh[more].mT if todo.numel() else None
