@@ -93,7 +93,8 @@ class PrivacyEngine:
                      poisson_sampling: bool = True, clipping: str = "flat",
                      loss_reduction: str = "mean", expected_batch_size: int | None = None,
                      sample_rate: float | None = None, grad_postprocessors: list | None = None,
-                     automatic_gamma: float = 0.01, seed: int | None = None):
+                     automatic_gamma: float = 0.01, seed: int | None = None,
+                     batch_first: bool = True, grad_sample_mode: str | None = None):
         """Make `module` + `optimizer` private; returns (module, DPOptimizer, data loader).
 
         Args:
@@ -114,7 +115,12 @@ class PrivacyEngine:
             grad_postprocessors: callables f(grads: dict[name, Tensor], noise_std: float) applied
                 in place to the noisy averaged gradients before the inner optimizer's step.
             seed: fixed seed for sampling and noise (tests; refused in secure_mode).
+            batch_first: must be True (the batch is dim 0 of every layer input).
+            grad_sample_mode: accepted for Opacus compatibility and ignored (dpkern always uses
+                book-keeping).
         """
+        if not batch_first:
+            raise ValueError("batch_first=False is not supported: put the batch on dim 0")
         sigma = float(noise_multiplier)
         if not (math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
