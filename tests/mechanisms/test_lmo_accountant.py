@@ -156,3 +156,15 @@ def test_search_says_when_nothing_is_feasible():
 def test_params_reject_bad_values(bad):
     with pytest.raises(ValueError, match="LMOParams"):
         LMOParams(**bad)
+
+
+def test_log_density_and_fisher_sigma():
+    """Density integrates to 1; Fisher sigma is 1/u for a (nearly) constant u and lies between the
+    certified bound's 1/sqrt(E[u^2]) and the paper's sigma_eq for the default config."""
+    x = np.linspace(-3000, 3000, 3_000_001)
+    for p in (PAPER_DEFAULT, LMOParams(a1=0.5, a3=0.2, a4=0.0, k=2.0, theta=0.8, lam=2.0)):
+        assert np.exp(A.log_density(p, x)).sum() * (x[1] - x[0]) == pytest.approx(1, abs=1e-5)
+    assert A.fisher_sigma(LMOParams(a1=0.0, a3=0.0, a4=1.0, a=0.8, b=0.8 + 1e-9)) == pytest.approx(
+        1.25, rel=1e-5)
+    s = A.fisher_sigma(PAPER_DEFAULT)
+    assert 1 / math.sqrt(PAPER_DEFAULT.second_moment_u()) < s < 5.0 < 23.25
