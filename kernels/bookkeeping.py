@@ -6,17 +6,19 @@ adds scale_i times that tile to the running sum. The scale is thus applied in fp
 per-sample partial, never to a rounded g: each sample's contribution is scaled in fp32 whatever the
 training dtype. The result is written (or added, in fp32, then rounded once) into W in its dtype.
 Tiles are visited in grouped order so that neighbouring programs reuse g and a columns from L2.
+fp32 inputs: in "tf32r" mode (default on GPU) the operands are rounded to TF32 by the same function
+as in the norm kernels (ghost_norm._round_tf32) and multiplied in TF32 (exact products), so each
+sample's partial is the sum of exactly the products whose norm the engine clipped.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels.ghost_norm import dot_precision
+from dpkern.kernels.ghost_norm import _round_tf32, dot_precision, resolve_mode, rounds
 
 
 @dataclass(frozen=True)
@@ -27,18 +29,17 @@ class BookkeepingConfig:
     GROUP_P: int
     num_warps: int
     num_stages: int
-    # tl.dot input_precision for fp32 inputs. "tf32x3" keeps about fp32 accuracy on tensor cores;
-    # "ieee" is exact fp32 FMA (slow); DPKERN_FP32_DOT overrides.
-    fp32_dot: str = "tf32x3"
+    # fp32 mode (ghost_norm.KERNEL_MODES); None: the launch's (dpkern.ops resolves one mode for
+    # the norms and the book-keeping, so the two always see the same operands)
+    fp32_dot: str | None = None
 
 
 def bookkeeping_config(seq: int, d: int, p: int) -> BookkeepingConfig:
     """Heuristic: 128 × 128 tiles (64 × 64 for narrow layers); token step ≤ the sequence length."""
-    fp32_dot = os.environ.get("DPKERN_FP32_DOT", "tf32x3")
     block_t = 64 if seq >= 64 else max(16, triton.next_power_of_2(seq))
     if min(d, p) >= 512:
-        return BookkeepingConfig(128, 128, block_t, 8, 8, 3, fp32_dot)
-    return BookkeepingConfig(64, 64, block_t, 8, 4, 3, fp32_dot)
+        return BookkeepingConfig(128, 128, block_t, 8, 8, 3)
+    return BookkeepingConfig(64, 64, block_t, 8, 4, 3)
 
 
 def bookkeeping_search_space():
@@ -54,7 +55,7 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                             stride_wp, stride_wd,
                             ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr,
-                            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
     # grouped ordering: GROUP_P row tiles sweep the column tiles together
     pid = tl.program_id(0)
     n_p = tl.cdiv(p, BLOCK_P)
@@ -86,6 +87,9 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
             if UPCAST:
                 b_g = b_g.to(tl.float32)
                 b_a = b_a.to(tl.float32)
+            if ROUND:  # the same TF32 operands as the norm kernels
+                b_g = _round_tf32(b_g.to(tl.float32))
+                b_a = _round_tf32(b_a.to(tl.float32))
             b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
         # a dropped sample (scale 0) contributes exactly nothing, even if its grads are non-finite
         scale_i = tl.load(scale_ptr + i)
@@ -98,12 +102,15 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
 
 
 def bookkeeping_fwd(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, w: torch.Tensor,
-                    accumulate: bool, config: BookkeepingConfig | None = None) -> None:
+                    accumulate: bool, config: BookkeepingConfig | None = None,
+                    fp32_mode: str | None = None) -> None:
     """a (B, T, d), g (B, T, p), scale (B,) fp32 -> w (p, d) = Σ scale_i g_iᵀ a_i (+ w if
-    accumulate), in w's dtype. Caller validates; B·T > 0."""
+    accumulate), in w's dtype. Caller validates; B·T > 0.
+    fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
     bsz, seq, d = a.shape
     p = g.shape[2]
     cfg = config or bookkeeping_config(seq, d, p)
+    mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     grid = (triton.cdiv(p, cfg.BLOCK_P) * triton.cdiv(d, cfg.BLOCK_D),)
     _bookkeeping_fwd_kernel[grid](
         a_ptr=a, g_ptr=g, scale_ptr=scale, w_ptr=w, batch=bsz, seq=seq, d=d, p=p,
@@ -112,5 +119,5 @@ def bookkeeping_fwd(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, w: to
         stride_wp=w.stride(0), stride_wd=w.stride(1),
         ACCUMULATE=accumulate, BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_T=cfg.BLOCK_T,
         GROUP_P=cfg.GROUP_P, UPCAST=a.device.type != "cuda" or a.dtype != g.dtype,
-        DOT_PREC=dot_precision(cfg.fp32_dot, a, g),
+        DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -4,12 +4,18 @@ One program owns one (t-tile, s-tile) pair of one sample, with t-tile ≤ s-tile
 symmetric, so an off-diagonal tile pair stands for itself and its mirror (weight 2). It builds the
 [BT, BT] tile of a aᵀ on chip (K-loop over d), then for each of up to MAX_G output gradients that
 share the input a (q/k/v, gate/up) the tile of g gᵀ (K-loop over p), and reduces the elementwise
-product to one fp32 partial. Partials (NUM_G, B, n_pairs) are summed on the host side: deterministic,
+product to one fp32 partial. Partials (NUM_G, B, n_pairs) are summed in fp64 on the host side: deterministic,
 no atomics. Math and FLOP model: kernels/README_persample.md.
+
+fp32 inputs (precision modes shared by every per-sample kernel, `fp32_mode`):
+* "tf32r" (default on GPU): every fp32 operand is rounded to TF32 by `_round_tf32` (round to nearest
+  even onto a 10-bit mantissa, integer ops on the bits: ours, not the hardware's), then tl.dot runs
+  in TF32. TF32 × TF32 products are exact in fp32, so the norm is that of the very operands the
+  book-keeping kernel (same rounding) sums: the two differ by fp32 accumulation error only.
+* "ieee": exact fp32 products (no tensor cores). "tf32x3": three TF32 products (≈ fp32).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,31 +26,26 @@ import triton.language as tl
 MAX_G = 3  # gradients sharing one input Gram per launch; larger groups launch again
 
 
+# fp32 modes a launch accepts. The env knobs (DPKERN_NORM_FP32_DOT, DPKERN_FP32_DOT) are read by
+# dpkern.ops, which passes the resolved mode; plain "tf32" (the hardware rounds the operands, so
+# norm and book-keeping may see different ones) is for tests and benchmarks only: dpkern.ops refuses it.
+KERNEL_MODES = ("tf32r", "ieee", "tf32x3", "tf32")
+
+
 @dataclass(frozen=True)
 class GhostNormConfig:
     BLOCK_T: int
     BLOCK_K: int
     num_warps: int
     num_stages: int
-    fp32_dot: str = "ieee"  # tl.dot input_precision for fp32 inputs: "ieee" | "tf32x3"
-
-
-def norm_fp32_dot() -> str:
-    """input_precision of the norm kernels for fp32 inputs: "ieee" unless DPKERN_NORM_FP32_DOT says
-    "tf32x3" (≈ fp32 accuracy on tensor cores). Plain "tf32" is refused: it can under-estimate."""
-    val = os.environ.get("DPKERN_NORM_FP32_DOT", "ieee")
-    if val not in ("ieee", "tf32x3"):
-        raise ValueError(f"DPKERN_NORM_FP32_DOT must be 'ieee' or 'tf32x3', got {val!r}")
-    return val
+    fp32_dot: str | None = None  # fp32 mode (KERNEL_MODES); None: the launch's fp32_mode
 
 
 def ghost_norm_config(seq: int) -> GhostNormConfig:
     """Heuristic: 64-row tiles for short sequences (more programs), 128 from T ≥ 1024."""
     if seq >= 1024:
-        return GhostNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3,
-                               fp32_dot=norm_fp32_dot())
-    return GhostNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3,
-                           fp32_dot=norm_fp32_dot())
+        return GhostNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    return GhostNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
 def ghost_norm_search_space():
@@ -61,10 +62,22 @@ def tile_pairs(n_tiles: int, device_str: str) -> torch.Tensor:
 
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> the nearest TF32 value (ties to even), still stored as fp32: the low 13 mantissa bits
+    become 0. Integer ops on the bits, so the result is a fixed function of x on every device
+    (torch twin: dpkern.ops._persample.round_tf32). NaN stays NaN; overflow rounds to ±inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _gram_tile(x_ptr, y_ptr, o_t, o_s, m_t, m_s, width, stride_xt, stride_xk, stride_yt,
                stride_yk, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """x[o_t, :] @ y[o_s, :]ᵀ over `width` columns, fp32 accumulation. -> [BT, BS]."""
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND_X: tl.constexpr,
+               ROUND_Y: tl.constexpr):
+    """x[o_t, :] @ y[o_s, :]ᵀ over `width` columns, fp32 accumulation. -> [BT, BS].
+    ROUND_X / ROUND_Y: round that operand to TF32 (fp32 inputs in "tf32r" mode)."""
     b_acc = tl.zeros([BLOCK_T, BLOCK_S], dtype=tl.float32)
     o_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, width, BLOCK_K):
@@ -76,6 +89,10 @@ def _gram_tile(x_ptr, y_ptr, o_t, o_s, m_t, m_s, width, stride_xt, stride_xk, st
         if UPCAST:
             b_x = b_x.to(tl.float32)
             b_y = b_y.to(tl.float32)
+        if ROUND_X:
+            b_x = _round_tf32(b_x.to(tl.float32))
+        if ROUND_Y:
+            b_y = _round_tf32(b_y.to(tl.float32))
         b_acc = tl.dot(b_x, b_y, b_acc, input_precision=DOT_PREC)
     return b_acc
 
@@ -88,7 +105,7 @@ def _ghost_norm_fwd_kernel(a_ptr, g0_ptr, g1_ptr, g2_ptr, pairs_ptr, part_ptr,
                            stride_g1b, stride_g1t, stride_g1p,
                            stride_g2b, stride_g2t, stride_g2p,
                            NUM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
     i_pair = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     i_t = tl.load(pairs_ptr + 2 * i_pair)
@@ -100,43 +117,62 @@ def _ghost_norm_fwd_kernel(a_ptr, g0_ptr, g1_ptr, g2_ptr, pairs_ptr, part_ptr,
     m_s = o_s < seq
     p_a = a_ptr + i_b * stride_ab
     b_ga = _gram_tile(p_a, p_a, o_t, o_s, m_t, m_s, d, stride_at, stride_ad, stride_at, stride_ad,
-                      BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC)  # [BT, BT]
+                      BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)  # [BT, BT]
     p_out = part_ptr + i_b * n_pairs + i_pair
     b_gg = _gram_tile(g0_ptr + i_b * stride_g0b, g0_ptr + i_b * stride_g0b, o_t, o_s, m_t, m_s, p0,
                       stride_g0t, stride_g0p, stride_g0t, stride_g0p,
-                      BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC)
+                      BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)
     tl.store(p_out, weight * tl.sum(tl.sum(b_ga * b_gg, axis=1), axis=0))
     if NUM_G >= 2:
         b_gg = _gram_tile(g1_ptr + i_b * stride_g1b, g1_ptr + i_b * stride_g1b, o_t, o_s, m_t, m_s,
                           p1, stride_g1t, stride_g1p, stride_g1t, stride_g1p,
-                          BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC)
+                          BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)
         tl.store(p_out + batch * n_pairs, weight * tl.sum(tl.sum(b_ga * b_gg, axis=1), axis=0))
     if NUM_G >= 3:
         b_gg = _gram_tile(g2_ptr + i_b * stride_g2b, g2_ptr + i_b * stride_g2b, o_t, o_s, m_t, m_s,
                           p2, stride_g2t, stride_g2p, stride_g2t, stride_g2p,
-                          BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC)
+                          BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)
         tl.store(p_out + 2 * batch * n_pairs,
                  weight * tl.sum(tl.sum(b_ga * b_gg, axis=1), axis=0))
 
 
-def dot_precision(fp32_dot: str, *xs: torch.Tensor) -> str:
-    """input_precision for tl.dot: irrelevant for 16-bit inputs (exact products, fp32 accumulate)."""
+def resolve_mode(explicit, cfg_mode, device) -> str:
+    """The fp32 mode of one launch: explicit argument > config > "tf32r" on CUDA, else "ieee"."""
+    mode = explicit or cfg_mode or ("tf32r" if torch.device(device).type == "cuda" else "ieee")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"fp32_mode must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
+
+
+def dot_precision(mode: str, *xs: torch.Tensor) -> str:
+    """input_precision for tl.dot: irrelevant for 16-bit inputs (exact products, fp32 accumulate);
+    the interpreter's dot is exact fp32 whatever it is told. "tf32r" runs TF32 on TF32 operands."""
     if xs[0].device.type == "cuda" and any(x.dtype == torch.float32 for x in xs):
-        return fp32_dot
+        return "tf32" if mode == "tf32r" else mode
     return "ieee"
 
 
+def rounds(mode: str, *xs: torch.Tensor) -> bool:
+    """Whether the kernel rounds its operands to TF32: "tf32r" with an fp32 operand (16-bit operands
+    are already TF32 values, so rounding them too is a no-op that keeps one code path)."""
+    return mode == "tf32r" and any(x.dtype == torch.float32 for x in xs)
+
+
 def ghost_norm_fwd(a: torch.Tensor, gs: list, outs: list,
-                   config: GhostNormConfig | None = None, empty=torch.empty) -> None:
+                   config: GhostNormConfig | None = None, empty=torch.empty,
+                   fp32_mode: str | None = None) -> None:
     """a (B, T, d), each gs[k] (B, T, p_k) -> writes outs[k] (B,) fp32. Caller validates; B, T > 0.
-    `empty(*shape, dtype=, device=)` allocates the partials (tests pass a poisoning allocator)."""
+    `empty(*shape, dtype=, device=)` allocates the partials (tests pass a poisoning allocator).
+    fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
     bsz, seq, d = a.shape
     cfg = config or ghost_norm_config(seq)
+    mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     n_tiles = triton.cdiv(seq, cfg.BLOCK_T)
     pairs = tile_pairs(n_tiles, str(a.device))
     n_pairs = pairs.shape[0]
     upcast = a.device.type != "cuda"  # the interpreter mishandles 16-bit dots
-    prec = dot_precision(cfg.fp32_dot, a, *gs)
+    prec = dot_precision(mode, a, *gs)
+    round_ = rounds(mode, a, *gs)
     for start in range(0, len(gs), MAX_G):
         group = gs[start:start + MAX_G]
         padded = group + [group[0]] * (MAX_G - len(group))
@@ -148,6 +184,6 @@ def ghost_norm_fwd(a: torch.Tensor, gs: list, outs: list,
                          f"stride_g{k}t": g.stride(1), f"stride_g{k}p": g.stride(2)})
         _ghost_norm_fwd_kernel[(n_pairs, bsz)](
             **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, UPCAST=upcast,
-            DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            DOT_PREC=prec, ROUND=round_, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         for k in range(len(group)):
-            torch.sum(part[k], dim=1, out=outs[start + k])
+            outs[start + k].copy_(part[k].sum(dim=1, dtype=torch.float64))  # fp64: 1 rounding

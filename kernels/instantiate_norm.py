@@ -1,7 +1,7 @@
 """Per-sample ‖g_iᵀ a_i‖²_F by instantiation: each [BP, BD] tile of G_i = g_iᵀ a_i is formed on chip
 (K-loop over the T tokens of sample i), squared and reduced to one fp32 partial; G_i never reaches
 HBM. Cheaper than the ghost norm when T(d+p) > 2dp (long sequences, narrow layers).
-Partials (B, n_p_tiles · n_d_tiles) are summed on the host side: deterministic, no atomics.
+Partials (B, n_p_tiles · n_d_tiles) are summed in fp64 on the host side: deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels.ghost_norm import dot_precision, norm_fp32_dot
+from dpkern.kernels.ghost_norm import _round_tf32, dot_precision, resolve_mode, rounds
 
 
 @dataclass(frozen=True)
@@ -21,16 +21,15 @@ class InstantiateNormConfig:
     BLOCK_T: int
     num_warps: int
     num_stages: int
-    fp32_dot: str = "ieee"  # tl.dot input_precision for fp32 inputs: "ieee" | "tf32x3"
+    fp32_dot: str | None = None  # fp32 mode (ghost_norm.KERNEL_MODES); None: the launch's
 
 
 def instantiate_norm_config(seq: int, d: int, p: int) -> InstantiateNormConfig:
     """Heuristic: 128 × 128 output tiles for wide layers, 64 × 64 for narrow ones."""
     if min(d, p) >= 1024:
         return InstantiateNormConfig(BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, num_warps=8,
-                                     num_stages=3, fp32_dot=norm_fp32_dot())
-    return InstantiateNormConfig(BLOCK_P=64, BLOCK_D=64, BLOCK_T=32, num_warps=4, num_stages=3,
-                                 fp32_dot=norm_fp32_dot())
+                                     num_stages=3)
+    return InstantiateNormConfig(BLOCK_P=64, BLOCK_D=64, BLOCK_T=32, num_warps=4, num_stages=3)
 
 
 def instantiate_norm_search_space():
@@ -45,7 +44,7 @@ def _instantiate_norm_fwd_kernel(a_ptr, g_ptr, part_ptr, seq, d, p,
                                  stride_gb, stride_gt, stride_gp,
                                  BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_T: tl.constexpr, UPCAST: tl.constexpr,
-                                 DOT_PREC: tl.constexpr):
+                                 DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
     i_p = tl.program_id(0)
     i_d = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -67,6 +66,9 @@ def _instantiate_norm_fwd_kernel(a_ptr, g_ptr, part_ptr, seq, d, p,
         if UPCAST:
             b_g = b_g.to(tl.float32)
             b_a = b_a.to(tl.float32)
+        if ROUND:  # the same TF32 operands as the book-keeping kernel
+            b_g = _round_tf32(b_g.to(tl.float32))
+            b_a = _round_tf32(b_a.to(tl.float32))
         b_acc = tl.dot(b_g, b_a, b_acc, input_precision=DOT_PREC)
     n_tiles = tl.num_programs(0) * tl.num_programs(1)
     tl.store(part_ptr + i_b * n_tiles + i_p * tl.num_programs(1) + i_d,
@@ -74,12 +76,15 @@ def _instantiate_norm_fwd_kernel(a_ptr, g_ptr, part_ptr, seq, d, p,
 
 
 def instantiate_norm_fwd(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor,
-                         config: InstantiateNormConfig | None = None, empty=torch.empty) -> None:
+                         config: InstantiateNormConfig | None = None, empty=torch.empty,
+                         fp32_mode: str | None = None) -> None:
     """a (B, T, d), g (B, T, p) -> writes out (B,) fp32. Caller validates; B, T > 0.
-    `empty(*shape, dtype=, device=)` allocates the partials (tests pass a poisoning allocator)."""
+    `empty(*shape, dtype=, device=)` allocates the partials (tests pass a poisoning allocator).
+    fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
     bsz, seq, d = a.shape
     p = g.shape[2]
     cfg = config or instantiate_norm_config(seq, d, p)
+    mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     grid = (triton.cdiv(p, cfg.BLOCK_P), triton.cdiv(d, cfg.BLOCK_D), bsz)
     part = empty(bsz, grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _instantiate_norm_fwd_kernel[grid](
@@ -89,6 +94,6 @@ def instantiate_norm_fwd(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor,
         BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_T=cfg.BLOCK_T,
         # tl.dot needs one operand dtype: mixed inputs are upcast (as on the CPU interpreter).
         UPCAST=a.device.type != "cuda" or a.dtype != g.dtype,
-        DOT_PREC=dot_precision(cfg.fp32_dot, a, g),
+        DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    torch.sum(part, dim=1, out=out)
+    out.copy_(part.sum(dim=1, dtype=torch.float64))  # fp64 sum of partials: 1 rounding

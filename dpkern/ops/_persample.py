@@ -1,7 +1,9 @@
-"""Shared helpers of the per-sample ops: input checks, exact-fp32 matmuls, sample chunking."""
+"""Shared helpers of the per-sample ops: input checks, exact-fp32 matmuls, sample chunking, and the
+fp32 precision mode (with the torch twin of the kernels' TF32 rounding)."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -64,3 +66,59 @@ def sample_chunks(batch: int, bytes_per_sample: int):
     step = max(1, CHUNK_BYTES // max(bytes_per_sample, 1))
     for start in range(0, batch, step):
         yield slice(start, min(batch, start + step))
+
+
+# ---- fp32 precision mode of the norms and the book-keeping (kernels/README_persample.md) ----------
+# "tf32r": operands rounded to TF32 by round_tf32 (exact products), "ieee": exact fp32, "tf32x3": three
+# TF32 products. Norms and book-keeping always run in one mode, so they see the same operands.
+FP32_MODES = ("tf32r", "ieee", "tf32x3")
+
+
+def _env_mode(name: str):
+    val = os.environ.get(name)
+    if val is not None and val not in FP32_MODES:
+        raise ValueError(f"{name} must be one of {FP32_MODES}, got {val!r} (plain 'tf32' is "
+                         "refused: the hardware would round the operands, not us)")
+    return val
+
+
+def fp32_mode(device, explicit: str | None = None) -> str:
+    """The mode for fp32 inputs of the per-sample ops on `device`.
+
+    explicit (an op's fp32_mode= argument) wins; else the env knobs DPKERN_NORM_FP32_DOT /
+    DPKERN_FP32_DOT (either one sets both; both set must agree on rounding or not); else "tf32r"
+    on CUDA and "ieee" elsewhere. Every backend of an op computes the same function in one mode.
+    """
+    if explicit is not None:
+        if explicit not in FP32_MODES:
+            raise ValueError(f"fp32_mode must be one of {FP32_MODES}, got {explicit!r}")
+        return explicit
+    norm, bk = _env_mode("DPKERN_NORM_FP32_DOT"), _env_mode("DPKERN_FP32_DOT")
+    if norm and bk and (norm == "tf32r") != (bk == "tf32r"):
+        raise ValueError(f"DPKERN_NORM_FP32_DOT={norm} and DPKERN_FP32_DOT={bk}: both must be "
+                         "'tf32r' or neither (norms and book-keeping must see the same operands)")
+    return norm or bk or ("tf32r" if torch.device(device).type == "cuda" else "ieee")
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Torch twin of kernels/ghost_norm._round_tf32, bit for bit: fp32 -> nearest TF32 value (ties to
+    even; 10-bit mantissa, the low 13 bits zeroed), as fp32. NaN stays NaN, overflow gives ±inf.
+
+    Example:
+        >>> round_tf32(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11])).tolist()   # ties to even
+        [1.0, 1.001953125]
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(f"round_tf32: x must be float32, got {x.dtype}")
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the uint32 pattern
+    bits = (((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13) & 0xFFFFFFFF
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    return torch.where(torch.isnan(x), x, bits.view(torch.float32))
+
+
+def operand(x: torch.Tensor, mode: str, dtype=torch.float32) -> torch.Tensor:
+    """x as a kernel multiplies it, upcast to `dtype`: fp32 inputs rounded to TF32 in "tf32r"
+    (16-bit inputs are TF32 values already)."""
+    if mode == "tf32r" and x.dtype == torch.float32:
+        x = round_tf32(x)
+    return x.to(dtype)

@@ -3,6 +3,8 @@
 With G_i = g_iᵀ a_i, Σ_i scale_i G_i = gᵀ diag(scale ⊗ 1_T) a over the flattened (B·T) rows. The
 Triton kernel applies scale_i to sample i's fp32 partial product (not to the rounded g), so each
 sample's contribution is scaled in fp32 whatever the input dtype: sensitivity holds in fp32.
+fp32 inputs follow `_persample.fp32_mode`, which must be the mode the norms ran in: in "tf32r" (the
+default on GPU) a and g are rounded to TF32 exactly as the norm kernels round them.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import torch
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_tensor,
-                                   exact_fp32_matmul, sample_chunks)
+                                   exact_fp32_matmul, fp32_mode, operand, sample_chunks)
 
 _IMPLEMENTED = ("triton", "torch")
+_fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
 
 
 def _check_scale(op, scale, bsz, ref):
@@ -46,7 +49,8 @@ def _finish(result32: torch.Tensor, out, accumulate: bool) -> torch.Tensor:
 
 
 def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, out=None,
-                      accumulate: bool = False, backend: str | None = None) -> torch.Tensor:
+                      accumulate: bool = False, backend: str | None = None,
+                      fp32_mode: str | None = None) -> torch.Tensor:
     """Σ_i scale_i g_iᵀ a_i (the clipped weight gradient of a Linear layer), fp32 accumulation.
 
     Args:
@@ -57,6 +61,8 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
         out: optional (p, d) tensor of any float dtype (e.g. param.grad): written in place, or
             added to when accumulate=True. The sum is formed in fp32 and rounded once into out.
         backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
+        fp32_mode: "tf32r" | "ieee" | "tf32x3" for fp32 inputs (default: env knobs, else "tf32r" on
+            CUDA, "ieee" on CPU): must be the mode the per-sample norms were computed in.
     Returns:
         out if given, else a new (p, d) float32 tensor. B = 0 gives zeros (or out unchanged when
         accumulating).
@@ -76,19 +82,21 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
     p = g.shape[2]
     _check_scale(op, scale, bsz, g)
     _check_out(op, out, (p, d), a.device)
+    mode = _fp32_mode(a.device, fp32_mode)
     be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED, auto_order=("triton",))
     if be == "triton" and bsz * seq > 0:
         from dpkern.kernels.bookkeeping import bookkeeping_fwd
         target = out if out is not None else _alloc.empty(p, d, dtype=torch.float32,
                                                           device=a.device)
-        bookkeeping_fwd(a, g, scale, target, accumulate=accumulate and out is not None)
+        bookkeeping_fwd(a, g, scale, target, accumulate=accumulate and out is not None,
+                        fp32_mode=mode)
         return target
     acc = torch.zeros(p, d, dtype=torch.float32, device=a.device)
     with exact_fp32_matmul(a.device):
         for sl in sample_chunks(bsz, 4 * seq * (d + p)):
             keep = scale[sl] != 0  # a dropped sample contributes nothing, even if non-finite
-            g_c = g[sl][keep].float() * scale[sl][keep, None, None]
-            acc.addmm_(g_c.reshape(-1, p).t(), a[sl][keep].float().reshape(-1, d))
+            g_c = operand(g[sl][keep], mode) * scale[sl][keep, None, None]
+            acc.addmm_(g_c.reshape(-1, p).t(), operand(a[sl][keep], mode).reshape(-1, d))
     return _finish(acc, out, accumulate)
 
 

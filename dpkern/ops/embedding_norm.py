@@ -15,10 +15,11 @@ import torch
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.ops._persample import (check_device, check_same, check_tensor, exact_fp32_matmul,
-                                   sample_chunks)
+                                   fp32_mode, operand, sample_chunks)
 
 _IMPLEMENTED = ("triton", "torch")
 _ID_DTYPES = (torch.int64, torch.int32)
+_fp32_mode = fp32_mode  # the parameter of the same name shadows it inside the ops
 
 
 def _check_ids(op, ids, g, gname):
@@ -83,7 +84,7 @@ def embedding_norm_sq(ids: torch.Tensor, g: torch.Tensor, *, padding_idx: int | 
     return out
 
 
-def _torch_tied_cross(ids, g_emb, a_head, g_head, padding_idx):
+def _torch_tied_cross(ids, g_emb, a_head, g_head, padding_idx, mode):
     bsz, seq, d = g_emb.shape
     s_len = a_head.shape[1]
     out = torch.empty(bsz, dtype=torch.float32, device=g_emb.device)
@@ -91,17 +92,18 @@ def _torch_tied_cross(ids, g_emb, a_head, g_head, padding_idx):
         for sl in sample_chunks(bsz, 12 * seq * s_len + 4 * (seq + s_len) * d):
             idx = ids[sl].long()
             # gathered[i, s, t] = g_head[i, s, ids[i, t]]
-            gathered = g_head[sl].gather(2, idx[:, None, :].expand(-1, s_len, -1)).float()
+            # the lm_head operands as its book-keeping rounds them ("tf32r"); g_emb is never rounded
+            gathered = operand(g_head[sl].gather(2, idx[:, None, :].expand(-1, s_len, -1)), mode)
             if padding_idx is not None:
                 gathered = gathered * (idx != padding_idx)[:, None, :]
-            gram = a_head[sl].float() @ g_emb[sl].float().transpose(1, 2)  # (b, S, T)
-            out[sl] = (gathered * gram).sum(dim=(1, 2))
+            gram = operand(a_head[sl], mode) @ g_emb[sl].float().transpose(1, 2)  # (b, S, T)
+            out[sl] = (gathered * gram).sum(dim=(1, 2), dtype=torch.float64)
     return out
 
 
 def tied_cross_term(ids: torch.Tensor, g_emb: torch.Tensor, a_head: torch.Tensor,
                     g_head: torch.Tensor, *, padding_idx: int | None = None,
-                    backend: str | None = None) -> torch.Tensor:
+                    backend: str | None = None, fp32_mode: str | None = None) -> torch.Tensor:
     """Per-sample ⟨E_i, H_i⟩_F for an embedding tied to an lm_head, in fp32, never forming V × d.
 
     Args:
@@ -111,6 +113,8 @@ def tied_cross_term(ids: torch.Tensor, g_emb: torch.Tensor, a_head: torch.Tensor
         g_head: (B, S, V) gradient of the logits.
         padding_idx: the embedding's padding row (no embedding gradient), or None.
         backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
+        fp32_mode: the mode of the lm_head's norm and book-keeping ("tf32r": a_head and g_head are
+            rounded to TF32 as they are; g_emb never is, its book-keeping is an fp32 index_add).
     Returns:
         (B,) float32; the tied weight's norm² is ‖E‖² + ‖H‖² + 2 · this.
     """
@@ -126,15 +130,16 @@ def tied_cross_term(ids: torch.Tensor, g_emb: torch.Tensor, a_head: torch.Tensor
                                     "a_head.shape[2]": a_head.shape[2]})
     check_device(op, {"ids": ids, "a_head": a_head, "g_head": g_head})
     _check_padding(op, padding_idx)
+    mode = _fp32_mode(g_emb.device, fp32_mode)
     be = resolve_backend(backend, g_emb.device, op=op, implemented=_IMPLEMENTED,
                          auto_order=("triton",))
     bsz, seq, _ = g_emb.shape
     if bsz * seq * a_head.shape[1] == 0:
         return torch.zeros(bsz, dtype=torch.float32, device=g_emb.device)
     if be == "torch":
-        return _torch_tied_cross(ids, g_emb, a_head, g_head, padding_idx)
+        return _torch_tied_cross(ids, g_emb, a_head, g_head, padding_idx, mode)
     from dpkern.kernels.embedding_norm import tied_cross_fwd
     out = _alloc.empty(bsz, dtype=torch.float32, device=g_emb.device)
     tied_cross_fwd(ids, g_emb, a_head, g_head, out, padding_idx=padding_idx,
-                   empty=_alloc.empty)
+                   empty=_alloc.empty, fp32_mode=mode)
     return out
