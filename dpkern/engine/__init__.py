@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
-from dpkern.layers.uses import batch_size, bookkeep, norms_sq
+from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
 from dpkern.optim.clipping import check_clipping, clip_factors
 from dpkern.optim.dp_optimizer import DPOptimizer
 
@@ -66,7 +66,10 @@ class _Clipper:
                 continue
             if n_bad:
                 p_uses = [u.zero_samples(finite) for u in p_uses]
-            bookkeep(p_uses, c * s, opt.accumulator(p), backend=self.backend)
+            acc = opt.summed.get(p)
+            if acc is None and not isinstance(p_uses[0], LinearUse):
+                acc = opt.accumulator(p)
+            opt.summed[p] = bookkeep(p_uses, c * s, acc, backend=self.backend)
         opt.note_backward(bsz, n_bad)
 
 

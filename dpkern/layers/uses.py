@@ -130,16 +130,24 @@ def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -
     return [out[p] for p in params]
 
 
-def bookkeep(uses: list, scale: torch.Tensor, out: torch.Tensor, *,
-             backend: str | None = None) -> None:
+def bookkeep(uses: list, scale: torch.Tensor, out: torch.Tensor | None, *,
+             backend: str | None = None) -> torch.Tensor:
     """out += Σ_i scale_i · (per-sample gradient of sample i), over all uses; fp32 accumulation.
 
-    scale: (B,) float32; out: the parameter's fp32 accumulator (param.shape).
+    scale: (B,) float32; out: the parameter's fp32 accumulator (param.shape), or None when the
+    first use is a LinearUse (it then writes a new accumulator directly, saving a zero fill and an
+    addition). Returns the accumulator.
     """
     for u in uses:
         if isinstance(u, LinearUse):
-            bookkeeping_wgrad(u.a, u.g, scale, out=out, accumulate=True, backend=backend)
-        elif isinstance(u, EmbeddingUse):
+            if out is None:
+                out = bookkeeping_wgrad(u.a, u.g, scale, backend=backend)
+            else:
+                bookkeeping_wgrad(u.a, u.g, scale, out=out, accumulate=True, backend=backend)
+            continue
+        if out is None:
+            raise ValueError("bookkeep: out=None needs a LinearUse first")
+        if isinstance(u, EmbeddingUse):
             ids = u.ids.reshape(-1)
             rows = (u.g.to(out.dtype) * scale.to(out.dtype).view(-1, 1, 1)).reshape(ids.numel(), -1)
             if u.padding_idx is not None:
@@ -149,3 +157,4 @@ def bookkeep(uses: list, scale: torch.Tensor, out: torch.Tensor, *,
         else:
             g = u.grads.reshape(u.grads.shape[0], -1)
             out.add_((scale.to(g.dtype) @ g).view(out.shape).to(out.dtype))
+    return out
