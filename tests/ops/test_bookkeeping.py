@@ -8,6 +8,7 @@ rtol of tests/tolerance.py; an output rounded to a 16-bit dtype adds that dtype'
 import pytest
 import torch
 
+from dpkern.ops._persample import fp32_mode, operand
 from dpkern.ops.bookkeeping import bookkeeping_bias, bookkeeping_wgrad
 from dpkern.reference.persample import bookkeeping_bias_ref, bookkeeping_wgrad_ref
 from tests.conftest import HAS_GPU, kernel_devices
@@ -28,6 +29,12 @@ def assert_close_signed(out, ref, ref_abs, n_reduce, out_dtype=torch.float32):
                           f"tol there {float(tol.flatten()[err.argmax()]):.3e}"
 
 
+def seen(x):
+    """x in float64 as the kernels multiply it in its device's default mode (TF32-rounded fp32 on a
+    GPU; tests/ops/test_tf32_sensitivity.py covers that mode on the CPU)."""
+    return operand(x, fp32_mode(x.device), torch.float64)
+
+
 def _inputs(shape, dtype, device):
     b, t, d, p = shape
     a = torch.randn(b, t, d, device=device).to(dtype)
@@ -46,8 +53,8 @@ def test_bookkeeping_matches_reference(device, backend, shape, dtype, out_kind):
     torch.manual_seed(hash((shape, str(dtype), out_kind)) % 2**31)
     a, g, scale = _inputs(shape, dtype, device)
     b, t, d, p = shape
-    ref = bookkeeping_wgrad_ref(a.double(), g.double(), scale.double())
-    ref_abs = bookkeeping_wgrad_ref(a.double().abs(), g.double().abs(), scale.double())
+    ref = bookkeeping_wgrad_ref(seen(a), seen(g), scale.double())
+    ref_abs = bookkeeping_wgrad_ref(seen(a).abs(), seen(g).abs(), scale.double())
     out_dtype = torch.float32
     if out_kind == "none":
         out = bookkeeping_wgrad(a, g, scale, backend=backend)
@@ -79,8 +86,8 @@ def test_dropped_sample_contributes_nothing_even_if_non_finite(backend):
     a[1, 5, 0] = float("nan")
     scale[1] = 0.0
     keep = torch.tensor([0, 2], device=device)
-    ref = bookkeeping_wgrad_ref(a[keep].double(), g[keep].double(), scale[keep].double())
-    ref_abs = bookkeeping_wgrad_ref(a[keep].double().abs(), g[keep].double().abs(), scale[keep].double())
+    ref = bookkeeping_wgrad_ref(seen(a[keep]), seen(g[keep]), scale[keep].double())
+    ref_abs = bookkeeping_wgrad_ref(seen(a[keep]).abs(), seen(g[keep]).abs(), scale[keep].double())
     out = bookkeeping_wgrad(a, g, scale, backend=backend)
     assert_close_signed(out, ref, ref_abs, n_reduce=60)
     bias = bookkeeping_bias(g, scale, backend=backend if backend == "torch" else None)

@@ -3,6 +3,7 @@ per-sample gradients in float64, awkward shapes, poisoned outputs, both fp32 and
 import pytest
 import torch
 
+from dpkern.ops._persample import fp32_mode, operand
 from dpkern.ops.linear_norm import (bias_norm_sq, choose_method, linear_norm_sq,
                                     linear_norm_sq_shared)
 from dpkern.reference.persample import bias_norm_sq_ref, linear_norm_sq_ref
@@ -13,6 +14,12 @@ DTYPES = [torch.float32, torch.bfloat16]
 # (B, T, d, p): B=0, B=1, T=1, T=63, d=60, a sequence over two 64-row tiles, p over two K-blocks
 SHAPES = [(0, 5, 8, 8), (1, 1, 60, 17), (2, 63, 60, 33), (3, 17, 8, 130), (1, 130, 33, 70)]
 GPU_SHAPES = SHAPES + [(8, 512, 2048, 2048), (2, 4096, 256, 512), (4, 1000, 4096, 1024)]
+
+
+def seen(x):
+    """x in float64 as the kernels multiply it in the default mode of its device (on a GPU fp32 is
+    rounded to TF32, "tf32r"; tests/ops/test_tf32_sensitivity.py covers that mode on the CPU)."""
+    return operand(x, fp32_mode(x.device), torch.float64)
 
 
 def n_reduce(seq, d, p):
@@ -42,7 +49,7 @@ def test_linear_norm_matches_reference(device, backend, shape, dtype, method, la
     a, g = _inputs(shape, dtype, device, layout)
     out = linear_norm_sq(a, g, method=method, backend=backend)
     assert out.shape == (shape[0],) and out.dtype == torch.float32 and out.device == a.device
-    ref = linear_norm_sq_ref(a.double(), g.double())  # same rounded inputs, float64 sums
+    ref = linear_norm_sq_ref(seen(a), seen(g))  # same rounded inputs, float64 sums
     assert_close_reduction(out, ref, n_reduce=n_reduce(*shape[1:]))
 
 
@@ -59,7 +66,7 @@ def test_shared_input_group(backend, method):
     outs = linear_norm_sq_shared(a, gs, method=method, backend=backend)
     assert len(outs) == len(gs)
     for out, g in zip(outs, gs):
-        ref = linear_norm_sq_ref(a.double(), g.double())
+        ref = linear_norm_sq_ref(seen(a), seen(g))
         assert_close_reduction(out, ref, n_reduce=n_reduce(seq, d, g.shape[2]))
 
 
@@ -72,12 +79,15 @@ def test_ghost_kernel_many_tile_pairs(block):
     device = kernel_devices()[0]
     torch.manual_seed(block)
     a, g = torch.randn(2, 63, 20, device=device), torch.randn(2, 63, 24, device=device)
-    ref = linear_norm_sq_ref(a.double(), g.double())
+    ref = linear_norm_sq_ref(seen(a), seen(g))
     out = _alloc.empty(2, dtype=torch.float32, device=device)
-    ghost_norm_fwd(a, [g], [out], GhostNormConfig(block, 16, 4, 2), empty=_alloc.empty)
+    mode = fp32_mode(device)  # the launchers take the mode the ops would resolve
+    ghost_norm_fwd(a, [g], [out], GhostNormConfig(block, 16, 4, 2), empty=_alloc.empty,
+                   fp32_mode=mode)
     assert_close_reduction(out, ref, n_reduce=n_reduce(63, 20, 24))
     out = _alloc.empty(2, dtype=torch.float32, device=device)
-    instantiate_norm_fwd(a, g, out, InstantiateNormConfig(block, 16, 16, 4, 2), empty=_alloc.empty)
+    instantiate_norm_fwd(a, g, out, InstantiateNormConfig(block, 16, 16, 4, 2), empty=_alloc.empty,
+                         fp32_mode=mode)
     assert_close_reduction(out, ref, n_reduce=n_reduce(63, 20, 24))
 
 
@@ -123,16 +133,20 @@ def test_shared_rejects_empty_group():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp32_dot", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("fp32_dot", ["ieee", "tf32x3", "tf32", "tf32r"])
 def test_norm_kernels_fp32_precision(fp32_dot):
-    """fp32 inputs whose products TF32 would round: ieee (the default) and tf32x3 must match float64
-    to fp32 accuracy; plain TF32 must not (so this test can tell them apart)."""
+    """fp32 inputs whose products TF32 would round: ieee and tf32x3 must match float64 to fp32
+    accuracy; plain TF32 must not (so this test can tell them apart); tf32r (the GPU default) must
+    match float64 of the TF32-rounded operands, which book-keeping sums."""
     from dpkern.kernels.ghost_norm import GhostNormConfig, ghost_norm_fwd
     from dpkern.kernels.instantiate_norm import InstantiateNormConfig, instantiate_norm_fwd
     torch.manual_seed(0)
     a = 1 + torch.rand(4, 256, 512, device="cuda") * 2**-12
     g = 1 - torch.rand(4, 256, 512, device="cuda") * 2**-12
     ref = linear_norm_sq_ref(a.double(), g.double())
+    if fp32_dot == "tf32r":
+        ref = linear_norm_sq_ref(operand(a, "tf32r", torch.float64),
+                                 operand(g, "tf32r", torch.float64))
     outs = [torch.empty(4, device="cuda") for _ in range(2)]
     ghost_norm_fwd(a, [g], [outs[0]], GhostNormConfig(64, 64, 4, 3, fp32_dot))
     instantiate_norm_fwd(a, g, outs[1], InstantiateNormConfig(64, 64, 32, 4, 3, fp32_dot))
