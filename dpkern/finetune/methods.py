@@ -1,0 +1,86 @@
+"""Which DP method a run uses, and the glue to the engine (``dpkern.PrivacyEngine``).
+
+``dp-sgd``       per-sample clipping + Gaussian noise (the engine).
+``rmt-denoise``  dp-sgd, then RMT singular-value shrinkage of every released weight-gradient
+                 matrix (``dpkern.denoise``): post-processing, the same ε.
+``dp-sft``, ``lmo-dp``: wired once their modules land; until then a clear error before training.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from dpkern.finetune.config import FinetuneConfig, FinetuneError
+
+_NEEDS = {"dp-sft": "dpkern.subspace", "lmo-dp": "dpkern.mechanisms", "rmt-denoise":
+          "dpkern.denoise"}
+
+
+def _engine_class():
+    try:
+        from dpkern.engine import PrivacyEngine
+    except ImportError as e:
+        raise FinetuneError(f"the DP engine (dpkern.engine) is not available: {e}") from None
+    return PrivacyEngine
+
+
+def check_method(cfg: FinetuneConfig) -> str:
+    """Returns the method if this build can run it; raises FinetuneError otherwise."""
+    if not cfg.private:
+        return "none"
+    _engine_class()
+    if cfg.method == "dp-sgd":
+        return cfg.method
+    module = _NEEDS[cfg.method]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise FinetuneError(f"--method {cfg.method}: not available yet in this build ({module} "
+                            "is missing); use --method dp-sgd") from None
+    if cfg.method in ("dp-sft", "lmo-dp"):
+        raise FinetuneError(f"--method {cfg.method}: not available yet in `dpkern finetune` (the "
+                            "engine does not take this method yet); use --method dp-sgd or "
+                            "rmt-denoise")
+    return cfg.method
+
+
+def make_private(cfg: FinetuneConfig, method: str, model, optimizer, plan):
+    """(engine, model, DP optimizer) for the plan; the caller draws Poisson batches itself."""
+    PrivacyEngine = _engine_class()
+    post = []
+    if method == "rmt-denoise":
+        from dpkern.denoise import RMTDenoiser
+        post.append(RMTDenoiser.for_model(model))
+    engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode,
+                           backend=None if cfg.backend == "auto" else cfg.backend)
+    try:
+        model, optimizer, _ = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=None,
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            clipping=cfg.clipping.replace("-", "_"), loss_reduction="mean",
+            expected_batch_size=cfg.batch_size, sample_rate=plan.sample_rate,
+            grad_postprocessors=post or None)
+    except (ValueError, TypeError) as e:
+        raise FinetuneError(f"--model: the DP engine cannot make this model private: {e}") from None
+    engine.optimizer = optimizer
+    return engine, model, optimizer
+
+
+class Sampler:
+    """Poisson batches of row indices with a checkpointable generator (secret seed by default)."""
+
+    def __init__(self, n: int, q: float, generator: torch.Generator):
+        self.n, self.q, self.generator = n, q, generator
+
+    def batches(self, count: int):
+        from dpkern.data import PoissonSampler
+        if count <= 0:
+            return iter(())
+        return iter(PoissonSampler(self.n, self.q, count, self.generator))
+
+
+def poisson_sampler(n: int, q: float, cfg: FinetuneConfig) -> Sampler:
+    from dpkern.data import secret_generator
+    seed = cfg.extra.get("sampling_seed")  # tests only: the sampling must stay secret otherwise
+    return Sampler(n, q, secret_generator(seed, secure_mode=cfg.secure_mode))

@@ -1,0 +1,126 @@
+"""`dpkern finetune` end to end on a tiny random BERT: the run folder, resume, non-private, LM.
+
+The ε checks are exact: σ is calibrated for the planned steps, so the run must end at ε ≤ target
+and within the calibration tolerance of it, and a resumed run must end at the very same ε as an
+uninterrupted one (its accountant history must be restored, not restarted).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import dpkern.finetune.job as job
+from dpkern.accounting import create_accountant
+from dpkern.cli import main
+from dpkern.finetune import FinetuneConfig, run
+
+TINY = dict(steps=4, batch_size=32, physical_batch_size=16, trainable="all", lr=1e-2,
+            eval_every=2, progress=False, dev_size=None)
+
+
+def rows(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_run_writes_metrics_model_plot(tmp_path, tiny_model, tiny_data, capsys):
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(tiny_model), "--data", str(tiny_data), "--steps", "4",
+                 "--batch-size", "32", "--physical-batch-size", "16", "--trainable", "all",
+                 "--eval-every", "2", "--output-dir", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "glue_dev.tsv accuracy" in printed and "ε spent" in printed
+    log = rows(out)
+    assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [2, 4]
+    test = [r for r in log if r["kind"] == "test"]
+    assert len(test) == 1 and 0.0 <= test[0]["accuracy"] <= 1.0 and test[0]["rows"] == 60
+    eps = [r["epsilon"] for r in log if r["kind"] == "train"]
+    assert all(a < b for a, b in zip(eps, eps[1:])), "ε must grow with every step"
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert 2.9 < privacy["epsilon"] <= 3.0 and privacy["steps"] == 4
+    assert privacy["noise_steps"] == 4 and privacy["sample_rate"] == pytest.approx(32 / 400)
+    # ε reported = ε of a fresh accountant fed the same (σ, q, steps)
+    acc = create_accountant("prv")
+    acc.step(noise_multiplier=privacy["noise_multiplier"], sample_rate=32 / 400, num_steps=4)
+    assert acc.get_epsilon(1e-5) == pytest.approx(privacy["epsilon"], rel=1e-9)
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # the saved model loads and reproduces the reported test accuracy
+    import transformers
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out / "model"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(out / "model"))
+    lines = (tiny_data / "glue_dev.tsv").read_text().splitlines()[1:]
+    texts, labels = zip(*(ln.split("\t") for ln in lines))
+    model.eval()
+    with torch.no_grad():
+        enc = tok(list(texts), padding=True, return_tensors="pt")
+        pred = model(**enc).logits.argmax(-1)
+    acc_saved = (pred == torch.tensor([int(y) for y in labels])).float().mean().item()
+    assert acc_saved == pytest.approx(test[0]["accuracy"], abs=1e-9)
+
+
+def test_resume_equals_uninterrupted_epsilon(tmp_path, tiny_model, tiny_data, monkeypatch):
+    base = dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=6, checkpoint_every=1)
+    full = run(FinetuneConfig(**base, output_dir=str(tmp_path / "full")), log=lambda *a: None)
+
+    real_step, calls = job.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # dies during step 4: steps 1-3 are checkpointed
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(job, "train_step", crashing_step)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run(FinetuneConfig(**base, output_dir=str(cut)), log=lambda *a: None)
+    assert [r["step"] for r in rows(cut) if r["kind"] == "train"] == [1, 2, 3]
+    ck = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 3 and sum(n for *_, n in ck["accountant"]["history"]) == 3
+    monkeypatch.setattr(job, "train_step", real_step)
+
+    resumed = run(FinetuneConfig(**base, output_dir=str(cut), resume=True), log=lambda *a: None)
+    assert resumed["epsilon"] == full["epsilon"]  # exactly: the same (σ, q, 6 steps) history
+    assert resumed["noise_multiplier"] == full["noise_multiplier"]
+    assert [r["step"] for r in rows(cut) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    privacy = json.loads((cut / "privacy.json").read_text())
+    assert privacy["noise_steps"] == 6 and privacy["steps"] == 6
+    # a run restarted from scratch would have spent only 3 steps' worth: the check can fail
+    acc = create_accountant("prv")
+    acc.step(noise_multiplier=full["noise_multiplier"], sample_rate=32 / 400, num_steps=3)
+    assert acc.get_epsilon(1e-5) < resumed["epsilon"] - 0.1
+
+
+def test_nonprivate_run_and_jsonl_data(tmp_path, tiny_model):
+    from tests.cli._tiny import write_jsonl
+    data = write_jsonl(tmp_path / "d.jsonl", 200)
+    s = run(FinetuneConfig(**dict(TINY, steps=30, lr=3e-2), model=str(tiny_model),
+                           data=str(data), private=False, output_dir=str(tmp_path / "np")),
+            log=lambda *a: None)
+    assert s["epsilon"] is None and not json.loads((tmp_path / "np" / "privacy.json")
+                                                   .read_text())["private"]
+    assert s["test_split"].startswith("held-out 20 rows")
+    assert s["test_accuracy"] >= 0.75, "the toy task (keyword → label) is learnable"
+
+
+def test_causal_lm_on_text_file(tmp_path, tiny_model):
+    import transformers
+    from tests.cli._tiny import FILLER, NEGATIVE, POSITIVE, SPECIAL, tiny_tokenizer
+    vocab = SPECIAL + POSITIVE + NEGATIVE + FILLER
+    lm = tmp_path / "gpt"
+    cfg = transformers.GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=16, n_layer=1,
+                                  n_head=2, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(lm))
+    tiny_tokenizer(vocab).save_pretrained(str(lm))
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"the film was {w} and fun" for w in POSITIVE * 12))
+    s = run(FinetuneConfig(**dict(TINY, steps=3, batch_size=16), model=str(lm), data=str(text),
+                           task="causal-lm", output_dir=str(tmp_path / "lm")),
+            log=lambda *a: None)
+    assert math.isfinite(s["test_perplexity"]) and s["test_perplexity"] > 1.0
+    assert 0 < s["epsilon"] <= 3.0
