@@ -14,6 +14,14 @@ from tests.engine.test_vs_reference import assert_updates_close
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32(monkeypatch):
+    """The 1e-5 comparisons need IEEE fp32 dots; the GPU default "tf32r" rounds operands to TF32
+    on purpose (a different precision contract, tested by the ops' own tests)."""
+    monkeypatch.setenv("DPKERN_NORM_FP32_DOT", "ieee")
+    monkeypatch.delenv("DPKERN_FP32_DOT", raising=False)
+
+
 def _dp_grads(model, batch, clipping, c, bsz, backend, dtype=torch.float32):
     model = copy.deepcopy(model).to("cuda", dtype)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
