@@ -2,7 +2,7 @@
 
 Which number is what (see README.md in this folder):
 
-* ``RDPAccountant``       rigorous upper bound, a little loose (dp_accounting RDP).
+* ``RDPAccountant``       rigorous upper bound, a little loose (own exact RDP series).
 * ``PRVAccountant``       tight upper bound (PLD, dp_accounting), with a stated discretisation error.
 * ``GaussianAccountant``  GDP/CLT: APPROXIMATE, may be below the truth.
 * ``EdgeworthAccountant`` estimate (not conservative) and a rigorous bound (``get_epsilon``).

@@ -1,11 +1,12 @@
 """Independent oracles for the accounting tests, computed live from dp_accounting and Opacus."""
 import math
+import warnings
 
 import dp_accounting
 from dp_accounting.pld import privacy_loss_distribution as pld
 from opacus.accountants import PRVAccountant as OpacusPRV
 from opacus.accountants.analysis import rdp as opacus_rdp
-from scipy import optimize, special
+from scipy import integrate, optimize, special
 
 
 def dpa_rdp(sigma, q, steps, delta, orders):
@@ -55,3 +56,21 @@ def exact_gaussian_eps(sigma, steps, delta):
 def pld_single(sigma, q, steps, delta, interval):
     return pld.from_gaussian_mechanism(sigma, sampling_prob=q, value_discretization_interval=interval
                                        ).self_compose(steps).get_epsilon_for_delta(delta)
+
+
+def quad_rdp(q, sigma, order):
+    """RDP of one subsampled-Gaussian step by adaptive quadrature of its defining integral,
+    A - 1 = E_{z~N(0,s^2)}[(1 + q (e^{(2z-1)/(2s^2)} - 1))^order - 1], kept small for precision."""
+    s2 = sigma * sigma
+
+    def f(z):
+        x = q * math.expm1((2 * z - 1) / (2 * s2))
+        return (math.exp(-z * z / (2 * s2)) / (sigma * math.sqrt(2 * math.pi))
+                * math.expm1(order * math.log1p(x)))
+    lo, hi = -40 * sigma, 40 * sigma + order + 2
+    split = [p for p in (0.5, s2 * math.log(1 / q - 1) + 0.5) if lo < p < hi]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", integrate.IntegrationWarning)
+        a_minus_1 = integrate.quad(f, lo, hi, points=sorted(split), limit=500, epsabs=1e-20,
+                                   epsrel=1e-13)[0]
+    return math.log1p(a_minus_1) / (order - 1)
