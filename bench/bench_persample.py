@@ -135,3 +135,31 @@ def test_config_sweep(timed, ceilings, dtype):
     }
     info = timed(lambda: gn.ghost_norm_fwd(a, [g], [out]), flops=b * linear_norm_flops(t, d, p, "ghost"))
     _attach(info, op="config_sweep", dtype=str(dtype), shape=[b, t, d, p], sweep=res)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["tf32r", "tf32x3", "ieee"])
+@pytest.mark.parametrize("op", ["ghost", "instantiate", "bookkeeping"])
+def test_fp32_mode_bench(timed, op, mode):
+    """fp32 inputs at the headline shape in each fp32 mode: what the sensitivity-exact TF32 mode
+    ("tf32r", the GPU default) gains over tf32x3 / ieee. Checked against float64 of the operands
+    as the mode sees them (TF32-rounded for tf32r) before timing."""
+    from dpkern.ops._persample import operand
+    b, t, d, p = 8, 512, 2048, 2048
+    a, g = torch.randn(b, t, d, device=DEV), torch.randn(b, t, p, device=DEV)
+    a64, g64 = operand(a, mode, torch.float64), operand(g, mode, torch.float64)
+    if op == "bookkeeping":
+        scale = torch.rand(b, device=DEV)
+        ref = bookkeeping_wgrad_ref(a64, g64, scale.double())
+        out = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode=mode)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
+        fn, flops = (lambda: bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode=mode),
+                     2 * b * t * d * p)
+    else:
+        _check_norm(linear_norm_sq(a, g, method=op, backend="triton", fp32_mode=mode),
+                    linear_norm_sq_ref(a64, g64))
+        fn = lambda: linear_norm_sq(a, g, method=op, backend="triton", fp32_mode=mode)  # noqa: E731
+        flops = b * linear_norm_flops(t, d, p, op)
+    info = timed(fn, flops=flops)
+    _attach(info, op=f"fp32_mode:{op}", fp32_mode=mode, shape=[b, t, d, p], flops=flops)
