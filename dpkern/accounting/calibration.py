@@ -59,7 +59,7 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
     create_accountant(accountant, **accountant_kwargs)  # bad kwargs fail here, not mid-search
 
     memo: dict[float, float] = {}
-    bound_failures: list[str] = []
+    bound_failures: list[tuple[float, float, EdgeworthBoundError]] = []  # (e_Q, sigma, error)
 
     def eps(sigma: float) -> float:
         if sigma not in memo:
@@ -68,7 +68,7 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
             try:
                 memo[sigma] = acc.get_epsilon(target_delta)
             except EdgeworthBoundError as exc:
-                bound_failures.append(str(exc))
+                bound_failures.append((exc.error, sigma, exc))
                 memo[sigma] = math.inf
         return memo[sigma]
 
@@ -88,9 +88,14 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
         while eps(hi) > target_epsilon:
             if hi >= sigma_max:
                 if bound_failures:
+                    err, at_sigma, exc = min(bound_failures, key=lambda f: f[0])
                     raise EdgeworthBoundError(
                         "cannot calibrate with the Edgeworth accountant: calibration uses its "
-                        "rigorous bound, which does not converge here. " + bound_failures[-1])
+                        "rigorous bound, which needs e_Q < target_delta and does not converge "
+                        f"at any sigma tried ({len(bound_failures)} values up to {hi:g}); the "
+                        f"smallest e_Q was {err:.4g}, at sigma={at_sigma:.4g}: " + str(exc),
+                        delta=exc.delta, error=exc.error, steps=exc.steps,
+                        steps_needed=exc.steps_needed) from exc
                 raise ValueError(f"target_epsilon={target_epsilon} is unreachable at "
                                  f"target_delta={target_delta} with sigma <= sigma_max={sigma_max}")
             factor *= factor

@@ -19,8 +19,10 @@ with F_P, F_Q the CDFs of the summed loss. Two answers, never confused:
   with E|L - kappa_1|^3 <= sqrt(kappa_2 * m_4) (Cauchy-Schwarz). So
       delta(eps) <= e_Q + [hockey stick of N(K1_Q, K2_Q) at eps].
   This uses the normal (zeroth-order Edgeworth) term with an explicit uniform error, not the
-  paper's first-order remainder bound (Derumigny et al.); both have an O(1/sqrt(T)) uniform error
-  floor, so the bound only CONVERGES when delta > e_Q. Below that it raises EdgeworthBoundError.
+  paper's first-order remainder bound (Derumigny et al.: O(1/sqrt(T)) from moments, O(1/T) only
+  under a characteristic-function condition we have not certified; see README, "Gap"). The bound
+  only CONVERGES when delta > e_Q; below that it raises EdgeworthBoundError, which says how far
+  off e_Q is and what delta or number of steps would converge.
 """
 from __future__ import annotations
 
@@ -39,7 +41,17 @@ _GH_W = _GH_W / math.sqrt(2 * math.pi)  # weights of E[f(Z)], Z ~ N(0, 1)
 
 
 class EdgeworthBoundError(ValueError):
-    """The rigorous Edgeworth bound does not reach the requested delta."""
+    """The rigorous Edgeworth bound does not reach the requested delta.
+
+    Attributes: ``delta`` (asked for), ``error`` (e_Q, the bound's uniform CDF error; it needs
+    e_Q < delta), ``steps`` (steps recorded) and ``steps_needed`` (the same history repeated
+    until e_Q < delta: e_Q scales exactly like 1/sqrt(repetitions)); inf where e_Q >= 1.
+    """
+
+    def __init__(self, message: str, *, delta: float = math.nan, error: float = math.nan,
+                 steps: int = 0, steps_needed: float = math.nan) -> None:
+        super().__init__(message)
+        self.delta, self.error, self.steps, self.steps_needed = delta, error, steps, steps_needed
 
 
 def _loss(x: np.ndarray, mu: float, q: float) -> np.ndarray:
@@ -136,8 +148,8 @@ class EdgeworthAccountant(Accountant):
             kp, kq = kp + n * p1, kq + n * q1
         return kp, kq
 
-    def berry_esseen_error(self) -> float:
-        """e_Q: sup_x |F_Q(x) - Phi((x - K1_Q) / sqrt(K2_Q))| is at most this."""
+    def _berry_esseen_raw(self) -> float:
+        """C * sum E|L - kappa_1|^3 / (sum Var L)^1.5 before clamping to 1 (0 if nothing spent)."""
         groups = self._groups() or []
         if not groups:
             return 0.0
@@ -147,7 +159,28 @@ class EdgeworthAccountant(Accountant):
             var += n * kq[1]
             rho += n * math.sqrt(kq[1] * m4)  # >= n * E|L - kappa_1|^3
         c = BERRY_ESSEEN_IID if len(groups) == 1 else BERRY_ESSEEN_NON_IID
-        return min(1.0, c * rho / var ** 1.5)
+        return c * rho / var ** 1.5
+
+    def berry_esseen_error(self) -> float:
+        """e_Q: sup_x |F_Q(x) - Phi((x - K1_Q) / sqrt(K2_Q))| is at most this."""
+        return min(1.0, self._berry_esseen_raw())
+
+    def _refusal(self, delta: float) -> EdgeworthBoundError:
+        """The error saying which condition failed (e_Q < delta) and what would satisfy it."""
+        raw, err = self._berry_esseen_raw(), self.berry_esseen_error()
+        steps = sum(n for _, _, n in self._groups() or [])
+        # repeating the history k times divides e_Q by sqrt(k); strict inequality: one step more
+        need = math.floor(steps * (raw / delta) ** 2) + 1
+        where = (f"any delta > {err:.4g} at these {steps} steps, or at delta={delta:g} about "
+                 f"{need:.3g} steps of the same (sigma, q) mix" if err < 1.0 else
+                 f"no delta < 1 at these {steps} steps; at delta={delta:g} about {need:.3g} "
+                 "steps of the same (sigma, q) mix")
+        return EdgeworthBoundError(
+            f"the rigorous Edgeworth bound does not converge at delta={delta:g}: it needs its "
+            f"uniform CDF error e_Q < delta, and e_Q = {err:.4g} (Berry-Esseen, shrinks like "
+            f"1/sqrt(steps)). It would converge for {where}. Use PRVAccountant for a tight "
+            "bound, or get_epsilon_estimate() for an estimate (not a bound).",
+            delta=delta, error=err, steps=steps, steps_needed=float(need))
 
     def _special(self, delta: float) -> float | None:
         delta = check_delta(delta)
@@ -179,10 +212,7 @@ class EdgeworthAccountant(Accountant):
         _, kq = self.cumulants()
         err = self.berry_esseen_error()
         if err >= delta:
-            raise EdgeworthBoundError(
-                f"the rigorous Edgeworth bound does not converge at delta={delta:g}: its uniform "
-                f"CDF error is {err:.3g} >= delta (it shrinks like 1/sqrt(steps)). Use "
-                "PRVAccountant for a tight bound, or get_epsilon_estimate() for an estimate.")
+            raise self._refusal(delta)
         s = math.sqrt(kq[1])
         return _smallest_eps(lambda e: err + _normal_hockey_stick(e, kq[0], s), delta,
                              self._scale(kq))

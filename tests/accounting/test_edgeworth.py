@@ -96,3 +96,40 @@ def test_calibration_with_bound_never_overshoots():
     sigma = get_noise_multiplier(2.0, 0.2, 0.01, 10_000, accountant="edgeworth")
     assert _acc(sigma, 0.01, 10_000).get_epsilon(0.2) <= 2.0
     assert _acc(sigma - 1e-3, 0.01, 10_000).get_epsilon(0.2) > 2.0
+
+
+def test_refusal_says_which_condition_failed_and_what_would_converge():
+    acc = _acc(1.0, 0.01, 10_000)
+    e_q = acc.berry_esseen_error()
+    assert e_q == pytest.approx(0.0417, abs=1e-4)
+    with pytest.raises(EdgeworthBoundError) as info:
+        acc.get_epsilon(1e-5)
+    exc = info.value
+    assert exc.error == e_q and exc.delta == 1e-5 and exc.steps == 10_000
+    msg = str(exc)
+    assert "e_Q < delta" in msg and f"{e_q:.4g}" in msg and "any delta >" in msg
+    assert f"{exc.steps_needed:.3g} steps" in msg
+    # the stated remedies are exact: just above e_Q converges, just below refuses
+    assert math.isfinite(acc.get_epsilon(e_q * 1.01))
+    with pytest.raises(EdgeworthBoundError):
+        acc.get_epsilon(e_q * 0.99)
+    # ... and so does the stated number of steps at a delta below e_Q (e_Q ~ 1/sqrt(steps))
+    delta = 0.02
+    with pytest.raises(EdgeworthBoundError) as info:
+        acc.get_epsilon(delta)
+    need = int(info.value.steps_needed)
+    assert need == pytest.approx(10_000 * (e_q / delta) ** 2, rel=1e-3)
+    with pytest.raises(EdgeworthBoundError):
+        _acc(1.0, 0.01, int(need * 0.99)).get_epsilon(delta)
+    bound = _acc(1.0, 0.01, need).get_epsilon(delta)
+    tight = PRVAccountant()
+    tight.step(noise_multiplier=1.0, sample_rate=0.01, num_steps=need)
+    assert bound >= tight.get_epsilon(delta)  # still rigorous there
+
+
+def test_calibration_refusal_reports_smallest_error_seen():
+    with pytest.raises(EdgeworthBoundError) as info:
+        get_noise_multiplier(8.0, 1e-5, 2000 / 67349, 660, accountant="edgeworth")
+    msg = str(info.value)
+    assert "needs e_Q < target_delta" in msg and "smallest e_Q was" in msg
+    assert info.value.error > 1e-5 and info.value.steps_needed > 660
