@@ -345,7 +345,8 @@ def test_released_contribution_within_margin_gpu(shape, method, kind):
 
 @pytest.mark.gpu
 def test_unrounded_norms_break_the_bound_gpu():
-    a = torch.full((2, 512, 2048), 1 + 3 * 2**-12, device="cuda")
-    g = torch.full((2, 512, 2048), 1 + 3 * 2**-12, device="cuda")
+    # rounding moves the norm by ≈ 4.9e-4 relative; the margin at this shape is ≈ 1.4e-4
+    a = torch.full((2, 512, 512), 1 + 3 * 2**-12, device="cuda")
+    g = torch.full((2, 512, 512), 1 + 3 * 2**-12, device="cuda")
     norm_sq = linear_norm_sq(a, g, method="ghost", backend="triton", fp32_mode="ieee")
     assert check_sensitivity(a, g, norm_sq, "ghost", mode="ieee", check_bounds=False) > 1.0 + 1e-4
