@@ -124,3 +124,26 @@ def test_causal_lm_on_text_file(tmp_path, tiny_model):
             log=lambda *a: None)
     assert math.isfinite(s["test_perplexity"]) and s["test_perplexity"] > 1.0
     assert 0 < s["epsilon"] <= 3.0
+
+
+@pytest.mark.parametrize("extra", [dict(lora_r=4), dict(method="rmt-denoise"),
+                                   dict(trainable="top2"), dict(trainable="head")],
+                         ids=["lora", "rmt-denoise", "top2", "head"])
+def test_variants_train_the_chosen_parameters(tmp_path, tiny_model, tiny_data, extra):
+    """Each variant runs end to end, spends the calibrated ε, and saves a loadable model that
+    differs from the starting point exactly where training was allowed."""
+    import transformers
+    s = run(FinetuneConfig(**{**TINY, "steps": 2, **extra}, model=str(tiny_model),
+                           data=str(tiny_data), output_dir=str(tmp_path / "v")),
+            log=lambda *a: None)
+    assert 2.9 < s["epsilon"] <= 3.0
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(s["model_dir"])
+    base = transformers.AutoModel.from_pretrained(str(tiny_model))
+    changed = {n for n, p in base.named_parameters()
+               if not torch.equal(p, saved.bert.get_parameter(n))}
+    if extra.get("trainable") == "head":
+        assert changed == {"pooler.dense.weight", "pooler.dense.bias"}
+    elif extra.get("trainable") == "top2":
+        assert changed and not any(n.startswith("embeddings.") for n in changed)
+    else:  # LoRA merges into the attention/MLP weights; rmt-denoise trains everything
+        assert any(n.startswith("encoder.") for n in changed)
