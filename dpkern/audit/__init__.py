@@ -5,6 +5,7 @@
 * :mod:`dpkern.audit.canaries`  one-hot canaries on private coordinates, secret coins, scores.
 * :mod:`dpkern.audit.harness`   ``one_run_audit(train_fn, canaries, ...)`` -> ``AuditResult``.
 * :mod:`dpkern.audit.stats`     noise and sampler statistics (std, KS, tails) used by the tests.
+* :mod:`dpkern.audit.sensitivity` neighbouring pairs packed K per engine pass for sensitivity fuzzing.
 
 See docs/privacy_audit.md.
 """
