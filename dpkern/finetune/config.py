@@ -69,7 +69,7 @@ class FinetuneConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    trainable: str = "top2"
+    trainable: str = "head"
     lora_r: int | None = None
     # machinery
     backend: str = "auto"

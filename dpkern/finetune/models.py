@@ -52,6 +52,7 @@ def _quiet_transformers():
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the one that matters
     return transformers
 
 
