@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
+from dpkern.layers.bounds import release_bounds
 from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
-from dpkern.optim.clipping import check_clipping, clip_factors
+from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 
 __all__ = ["PrivacyEngine"]
@@ -55,11 +56,15 @@ class _Clipper:
             return
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
-        norms = [n * (s * s) for n in norms_sq(uses, params, backend=self.backend)]
+        norms = norms_sq(uses, params, backend=self.backend)
+        bounds = [u * s for u in release_bounds(uses, params, norms)]
         per_param = [self.per_param[p] for p in params] if self.per_param else None
-        factors, finite = clip_factors(norms, self.clipping, self.max_grad_norm, per_param,
+        factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
         n_bad = int(bsz - finite.sum().item())
+        opt.last_clip = {self.private[p]: (n.double() * (s * s), u)
+                         for p, n, u in zip(params, norms, bounds)}
+        scales, opt.last_scales = {}, {}
         for p, c in zip(params, factors):
             p_uses = uses.pop(p)
             if p not in opt.params:
@@ -69,7 +74,11 @@ class _Clipper:
             acc = opt.summed.get(p)
             if acc is None and not isinstance(p_uses[0], LinearUse):
                 acc = opt.accumulator(p)
-            opt.summed[p] = bookkeep(p_uses, c * s, acc, backend=self.backend)
+            sc = scales.get(id(c))
+            if sc is None:  # c·s rounded down: the factor the book-keeping applies keeps c U ≤ C
+                sc = scales[id(c)] = round_down_f32(c * s)
+            opt.last_scales[self.private[p]] = sc
+            opt.summed[p] = bookkeep(p_uses, sc, acc, backend=self.backend)
         opt.note_backward(bsz, n_bad)
 
 

@@ -6,9 +6,11 @@
 * "automatic": c_i = C / (‖G_i‖ + γ) (Bu et al., automatic clipping): every sample's contribution
                has norm < C, and the update direction no longer depends on a tuned threshold.
 
-Norms are fp32 (or wider). The denominator is inflated by 1e-6 relative so that rounding in the norm
-can never let a clipped contribution exceed C. A sample whose squared norm is not finite gets
-c_i = 0 (it is dropped and counted, never propagated).
+Each sample's norm enters as an upper bound U_i ≥ the norm of its *released* contribution
+(dpkern/layers/bounds.py: covers the fp32 error of the norm kernels and of the book-keeping, for
+any inputs); factors are formed in fp64 and rounded *down* to fp32, so c_i U_i ≤ C holds for the
+fp32 factor the book-keeping uses. A sample whose bound is not finite gets c_i = 0 (it is dropped
+and counted, never propagated).
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import math
 import torch
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
-_SAFETY = 1.0 + 1e-6
 
 
 def check_clipping(clipping: str, max_grad_norm, n_params: int) -> tuple[float, list[float] | None]:
@@ -42,29 +43,36 @@ def check_clipping(clipping: str, max_grad_norm, n_params: int) -> tuple[float, 
     return c, None
 
 
-def clip_factors(norms_sq: list, clipping: str, max_grad_norm: float,
+def round_down_f32(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> the largest float32 ≤ x (x ≥ 0): a clip factor must never round up."""
+    y = x.float()
+    return torch.where(y.double() > x, torch.nextafter(y, torch.zeros_like(y)), y)
+
+
+def clip_factors(bounds: list, clipping: str, max_grad_norm: float,
                  per_param: list | None = None, gamma: float = 0.01):
-    """Per-sample factors from squared norms.
+    """Per-sample factors from per-parameter upper bounds on the per-sample norms.
 
     Args:
-        norms_sq: list over parameters of (B,) float32 squared norms of the true per-sample grads.
-        per_param: C_k for each entry of norms_sq (per_layer only).
+        bounds: list over parameters of (B,) float64 U_ik ≥ ‖released contribution of sample i to
+            parameter k‖ (already scaled to the true per-sample gradient).
+        per_param: C_k for each entry of bounds (per_layer only).
     Returns:
-        (factors, finite): factors is a list of (B,) float32 (one per parameter; the same tensor
+        (factors, finite): factors is a list of (B,) float64 (one per parameter; the same tensor
         for all in flat / automatic mode), finite a (B,) bool mask of the samples kept.
+        Round them down to fp32 (round_down_f32) after any further scaling.
     """
-    total = torch.stack(norms_sq).sum(dim=0)
+    u2 = torch.stack([b.double() for b in bounds]).square()
+    # fp64 sum of K squares: relative error ≤ K·2^-53; covered by the (1 + K·2^-52) factor.
+    total = u2.sum(dim=0).sqrt() * (1.0 + len(bounds) * 2.0 ** -52)
     finite = torch.isfinite(total)
     if clipping == "per_layer":
         out = []
-        for n2, ck in zip(norms_sq, per_param):
-            n = n2.sqrt() * _SAFETY
-            out.append(torch.where(finite & (n > ck), ck / n, finite.to(n.dtype)))
+        for b, ck in zip(bounds, per_param):
+            out.append(torch.where(finite & (b > ck), ck / b, finite.double()))
         return out, finite
-    n = total.sqrt()
     if clipping == "flat":
-        n = n * _SAFETY
-        c = torch.where(finite & (n > max_grad_norm), max_grad_norm / n, finite.to(n.dtype))
+        c = torch.where(finite & (total > max_grad_norm), max_grad_norm / total, finite.double())
     else:
-        c = torch.where(finite, max_grad_norm / (n + gamma), torch.zeros_like(n))
-    return [c] * len(norms_sq), finite
+        c = torch.where(finite, max_grad_norm / (total + gamma), torch.zeros_like(total))
+    return [c] * len(bounds), finite

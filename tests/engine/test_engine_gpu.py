@@ -30,8 +30,9 @@ def _dp_grads(model, batch, clipping, c, bsz, backend, dtype=torch.float32):
                                         noise_multiplier=0.0, max_grad_norm=c, clipping=clipping,
                                         expected_batch_size=bsz, sample_rate=0.01)
     per_sample_losses(model, {k: v.cuda() for k, v in batch.items()}).mean().backward()
+    bounds = {n: u.cpu() for n, (_, u) in opt.last_clip.items()}
     opt.step()
-    return {n: p.grad.double().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.grad.double().cpu() for n, p in model.named_parameters() if p.requires_grad}, bounds
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -42,8 +43,8 @@ def test_cuda_matches_per_sample_reference(name, backend):
     psg = per_sample_grads(model, batch)
     c = float(total_norms(psg).median())
     for clipping in ("flat", "per_layer", "automatic"):
-        got = _dp_grads(model, batch, clipping, c, 5, backend)
-        assert_updates_close(got, clipped_mean(psg, clipping, c, 5))
+        got, bounds = _dp_grads(model, batch, clipping, c, 5, backend)
+        assert_updates_close(got, clipped_mean(psg, clipping, c, 5, bounds=bounds))
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -63,7 +64,7 @@ def test_cuda_bf16_llama_full_size_unclipped_equals_plain_gradient(backend):
     per_sample_losses(ref, {k: v.cuda() for k, v in batch.items()}).mean().backward()
     want = {n: p.grad.double().cpu() for n, p in ref.named_parameters()}
     del ref
-    got = _dp_grads(model, batch, "flat", 1e6, 8, backend, dtype=torch.bfloat16)
+    got, _ = _dp_grads(model, batch, "flat", 1e6, 8, backend, dtype=torch.bfloat16)
     assert_updates_close(got, want, rtol=2e-2)
 
 

@@ -66,7 +66,12 @@ def _dpkern_update(model, batch, clipping, c, bsz):
         clipping=clipping, expected_batch_size=bsz, sample_rate=0.1)
     _loss(model, batch).backward()
     opt.step()
-    return {n: p.grad.detach().double() for n, p in model.named_parameters() if p.requires_grad}
+    # The engine clips with upper bounds U_i ≥ ‖G_i‖ (fp32 error of the norms and book-keeping),
+    # Opacus with its fp32 norms: every clipped sample differs by at most the looseness U / N̂ - 1.
+    loose = max(float((u / n2.sqrt()).max()) - 1 for n2, u in opt.last_clip.values())
+    assert 0 <= loose < 1e-3
+    return {n: p.grad.detach().double() for n, p in model.named_parameters()
+            if p.requires_grad}, loose
 
 
 def _tiny_case(padding_idx=None):
@@ -91,13 +96,13 @@ def test_same_update_as_opacus(case, clipping):
             batch["input_ids"]).contiguous()
     c = 0.05  # small enough that every sample is clipped in both modes
     want = _opacus_update(model, batch, clipping, c, batch["input_ids"].shape[0])
-    got = _dpkern_update(model, batch, clipping, c, batch["input_ids"].shape[0])
-    assert_updates_close(got, {n: w.double() for n, w in want.items()}, rtol=2e-5)
+    got, loose = _dpkern_update(model, batch, clipping, c, batch["input_ids"].shape[0])
+    assert_updates_close(got, {n: w.double() for n, w in want.items()}, rtol=2e-5 + loose)
 
 
 def test_padding_row_gets_nothing():
     model, batch = _tiny_case(padding_idx=0)
     assert (batch["input_ids"] == 0).any()
-    got = _dpkern_update(model, batch, "flat", 0.05, 6)
+    got, _ = _dpkern_update(model, batch, "flat", 0.05, 6)
     assert got["emb.weight"][0].abs().max() == 0
     assert got["emb.weight"][1:].abs().max() > 0

@@ -9,6 +9,7 @@ from torch import nn
 from dpkern import PrivacyEngine
 from dpkern.losses import causal_lm_per_sample_loss, per_sample_losses
 from tests.engine import _models
+from tests.engine._reference import total_bounds
 
 
 def _make(model, opt, **kw):
@@ -18,14 +19,20 @@ def _make(model, opt, **kw):
     return PrivacyEngine(accountant="rdp").make_private(**args)
 
 
-def _clipped_sum(model, x, y, c):
-    """Σ_i clip(∇ℓ_i) by per-sample backward passes (fp64)."""
+def _clipped_sum(model, x, y, c, opt=None, skip=0):
+    """Σ_i clip(∇ℓ_i) by per-sample backward passes (fp64). With opt (a DPOptimizer after its
+    backward): clip by the engine's bounds U_i (checked ≥ the exact norm, and tight) as it does;
+    `skip` leading samples of the engine's batch are not in x."""
     ref = copy.deepcopy(model).double()
     out = [torch.zeros_like(p) for p in ref.parameters()]
+    bounds = total_bounds(opt.last_clip)[skip:] if opt is not None else None
     for i in range(x.shape[0]):
         loss = nn.functional.cross_entropy(ref(x[i:i + 1].double()), y[i:i + 1])
         gs = torch.autograd.grad(loss, list(ref.parameters()))
         n = torch.sqrt(sum(g.square().sum() for g in gs))
+        if bounds is not None:
+            assert n * (1 - 1e-5) <= bounds[i] <= n * 1.01 + 1e-12, (i, n, bounds[i])
+            n = bounds[i]
         f = min(1.0, c / n.item()) if torch.isfinite(n) else 0.0
         for o, g in zip(out, gs):
             o += f * g if f else 0
@@ -43,8 +50,8 @@ def test_any_torch_optimizer_sees_the_clipped_mean(opt_cls):
     model, dp_opt, _ = _make(model, opt_cls(model.parameters(), lr=0.01), max_grad_norm=0.3)
     sched = torch.optim.lr_scheduler.StepLR(dp_opt, step_size=1, gamma=0.5)
     for _ in range(3):
-        want = [w / 4 for w in _clipped_sum(ref_model, x, y, 0.3)]
         nn.functional.cross_entropy(model(x), y).backward()
+        want = [w / 4 for w in _clipped_sum(ref_model, x, y, 0.3, dp_opt)]
         dp_opt.step()
         for p, w in zip(model.parameters(), want):
             torch.testing.assert_close(p.grad.double(), w, rtol=1e-5, atol=1e-8)
@@ -88,10 +95,11 @@ def test_nonfinite_sample_is_zeroed_and_counted():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(6, 3))
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
-    want = [w / 4 for w in _clipped_sum(model, x[1:], y[1:], 0.5)]
+    ref = copy.deepcopy(model)
     x[0, 2] = float("inf")
     model, opt, _ = _make(model, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=0.5)
     nn.functional.cross_entropy(model(x), y, reduction="none").mean().backward()
+    want = [w / 4 for w in _clipped_sum(ref, x[1:], y[1:], 0.5, opt, skip=1)]
     opt.step()
     assert opt.nonfinite_samples == 1
     for p, w in zip(model.parameters(), want):
@@ -103,10 +111,11 @@ def test_sum_reduction_is_not_divided():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(6, 3))
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
-    want = _clipped_sum(model, x, y, 0.5)
+    ref = copy.deepcopy(model)
     model, opt, _ = _make(model, torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=0.5,
                           loss_reduction="sum")
     nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    want = _clipped_sum(ref, x, y, 0.5, opt)
     opt.step()
     for p, w in zip(model.parameters(), want):
         torch.testing.assert_close(p.grad.double(), w, rtol=1e-5, atol=1e-8)

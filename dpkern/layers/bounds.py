@@ -1,0 +1,97 @@
+"""Upper bounds on each sample's released contribution, covering the fp32 error of the norms and of
+the book-keeping (kernels/README_persample.md, "Remaining error"; engine_README.md, "Clip bound").
+
+For one parameter with uses u (Linear, Embedding, per-sample), sample i, the engine releases
+fl(c_i Ĝ_i) where Ĝ_i is the book-keeping's fp32 partial of G̃_i (the exact gradient of the
+operands as the kernels see them). With N̂_i² the fp32 squared norm the ops return and
+Q_i ≥ ‖|g̃_i|ᵀ|ã_i|‖²_F (the no-cancellation norm), `dpkern.ops.linear_norm` proves
+
+    ‖G̃_i‖ ≤ sqrt(N̂_i² + η Q_i)   and   ‖fl(c Ĝ_i) − c G̃_i‖ ≤ β c sqrt(Q_i),
+
+so U_i = (sqrt(N̂_i² + η Q_i) + β sqrt(Q_i)) (1 + 8u) bounds the released contribution for any
+inputs, cancelling ones included (no margin computed from N̂ alone can: the error of N̂² is relative
+to Q, not to N̂²). Q comes from one memory-bound pass, sqrt(Q_i) ≤ Σ_t ‖a_it‖ ‖g_it‖ (triangle
+inequality over the rank-one terms), computed in fp32 and inflated for its own rounding and for
+TF32 rounding of the operands. Several uses of one parameter (tied embedding / lm_head, a layer
+called twice) add their sqrt(Q) (the cross term's error is bounded by the same product).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse
+from dpkern.ops._persample import fp32_mode
+from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error_bound
+
+# |round_tf32(x)| ≤ |x| (1 + 2^-11): the operands the kernels multiply may be that much larger.
+_TF32_GROWTH = (1.0 + 2.0 ** -11) ** 2
+_CHUNK_BYTES = 64 << 20  # fp32 temporaries of the row-norm pass stay below this
+
+
+def _gamma(n: float) -> float:
+    nu = n * FP32_ULP
+    return nu / (1.0 - nu) if nu < 1.0 else math.inf
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, n) -> (B, T) fp32 Euclidean norms of the rows, in chunks of samples (no full copy)."""
+    bsz, seq, n = x.shape
+    out = torch.empty(bsz, seq, dtype=torch.float32, device=x.device)
+    step = max(1, _CHUNK_BYTES // max(4 * seq * n, 1))
+    for s in range(0, bsz, step):
+        out[s:s + step] = torch.linalg.vector_norm(x[s:s + step].float(), dim=2)
+    return out
+
+
+def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """(B,) fp64 bound on sqrt(Q_i) for one use, and its (T, d, p) for η and β."""
+    if isinstance(use, PerSampleUse):
+        flat = use.grads.reshape(use.grads.shape[0], -1)
+        return flat.double().norm(dim=1), (1, flat.shape[1], 1)
+    if isinstance(use, EmbeddingUse):
+        bsz, seq, d = use.g.shape
+        rows = _row_norms(use.g)
+        if use.padding_idx is not None:
+            rows = torch.where(use.ids.reshape(bsz, seq) == use.padding_idx, 0.0, rows)
+        s = rows.double().sum(dim=1)
+        return s * (1.0 + _gamma(d + seq + 4)), (seq, d, 1)
+    a, g = use.a, use.g
+    key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
+    na = row_cache.get(key)
+    if na is None:
+        na = row_cache[key] = _row_norms(a)
+    bsz, seq, d = a.shape
+    p = g.shape[2]
+    s = (na * _row_norms(g)).double().sum(dim=1)  # fp32 products, fp64 sum
+    return s * ((1.0 + _gamma(d + p + 6)) * _TF32_GROWTH), (seq, d, p)
+
+
+def release_bounds(uses_by_param: dict, params: list, norms_sq: list) -> list:
+    """U_k (B,) float64 for each of `params`: an upper bound on the norm of every sample's released
+    contribution to that parameter, before loss scaling (see the module docstring).
+
+    Args:
+        uses_by_param: {param: [uses]} of one backward pass.
+        params: the parameters, in the order of norms_sq.
+        norms_sq: (B,) fp32 N̂² per parameter, as norms_sq() returned them.
+    """
+    row_cache: dict = {}
+    out = []
+    for p, n2 in zip(params, norms_sq):
+        uses = uses_by_param[p]
+        device = n2.device
+        sq, seq, d, w = None, 0, 1, 1
+        for u in uses:
+            s, (t_u, d_u, p_u) = _sqrt_q(u, row_cache)
+            sq = s if sq is None else sq + s
+            seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
+        mode = fp32_mode(device)
+        # Embedding norms and index_add book-keeping use IEEE fp32 dots even under "tf32r".
+        eta = max(norm_error_bound(seq, d, w, "auto", mode), norm_error_bound(seq, d, w, "auto", "ieee"))
+        beta = max(bookkeeping_error_bound(seq, mode), bookkeeping_error_bound(seq, "ieee"))
+        n2 = n2.double().clamp_min(0)
+        bound = ((n2 + eta * sq.square()).sqrt() + beta * sq) * (1.0 + 8 * FP32_ULP)
+        out.append(torch.where(torch.isfinite(n2), bound, math.inf))
+    return out
