@@ -7,7 +7,12 @@ Flow of one logical step: each backward pass ends in the engine, which adds Σ_i
     grad = (summed + N(0, (σC)²)) / B_expected        (loss_reduction="mean"; "sum": no division)
 
 runs the post-processors (e.g. RMT denoising) on these noisy gradients, hands them to the inner
-optimizer as p.grad and steps it, then calls the step hooks (the accountant). An empty logical batch
+optimizer as p.grad and steps it, then calls the step hooks (the accountant). When the inner
+optimizer is SGD or AdamW (Adam with weight_decay=0) and there are no post-processors, noise and
+update run in one fused pass (dpkern.noise.fused_noisy_step) and the noisy gradient is never
+materialised (p.grad stays None). Both paths draw z from one NoiseGenerator at counter step =
+the release index (`noise_steps`) and each parameter's global element offset, so they add the
+same noise; the generator's state is in state_dict(). An empty logical batch
 (reported by the DP data loader, or `signal_empty_batch()`) may step without a backward: it
 releases noise only. Everything else without a new backward is refused.
 """
@@ -19,7 +24,8 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from dpkern.data.poisson import secret_generator
+from dpkern.noise import NoiseGenerator
+from dpkern.noise.step import AdamWHyper, SGDHyper, fused_noisy_step
 
 Postprocessor = Callable[[dict, float], None]
 
@@ -56,10 +62,22 @@ class DPOptimizer(Optimizer):
         self._seed = seed
         if seed is not None and secure_mode:
             raise ValueError("seed: an explicit noise seed is not allowed in secure_mode")
-        self._generators: dict = {}
+        # Counter-based noise: secret key from os.urandom unless a seed is given (never in secure
+        # mode); counter step = release index.
+        self.noise_generator = (NoiseGenerator() if seed is None
+                                else NoiseGenerator(secure=False, seed=int(seed)))
+        self.noise_backend: str | None = None  # fused/materialised noise backend (None: auto)
+        # False forces the materialised path (p.grad then holds the noisy averaged gradient).
+        self.fused = True
         # The private parameters this optimizer updates, in model order.
         in_opt = {p for g in optimizer.param_groups for p in g["params"]}
         self.params = OrderedDict((p, n) for p, n in private_params.items() if p in in_opt)
+        # Global element offsets of the private parameters, laid end to end in model order (a
+        # sharded subclass may replace them with its own; they must not overlap).
+        self.global_offsets, off = {}, 0
+        for p in self.params:
+            self.global_offsets[p] = off
+            off += p.numel()
         self.summed: dict = {}
         self.backwards = 0  # backward passes since the last step (micro-batches)
         self.samples = 0  # rows seen since the last step (realized; never used to normalise)
@@ -67,6 +85,10 @@ class DPOptimizer(Optimizer):
         self.nonfinite_samples = 0  # per-sample gradients zeroed because not finite (total)
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self._empty_batch = False
+        self._release_step: int | None = None
+        self._acc_offsets: dict = {}
+        self.last_clip: dict = {}
+        self.last_scales: dict = {}
         self._released: dict = {}
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -118,20 +140,89 @@ class DPOptimizer(Optimizer):
         """The current logical batch is empty: the next step() may run without a backward."""
         self._empty_batch = True
 
-    # ---- noise: one small function, so the fused kernel can replace it ----------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
-        if gen is None:
-            seed = None if self._seed is None else self._seed + 7919 * len(self._generators)
-            gen = self._generators[device] = secret_generator(seed, secure_mode=self.secure_mode,
-                                                              device=device)
-        return gen
-
+    # ---- noise ------------------------------------------------------------------------------
     def add_noise_(self, acc: torch.Tensor, std: float) -> None:
-        """acc += N(0, std²) on every coordinate (acc fp32/fp64)."""
-        if std > 0:
-            z = torch.empty_like(acc).normal_(0.0, std, generator=self._generator(acc.device))
-            acc.add_(z)
+        """acc += N(0, std²) on every coordinate (acc fp32/fp64), drawn from the noise generator at
+        the counter step of the release in progress and acc's parameter's global offset (a call
+        outside step() reserves a fresh counter step: noise is never reused)."""
+        if std <= 0:
+            return
+        off = self._acc_offsets.get(id(acc))
+        if off is None:
+            off = next((self.global_offsets[p] for p, a in self.summed.items() if a is acc), 0)
+        step = self._release_step
+        if step is None:
+            step = self.noise_generator.next_step()
+        from dpkern.mechanisms.noise_ops import gaussian_noise_add_
+        flat = acc if acc.dtype == torch.float32 else acc.float()
+        gaussian_noise_add_(flat, std=float(std), words=self.noise_generator.kernel_words(step),
+                            offset=int(off), backend=self.noise_backend)
+        if flat is not acc:
+            acc.copy_(flat)
+
+    def _fused_hyper(self, group):
+        """SGDHyper / AdamWHyper for a param group, or None when the fused kernel cannot run it."""
+        opt = self.original_optimizer
+        if group.get("maximize") or group.get("differentiable"):
+            return None
+        if type(opt) is torch.optim.SGD:
+            return SGDHyper(lr=float(group["lr"]), momentum=group["momentum"],
+                            dampening=group["dampening"], nesterov=group["nesterov"],
+                            weight_decay=group["weight_decay"])
+        adam = type(opt) is torch.optim.Adam and group["weight_decay"] == 0 \
+            and not group.get("decoupled_weight_decay", False)
+        if (adam or type(opt) is torch.optim.AdamW) and not group.get("amsgrad"):
+            b1, b2 = group["betas"]
+            return AdamWHyper(lr=float(group["lr"]), beta1=float(b1), beta2=float(b2),
+                              eps=group["eps"], weight_decay=group["weight_decay"])
+        return None
+
+    def fused_available(self) -> bool:
+        """True when step() runs the fused noise + update kernel (SGD / AdamW / Adam without
+        weight decay, no post-processors, add_noise_ not overridden, contiguous parameters)."""
+        if (not self.fused or self.grad_postprocessors
+                or type(self).add_noise_ is not _BASE_ADD_NOISE):
+            return False
+        if not all(p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)
+                   for p in self.params):
+            return False
+        return all(self._fused_hyper(g) is not None for g in self.param_groups)
+
+    @torch.no_grad()
+    def _fused_step(self, std: float, norm: float, step: int) -> None:
+        mine = set(self.params)
+        for group in self.param_groups:
+            hyper = self._fused_hyper(group)
+            params = [p for p in group["params"] if p in mine]
+            by_t: dict = {}
+            for p in params:
+                st = self.state[p]
+                if isinstance(hyper, AdamWHyper):
+                    if "exp_avg" not in st:
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                        st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    t = int(st["step"]) + 1
+                else:
+                    first = st.get("momentum_buffer") is None
+                    if hyper.momentum != 0 and first:
+                        st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    t = 1 if first else 2
+                by_t.setdefault(t, []).append(p)
+            for t, ps in by_t.items():
+                fused_noisy_step(
+                    ps, [self.accumulator(p) for p in ps],
+                    [self.state[p].get("exp_avg", self.state[p].get("momentum_buffer")) for p in ps]
+                    if not (isinstance(hyper, SGDHyper) and hyper.momentum == 0) else None,
+                    [self.state[p]["exp_avg_sq"] for p in ps]
+                    if isinstance(hyper, AdamWHyper) else None,
+                    hyper=hyper, noise_std=std, expected_batch_size=norm, noise=self.noise_generator,
+                    t=t, counter_step=step, global_offsets=[self.global_offsets[p] for p in ps],
+                    backend=self.noise_backend)
+                for p in ps:
+                    if isinstance(hyper, AdamWHyper):
+                        self.state[p]["step"] = torch.tensor(float(t))
+                    p.grad = None
 
     # ---- the step ---------------------------------------------------------------------------
     def _check_grads(self) -> None:
@@ -159,17 +250,28 @@ class DPOptimizer(Optimizer):
                 "or call optimizer.signal_empty_batch() first.")
         std = self.noise_multiplier * self.max_grad_norm
         norm = self.expected_batch_size if self.loss_reduction == "mean" else 1
-        grads = OrderedDict()
-        for p, name in self.params.items():
-            acc = self.accumulator(p)
-            self.add_noise_(acc, std)
-            grads[name] = acc.div_(norm)
-        for post in self.grad_postprocessors:
-            post(grads, std / norm)
-        for p, name in self.params.items():
-            p.grad = grads[name].to(p.dtype)
-        self.original_optimizer.step()
-        self._released = {p: (p.grad, p.grad._version) for p in self.params if p.grad is not None}
+        step = self.noise_generator.next_step()  # one counter step per release, all parameters
+        if self.fused_available():
+            self._fused_step(std, float(norm), step)
+            self._released = {}
+        else:
+            grads = OrderedDict()
+            self._release_step = step
+            try:
+                for p, name in self.params.items():
+                    acc = self.accumulator(p)
+                    self._acc_offsets = {id(acc): self.global_offsets[p]}
+                    self.add_noise_(acc, std)
+                    grads[name] = acc.div_(norm)
+            finally:
+                self._release_step, self._acc_offsets = None, {}
+            for post in self.grad_postprocessors:
+                post(grads, std / norm)
+            for p, name in self.params.items():
+                p.grad = grads[name].to(p.dtype)
+            self.original_optimizer.step()
+            self._released = {p: (p.grad, p.grad._version) for p in self.params
+                              if p.grad is not None}
         self.noise_steps += 1
         self.summed, self.backwards, self.samples, self._empty_batch = {}, 0, 0, False
         for hook in self.step_hooks:
@@ -186,12 +288,25 @@ class DPOptimizer(Optimizer):
 
     def state_dict(self):
         sd = self.original_optimizer.state_dict()
-        sd["dpkern"] = {"noise_steps": self.noise_steps, "nonfinite_samples": self.nonfinite_samples}
+        sd["dpkern"] = {"noise_steps": self.noise_steps, "nonfinite_samples": self.nonfinite_samples,
+                        "noise": self.noise_generator.state_dict(),
+                        "config": {"noise_multiplier": self.noise_multiplier,
+                                   "max_grad_norm": self.max_grad_norm,
+                                   "expected_batch_size": self.expected_batch_size,
+                                   "loss_reduction": self.loss_reduction}}
         return sd
 
     def load_state_dict(self, state_dict) -> None:
+        """Restores the inner optimizer, the release count and the noise counter (a resumed run
+        neither replays nor skips noise). Refuses a checkpoint of a differently calibrated run."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("dpkern", {})
+        for k, v in extra.get("config", {}).items():
+            if getattr(self, k) != v:
+                raise ValueError(f"load_state_dict: the checkpoint was written with {k}={v!r}, this "
+                                 f"optimizer has {k}={getattr(self, k)!r}")
+        if "noise" in extra:
+            self.noise_generator.load_state_dict(extra["noise"])
         self.original_optimizer.load_state_dict(state_dict)
         self.noise_steps = int(extra.get("noise_steps", 0))
         self.nonfinite_samples = int(extra.get("nonfinite_samples", 0))
@@ -199,3 +314,6 @@ class DPOptimizer(Optimizer):
     def add_param_group(self, param_group) -> None:
         raise RuntimeError("add_param_group after make_private is not supported: new parameters "
                            "would escape the engine; build the optimizer with all groups first")
+
+
+_BASE_ADD_NOISE = DPOptimizer.add_noise_  # a subclass overriding add_noise_ gets the unfused path

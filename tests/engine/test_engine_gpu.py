@@ -29,6 +29,7 @@ def _dp_grads(model, batch, clipping, c, bsz, backend, dtype=torch.float32):
     model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=None,
                                         noise_multiplier=0.0, max_grad_norm=c, clipping=clipping,
                                         expected_batch_size=bsz, sample_rate=0.01)
+    opt.fused = False  # materialised path: p.grad holds the released gradient
     per_sample_losses(model, {k: v.cuda() for k, v in batch.items()}).mean().backward()
     bounds = {n: u.cpu() for n, (_, u) in opt.last_clip.items()}
     opt.step()

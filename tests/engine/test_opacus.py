@@ -64,6 +64,7 @@ def _dpkern_update(model, batch, clipping, c, bsz):
     model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=c,
         clipping=clipping, expected_batch_size=bsz, sample_rate=0.1)
+    opt.fused = False  # materialised path: p.grad holds the released gradient
     _loss(model, batch).backward()
     opt.step()
     # The engine clips with upper bounds U_i ≥ ‖G_i‖ (fp32 error of the norms and book-keeping),

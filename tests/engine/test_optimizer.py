@@ -16,7 +16,9 @@ def _make(model, opt, **kw):
     args = dict(module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0,
                 max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1)
     args.update(kw)
-    return PrivacyEngine(accountant="rdp").make_private(**args)
+    model, opt, loader = PrivacyEngine(accountant="rdp").make_private(**args)
+    opt.fused = False  # materialised path: p.grad holds the released gradient
+    return model, opt, loader
 
 
 def _clipped_sum(model, x, y, c, opt=None, skip=0):

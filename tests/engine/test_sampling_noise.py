@@ -124,6 +124,7 @@ def _dp_grads(model, batches, c, bsz):
     model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=c,
         expected_batch_size=bsz, sample_rate=0.1)
+    opt.fused = False  # materialised path: p.grad holds the released gradient
     for b in batches:
         per_sample_losses(model, b).mean().backward()
     opt.step()

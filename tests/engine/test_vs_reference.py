@@ -33,6 +33,7 @@ def dp_update(model, batch, clipping, c, bsz, **kw):
     model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=None,
                                         noise_multiplier=0.0, max_grad_norm=c, clipping=clipping,
                                         expected_batch_size=bsz, sample_rate=0.01, **kw)
+    opt.fused = False  # materialised path: p.grad holds the released gradient
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in named}
     per_sample_losses(model, batch).mean().backward()
