@@ -60,9 +60,20 @@ class _Conv1DFn(torch.autograd.Function):
         return gx, None, None, None
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, the input as the matmul will see it (cast once, here): the tape then keeps
+    the low-precision copy that autocast itself would save, not the fp32 input."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        if x.dtype != dt and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return x.to(dt)
+    return x
+
+
 def linear_forward(module: torch.nn.Linear, site: Site, x: torch.Tensor) -> torch.Tensor:
-    return _LinearFn.apply(x, module.weight, module.bias, site)
+    return _LinearFn.apply(_autocast_input(x), module.weight, module.bias, site)
 
 
 def conv1d_forward(module, site: Site, x: torch.Tensor) -> torch.Tensor:
-    return _Conv1DFn.apply(x, module.weight, module.bias, site)
+    return _Conv1DFn.apply(_autocast_input(x), module.weight, module.bias, site)
