@@ -99,6 +99,8 @@ class PrivacyEngine:
         self.secure_mode = bool(secure_mode)
         self.backend = backend
         self.sample_rate: float | None = None
+        self.mechanism = None
+        self.optimizer: DPOptimizer | None = None
 
     def make_private(self, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      data_loader: DataLoader | None, noise_multiplier: float, max_grad_norm,
@@ -106,7 +108,8 @@ class PrivacyEngine:
                      loss_reduction: str = "mean", expected_batch_size: int | None = None,
                      sample_rate: float | None = None, grad_postprocessors: list | None = None,
                      automatic_gamma: float = 0.01, seed: int | None = None,
-                     batch_first: bool = True, grad_sample_mode: str | None = None):
+                     batch_first: bool = True, grad_sample_mode: str | None = None,
+                     mechanism=None):
         """Make `module` + `optimizer` private; returns (module, DPOptimizer, data loader).
 
         Args:
@@ -130,10 +133,23 @@ class PrivacyEngine:
             batch_first: must be True (the batch is dim 0 of every layer input).
             grad_sample_mode: accepted for Opacus compatibility and ignored (dpkern always uses
                 book-keeping).
+            mechanism: a dpkern.mechanisms.Mechanism with clip_norm = C (default: Gaussian with
+                noise_multiplier). A GaussianMechanism is the default path (fused step, the
+                engine's accountant). An LMOMechanism adds its own noise (materialised path) and
+                is accounted by its own epsilon(); it can only be built with its explicit opt-in
+                for the uncertified reported epsilon, and get_epsilon_report() carries its label.
         """
+        mechanism = self._check_mechanism(mechanism, noise_multiplier, max_grad_norm)
+        if mechanism is not None and mechanism.name == "gaussian":
+            noise_multiplier, mechanism = mechanism.noise_multiplier, None
         if not batch_first:
             raise ValueError("batch_first=False is not supported: put the batch on dim 0")
-        sigma = float(noise_multiplier)
+        if noise_multiplier is None and mechanism is not None:
+            noise_multiplier = 0.0  # the mechanism adds the noise
+        try:
+            sigma = float(noise_multiplier)
+        except (TypeError, ValueError):
+            raise ValueError(f"noise_multiplier must be a number, got {noise_multiplier!r}") from None
         if not (math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -147,6 +163,8 @@ class PrivacyEngine:
         bsz = expected_batch_size
         if data_loader is not None:
             n_data = len(data_loader.dataset)
+            if n_data == 0:
+                raise ValueError("data_loader: the dataset is empty (no samples to train on)")
             bsz = bsz if bsz is not None else data_loader.batch_size
             if bsz is None:
                 raise ValueError("expected_batch_size: the data_loader has no batch_size; pass it")
@@ -167,6 +185,8 @@ class PrivacyEngine:
                              loss_reduction=loss_reduction, grad_postprocessors=grad_postprocessors,
                              secure_mode=self.secure_mode, seed=seed)
         clipper.optimizer = dp_opt
+        dp_opt.mechanism = mechanism
+        self.mechanism = mechanism
         if data_loader is not None and poisson_sampling:
             gen = secret_generator(None if seed is None else seed + 1, secure_mode=self.secure_mode)
             data_loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate,
@@ -177,9 +197,12 @@ class PrivacyEngine:
                           f"q = {sample_rate:.4g}, which a shuffled loader does not give; the "
                           "reported epsilon is then not a guarantee")
         self.sample_rate = float(sample_rate)
+        self.optimizer = dp_opt
         q = self.sample_rate
-        dp_opt.step_hooks.append(
-            lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=q))
+        if mechanism is None:
+            dp_opt.step_hooks.append(
+                lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier,
+                                                 sample_rate=q))
         return module, dp_opt, data_loader
 
     def make_private_with_epsilon(self, *, module, optimizer, data_loader, target_epsilon: float,
@@ -196,8 +219,36 @@ class PrivacyEngine:
                                  noise_multiplier=sigma, **kwargs)
 
     def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at this δ, by the engine's accountant."""
-        return self.accountant.get_epsilon(delta)
+        """ε spent so far at this δ, by the engine's accountant (or the mechanism's own account;
+        see get_epsilon_report for what the number means)."""
+        return float(self.get_epsilon_report(delta).epsilon)
+
+    def get_epsilon_report(self, delta: float):
+        """dpkern.mechanisms.EpsilonReport: ε, δ, whether it is certified, and its label (LMO-DP
+        with accounting="reported": "as reported by LMO-DP, not certified")."""
+        from dpkern.mechanisms import EpsilonReport
+        if self.mechanism is None:
+            return EpsilonReport(self.accountant.get_epsilon(delta), delta, True,
+                                 f"certified ({self.accountant_name} accountant)", {})
+        steps = self.optimizer.noise_steps if self.optimizer is not None else 0
+        return self.mechanism.epsilon(sample_rate=self.sample_rate, steps=steps, delta=delta)
+
+    @staticmethod
+    def _check_mechanism(mechanism, noise_multiplier, max_grad_norm):
+        if mechanism is None:
+            return None
+        from dpkern.mechanisms import Mechanism
+        if not isinstance(mechanism, Mechanism):
+            raise TypeError(f"mechanism must be a dpkern.mechanisms.Mechanism, got "
+                            f"{type(mechanism).__name__}")
+        if isinstance(max_grad_norm, (list, tuple)) or float(max_grad_norm) != mechanism.clip_norm:
+            raise ValueError(f"mechanism: its clip_norm {mechanism.clip_norm} must equal "
+                             f"max_grad_norm {max_grad_norm!r} (the noise is calibrated to C)")
+        if mechanism.name == "gaussian" and noise_multiplier is not None \
+                and float(noise_multiplier) != mechanism.noise_multiplier:
+            raise ValueError(f"noise_multiplier {noise_multiplier} disagrees with the mechanism's "
+                             f"{mechanism.noise_multiplier}; pass one of them")
+        return mechanism
 
     @staticmethod
     def _check_optimizer(module, optimizer) -> None:

@@ -226,7 +226,8 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     privacy = plan.report(cfg, steps, eps, n_train, engine) if plan else {"private": False}
     write_json(out / "privacy.json", privacy)
     png = plot_curves(metrics.read(), out / "curves.png",
-                      title=f"{Path(str(model_dir)).name} on {Path(splits.source).name}: {what}")
+                      title=f"{Path(str(model_dir)).name} on {Path(splits.source).name}: {what}",
+                      delta=cfg.delta if cfg.private else None)
     summary = {"private": cfg.private, "test_split": splits.test_name, f"test_{key}": test[key],
                "test_loss": test["loss"], "best_dev_step": best["step"],
                f"best_dev_{key}": sign * best["dev"], "epsilon": eps, "delta": cfg.delta

@@ -75,7 +75,7 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path:
+def plot_curves(rows: list[dict], path: Path, title: str = "", delta: float | None = None) -> Path:
     """PNG with two panels: dev/test accuracy and train loss (left), ε spent (right), vs step."""
     import matplotlib
     matplotlib.use("Agg")
@@ -107,7 +107,7 @@ def plot_curves(rows: list[dict], path: Path, title: str = "") -> Path:
            and math.isfinite(r["epsilon"])]
     if eps:
         ax3.plot(*zip(*eps), color="tab:green")
-        ax3.set_title("privacy spent: ε (δ fixed)")
+        ax3.set_title("privacy spent: ε" + (f" at δ = {delta:g}" if delta else ""))
     else:
         ax3.set_title("non-private run: no ε")
     ax3.set_xlabel("step")

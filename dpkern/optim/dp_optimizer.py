@@ -69,6 +69,8 @@ class DPOptimizer(Optimizer):
         self.noise_backend: str | None = None  # fused/materialised noise backend (None: auto)
         # False forces the materialised path (p.grad then holds the noisy averaged gradient).
         self.fused = True
+        # A non-Gaussian dpkern.mechanisms.Mechanism (set by make_private): adds its own noise.
+        self.mechanism = None
         # The private parameters this optimizer updates, in model order.
         in_opt = {p for g in optimizer.param_groups for p in g["params"]}
         self.params = OrderedDict((p, n) for p, n in private_params.items() if p in in_opt)
@@ -145,7 +147,7 @@ class DPOptimizer(Optimizer):
         """acc += N(0, std²) on every coordinate (acc fp32/fp64), drawn from the noise generator at
         the counter step of the release in progress and acc's parameter's global offset (a call
         outside step() reserves a fresh counter step: noise is never reused)."""
-        if std <= 0:
+        if std <= 0 and self.mechanism is None:
             return
         off = self._acc_offsets.get(id(acc))
         if off is None:
@@ -155,8 +157,12 @@ class DPOptimizer(Optimizer):
             step = self.noise_generator.next_step()
         from dpkern.mechanisms.noise_ops import gaussian_noise_add_
         flat = acc if acc.dtype == torch.float32 else acc.float()
-        gaussian_noise_add_(flat, std=float(std), words=self.noise_generator.kernel_words(step),
-                            offset=int(off), backend=self.noise_backend)
+        if self.mechanism is not None:
+            self.mechanism.add_noise_(flat, generator=self.noise_generator, step=step,
+                                      offset=int(off), backend=self.noise_backend)
+        else:
+            gaussian_noise_add_(flat, std=float(std), words=self.noise_generator.kernel_words(step),
+                                offset=int(off), backend=self.noise_backend)
         if flat is not acc:
             acc.copy_(flat)
 
@@ -180,7 +186,7 @@ class DPOptimizer(Optimizer):
     def fused_available(self) -> bool:
         """True when step() runs the fused noise + update kernel (SGD / AdamW / Adam without
         weight decay, no post-processors, add_noise_ not overridden, contiguous parameters)."""
-        if (not self.fused or self.grad_postprocessors
+        if (not self.fused or self.grad_postprocessors or self.mechanism is not None
                 or type(self).add_noise_ is not _BASE_ADD_NOISE):
             return False
         if not all(p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)

@@ -72,11 +72,6 @@ def test_resume_spends_exactly_the_same_epsilon():
     assert opt2.noise_steps == 8
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine gap: DPOptimizer draws noise from a torch.Generator re-seeded at construction and does "
-    "not checkpoint it (state_dict saves only noise_steps), so a run resumed with the same seed "
-    "replays step 0's noise. Needed: noise from dpkern.noise.NoiseGenerator (Philox key + counter, "
-    "whose load_state_dict refuses a step behind the current one) saved in DPOptimizer.state_dict."))
 def test_resume_never_replays_noise():
     eng, model, opt, loader = _setup(seed=7)
     before = []
@@ -132,11 +127,6 @@ def test_noise_generator_refuses_mismatched_state():
         det.load_state_dict({"step": -1, "secure": False, "fingerprint": "x", "key": b"0" * 16})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine gap: DPOptimizer.load_state_dict does not check that the checkpoint was written under "
-    "the same noise_multiplier / max_grad_norm / expected_batch_size (it stores none of them), so a "
-    "checkpoint from a differently calibrated run loads silently. Needed: save the DP config in "
-    "state_dict['dpkern'] and refuse a mismatch by name."))
 def test_mismatched_optimizer_checkpoint_refused():
     eng, model, opt, loader = _setup(seed=1)
     _run(model, opt, loader, 1, [])
