@@ -108,16 +108,19 @@ class Runner:
             model = LlamaForCausalLM(cfg)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        self.mode, self.vocab, self.dp_loss = mode, cfg.vocab_size, None
+        self.mode, self.vocab, self.dp_loss, self.loss_scale = mode, cfg.vocab_size, None, 1.0
         self.n_params = sum(p.numel() for p in model.parameters())
         if mode == "dpkern":
             import dpkern
             engine = dpkern.PrivacyEngine(accountant="rdp", backend=args.backend)
-            # fixed-size batches for timing: no data loader, the public sampling rate given directly
+            # fixed-size batches for timing: no data loader, the public sampling rate given directly.
+            # loss_reduction='sum' (the engine refuses 'mean' under bf16 autocast): the loss is the
+            # token mean times B, i.e. the sum of per-sample losses for equal-length sequences.
             model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=None,
                                                 noise_multiplier=args.sigma, max_grad_norm=args.clip,
                                                 expected_batch_size=expected_bsz, sample_rate=1e-3,
-                                                seed=0)
+                                                seed=0, loss_reduction="sum")
+            self.loss_scale = float(expected_bsz)
         elif mode == "opacus-hooks":
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer
@@ -143,6 +146,8 @@ class Runner:
             if self.dp_loss is None:
                 # equal-length sequences, no padding: the token mean is the mean of per-sample losses
                 loss = self.model(input_ids=ids, position_ids=pos, labels=ids).loss
+                if self.loss_scale != 1.0:
+                    loss = loss * self.loss_scale
             else:  # Opacus ghost clipping: per-sample losses through its loss wrapper (2 backwards)
                 logits = self.model(input_ids=ids, position_ids=pos).logits
                 loss = self.dp_loss(logits.reshape(-1, self.vocab), ids.reshape(-1),

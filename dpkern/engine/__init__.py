@@ -27,6 +27,26 @@ from dpkern.optim.dp_optimizer import DPOptimizer
 __all__ = ["PrivacyEngine"]
 
 
+def _refuse_low_precision_mean(uses: dict, params: list) -> None:
+    """loss_reduction='mean' divides every output gradient by the realized batch size B before
+    autograd rounds it to bf16/fp16. B differs between neighbouring datasets, so every OTHER
+    sample's reconstructed gradient (and clipped direction) moves by up to one low-precision ulp:
+    the sum's sensitivity grows with the batch (measured 1e-3 C with 3 samples in bf16). With
+    loss_reduction='sum' the output gradients do not depend on B, and the bound holds exactly."""
+    for p in params:
+        for u in uses[p]:
+            g = getattr(u, "g", None)
+            if g is not None and g.dtype in (torch.bfloat16, torch.float16):
+                raise RuntimeError(
+                    f"loss_reduction='mean' with {g.dtype} output gradients (layer {u.path}) would "
+                    "break the sensitivity bound: the 1/B_realized of the mean is rounded into every "
+                    "sample's gradient, and B_realized differs between neighbouring batches. Use "
+                    "make_private(..., loss_reduction='sum') and loss = per_sample_losses.sum(); the "
+                    "optimizer then sees sum of clipped gradients + noise (scale the learning rate by "
+                    "1/expected_batch_size to keep the same update). fp32 autocast-free training may "
+                    "keep 'mean'.")
+
+
 class _Clipper:
     """End of every backward pass: per-sample norms -> clip factors -> book-keeping into the DP
     optimizer's accumulators. Holds the tape's records only for the duration of the call."""
@@ -54,6 +74,8 @@ class _Clipper:
         if bsz == 0:
             opt.note_backward(0)
             return
+        if self.loss_reduction == "mean":
+            _refuse_low_precision_mean(uses, params)
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
         norms = norms_sq(uses, params, backend=self.backend)
@@ -101,6 +123,10 @@ class PrivacyEngine:
         self.sample_rate: float | None = None
         self.mechanism = None
         self.optimizer: DPOptimizer | None = None
+
+    # Subclasses (dpkern.subspace) may swap the end-of-backward clipper and the DP optimizer.
+    clipper_class = _Clipper
+    optimizer_class = DPOptimizer
 
     def make_private(self, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      data_loader: DataLoader | None, noise_multiplier: float, max_grad_norm,
@@ -174,13 +200,13 @@ class PrivacyEngine:
         if int(bsz) <= 0:
             raise ValueError(f"expected_batch_size must be > 0, got {bsz}")
 
-        clipper = _Clipper({}, clipping, total_c, None, loss_reduction, automatic_gamma,
+        clipper = self.clipper_class({}, clipping, total_c, None, loss_reduction, automatic_gamma,
                            self.backend)
         private = wrap_model(module, GradTape(clipper))
         clipper.private = private
         if per_param is not None:
             clipper.per_param = dict(zip(private, per_param))
-        dp_opt = DPOptimizer(optimizer, private_params=private, noise_multiplier=sigma,
+        dp_opt = self.optimizer_class(optimizer, private_params=private, noise_multiplier=sigma,
                              max_grad_norm=total_c, expected_batch_size=int(bsz),
                              loss_reduction=loss_reduction, grad_postprocessors=grad_postprocessors,
                              secure_mode=self.secure_mode, seed=seed)

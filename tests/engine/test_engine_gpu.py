@@ -23,17 +23,24 @@ def _ieee_fp32(monkeypatch):
 
 
 def _dp_grads(model, batch, clipping, c, bsz, backend, dtype=torch.float32):
+    """Released mean gradient; bf16 runs loss_reduction='sum' (the engine refuses bf16 + 'mean')
+    and divides by bsz afterwards."""
+    red = "mean" if dtype == torch.float32 else "sum"
     model = copy.deepcopy(model).to("cuda", dtype)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     engine = PrivacyEngine(accountant="rdp", backend=backend)
     model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=None,
                                         noise_multiplier=0.0, max_grad_norm=c, clipping=clipping,
-                                        expected_batch_size=bsz, sample_rate=0.01)
+                                        expected_batch_size=bsz, sample_rate=0.01,
+                                        loss_reduction=red)
     opt.fused = False  # materialised path: p.grad holds the released gradient
-    per_sample_losses(model, {k: v.cuda() for k, v in batch.items()}).mean().backward()
+    losses = per_sample_losses(model, {k: v.cuda() for k, v in batch.items()})
+    (losses.mean() if red == "mean" else losses.sum()).backward()
     bounds = {n: u.cpu() for n, (_, u) in opt.last_clip.items()}
     opt.step()
-    return {n: p.grad.double().cpu() for n, p in model.named_parameters() if p.requires_grad}, bounds
+    div = 1 if red == "mean" else bsz
+    return ({n: p.grad.double().cpu() / div for n, p in model.named_parameters() if p.requires_grad},
+            bounds)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
