@@ -17,15 +17,14 @@ import math
 import pytest
 import torch
 
+from bench import registry
 from bench.conftest import HAS_GPU, _median_ms
 from dpkern.denoise import RMTDenoiser
 from dpkern.denoise.rsvd import exact_svd
 from dpkern.denoise.shrinkers import bulk_edge, shrink
 
-MODELS = {
-    "llama-1b": dict(hidden=2048, intermediate=5504, layers=22),
-    "tiny": dict(hidden=64, intermediate=172, layers=2),
-}
+MODELS = {name: dict(zip(("hidden", "intermediate", "layers"), registry.shapes("rmt_denoise", q)[0]))
+          for name, q in (("llama-1b", False), ("tiny", True))}
 SIGMA_E = 1.0 * 1.0 / 1024          # noise multiplier * C / B_expected
 SIGNAL_X = [3.0 / j for j in range(1, 17)]
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -135,7 +134,7 @@ def test_exact_svd_one_layer(timed, llama_grads):
     s0 = exact_svd(stacks[0][:1])[1][0]
     m, n = stacks[0].shape[1:]
     assert float(s0[0]) > bulk_edge(m, n, SIGMA_E)          # the planted signal is there
-    info = timed(run)
+    info = timed(run, baseline=True)
     layers = MODELS[MODEL]["layers"]
     info.update(op="exact_svd_one_layer", model=MODEL, layers=layers)
     if HAS_GPU:

@@ -8,14 +8,15 @@ float64 reference before it is timed.
 import pytest
 import torch
 
+from bench import registry
 from bench.conftest import HAS_GPU
 from dpkern.mechanisms import noise_ops as N
 from dpkern.mechanisms import lmo_ref as R
 from dpkern.mechanisms.lmo_params import LMOParams
 from dpkern.noise import NoiseGenerator
 
-SIZES = [1 << 28] if HAS_GPU else [1 << 12]
-DTYPES = [torch.float32, torch.bfloat16]
+SIZES = [s[0] for s in registry.shapes("noise_add")]
+DTYPES = registry.torch_dtypes("noise_add")
 LMO_CASES = {"k1": LMOParams(k=1.0), "k2": LMOParams(k=2.0), "k05": LMOParams(k=0.5),
              "mt": LMOParams(k=3.7)}
 GEN = NoiseGenerator(secure=False, seed=1234)
@@ -66,5 +67,5 @@ def test_gaussian_noise_add_bench(timed, impl, n, dtype):
         fn = lambda: N.gaussian_noise_add_(grad, std=1.0, words=words, backend=_backend())  # noqa: E731
     else:  # materialises a full-size noise tensor: 3 passes over memory, not 2
         fn = lambda: grad.add_(torch.randn_like(grad))  # noqa: E731
-    info = timed(fn, bytes_moved=2 * n * grad.element_size())
+    info = timed(fn, bytes_moved=2 * n * grad.element_size(), baseline=impl == "torch_randn")
     info.update(op="gaussian_noise_add_", backend=impl, dtype=str(dtype), n=n)

@@ -4,20 +4,13 @@ import pytest
 import torch
 
 import dpkern
+from bench import registry
 from bench.conftest import HAS_GPU
 from dpkern.noise import AdamWHyper, NoiseGenerator, SGDHyper, fused_noisy_step
 
 
-def _model_shapes():
-    """A 1.0B-parameter decoder (d=2048, ffn=5632, 17 layers, vocab 32000, untied head): 155 tensors."""
-    d, f, vocab, layers = 2048, 5632, 32000, 17
-    shapes = [(vocab, d)]
-    for _ in range(layers):
-        shapes += [(d, d)] * 4 + [(f, d), (f, d), (d, f), (d,), (d,)]
-    return shapes + [(d,), (vocab, d)]
-
-
-SHAPES = _model_shapes() if HAS_GPU else [(300, 64), (64,), (1000, 7)]
+# A 1.0B-parameter decoder (d=2048, ffn=5632, 17 layers, vocab 32000, untied head): 155 tensors.
+SHAPES = list(registry.shapes("noise_step")[0])
 HYPERS = {"sgd": SGDHyper(lr=1e-3), "sgd_momentum": SGDHyper(lr=1e-3, momentum=0.9),
           "adamw": AdamWHyper(lr=1e-4)}
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16)}
@@ -83,7 +76,7 @@ def test_noise_step_unfused_baseline(timed, dtype):
         opt.step()
 
     n = sum(p.numel() for p in ps)
-    info = timed(step, bytes_moved=bytes_per_param("adamw", pdt, gdt) * n)
+    info = timed(step, bytes_moved=bytes_per_param("adamw", pdt, gdt) * n, baseline=True)
     if "median_ms" in info:
         _BASELINE_MS[dtype] = info["median_ms"]
     info.update(op="noise_step", backend="torch_unfused_adamw", optimizer="adamw", dtype=dtype,

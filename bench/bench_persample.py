@@ -15,6 +15,7 @@ import dataclasses
 import pytest
 import torch
 
+from bench import registry
 from bench.conftest import HAS_GPU
 from dpkern.ops.bookkeeping import bookkeeping_wgrad
 from dpkern.ops.embedding_norm import embedding_norm_sq
@@ -22,13 +23,13 @@ from dpkern.ops.linear_norm import linear_norm_flops, linear_norm_sq
 from dpkern.reference.persample import (bookkeeping_wgrad_ref, embedding_norm_sq_ref,
                                         linear_norm_sq_ref)
 
-DEV = "cuda" if HAS_GPU else "cpu"
+DEV = registry.DEVICE
 # (B, T, d, p): the Llama-1B projections at the issue's batch shapes, a long sequence, a wide MLP
-LINEAR_CASES = ([(8, 512, 2048, 2048), (16, 256, 2048, 2048), (8, 512, 2048, 5632),
-                 (8, 512, 4096, 4096), (1, 4096, 2048, 2048), (1, 4096, 2048, 256)]
-                if HAS_GPU else [(2, 16, 24, 20)])
-EMB_CASES = [(8, 512, 2048, 32000), (1, 4096, 2048, 32000)] if HAS_GPU else [(2, 16, 24, 50)]
-DTYPES = [torch.bfloat16, torch.float32]
+LINEAR_CASES = registry.shapes("linear_norm_sq")
+BOOKKEEPING_CASES = registry.shapes("bookkeeping_wgrad")
+EMB_CASES = registry.shapes("embedding_norm_sq")
+HEADLINE = registry.shapes("headline", quick=False)[0]
+DTYPES = registry.torch_dtypes("linear_norm_sq")[::-1]  # bf16 first (ids as before)
 NORM_BACKENDS = ["triton", "torch"] if HAS_GPU else ["torch"]
 
 
@@ -60,7 +61,7 @@ def test_linear_norm_bench(timed, shape, dtype, method, backend):
 
 @pytest.mark.parametrize("backend", (["triton", "torch", "matmul"] if HAS_GPU else ["torch"]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", LINEAR_CASES, ids=lambda s: "B{}xT{}xd{}xp{}".format(*s))
+@pytest.mark.parametrize("shape", BOOKKEEPING_CASES, ids=lambda s: "B{}xT{}xd{}xp{}".format(*s))
 def test_bookkeeping_bench(timed, shape, dtype, backend):
     b, t, d, p = shape
     a = torch.randn(b, t, d, device=DEV).to(dtype)
@@ -71,12 +72,14 @@ def test_bookkeeping_bench(timed, shape, dtype, backend):
     if backend == "matmul":  # the non-private weight gradient, as autograd computes it
         a2, g2 = a.reshape(-1, d), g.reshape(-1, p)
         fn = lambda: torch.matmul(g2.t(), a2, out=grad)  # noqa: E731
+        info = timed(fn, flops=flops, baseline=True)
     else:
-        ref = bookkeeping_wgrad_ref(a.float(), g.float(), scale)
-        out = bookkeeping_wgrad(a, g, scale, backend=backend)
-        torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
+        def check():
+            ref = bookkeeping_wgrad_ref(a.float(), g.float(), scale)
+            out = bookkeeping_wgrad(a, g, scale, backend=backend)
+            torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3 * ref.abs().max().item())
         fn = lambda: bookkeeping_wgrad(a, g, scale, out=grad, backend=backend)  # noqa: E731
-    info = timed(fn, flops=flops)
+        info = timed(fn, flops=flops, check=check)
     _attach(info, op="bookkeeping_wgrad", backend=backend, dtype=str(dtype), shape=list(shape),
             flops=flops)
 
@@ -118,7 +121,7 @@ def _sweep(launch, configs, flops, ceilings):
 def test_config_sweep(timed, ceilings, dtype):
     """Best config per kernel at B=8, T=512, d=p=2048 (headline shape); results in extra_info."""
     from dpkern.kernels import bookkeeping as bk, ghost_norm as gn, instantiate_norm as inst
-    b, t, d, p = 8, 512, 2048, 2048
+    b, t, d, p = HEADLINE
     a = torch.randn(b, t, d, device=DEV).to(dtype)
     g = torch.randn(b, t, p, device=DEV).to(dtype)
     scale = torch.rand(b, device=DEV)
@@ -146,7 +149,7 @@ def test_fp32_mode_bench(timed, op, mode):
     ("tf32r", the GPU default) gains over tf32x3 / ieee. Checked against float64 of the operands
     as the mode sees them (TF32-rounded for tf32r) before timing."""
     from dpkern.ops._persample import operand
-    b, t, d, p = 8, 512, 2048, 2048
+    b, t, d, p = HEADLINE
     a, g = torch.randn(b, t, d, device=DEV), torch.randn(b, t, p, device=DEV)
     a64, g64 = operand(a, mode, torch.float64), operand(g, mode, torch.float64)
     if op == "bookkeeping":

@@ -4,11 +4,11 @@ import torch
 
 import dpkern
 from dpkern.reference.rownorm import rownorm_sq_ref
+from bench import registry
 from bench.conftest import HAS_GPU
 
-# (B, N): per-sample gradient-norm-like shapes.
-CASES = [(64, 1 << 20), (4096, 4096), (16384, 1024)] if HAS_GPU else [(8, 512)]
-DTYPES = [torch.float32, torch.bfloat16]
+CASES = registry.shapes("rownorm_sq")          # (B, N): per-sample gradient-norm-like shapes
+DTYPES = registry.torch_dtypes("rownorm_sq")
 
 
 def _backends():
@@ -21,11 +21,11 @@ def _backends():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: f"B{s[0]}xN{s[1]}")
 def test_rownorm_bench(timed, shape, dtype, backend):
-    dev = "cuda" if HAS_GPU else "cpu"
-    x = torch.randn(*shape, device=dev).to(dtype)
-    out = dpkern.rownorm_sq(x, backend=backend)
-    ref = rownorm_sq_ref(x.double())
-    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=0)  # not reported if wrong
-    info = timed(lambda: dpkern.rownorm_sq(x, backend=backend),
+    x = torch.randn(*shape, device=registry.DEVICE).to(dtype)
+
+    def check():  # not reported if wrong
+        out = dpkern.rownorm_sq(x, backend=backend)
+        torch.testing.assert_close(out.double(), rownorm_sq_ref(x.double()), rtol=1e-4, atol=0)
+    info = timed(lambda: dpkern.rownorm_sq(x, backend=backend), check=check,
                  bytes_moved=x.numel() * x.element_size() + shape[0] * 4)
     info.update(op="rownorm_sq", backend=backend, dtype=str(dtype), shape=list(shape))
