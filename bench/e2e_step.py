@@ -387,6 +387,7 @@ def main(argv=None) -> dict:
     rows = summarize(report, cfg)
     report["summary"] = rows
     stem = args.out[:-5] if args.out.endswith(".json") else args.out
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     write_csv(rows, stem + ".csv")

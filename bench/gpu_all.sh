@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# On the GPU machine, in one call: build the extension, run every test (GPU ones included) and the
-# benchmarks. Writes under $OUT (default bench/results/local): env.txt, build.log, tests.log,
-# bench.log, bench.json. Usage: bash bench/gpu_all.sh [extra pytest args for tests]
+# On the GPU machine, in one call: build the extension, run every test (GPU ones included), the
+# microbenchmarks and the end-to-end / audit / job scripts. Writes under $OUT (default
+# bench/results/local): env.txt, build.log, tests.log, bench.log, bench.json, bench_summary.txt and
+# one folder or log per script stage.
+#
+#   bash bench/gpu_all.sh                      # every stage
+#   STAGES="tests e2e" bash bench/gpu_all.sh   # a subset (build always runs)
+# Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, STAGE_TIMEOUT (s per stage).
+# A stage that fails is logged and the next one still runs; the exit code ORs every stage's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/local}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export DPKERN_BENCH_OUT="$OUT"
 PY=${PYTHON:-python3}
+STAGES=${STAGES:-"tests bench e2e audit job"}
+TMO=${STAGE_TIMEOUT:-540}
 # Wheels the GPU machine lacks travel in .whl/ (see README, "GPU machine").
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -22,11 +31,26 @@ $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 |
   echo "pip editable install failed; see build.log" ; tail -30 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.cuda_unavailable_reason())" | tee -a "$OUT/env.txt"
-$PY -m pytest ${TEST_PATHS:-tests} -q -ra -p no:cacheprovider ${TEST_ARGS:-} "$@" > "$OUT/tests.log" 2>&1
-test_rc=$?
-echo "tests rc=$test_rc"; tail -5 "$OUT/tests.log"
-$PY -m pytest ${BENCH_PATHS:-bench} -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-bench_rc=$?
-echo "bench rc=$bench_rc"; tail -3 "$OUT/bench.log"
-$PY bench/summarize.py "$OUT/bench.json" | tee "$OUT/bench_summary.txt"
-exit $(( test_rc | bench_rc ))
+
+rc=0
+stage() {  # stage NAME LOG CMD...: run with a time limit, log, report, never stop the script
+  local name=$1 log=$2; shift 2
+  local s0; s0=$(date +%s)
+  timeout "$TMO" "$@" > "$log" 2>&1
+  local r=$?
+  echo "$name rc=$r ($(( $(date +%s) - s0 )) s)"; tail -4 "$log"
+  rc=$(( rc | r ))
+}
+for s in $STAGES; do
+  case $s in
+    tests) stage tests "$OUT/tests.log" $PY -m pytest ${TEST_PATHS:-tests} -q -ra -p no:cacheprovider ${TEST_ARGS:-} ;;
+    bench) stage bench "$OUT/bench.log" $PY -m pytest ${BENCH_PATHS:-bench} -q -p no:cacheprovider \
+             --benchmark-json="$OUT/bench.json" ${BENCH_ARGS:-}
+           [ -f "$OUT/bench.json" ] && $PY bench/summarize.py "$OUT/bench.json" > "$OUT/bench_summary.txt" ;;
+    e2e)   stage e2e "$OUT/e2e_step.log" $PY bench/e2e_step.py --out "$OUT/e2e/e2e_step.json" ${E2E_ARGS:-} ;;
+    audit) stage audit "$OUT/audit_gpu.log" $PY bench/audit_gpu.py --device cuda --m 30000 --out "$OUT/audit" ;;
+    job)   stage job "$OUT/finetune_gpu.log" $PY -m dpkern finetune --device cuda --output-dir "$OUT/finetune" ${JOB_ARGS:-} ;;
+    *)     echo "unknown stage $s"; rc=1 ;;
+  esac
+done
+exit $rc
