@@ -19,6 +19,8 @@ once per logical step; the update divides by B. See docs/distributed.md.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,6 +30,31 @@ from dpkern.distributed.sampler import DistributedDPDataLoader
 from dpkern.engine import PrivacyEngine
 
 __all__ = ["DistributedPrivacyEngine", "is_fsdp2"]
+
+
+@contextlib.contextmanager
+def _plain_classes(module: torch.nn.Module):
+    """While inside: every FSDP2 module shows its original class (fully_shard makes a dynamic
+    subclass `FSDP<Name>`, which the layer rules, matched by exact type, would not recognise).
+    Only the wrapping runs inside; FSDP's hooks and methods are back as soon as it ends."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - old torch
+        yield
+        return
+    swapped = []
+    for m in module.modules():
+        cls = type(m)
+        if isinstance(m, FSDPModule):
+            orig = [b for b in cls.__bases__ if not issubclass(b, FSDPModule)]
+            if len(orig) == 1:
+                m.__class__ = orig[0]
+                swapped.append((m, cls))
+    try:
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def is_fsdp2(module: torch.nn.Module) -> bool:
@@ -108,10 +135,12 @@ class DistributedPrivacyEngine(PrivacyEngine):
         elif expected_batch_size is None or sample_rate is None:
             raise ValueError("data_loader=None needs expected_batch_size= and sample_rate=")
 
-        _, dp_opt, _ = super().make_private(
-            module=inner, optimizer=optimizer, data_loader=None, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-            sample_rate=sample_rate, seed=seed, **kwargs)
+        with _plain_classes(inner):
+            _, dp_opt, _ = super().make_private(
+                module=inner, optimizer=optimizer, data_loader=None,
+                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                expected_batch_size=expected_batch_size, sample_rate=sample_rate, seed=seed,
+                **kwargs)
         key = comm.shared_secret(16, self.group) if seed is None else None
         cls = ShardedDPOptimizer if sharded else DistributedDPOptimizer
         dp_opt = cls.adopt(dp_opt, group=self.group, key=key)

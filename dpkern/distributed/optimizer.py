@@ -73,22 +73,27 @@ class DistributedDPOptimizer(DPOptimizer):
         accs = [self.accumulator(p) for p in self.params]  # zeros where this rank saw nothing
         comm.all_reduce_sum_(accs, self.group)
 
-    def _reduce_counts(self) -> None:
-        n = torch.tensor([float(self.samples)], dtype=torch.float64)
+    def _reduce_counts(self) -> bool:
+        """Sums the rows over ranks (diagnostic) and whether every rank may step; returns the
+        latter. One collective, so a refusal is raised on every rank instead of leaving the
+        others waiting in the gradient sum."""
+        ok = self.backwards > 0 or self._empty_batch
+        n = torch.tensor([float(self.samples), 0.0 if ok else 1.0], dtype=torch.float64)
         if comm.is_distributed(self.group) and comm.world_size(self.group) > 1:
             n = n.to(comm.comm_device(self.group))
             dist.all_reduce(n, group=self.group)
-        self.global_samples = int(n.item())
+        self.global_samples = int(n[0].item())
+        return n[1].item() == 0
 
     def step(self, closure=None):
         # Every rank calls step() once per logical step, with or without local rows: the sums
         # below are collectives. The checks of DPOptimizer.step run after them on every rank.
-        if self.backwards == 0 and not self._empty_batch:
+        if not self._reduce_counts():
             raise RuntimeError(
-                "optimizer.step() without a new backward pass on this rank: if this rank's share "
+                "optimizer.step() without a new backward pass on some rank: if a rank's share "
                 "of the batch is empty, the DistributedDPDataLoader reports it (or call "
-                "optimizer.signal_empty_batch()); every rank must call step() each logical step")
-        self._reduce_counts()
+                "optimizer.signal_empty_batch() there); every rank must call step() each logical "
+                "step")
         self._reduce_accumulators()
         return super().step(closure)
 
@@ -127,6 +132,8 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
         if self.grad_postprocessors:
             raise ValueError("grad_postprocessors: not supported with FSDP2 (they need whole "
                              "matrices; each rank holds only its rows)")
+        if self.mechanism is not None:
+            raise ValueError("mechanism: only the Gaussian mechanism is supported with FSDP2")
         self.fused = False  # the fused kernel takes plain tensors; sharded steps use the inner opt
         self._rows: dict = {}
         world, me = comm.world_size(self.group), comm.rank(self.group)
@@ -168,12 +175,13 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
             local = local.contiguous()
             self.summed[p] = DTensor.from_local(local, p.device_mesh, p.placements,
                                                 shape=p.shape, stride=p.stride(), run_check=False)
-        self._noise_step = self.noise_generator.step  # the counter step the release will use
 
     def add_noise_(self, acc, std: float) -> None:
         """Noise of this rank's rows: local element k has global index global_offsets[p] + k."""
         if std <= 0:
             return
+        if self._release_step is None:
+            raise RuntimeError("ShardedDPOptimizer.add_noise_ runs inside step() only")
         p = next((q for q, a in self.summed.items() if a is acc), None)
         if p is None:
             raise RuntimeError("ShardedDPOptimizer.add_noise_: accumulator of no parameter")
@@ -181,7 +189,7 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
         local = acc.to_local()
         if local.numel():
             gaussian_noise_add_(local, std=float(std), offset=int(self.global_offsets[p]),
-                                words=self.noise_generator.kernel_words(self._noise_step),
+                                words=self.noise_generator.kernel_words(self._release_step),
                                 backend=self.noise_backend)
 
 

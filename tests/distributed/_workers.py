@@ -1,0 +1,188 @@
+"""What each rank runs in the distributed tests (module level, so spawned processes can import it),
+and the single-process runs they are compared with.
+
+The model is a tiny LM (Embedding -> Linear+bias -> GELU -> LayerNorm -> Linear) on random token
+ids; a record is (ids (T,), index). `run_suite` runs every distributed scenario in one process
+group (one spawn for the whole module keeps CI fast) and returns plain tensors / numbers.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+N_DATA, T, VOCAB, WIDTH = 40, 7, 29, 12
+PER_RANK = 4  # per-rank expected batch: global B_expected = PER_RANK * world
+LR, MOMENTUM, C, SEED = 0.5, 0.5, 1.0, 7
+MODES = ("plain", "ddp", "fsdp")
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.block = nn.Sequential(nn.Linear(WIDTH, 20), nn.GELU(), nn.LayerNorm(20))
+        self.head = nn.Linear(20, VOCAB, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.block(self.emb(ids)))
+
+
+def per_sample_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy of each sequence."""
+    logits = model(ids)[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none")
+    return ce.view(ids.shape[0], -1).mean(dim=1)
+
+
+def dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randint(0, VOCAB, (N_DATA, T), generator=g), torch.arange(N_DATA))
+
+
+def fixed_rows(n: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(2))
+
+
+def build(mode: str, device: torch.device):
+    """The model (same init on every process) as `mode` wants it, and its optimizer."""
+    torch.manual_seed(0)
+    model = TinyLM().to(device)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model.block)
+        fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    return model, opt
+
+
+def full_params(model) -> dict:
+    """{name: fp32 CPU copy of the whole parameter} (a collective under FSDP2)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.removeprefix("module.")] = t.detach().float().cpu().clone()
+    return out
+
+
+def _engine(mode: str, world: int):
+    if mode == "single":
+        from dpkern import PrivacyEngine
+        return PrivacyEngine(accountant="rdp")
+    from dpkern.distributed import DistributedPrivacyEngine
+    return DistributedPrivacyEngine(accountant="rdp")
+
+
+def train(mode: str, device, *, sigma: float, steps: int, world: int = 1, seed: int | None = SEED,
+          resume_after: int | None = None) -> dict:
+    """`steps` DP steps on Poisson batches. mode "single": PrivacyEngine, batch_size PER_RANK*world
+    (the single-process run a `world`-rank run must equal). resume_after=k: after k steps the
+    state is saved, a fresh model / optimizer / engine loads it and runs the rest."""
+    ds = dataset()
+    bsz = PER_RANK * world if mode == "single" else PER_RANK
+
+    def make():
+        model, opt = build("plain" if mode == "single" else mode, device)
+        eng = _engine(mode, world)
+        model, opt, loader = eng.make_private(
+            module=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=bsz),
+            noise_multiplier=sigma, max_grad_norm=C, seed=seed)
+        return model, opt, loader, eng
+
+    model, opt, loader, eng = make()
+    batches = _forever(loader)
+    rows, local = [], []
+    for k in range(steps):
+        if resume_after is not None and k == resume_after:
+            state = _save(model, opt, eng)
+            model, opt, loader, eng = make()
+            _load(state, model, opt, eng)
+            batches = _forever(loader)
+        ids, idx = next(batches)
+        rows.append(idx.tolist())
+        local.append(loader.local_sizes if hasattr(loader, "local_sizes") else [len(idx)])
+        ids = ids.to(device)
+        if ids.shape[0] > 0:
+            per_sample_loss(model, ids).mean().backward()
+        elif mode == "fsdp":  # FSDP's collectives need every rank's forward / backward
+            pad, _ = loader.padding_batch()
+            (per_sample_loss(model, pad.to(device)).mean() * 0).backward()
+        opt.step()
+        opt.zero_grad()
+    out = {"params": full_params(model), "eps": eng.get_epsilon(1e-5), "rows": rows,
+           "local_sizes": local, "noise_steps": opt.noise_steps,
+           "counter": opt.noise_generator.step}
+    if mode in ("plain", "ddp"):
+        out["in_sync"] = opt.in_sync(model)
+    return out
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _save(model, opt, eng) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "opt": opt.state_dict(), "engine": eng.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def _load(state: bytes, model, opt, eng) -> None:
+    st = torch.load(io.BytesIO(state), weights_only=False)
+    with torch.no_grad():
+        model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    eng.load_state_dict(st["engine"])
+
+
+def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: int = 0,
+             world: int = 1) -> dict:
+    """One step over fixed rows with data_loader=None: rank r gets rows_by_rank[r] rows of
+    fixed_rows (0 rows: the rank steps without a backward, or a zero-loss padding row under
+    FSDP). mode "single": all the rows in one process."""
+    model, opt = build("plain" if mode == "single" else mode, device)
+    eng = _engine(mode, world)
+    model, opt, _ = eng.make_private(module=model, optimizer=opt, data_loader=None,
+                                     noise_multiplier=sigma, max_grad_norm=C,
+                                     expected_batch_size=PER_RANK * world, sample_rate=0.2,
+                                     seed=SEED)
+    x = fixed_rows(sum(rows_by_rank)).to(device)
+    start = sum(rows_by_rank[:rank]) if mode != "single" else 0
+    n = rows_by_rank[rank] if mode != "single" else sum(rows_by_rank)
+    if n > 0:
+        per_sample_loss(model, x[start:start + n]).mean().backward()
+    else:
+        opt.signal_empty_batch()
+        if mode == "fsdp":
+            (per_sample_loss(model, fixed_rows(1).to(device)).mean() * 0).backward()
+    opt.step()
+    return {"params": full_params(model), "eps": eng.get_epsilon(1e-5),
+            "counter": opt.noise_generator.step}
+
+
+def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
+    """Every distributed scenario of tests/distributed, on this rank. Keys: (scenario, mode, ...)."""
+    from dpkern.distributed import NO_MULTICAST_ENV
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    out = {"env": {k: os.environ.get(k) for k in NO_MULTICAST_ENV}}
+    for mode, sigma in itertools.product(MODES, (0.0, 1.0)):
+        out[("train", mode, sigma)] = train(mode, device, sigma=sigma, steps=3, world=world)
+    for mode in ("ddp", "fsdp"):
+        out[("resume", mode)] = train(mode, device, sigma=1.0, steps=3, world=world,
+                                      resume_after=2)
+        out[("empty_rank", mode)] = one_step(mode, device, sigma=1.0, rank=rank, world=world,
+                                             rows_by_rank=[3] + [0] * (world - 1))
+        out[("all_empty", mode)] = one_step(mode, device, sigma=1.0, rank=rank, world=world,
+                                            rows_by_rank=[0] * world)
+    out[("secure", "ddp")] = train("ddp", device, sigma=1.0, steps=2, world=world, seed=None)
+    return out
