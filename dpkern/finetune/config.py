@@ -60,6 +60,7 @@ class FinetuneConfig:
     clipping: str = "flat"
     accountant: str = "prv"
     method: str = "dp-sgd"
+    accept_uncertified_epsilon: bool = False  # lmo-dp only: report LMO-DP's own (uncertified) ε
     secure_mode: bool = False
     # optimisation
     batch_size: int = 1024                 # logical (expected) batch size: q = batch_size / N
@@ -120,6 +121,12 @@ class FinetuneConfig:
                 bad("--delta", f"must be in (0, 1), got {self.delta}")
             if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
                 bad("--max-grad-norm", f"must be finite and > 0, got {self.max_grad_norm}")
+            if self.method == "lmo-dp" and self.noise_multiplier is not None:
+                bad("--noise-multiplier", "--method lmo-dp adds LMO-DP noise, not Gaussian: it is "
+                    "calibrated from --epsilon; drop --noise-multiplier")
+        if self.accept_uncertified_epsilon and not (self.private and self.method == "lmo-dp"):
+            bad("--accept-uncertified-epsilon", "only applies to a private run with --method "
+                "lmo-dp")
         if self.batch_size < 1:
             bad("--batch-size", f"must be >= 1, got {self.batch_size}")
         if self.physical_batch_size < 1:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 import random
 import time
 from datetime import datetime
@@ -28,7 +30,7 @@ from dpkern.finetune.train import Throughput, evaluate, train_step
 
 RESUME_KEYS = ("model", "data", "task", "max_length", "train_size", "dev_size", "private",
                "epsilon", "delta", "noise_multiplier", "max_grad_norm", "clipping", "accountant",
-               "method", "batch_size", "steps", "epochs", "lr", "trainable", "lora_r", "seed")
+               "method", "accept_uncertified_epsilon", "batch_size", "steps", "epochs", "lr", "trainable", "lora_r", "seed")
 
 
 def _device(name: str) -> torch.device:
@@ -161,9 +163,7 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         f" on {splits.source}: {n_train} train rows, {len(dev_ds)} dev, {len(test_ds)} test "
         f"({splits.test_name}); {steps} steps of expected batch {cfg.batch_size} on {device}")
     if plan:
-        log(f"privacy: σ={plan.noise_multiplier:.4f} calibrated by the {cfg.accountant} "
-            f"accountant for q={plan.sample_rate:.5f}, {steps} steps, C={cfg.max_grad_norm}, "
-            f"δ={cfg.delta:g}")
+        log(f"privacy ({cfg.method}): {plan.describe(cfg)}")
     log(f"run folder: {out}")
 
     eval_every = cfg.eval_every or max(1, math.ceil(steps / 4))
@@ -181,7 +181,7 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
 
     t_start = time.perf_counter()
     speed = Throughput()
-    eps = engine.get_epsilon(cfg.delta) if engine else None
+    eps = (engine.get_epsilon(cfg.delta) if start > 0 else 0.0) if engine else None
     bar = _progress(cfg, steps, start)
     batches = sampler.batches(steps - start)
     for step in range(start + 1, steps + 1):
@@ -228,16 +228,24 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     png = plot_curves(metrics.read(), out / "curves.png",
                       title=f"{Path(str(model_dir)).name} on {Path(splits.source).name}: {what}",
                       delta=cfg.delta if cfg.private else None)
+    label = privacy.get("epsilon_label")
     summary = {"private": cfg.private, "test_split": splits.test_name, f"test_{key}": test[key],
                "test_loss": test["loss"], "best_dev_step": best["step"],
                f"best_dev_{key}": sign * best["dev"], "epsilon": eps, "delta": cfg.delta
-               if cfg.private else None, "noise_multiplier": plan.noise_multiplier if plan
-               else None, "steps": steps, "train_seconds": train_time, "run_dir": str(out),
-               "model_dir": str(model_dir_out), "plot": str(png), "method": cfg.method}
+               if cfg.private else None, "noise_multiplier": plan.noise_multiplier if plan and
+               plan.mechanism is None else None, "steps": steps, "train_seconds": train_time, "run_dir": str(out),
+               "model_dir": str(model_dir_out), "plot": str(png), "method": cfg.method,
+               "epsilon_certified": privacy.get("epsilon_certified"), "epsilon_label": label}
+    if "certified_epsilon_same_noise" in privacy:
+        summary["certified_epsilon_same_noise"] = privacy["certified_epsilon_same_noise"]
     write_json(out / "summary.json", summary)
     log(f"{splits.test_name} {key}: {test[key]:.4f} (model of step {best['step']}, chosen on dev)"
-        + (f"; ε spent = {eps:.3f} at δ = {cfg.delta:g} ({cfg.accountant})" if plan else
+        + (f"; ε spent = {eps:.3f} at δ = {cfg.delta:g} ({label})" if plan else
            "; NON-PRIVATE (no ε)") + f"; training took {train_time:.0f} s")
+    if plan and not plan.certified:
+        log(f"WARNING: ε = {eps:.3f} is LMO-DP's own accounting, NOT CERTIFIED; a proven bound for "
+            f"the noise this run added is ε = {privacy['certified_epsilon_same_noise']:.3f} "
+            f"(see privacy.json)")
     return summary
 
 
@@ -250,10 +258,21 @@ def _progress(cfg: FinetuneConfig, steps: int, start: int):
 
 
 def _save_model(model, tok, path: Path) -> None:
-    """The selected model (with its wrappers' forwards untouched: state only) and tokenizer."""
-    path.mkdir(parents=True, exist_ok=True)
+    """The selected model (with its wrappers' forwards untouched: state only) and tokenizer.
+
+    Written into ``<path>.tmp`` and renamed over ``path`` at the end: an interrupted save never
+    leaves a half-written model folder (the previous one, if any, stays until the rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     target = model
     if hasattr(model, "merge_and_unload"):  # LoRA: save the merged full model
         target = copy.deepcopy(model).merge_and_unload()
-    target.save_pretrained(str(path))
-    tok.save_pretrained(str(path))
+    target.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,11 @@
 ``dp-sgd``       per-sample clipping + Gaussian noise (the engine).
 ``rmt-denoise``  dp-sgd, then RMT singular-value shrinkage of every released weight-gradient
                  matrix (``dpkern.denoise``): post-processing, the same ε.
-``dp-sft``, ``lmo-dp``: wired once their modules land; until then a clear error before training.
+``lmo-dp``       per-sample clipping + LMO-DP noise (``dpkern.mechanisms.LMOMechanism``) instead
+                 of the Gaussian; ε is LMO-DP's certified bound unless the run opts into the
+                 paper's own (uncertified, labelled) ε. Calibration: privacy.calibrate_lmo.
+``dp-sft``       wired once ``dpkern.subspace`` offers a usable API; until then a clear error
+                 before training.
 """
 from __future__ import annotations
 
@@ -38,10 +42,10 @@ def check_method(cfg: FinetuneConfig) -> str:
     except ImportError:
         raise FinetuneError(f"--method {cfg.method}: not available yet in this build ({module} "
                             "is missing); use --method dp-sgd") from None
-    if cfg.method in ("dp-sft", "lmo-dp"):
-        raise FinetuneError(f"--method {cfg.method}: not available yet in `dpkern finetune` (the "
-                            "engine does not take this method yet); use --method dp-sgd or "
-                            "rmt-denoise")
+    if cfg.method == "dp-sft":
+        raise FinetuneError("--method dp-sft: not available yet in `dpkern finetune` (dpkern."
+                            "subspace has no stable API for the job yet); use --method dp-sgd, "
+                            "rmt-denoise or lmo-dp")
     return cfg.method
 
 
@@ -57,10 +61,12 @@ def make_private(cfg: FinetuneConfig, method: str, model, optimizer, plan):
     try:
         model, optimizer, _ = engine.make_private(
             module=model, optimizer=optimizer, data_loader=None,
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            noise_multiplier=None if plan.mechanism is not None else plan.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
             clipping=cfg.clipping.replace("-", "_"), loss_reduction="mean",
             expected_batch_size=cfg.batch_size, sample_rate=plan.sample_rate,
-            grad_postprocessors=post or None)
+            grad_postprocessors=post or None, mechanism=plan.mechanism,
+            seed=cfg.extra.get("noise_seed"))  # tests only: the noise seed stays secret otherwise
     except (ValueError, TypeError) as e:
         raise FinetuneError(f"--model: the DP engine cannot make this model private: {e}") from None
     engine.optimizer = optimizer

@@ -2,11 +2,17 @@
 
 Calibration happens before the model is loaded, so an impossible budget (one that needs more noise
 than any useful run can carry) is an error before training, not a run that learns nothing.
+
+``--method lmo-dp`` swaps the Gaussian for LMO-DP noise (dpkern.mechanisms): the paper's default
+configuration with its inverse scale u multiplied by one factor s, the largest s whose ε(δ) over the
+planned steps stays ≤ the target. By default ε is LMO-DP's *certified* bound (valid for any model
+size); ``accept_uncertified_epsilon`` calibrates and reports the paper's own ε instead, labelled
+"not certified", with the certified ε of the same noise beside it in privacy.json.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from dpkern.finetune.config import FinetuneConfig, FinetuneError
 
@@ -21,18 +27,42 @@ class PrivatePlan:
     sample_rate: float
     steps: int
     target_epsilon: float | None
+    mechanism: object = None          # a dpkern.mechanisms.LMOMechanism for lmo-dp, else None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def certified(self) -> bool:
+        return self.mechanism is None or bool(self.mechanism.certified)
+
+    def describe(self, cfg: FinetuneConfig) -> str:
+        """One line for the log: the noise and how it was calibrated."""
+        if self.mechanism is None:
+            how = (f"calibrated by the {cfg.accountant} accountant" if self.target_epsilon
+                   is not None else "given")
+            return (f"σ={self.noise_multiplier:.4f} {how} for q={self.sample_rate:.5f}, "
+                    f"{self.steps} steps, C={cfg.max_grad_norm}, δ={cfg.delta:g}")
+        d = self.details
+        return (f"LMO-DP noise (u scaled by {d['scale']:.4g}, noise std {d['noise_std']:.4g} per "
+                f"coordinate) calibrated to the {d['accounting']} ε for q={self.sample_rate:.5f}, "
+                f"{self.steps} steps, C={cfg.max_grad_norm}, δ={cfg.delta:g}"
+                + ("" if self.certified else " — ε NOT CERTIFIED (LMO-DP's own accounting)"))
 
     def report(self, cfg: FinetuneConfig, steps_done: int, epsilon: float | None, n_train: int,
                engine=None) -> dict:
         """The privacy report written to privacy.json (what the numbers mean is in the README)."""
-        return {
+        rep = engine.get_epsilon_report(cfg.delta) if engine is not None else None
+        out = {
             "private": True,
             "epsilon": epsilon,
             "delta": cfg.delta,
-            "accountant": cfg.accountant,
+            "epsilon_certified": self.certified,
+            "epsilon_label": rep.label if rep is not None else None,
+            "accountant": cfg.accountant if self.mechanism is None else
+            f"LMO-DP {self.mechanism.accounting}",
             "target_epsilon": self.target_epsilon,
-            "noise_multiplier": self.noise_multiplier,
-            "noise_std_per_coordinate": self.noise_multiplier * cfg.max_grad_norm,
+            "noise_multiplier": self.noise_multiplier if self.mechanism is None else None,
+            "noise_std_per_coordinate": (self.noise_multiplier * cfg.max_grad_norm
+                                         if self.mechanism is None else self.details["noise_std"]),
             "max_grad_norm": cfg.max_grad_norm,
             "clipping": cfg.clipping,
             "sample_rate": self.sample_rate,
@@ -48,6 +78,20 @@ class PrivatePlan:
             "not_covered": "dev-set model selection touches only the dev rows, never the "
                            "training rows; the logged train loss is a non-private diagnostic",
         }
+        if self.mechanism is not None:
+            m = self.mechanism
+            out["mechanism"] = {"name": "lmo-dp", "params": m.params.as_dict(),
+                                "scale_of_paper_default": self.details["scale"],
+                                "accounting": m.accounting}
+            if not m.certified:  # the same noise's certified ε, beside the paper's number
+                done = out["noise_steps"] if out["noise_steps"] is not None else steps_done
+                cert = m.certified_epsilon(sample_rate=self.sample_rate, steps=done,
+                                           delta=cfg.delta)
+                out["certified_epsilon_same_noise"] = cert.epsilon
+                out["warning"] = ("epsilon is LMO-DP's reported value, NOT a certified guarantee "
+                                  "(see dpkern/mechanisms/README.md); certified_epsilon_same_noise "
+                                  "is a proven bound for the noise this run added")
+        return out
 
 
 def calibrate(cfg: FinetuneConfig, n_train: int, steps: int) -> PrivatePlan:
@@ -61,6 +105,8 @@ def calibrate(cfg: FinetuneConfig, n_train: int, steps: int) -> PrivatePlan:
     if cfg.delta >= 1.0 / n_train:
         raise FinetuneError(f"--delta {cfg.delta:g} is not below 1/N = {1.0 / n_train:.3g}: such a "
                             "δ allows releasing a whole row; use a smaller --delta")
+    if cfg.method == "lmo-dp":
+        return calibrate_lmo(cfg, q, steps)
     if cfg.noise_multiplier is not None:
         return PrivatePlan(float(cfg.noise_multiplier), q, steps, None)
     try:
@@ -75,3 +121,62 @@ def calibrate(cfg: FinetuneConfig, n_train: int, steps: int) -> PrivatePlan:
     if not math.isfinite(sigma) or sigma <= 0:
         raise FinetuneError(f"--epsilon {cfg.epsilon:g}: calibration gave σ = {sigma}")
     return PrivatePlan(sigma, q, steps, cfg.epsilon)
+
+
+def _lmo(cfg: FinetuneConfig, scale: float):
+    """LMO-DP noise: the paper's default configuration with u (the inverse Laplace scale)
+    multiplied by ``scale`` (a1, a3, a4 scaled), clip norm C, the run's accounting."""
+    from dpkern.mechanisms import PAPER_DEFAULT, LMOMechanism
+    base = PAPER_DEFAULT
+    params = replace(base, a1=base.a1 * scale, a3=base.a3 * scale, a4=base.a4 * scale)
+    if cfg.accept_uncertified_epsilon:
+        return LMOMechanism(params, cfg.max_grad_norm, accounting="reported",
+                            accept_uncertified_epsilon=True)
+    return LMOMechanism(params, cfg.max_grad_norm, accounting="certified")
+
+
+def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 12) -> PrivatePlan:
+    """The largest u-scale s (least noise) whose ε(δ) after ``steps`` is ≤ the target.
+
+    ε grows with s (less noise); the search keeps ε(lo) ≤ target at every step, so the result
+    never overshoots. s is bounded below where the noise's Gaussian-like σ = 1/(s·√E[u²]) reaches
+    MAX_USEFUL_SIGMA: a target that needs more noise is an impossible budget.
+    """
+    from dpkern.mechanisms import PAPER_DEFAULT
+
+    target = float(cfg.epsilon)
+
+    def eps(s: float) -> float:
+        try:
+            return float(_lmo(cfg, s).epsilon(sample_rate=q, steps=steps, delta=cfg.delta).epsilon)
+        except ValueError:  # no finite ε at any order (too little noise)
+            return math.inf
+
+    lo = 1.0 / (MAX_USEFUL_SIGMA * math.sqrt(PAPER_DEFAULT.second_moment_u()))
+    e_lo = eps(lo)
+    if not e_lo <= target:
+        raise FinetuneError(
+            f"--epsilon {target:g}: impossible budget for lmo-dp over {steps} steps at q = {q:.4g} "
+            f"(δ = {cfg.delta:g}): even noise as strong as a Gaussian of σ = {MAX_USEFUL_SIGMA:g} "
+            f"spends ε = {e_lo:.3g}. Use fewer --steps/--epochs, a smaller --batch-size, or a "
+            "larger --epsilon.")
+    hi = lo
+    while True:  # bracket: ε(lo) <= target < ε(hi)
+        hi *= 4.0
+        if hi > 1e6:
+            break
+        if not eps(hi) <= target:
+            break
+        lo = hi
+    if hi <= 1e6:
+        for _ in range(iters):
+            mid = math.sqrt(lo * hi)
+            if eps(mid) <= target:
+                lo = mid
+            else:
+                hi = mid
+    mech = _lmo(cfg, lo)
+    std = mech.noise_std()
+    return PrivatePlan(0.0, q, steps, target, mechanism=mech,
+                       details={"scale": lo, "noise_std": std, "accounting": mech.accounting,
+                                "planned_epsilon": eps(lo)})

@@ -1,0 +1,126 @@
+"""`dpkern finetune --method ...`: lmo-dp (certified by default, the paper's ε only on opt-in and
+labelled), rmt-denoise, dp-sft (a clear error until dpkern.subspace offers an API).
+
+The ε checks recompute the number independently from the mechanism written to privacy.json, so a
+job that reported the wrong accounting (or the Gaussian one) would fail them.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import dpkern.mechanisms.lmo as lmo_mod
+from dpkern.cli import main
+from dpkern.mechanisms import LMOMechanism, LMOParams
+
+FAST = ["--steps", "3", "--batch-size", "32", "--physical-batch-size", "16", "--trainable", "all",
+        "--no-progress"]
+
+
+def cli(capsys, tmp_path, tiny_model, tiny_data, *args):
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(tiny_model), "--data", str(tiny_data), *FAST,
+                 "--output-dir", str(out), *args])
+    std = capsys.readouterr()
+    return code, std.out, std.err, out
+
+
+@pytest.fixture
+def lmo_calls(monkeypatch):
+    """Counts LMO-DP noise additions (the mechanism really runs, not the Gaussian)."""
+    calls = {"n": 0}
+    real = lmo_mod.LMOMechanism.add_noise_
+
+    def spy(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(lmo_mod.LMOMechanism, "add_noise_", spy)
+    return calls
+
+
+def test_lmo_default_is_certified(capsys, tmp_path, tiny_model, tiny_data, lmo_calls):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp")
+    assert code == 0, err
+    assert "certified upper bound" in out and "NOT CERTIFIED" not in out
+    p = json.loads((run / "privacy.json").read_text())
+    assert p["method"] == "lmo-dp" and p["epsilon_certified"] is True
+    assert p["noise_steps"] == 3 and p["noise_multiplier"] is None
+    assert 2.8 < p["epsilon"] <= 3.0, "calibrated to the target, never over it"
+    assert lmo_calls["n"] >= 3, "LMO-DP noise must be added at every step"
+    mech = LMOMechanism(LMOParams(**p["mechanism"]["params"]), 1.0, accounting="certified")
+    again = mech.certified_epsilon(sample_rate=32 / 400, steps=3, delta=1e-5).epsilon
+    assert p["epsilon"] == pytest.approx(again, rel=1e-12)
+    assert p["noise_std_per_coordinate"] == pytest.approx(mech.noise_std(), rel=1e-9)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["epsilon_certified"] is True and s["epsilon"] == p["epsilon"]
+
+
+def test_lmo_reported_epsilon_needs_opt_in_and_is_labelled(capsys, tmp_path, tiny_model,
+                                                           tiny_data, lmo_calls):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp",
+                              "--accept-uncertified-epsilon")
+    assert code == 0, err
+    assert "as reported by LMO-DP, not certified" in out and "NOT CERTIFIED" in out
+    assert "WARNING" in out
+    p = json.loads((run / "privacy.json").read_text())
+    assert p["epsilon_certified"] is False and "not certified" in p["epsilon_label"]
+    assert 2.8 < p["epsilon"] <= 3.0 and "NOT a certified" in p["warning"]
+    params = LMOParams(**p["mechanism"]["params"])
+    rep = LMOMechanism(params, 1.0, accounting="reported", accept_uncertified_epsilon=True)
+    assert p["epsilon"] == pytest.approx(
+        rep.reported_epsilon(sample_rate=32 / 400, steps=3, delta=1e-5).epsilon, rel=1e-12)
+    cert = LMOMechanism(params, 1.0, accounting="certified").certified_epsilon(
+        sample_rate=32 / 400, steps=3, delta=1e-5).epsilon
+    assert p["certified_epsilon_same_noise"] == pytest.approx(cert, rel=1e-12)
+    assert cert > p["epsilon"], "the paper's number understates the certified one"
+    assert lmo_calls["n"] >= 3
+
+
+def test_accept_uncertified_only_with_lmo(capsys, tmp_path, tiny_model, tiny_data):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data,
+                              "--accept-uncertified-epsilon")
+    assert code == 2 and "--accept-uncertified-epsilon" in err and "lmo-dp" in err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_lmo_refuses_noise_multiplier(capsys, tmp_path, tiny_model, tiny_data):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp",
+                              "--noise-multiplier", "1.0")
+    assert code == 2 and "--noise-multiplier" in err and "lmo-dp" in err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_lmo_impossible_budget(capsys, tmp_path, tiny_model, tiny_data):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp",
+                              "--epsilon", "0.001", "--batch-size", "200", "--steps", "400")
+    assert code == 2 and "impossible budget" in err and "--epsilon" in err, err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_rmt_denoise_same_epsilon_as_dp_sgd(capsys, tmp_path, tiny_model, tiny_data, monkeypatch):
+    """rmt-denoise is post-processing: same σ and ε as dp-sgd, and the denoiser really runs."""
+    import dpkern.denoise as denoise
+    calls = {"n": 0}
+    real = denoise.RMTDenoiser.__call__
+
+    def spy(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(denoise.RMTDenoiser, "__call__", spy)
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "rmt-denoise")
+    assert code == 0, err
+    p = json.loads((run / "privacy.json").read_text())
+    code2, _, err2, run2 = cli(capsys, tmp_path / "b", tiny_model, tiny_data)
+    assert code2 == 0, err2
+    q = json.loads((run2 / "privacy.json").read_text())
+    assert p["noise_multiplier"] == q["noise_multiplier"] and p["epsilon"] == q["epsilon"]
+    assert p["epsilon_certified"] is True and calls["n"] == 3
+
+
+def test_dp_sft_not_available_is_clear(capsys, tmp_path, tiny_model, tiny_data):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "dp-sft")
+    assert code == 2 and "--method dp-sft" in err and "not available" in err, err
+    assert not (run / "metrics.jsonl").exists()
