@@ -185,4 +185,42 @@ def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
         out[("all_empty", mode)] = one_step(mode, device, sigma=1.0, rank=rank, world=world,
                                             rows_by_rank=[0] * world)
     out[("secure", "ddp")] = train("ddp", device, sigma=1.0, steps=2, world=world, seed=None)
+    out["refusals"] = refusals(rank, world, device)
     return out
+
+
+def refusals(rank: int, world: int, device) -> dict:
+    """Error messages (or None) of what must be refused, the same way on every rank."""
+    from dpkern.distributed import DistributedPrivacyEngine
+    got = {}
+    model, opt = build("ddp", device)
+    model, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0, max_grad_norm=C,
+        expected_batch_size=PER_RANK * world, sample_rate=0.2, seed=SEED)
+    if rank == 0:  # the other ranks neither backward nor report an empty share
+        per_sample_loss(model, fixed_rows(2).to(device)).mean().backward()
+    try:
+        opt.step()
+        got["step_without_backward"] = None
+    except RuntimeError as e:
+        got["step_without_backward"] = str(e)
+    model, opt = build("fsdp", device)
+    try:
+        DistributedPrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0, max_grad_norm=C,
+            expected_batch_size=PER_RANK * world, sample_rate=0.2, seed=SEED,
+            grad_postprocessors=[lambda grads, std: None])
+        got["fsdp_postprocessors"] = None
+    except ValueError as e:
+        got["fsdp_postprocessors"] = str(e)
+    return got
+
+
+def hang_or_fail(rank: int, world: int, what: str):
+    """For the launcher tests: rank 1 raises or hangs."""
+    import time
+    if rank == 1 and what == "fail":
+        raise ValueError("rank one fails on purpose")
+    if rank == 1 and what == "hang":
+        time.sleep(3600)
+    return rank
