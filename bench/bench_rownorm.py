@@ -12,8 +12,8 @@ DTYPES = registry.torch_dtypes("rownorm_sq")
 
 
 def _backends():
-    if not HAS_GPU:
-        return ["torch"]
+    if not HAS_GPU:  # quick mode: the reference and the Triton kernel under TRITON_INTERPRET
+        return ["torch", "triton"]
     return ["torch", "triton"] + (["cuda"] if dpkern.cuda_available() else [])
 
 

@@ -211,7 +211,7 @@ def outcomes_from_log(log_path) -> dict:
 
 def import_run(run_dir, to=DEFAULT_FILE) -> int:
     """Append a gpu_all.sh run folder (bench.json, env.txt, bench.log) to the history file."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     env = parse_env_txt(run_dir / "env.txt")
     env.update(source=str(run_dir.relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT)
                           else run_dir), quick=False)
