@@ -1,0 +1,342 @@
+"""DP-SFT stage 2 through the engine: chosen Linear weights are clipped, summed and noised on the
+r×r coordinates S = Uᵀ G V of a per-layer subspace; every other private parameter as usual.
+
+    engine = SubspacePrivacyEngine(accountant="prv")
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
+        noise_multiplier=σ, max_grad_norm=C, subspace={"encoder.dense": (U, V)})
+    ... the ordinary DP loop (engine_README.md) ...
+
+Math and accounting: dpkern/subspace/README.md. Per backward pass (end of the tape):
+
+* projected weight W (p × d), uses (a, g): S_i = (g_i U)ᵀ (a_i V) (B, ru, rv) fp32 by the fused
+  kernel; the sample's bound ‖S_i‖ is computed in fp64 from the S_i that are summed (inflated by
+  1 + 2^-28 for the fp64 norm and sum), so no kernel-error term is needed;
+* full parameters: the engine's norms and release bounds; one flat norm over everything;
+* projected sums Σ_i c_i S_i kept in fp64 (ru × rv per layer: memory O(ru·rv + r(p + d))).
+
+At step(): S̃ = (Σ c_i S_i + σC·z) / B_expected with z from the optimizer's NoiseGenerator at the
+release's counter step and the weight's global offset (the same z the engine would draw for the
+first ru·rv elements of W), then W.grad = U S̃ Vᵀ (or, for plain SGD, W -= lr·(U S̃) Vᵀ without a
+p × d gradient). The accountant is charged as for any DP-SGD step: every released coordinate has
+sensitivity ≤ C jointly and noise std σC.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dpkern import engine as _engine_mod
+from dpkern.engine import PrivacyEngine, _Clipper
+from dpkern.layers import unwrap_model
+from dpkern.layers.bounds import release_bounds
+from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
+from dpkern.optim.clipping import clip_factors, round_down_f32
+from dpkern.optim.dp_optimizer import DPOptimizer
+from dpkern.subspace.ops import subspace_project
+
+__all__ = ["SubspacePrivacyEngine", "SubspaceDPOptimizer", "check_basis"]
+
+# ‖Ŝ_i‖ in fp64 from fp32 entries (relative error ≤ (r² + 2)·2^-53) and the fp64 sum of B products
+# c_i Ŝ_i (exact products; each term perturbed by ≤ γ_B ≤ 2^-32 for B ≤ 2^20): 2^-28 covers both.
+_S_MARGIN = 1.0 + 2.0 ** -28
+_ORTHO_TOL = 1e-4
+
+
+def check_basis(name: str, weight: torch.Tensor, u, v) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate bases of a (p × d) weight: u (p, ru), v (d, rv) with orthonormal columns, finite,
+    1 ≤ ru ≤ p, 1 ≤ rv ≤ d. Returns fp32 contiguous copies on the weight's device."""
+    if weight.dim() != 2:
+        raise ValueError(f"subspace[{name!r}]: only 2-D weights can be projected, got shape "
+                         f"{tuple(weight.shape)}")
+    p, d = weight.shape
+    out = []
+    for nm, x, rows in (("U", u, p), ("V", v, d)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise TypeError(f"subspace[{name!r}]: {nm} must be a 2-D float tensor")
+        if x.shape[0] != rows or not 1 <= x.shape[1] <= rows:
+            raise ValueError(f"subspace[{name!r}]: {nm} must be ({rows}, r) with 1 <= r <= {rows} "
+                             f"for weight {tuple(weight.shape)}, got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"subspace[{name!r}]: {nm} has non-finite entries")
+        x = x.detach().to(device=weight.device, dtype=torch.float32).contiguous()
+        gram = x.double().T @ x.double()
+        err = (gram - torch.eye(x.shape[1], dtype=torch.float64, device=x.device)).abs().max()
+        if float(err) > _ORTHO_TOL:
+            raise ValueError(f"subspace[{name!r}]: {nm} must have orthonormal columns (max |{nm}ᵀ"
+                             f"{nm} - I| = {float(err):.2e}); use dpkern.subspace.orthonormalize")
+        out.append(x)
+    return out[0], out[1]
+
+
+class _SubspaceClipper(_Clipper):
+    """_Clipper with projected weights: their per-sample contribution is S_i on the r×r coordinates."""
+
+    def __call__(self, uses: dict) -> None:
+        opt = self.optimizer
+        proj = getattr(opt, "bases", {})
+        if not proj:
+            return super().__call__(uses)
+        params = [p for p in self.private if p in uses]
+        sizes = {(batch_size(u), u.path) for p in params for u in uses[p]}
+        if len({b for b, _ in sizes}) > 1:
+            raise RuntimeError("layers saw different batch sizes in one backward pass ("
+                               + ", ".join(f"{w}: {b}" for b, w in sorted(sizes)) + ")")
+        bsz = next(iter(sizes))[0] if sizes else 0
+        if bsz == 0:
+            opt.note_backward(0)
+            return
+        refuse = getattr(_engine_mod, "_refuse_low_precision_mean", None)
+        if self.loss_reduction == "mean" and refuse is not None:
+            refuse(uses, params)
+        s = float(bsz) if self.loss_reduction == "mean" else 1.0
+        full = [p for p in params if p not in proj]
+        sub = [p for p in params if p in proj]
+        n_full = norms_sq(uses, full, backend=self.backend) if full else []
+        b_full = [u * s for u in release_bounds(uses, full, n_full)] if full else []
+        coords, n_sub, b_sub = {}, [], []
+        for p in sub:
+            lin = uses[p]
+            if not all(isinstance(u, LinearUse) for u in lin):
+                raise RuntimeError(f"projected weight {self.private[p]!r} has a non-Linear use "
+                                   f"({', '.join(u.path for u in lin)}): only Linear / Conv1D "
+                                   "weights can be projected")
+            a = lin[0].a if len(lin) == 1 else torch.cat([u.a for u in lin], dim=1)
+            g = lin[0].g if len(lin) == 1 else torch.cat([u.g for u in lin], dim=1)
+            u_b, v_b = proj[p]
+            s_i, n2 = subspace_project(a, g, u_b, v_b, backend=self.backend)
+            s64 = s_i.double()
+            nrm = s64.flatten(1).norm(dim=1) * (_S_MARGIN * s)
+            coords[p] = s64
+            n_sub.append(n2)
+            b_sub.append(torch.where(torch.isfinite(nrm), nrm, math.inf))
+        by_p = dict(zip(full, zip(n_full, b_full))) | dict(zip(sub, zip(n_sub, b_sub)))
+        bounds = [by_p[p][1] for p in params]
+        per_param = [self.per_param[p] for p in params] if self.per_param else None
+        factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
+                                       self.gamma)
+        n_bad = int(bsz - finite.sum().item())
+        opt.last_clip = {self.private[p]: (by_p[p][0].double() * (s * s), by_p[p][1])
+                         for p in params}
+        scales, opt.last_scales = {}, {}
+        for p, c in zip(params, factors):
+            p_uses = uses.pop(p)
+            sc = scales.get(id(c))
+            if sc is None:  # c·s rounded down: the factor applied keeps c U ≤ C
+                sc = scales[id(c)] = round_down_f32(c * s)
+            if p in proj:
+                if p not in opt.bases:
+                    continue
+                s64 = torch.where(finite.view(-1, 1, 1), coords[p], 0.0)
+                opt.last_scales[self.private[p]] = sc
+                part = torch.einsum("b,brs->rs", sc.double(), s64)
+                acc = opt.sub_summed.get(p)
+                opt.sub_summed[p] = part if acc is None else acc.add_(part)
+                continue
+            if p not in opt.params:
+                continue
+            if n_bad:
+                p_uses = [u.zero_samples(finite) for u in p_uses]
+            acc = opt.summed.get(p)
+            if acc is None and not isinstance(p_uses[0], LinearUse):
+                acc = opt.accumulator(p)
+            opt.last_scales[self.private[p]] = sc
+            opt.summed[p] = bookkeep(p_uses, sc, acc, backend=self.backend)
+        opt.note_backward(bsz, n_bad)
+
+
+class SubspaceDPOptimizer(DPOptimizer):
+    """DPOptimizer whose projected weights (`bases`: {param: (U, V)}) are released on their r×r
+    coordinates. Same arguments as DPOptimizer; bases are set by SubspacePrivacyEngine.
+
+    Attributes:
+        bases: {param: (U (p, ru), V (d, rv))} fp32, orthonormal columns.
+        last_released: {name: S̃ (ru, rv) fp32}, the noisy averaged coordinates of the last step.
+        fused_backprojection: plain SGD (momentum 0) applies W -= lr (U S̃) Vᵀ directly.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bases: dict = {}
+        self.sub_summed: dict = {}
+        self.last_released: dict = {}
+        self.fused_backprojection = True
+        self._projected: dict = {}  # param -> name, projected parameters removed from self.params
+        self._sub_grads: dict = {}
+        # Run at the very end of step(), after the projected weights moved (refreshers).
+        self.post_step_hooks: list = []
+
+    def set_bases(self, bases: dict) -> None:
+        """{param: (U, V)}: project these private weights from the next backward on (between steps
+        only). Parameters dropped from the mapping go back to the full release."""
+        if self.sub_summed or self.backwards:
+            raise RuntimeError("set_bases: call it between steps (a backward pass is pending)")
+        names = dict(self.params) | self._projected
+        new = {}
+        for p, (u, v) in bases.items():
+            if p not in names:
+                raise ValueError("subspace: a parameter is not a private parameter of this "
+                                 "optimizer")
+            new[p] = check_basis(names[p], p, u, v)
+        from collections import OrderedDict
+        self.params = OrderedDict((p, n) for p, n in names.items() if p not in new)
+        # keep model order for the projected ones too
+        order = list(self.global_offsets)
+        self._projected = {p: names[p] for p in order if p in new}
+        self.bases = {p: new[p] for p in self._projected}
+
+    def _check_projected_grads(self) -> None:
+        for p, name in self._projected.items():
+            g = p.grad
+            mine = self._sub_grads.get(p)
+            if g is not None and (mine is None or mine[0] is not g or mine[1] != g._version):
+                raise RuntimeError(f"gradients found from outside the engine on parameter "
+                                   f"{name!r} (projected): that gradient was never clipped")
+
+    def _backproj_sgd(self):
+        """(lr, weight_decay) for the fused back-projection, or None."""
+        opt = self.original_optimizer
+        if not self.fused_backprojection or type(opt) is not torch.optim.SGD:
+            return None
+        for g in self.param_groups:
+            if g["momentum"] != 0 or g.get("maximize") or g.get("differentiable"):
+                return None
+        return True
+
+    @torch.no_grad()
+    def _released_coords(self, step: int) -> dict:
+        std = self.noise_multiplier * self.max_grad_norm
+        norm = self.expected_batch_size if self.loss_reduction == "mean" else 1
+        out = {}
+        from dpkern.mechanisms.noise_ops import gaussian_noise_add_
+        for p in self._projected:
+            u, v = self.bases[p]
+            acc = self.sub_summed.get(p)
+            if acc is None:
+                acc = torch.zeros(u.shape[1], v.shape[1], dtype=torch.float64, device=u.device)
+            z = torch.zeros(u.shape[1] * v.shape[1], dtype=torch.float32, device=u.device)
+            if std > 0:
+                gaussian_noise_add_(z, std=std, words=self.noise_generator.kernel_words(step),
+                                    offset=int(self.global_offsets[p]), backend=self.noise_backend)
+            out[p] = ((acc + z.double().view_as(acc)) / norm).float()
+        return out
+
+    def step(self, closure=None):
+        if not self._projected:
+            loss = super().step(closure)
+            for hook in self.post_step_hooks:
+                hook(self)
+            return loss
+        self._check_projected_grads()
+        step = self.noise_generator.step  # the counter step super().step() is about to reserve
+        released = self._released_coords(step)
+        sgd = self._backproj_sgd()
+        fused = self.fused_available()
+        if sgd is None and not fused:  # the inner optimizer's one step sees these grads
+            for p, s_t in released.items():
+                u, v = self.bases[p]
+                p.grad = (u @ s_t @ v.T).to(p.dtype)
+        try:
+            loss = super().step(closure)
+        except Exception:
+            for p in self._projected:
+                p.grad = None
+            raise
+        if self.noise_generator.step != step + 1:
+            raise RuntimeError("SubspaceDPOptimizer: the noise counter moved unexpectedly")
+        self.last_released = {self._projected[p]: s for p, s in released.items()}
+        with torch.no_grad():
+            if sgd is not None:
+                by_group = {id(p): g for g in self.param_groups for p in g["params"]}
+                for p, s_t in released.items():
+                    grp = by_group[id(p)]
+                    u, v = self.bases[p]
+                    if grp["weight_decay"]:
+                        p.mul_(1.0 - grp["lr"] * grp["weight_decay"])
+                    p.addmm_((u @ s_t).to(p.dtype), v.T.to(p.dtype), alpha=-grp["lr"])
+                    p.grad = None
+            elif fused:  # super() ran the fused kernel on the full parameters only
+                for p, s_t in released.items():
+                    u, v = self.bases[p]
+                    p.grad = (u @ s_t @ v.T).to(p.dtype)
+                self.original_optimizer.step()  # only projected params hold a grad now
+        self._sub_grads = {p: (p.grad, p.grad._version) for p in self._projected
+                           if p.grad is not None}
+        self.sub_summed = {}
+        for hook in self.post_step_hooks:
+            hook(self)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p in self._projected:
+            p.grad = None
+        self.sub_summed, self._sub_grads = {}, {}
+
+
+class SubspacePrivacyEngine(PrivacyEngine):
+    """PrivacyEngine with DP-SFT projected layers (`subspace=` in make_private).
+
+    Stages share this engine's accountant: run stage 1 (plain DP-SGD, make_private without
+    subspace), `finish_stage(model)`, then make_private again with the bases; get_epsilon()
+    composes both stages (README.md here).
+    """
+
+    clipper_class = _SubspaceClipper
+    optimizer_class = SubspaceDPOptimizer
+
+    def make_private(self, *, module: torch.nn.Module, subspace: dict | None = None, **kwargs):
+        """PrivacyEngine.make_private plus `subspace`: {layer path | weight name | weight
+        parameter: (U (p, ru), V (d, rv))} for Linear / Conv1D weights W (p × d) (Conv1D: W is
+        stored (d_in, d_out); give U for its rows and V for its columns). Returns the same triple.
+        """
+        if subspace and kwargs.get("mechanism") is not None:
+            raise ValueError("subspace: projected layers support the Gaussian mechanism only")
+        if subspace is not None and not isinstance(subspace, dict):
+            raise TypeError(f"subspace must be a dict {{layer: (U, V)}}, got {type(subspace).__name__}")
+        resolved = self._resolve(module, subspace or {})  # before wrapping: refuse early
+        module, opt, loader = super().make_private(module=module, **kwargs)
+        if resolved:
+            opt.set_bases(resolved)
+        return module, opt, loader
+
+    def set_subspace(self, subspace: dict, module: torch.nn.Module | None = None) -> None:
+        """Replace the bases between steps (refresh); keys as in make_private."""
+        opt = self.optimizer
+        if not isinstance(opt, SubspaceDPOptimizer):
+            raise RuntimeError("set_subspace: call make_private first")
+        names = {n: p for p, n in (dict(opt.params) | opt._projected).items()}
+        opt.set_bases(self._resolve(module, subspace, names))
+
+    def finish_stage(self, module: torch.nn.Module) -> None:
+        """End a stage: unwrap the model (it can be made private again); the accountant keeps
+        every step already taken."""
+        unwrap_model(module)
+
+    @staticmethod
+    def _resolve(module, subspace: dict, names: dict | None = None) -> dict:
+        out = {}
+        for key, uv in subspace.items():
+            if not (isinstance(uv, (tuple, list)) and len(uv) == 2):
+                raise TypeError(f"subspace[{key!r}] must be a pair (U, V)")
+            if isinstance(key, torch.nn.Parameter):
+                p = key
+            elif isinstance(key, str):
+                p = (names or {}).get(key) or (names or {}).get(key + ".weight")
+                if p is None and module is not None:
+                    try:
+                        p = module.get_parameter(key)
+                    except AttributeError:
+                        try:
+                            p = module.get_submodule(key).weight
+                        except AttributeError:
+                            p = None
+                if p is None:
+                    raise ValueError(f"subspace: {key!r} is not a layer or weight of the model")
+            else:
+                raise TypeError(f"subspace: keys are layer paths or parameters, got {type(key)}")
+            if not p.requires_grad:
+                raise ValueError(f"subspace[{key!r}]: the weight is frozen (not private)")
+            check_basis(str(key), p, *uv)
+            out[p] = uv
+        return out

@@ -1,0 +1,143 @@
+"""Per-sample projected weight gradients of a Linear layer: S_i = Uᵀ G_i V = (g_i U)ᵀ (a_i V).
+
+a (B, T, d), g (B, T, p), U (p, RU), V (d, RV). G_i = g_iᵀ a_i (p × d) is never formed: each
+program projects a tile of tokens of one sample onto the bases on chip ([BT, RU] and [BT, RV]) and
+accumulates their product (RU × RV). The T tiles of a sample may be split over N_SPLIT programs
+(partials, summed deterministically by the reduce kernel, which also writes ‖S_i‖²). FLOPs per
+sample: 2T(p·RU + d·RV + RU·RV). Math: dpkern/subspace/README.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class SubspaceProjConfig:
+    BLOCK_T: int
+    BLOCK_K: int
+    n_split: int
+    num_warps: int
+    input_precision: str  # "ieee" | "tf32" for fp32 dots (bf16/fp16 inputs are upcast, exact in tf32)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def subspace_proj_config(bsz: int, n_tok: int, device: torch.device,
+                         input_precision: str | None = None) -> SubspaceProjConfig:
+    """Heuristic: 32-token tiles, K-loop of 64; split the T tiles so that ≥ 2 programs per SM run."""
+    block_t = 32 if n_tok <= 32 else 64
+    n_tiles = triton.cdiv(max(n_tok, 1), block_t)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split = min(n_tiles, max(1, triton.cdiv(2 * sms, max(bsz, 1))))
+        prec = input_precision or "tf32"
+    else:  # interpreter: few programs, exact fp32 dots
+        split, prec = 1, input_precision or "ieee"
+    return SubspaceProjConfig(BLOCK_T=block_t, BLOCK_K=64, n_split=split, num_warps=4,
+                              input_precision=prec)
+
+
+def subspace_proj_search_space():
+    """Enumerable configs for sweeps in bench/ (n_split is filled in from the shape)."""
+    return [SubspaceProjConfig(bt, bk, 0, w, "tf32") for bt in (32, 64) for bk in (32, 64, 128)
+            for w in (4, 8)]
+
+
+@triton.jit
+def _subspace_proj_fwd_kernel(a_ptr, g_ptr, u_ptr, v_ptr, part_ptr,
+                              n_tok, d, p, ru, rv, tiles_per_split,
+                              stride_ab, stride_at, stride_ad,
+                              stride_gb, stride_gt, stride_gp,
+                              stride_up, stride_ur, stride_vd, stride_vr,
+                              stride_pb, stride_ps,
+                              BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                              BLOCK_RU: tl.constexpr, BLOCK_RV: tl.constexpr,
+                              PRECISION: tl.constexpr):
+    i_b = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    o_ru = tl.arange(0, BLOCK_RU)
+    o_rv = tl.arange(0, BLOCK_RV)
+    o_k = tl.arange(0, BLOCK_K)
+    m_ru = o_ru < ru
+    m_rv = o_rv < rv
+    b_s = tl.zeros([BLOCK_RU, BLOCK_RV], dtype=tl.float32)  # [RU, RV]
+    n_tiles = tl.cdiv(n_tok, BLOCK_T)
+    t_lo = i_s * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    for i_t in range(t_lo, t_hi):
+        o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        m_t = o_t < n_tok
+        b_gu = tl.zeros([BLOCK_T, BLOCK_RU], dtype=tl.float32)  # [BT, RU]
+        for k0 in range(0, p, BLOCK_K):
+            o_kk = k0 + o_k
+            m_k = o_kk < p
+            p_g = g_ptr + i_b * stride_gb + o_t[:, None].to(tl.int64) * stride_gt \
+                + o_kk[None, :].to(tl.int64) * stride_gp
+            b_g = tl.load(p_g, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            p_u = u_ptr + o_kk[:, None].to(tl.int64) * stride_up + o_ru[None, :] * stride_ur
+            b_u = tl.load(p_u, mask=m_k[:, None] & m_ru[None, :], other=0.0).to(tl.float32)
+            b_gu += tl.dot(b_g, b_u, input_precision=PRECISION)  # [BT, BK] @ [BK, RU]
+        b_av = tl.zeros([BLOCK_T, BLOCK_RV], dtype=tl.float32)  # [BT, RV]
+        for k0 in range(0, d, BLOCK_K):
+            o_kk = k0 + o_k
+            m_k = o_kk < d
+            p_a = a_ptr + i_b * stride_ab + o_t[:, None].to(tl.int64) * stride_at \
+                + o_kk[None, :].to(tl.int64) * stride_ad
+            b_a = tl.load(p_a, mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            p_v = v_ptr + o_kk[:, None].to(tl.int64) * stride_vd + o_rv[None, :] * stride_vr
+            b_v = tl.load(p_v, mask=m_k[:, None] & m_rv[None, :], other=0.0).to(tl.float32)
+            b_av += tl.dot(b_a, b_v, input_precision=PRECISION)  # [BT, BK] @ [BK, RV]
+        b_s += tl.dot(tl.trans(b_gu), b_av, input_precision=PRECISION)  # [RU, BT] @ [BT, RV]
+    p_part = part_ptr + i_b * stride_pb + i_s * stride_ps + o_ru[:, None] * rv + o_rv[None, :]
+    tl.store(p_part, b_s, mask=m_ru[:, None] & m_rv[None, :])
+
+
+@triton.jit
+def _subspace_proj_reduce_kernel(part_ptr, s_ptr, norm_ptr, n_split, n_el,
+                                 stride_pb, stride_ps, stride_sb,
+                                 BLOCK_N: tl.constexpr):
+    """S_i = Σ_split partials (fixed order: deterministic); ‖S_i‖² accumulated in fp32."""
+    i_b = tl.program_id(0).to(tl.int64)
+    b_sq = tl.zeros([BLOCK_N], dtype=tl.float32)  # [BN]
+    for n0 in range(0, n_el, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_el
+        b_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for i_s in range(0, n_split):
+            b_acc += tl.load(part_ptr + i_b * stride_pb + i_s * stride_ps + o_n, mask=m_n, other=0.0)
+        tl.store(s_ptr + i_b * stride_sb + o_n, b_acc, mask=m_n)
+        b_sq += b_acc * b_acc
+    tl.store(norm_ptr + i_b, tl.sum(b_sq, axis=0))
+
+
+def subspace_proj_fwd(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+                      part: torch.Tensor, s_out: torch.Tensor, norm_out: torch.Tensor,
+                      config: SubspaceProjConfig) -> None:
+    """Launch: a (B,T,d), g (B,T,p), u (p,RU), v (d,RV); part (B, n_split, RU·RV) fp32 scratch;
+    s_out (B, RU, RV) fp32 contiguous; norm_out (B,) fp32. The caller validates everything."""
+    bsz, n_tok, d = a.shape
+    p = g.shape[2]
+    ru, rv = u.shape[1], v.shape[1]
+    cfg = config
+    n_tiles = triton.cdiv(max(n_tok, 1), cfg.BLOCK_T)
+    tiles_per_split = triton.cdiv(n_tiles, cfg.n_split)
+    _subspace_proj_fwd_kernel[(bsz, cfg.n_split)](
+        a_ptr=a, g_ptr=g, u_ptr=u, v_ptr=v, part_ptr=part,
+        n_tok=n_tok, d=d, p=p, ru=ru, rv=rv, tiles_per_split=tiles_per_split,
+        stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2),
+        stride_gb=g.stride(0), stride_gt=g.stride(1), stride_gp=g.stride(2),
+        stride_up=u.stride(0), stride_ur=u.stride(1), stride_vd=v.stride(0), stride_vr=v.stride(1),
+        stride_pb=part.stride(0), stride_ps=part.stride(1),
+        BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, BLOCK_RU=_pow2(ru), BLOCK_RV=_pow2(rv),
+        PRECISION=cfg.input_precision, num_warps=cfg.num_warps)
+    n_el = ru * rv
+    _subspace_proj_reduce_kernel[(bsz,)](
+        part_ptr=part, s_ptr=s_out, norm_ptr=norm_out, n_split=cfg.n_split, n_el=n_el,
+        stride_pb=part.stride(0), stride_ps=part.stride(1), stride_sb=s_out.stride(0),
+        BLOCK_N=min(_pow2(n_el), 4096), num_warps=4)
