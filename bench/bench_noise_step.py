@@ -9,7 +9,7 @@ from bench.conftest import HAS_GPU
 from dpkern.noise import AdamWHyper, NoiseGenerator, SGDHyper, fused_noisy_step
 
 
-# A 1.0B-parameter decoder (d=2048, ffn=5632, 17 layers, vocab 32000, untied head): 155 tensors.
+# A 1.0B-parameter decoder (d=2048, ffn=5632, 17 layers, vocab 32000, untied head): 156 tensors.
 SHAPES = list(registry.shapes("noise_step")[0])
 HYPERS = {"sgd": SGDHyper(lr=1e-3), "sgd_momentum": SGDHyper(lr=1e-3, momentum=0.9),
           "adamw": AdamWHyper(lr=1e-4)}

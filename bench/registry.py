@@ -41,7 +41,7 @@ class OpCases:
 
 
 def _llama_1b_tensors(d=2048, f=5632, vocab=32000, layers=17):
-    """A 1.0B-parameter decoder (untied head): 155 parameter tensors."""
+    """A 1.0B-parameter decoder (untied head): 156 parameter tensors."""
     shapes = [(vocab, d)]
     for _ in range(layers):
         shapes += [(d, d)] * 4 + [(f, d), (f, d), (d, f), (d,), (d,)]
