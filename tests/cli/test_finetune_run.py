@@ -99,8 +99,11 @@ def test_resume_equals_uninterrupted_epsilon(tmp_path, tiny_model, tiny_data, mo
 def test_nonprivate_run_and_jsonl_data(tmp_path, tiny_model):
     from tests.cli._tiny import write_jsonl
     data = write_jsonl(tmp_path / "d.jsonl", 200)
-    s = run(FinetuneConfig(**dict(TINY, steps=30, lr=3e-2), model=str(tiny_model),
-                           data=str(data), private=False, output_dir=str(tmp_path / "np")),
+    # the batches are fixed (test-only sampling seed): with secret sampling the toy task is
+    # learnt by step 30 in most runs but not all, and a test must not be flaky
+    s = run(FinetuneConfig(**dict(TINY, steps=40, lr=3e-2), model=str(tiny_model),
+                           data=str(data), private=False, output_dir=str(tmp_path / "np"),
+                           extra={"sampling_seed": 1}),
             log=lambda *a: None)
     assert s["epsilon"] is None and not json.loads((tmp_path / "np" / "privacy.json")
                                                    .read_text())["private"]
@@ -147,3 +150,96 @@ def test_variants_train_the_chosen_parameters(tmp_path, tiny_model, tiny_data, e
         assert changed and not any(n.startswith("embeddings.") for n in changed)
     else:  # LoRA merges into the attention/MLP weights; rmt-denoise trains everything
         assert any(n.startswith("encoder.") for n in changed)
+
+
+def _crash_at(monkeypatch, step_no: int):
+    """Makes the job's train_step raise KeyboardInterrupt on its ``step_no``-th call."""
+    real_step, calls = job.train_step, {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step_no:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(job, "train_step", crashing_step)
+    return real_step
+
+
+@pytest.mark.parametrize("method", ["dp-sgd", "lmo-dp"])
+def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, method):
+    """With the test-only sampling and noise seeds fixed, a run cut at step 4 and resumed ends with
+    exactly the weights, ε and noise counter of the uninterrupted run. Fails if resume restarts the
+    sampler (the batches replay), the noise counter (noise reused), the optimizer, the scheduler or
+    the accountant."""
+    base = dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=6, checkpoint_every=1,
+                method=method, extra={"sampling_seed": 7, "noise_seed": 11})
+    quiet = dict(log=lambda *a: None)
+    full = run(FinetuneConfig(**base, output_dir=str(tmp_path / "full")), **quiet)
+    real = _crash_at(monkeypatch, 4)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        run(FinetuneConfig(**base, output_dir=str(cut)), **quiet)
+    monkeypatch.setattr(job, "train_step", real)
+    resumed = run(FinetuneConfig(**base, output_dir=str(cut), resume=True), **quiet)
+
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for name, t in a["trainable"].items():
+        assert torch.equal(t, b["trainable"][name]), name
+    assert a["optimizer"]["dpkern"]["noise_steps"] == b["optimizer"]["dpkern"]["noise_steps"] == 6
+    assert a["optimizer"]["dpkern"]["noise"] == b["optimizer"]["dpkern"]["noise"]
+    assert resumed["epsilon"] == full["epsilon"]
+    batches = [[r["batch"] for r in rows(d) if r["kind"] == "train"] for d in (tmp_path / "full",
+                                                                                cut)]
+    assert batches[0] == batches[1]
+
+
+def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, tiny_model, tiny_data,
+                                                               monkeypatch):
+    """An interruption in the middle of writing checkpoint 3 leaves checkpoint 2 whole and the
+    metrics readable; --resume then finishes the run with the uninterrupted ε."""
+    import dpkern.finetune.report as report
+    base = dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=4, checkpoint_every=1)
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(report.torch, "save", dying_save)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(FinetuneConfig(**base, output_dir=str(out)), log=lambda *a: None)
+    monkeypatch.setattr(report.torch, "save", real_save)
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2
+    assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert not (out / "summary.json").exists() and not (out / "model").exists()
+    s = run(FinetuneConfig(**base, output_dir=str(out), resume=True), log=lambda *a: None)
+    acc = create_accountant("prv")
+    acc.step(noise_multiplier=s["noise_multiplier"], sample_rate=32 / 400, num_steps=4)
+    assert s["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert (out / "model" / "config.json").is_file() and not (out / "model.tmp").exists()
+
+
+def test_compare_nonprivate_prints_both(tmp_path, tiny_model, tiny_data, capsys):
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", str(tiny_model), "--data", str(tiny_data), "--steps", "2",
+                 "--batch-size", "32", "--physical-batch-size", "16", "--trainable", "all",
+                 "--output-dir", str(out), "--no-progress", "--compare-nonprivate"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    p = json.loads((out / "summary.json").read_text())
+    n = json.loads((out / "nonprivate" / "summary.json").read_text())
+    assert p["private"] and not n["private"] and n["epsilon"] is None
+    line = [ln for ln in printed.splitlines() if "vs non-private" in ln]
+    assert len(line) == 1, printed
+    assert f"private {p['test_accuracy']:.4f}" in line[0]
+    assert f"non-private {n['test_accuracy']:.4f}" in line[0]
+    assert f"ε = {p['epsilon']:.3f}" in line[0]
