@@ -10,6 +10,7 @@ A record is *reportable* (may appear as a speed-up) only when status == "passed"
 false. compare.py and perf_report.py use `reportable`.
 
     python bench/history.py import RUN_DIR [--to bench/results/history.jsonl]   # a gpu_all.sh run
+    python bench/history.py merge RUN_DIR/history.jsonl      # a run's own DPKERN_BENCH_HISTORY file
     python bench/history.py show [--file bench/results/history.jsonl]
 """
 from __future__ import annotations
@@ -222,18 +223,33 @@ def import_run(run_dir, to=DEFAULT_FILE) -> int:
     return len(new)
 
 
+def merge(src, to=DEFAULT_FILE) -> int:
+    """Append the records of another history file that `to` does not hold yet (by run date,
+    commit and case)."""
+    key = lambda r: (r["run"].get("date"), r["run"].get("commit"), r.get("fullname", r["name"]))  # noqa: E731
+    have = {key(r) for r in load(to)}
+    new = [r for r in load(src) if key(r) not in have]
+    append(to, new)
+    return len(new)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="benchmark history (JSONL)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("import", help="append a gpu_all.sh run folder")
     a.add_argument("run_dir")
     a.add_argument("--to", default=str(DEFAULT_FILE))
+    m = sub.add_parser("merge", help="append a run's own history JSONL (DPKERN_BENCH_HISTORY)")
+    m.add_argument("jsonl")
+    m.add_argument("--to", default=str(DEFAULT_FILE))
     s = sub.add_parser("show", help="print the last records")
     s.add_argument("--file", default=str(DEFAULT_FILE))
     s.add_argument("-n", type=int, default=20)
     args = ap.parse_args(argv)
     if args.cmd == "import":
         print(f"{import_run(args.run_dir, args.to)} records appended to {args.to}")
+    elif args.cmd == "merge":
+        print(f"{merge(args.jsonl, args.to)} records appended to {args.to}")
     else:
         for r in load(args.file)[-args.n:]:
             run = r["run"]

@@ -116,3 +116,13 @@ def test_timed_fixture_marks_and_history(tmp_path):
     rows = {r["name"]: r for r in ratio_rows(base, list(recs.values()))}
     assert rows["test_wrong"]["ratio"] is None and rows["test_wrong"]["note"].startswith("FAIL")
     assert rows["test_ok"]["ratio"] is not None
+
+
+def test_merge_is_idempotent(tmp_path):
+    src, to = tmp_path / "run.jsonl", tmp_path / "all.jsonl"
+    run = {"date": "2026-11-23T00:00:00+00:00", "commit": "abc"}
+    history.append(src, [{"run": run, "name": "a", "status": "passed"},
+                         {"run": run, "name": "b", "status": "failed"}])
+    assert history.merge(src, to) == 2
+    assert history.merge(src, to) == 0
+    assert len(history.load(to)) == 2
