@@ -17,3 +17,37 @@ def subspace_project_ref(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: t
     G = per_sample_grads_ref(a, g)
     s = torch.einsum("pr,bpd,ds->brs", u.double(), G, v.double())
     return s, s.square().sum(dim=(1, 2))
+
+
+def dpsft_clipped_sum_ref(model: torch.nn.Module, x: torch.Tensor, per_sample_loss, bases: dict,
+                          max_grad_norm: float, factors: torch.Tensor | None = None):
+    """Σ_i c_i (projected or full) per-sample gradient, in float64, the slow way.
+
+    Every per-sample gradient is formed (torch.func, on a float64 copy of the plain model); a
+    weight named in `bases` ({name: (U, V)}) contributes S_i = Uᵀ G_i V, every other trainable
+    parameter its full G_i; c_i = min(1, C / ‖(all coordinates of sample i)‖). per_sample_loss
+    (model_output of one sample (1, ...)) -> scalar. `factors` (B,) replaces c_i (e.g. the
+    engine's, after checking its bounds against the norms returned here).
+    Returns ({name: summed (fp64)}, per-sample norms (B,) fp64).
+    """
+    import copy
+
+    from torch.func import functional_call, grad, vmap
+    m = copy.deepcopy(model).double()
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+
+    def one(pd, xi):
+        return per_sample_loss(functional_call(m, pd, (xi.unsqueeze(0),)))
+
+    gs = vmap(grad(one), in_dims=(None, 0))(params, x.double())
+    coords = {}
+    for n in names:
+        if n in bases:
+            u, v = (t.double() for t in bases[n])
+            coords[n] = torch.einsum("pr,bpd,ds->brs", u, gs[n], v)
+        else:
+            coords[n] = gs[n]
+    sq = sum(c.flatten(1).square().sum(1) for c in coords.values())
+    c = torch.clamp(max_grad_norm / sq.sqrt(), max=1.0) if factors is None else factors.double()
+    return {n: torch.einsum("b,b...->...", c, t) for n, t in coords.items()}, sq.sqrt()

@@ -1,0 +1,281 @@
+"""SubspacePrivacyEngine: full rank = plain DP-SGD, sensitivity ≤ C on the released coordinates,
+fp64 reference of the projected clipped sum, noise on r×r coordinates only, stages charged."""
+import copy
+
+import pytest
+import torch
+
+from dpkern.engine import PrivacyEngine
+from dpkern.noise.reference import normals
+from dpkern.subspace import SubspacePrivacyEngine, orthonormalize
+from dpkern.subspace.reference import dpsft_clipped_sum_ref
+
+T, D_IN, HID, D_OUT = 7, 6, 5, 3
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(D_IN, HID), torch.nn.Tanh(),
+                               torch.nn.Linear(HID, D_OUT))
+
+
+def loss_one(out):
+    return out.square().mean()
+
+
+def batch_loss(model, x):
+    return model(x).square().mean(dim=(1, 2))
+
+
+def orth(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].float()
+
+
+def private(engine_cls, model, opt_fn, sigma, clip, subspace=None, seed=11, bsz=4, fused=True,
+            backproj=True):
+    opt = opt_fn(model.parameters())
+    kw = dict(module=model, optimizer=opt, data_loader=None, noise_multiplier=sigma,
+              max_grad_norm=clip, expected_batch_size=bsz, sample_rate=0.01, seed=seed)
+    eng = engine_cls(accountant="rdp")
+    if subspace is not None:
+        kw["subspace"] = subspace
+    model, dp, _ = eng.make_private(**kw)
+    dp.fused = fused
+    if hasattr(dp, "fused_backprojection"):
+        dp.fused_backprojection = backproj
+    return eng, model, dp
+
+
+def train(model, dp, xs):
+    for x in xs:
+        if x.shape[0] == 0:
+            dp.signal_empty_batch()
+        else:
+            batch_loss(model, x).mean().backward()
+        dp.step()
+        dp.zero_grad()
+
+
+OPTS = {
+    "sgd-backproj": (lambda ps: torch.optim.SGD(ps, lr=0.3, weight_decay=0.01), True, True),
+    "sgd-momentum-fused": (lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9), True, True),
+    "adam-materialised": (lambda ps: torch.optim.Adam(ps, lr=0.05), False, True),
+    "adamw-fused": (lambda ps: torch.optim.AdamW(ps, lr=0.05), True, True),
+    "sgd-materialised": (lambda ps: torch.optim.SGD(ps, lr=0.3), False, False),
+}
+
+
+def _xs(seed=1, sizes=(4, 3, 0, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, T, D_IN, generator=g) * 2 for b in sizes]
+
+
+@pytest.mark.parametrize("opt_name", list(OPTS))
+@pytest.mark.parametrize("sigma,identity,clip,tol", [
+    (0.0, False, 100.0, 1e-6), (0.0, False, 0.3, 1e-3), (0.8, True, 0.3, 1e-3)],
+    ids=["noise-off-unclipped", "noise-off-clipped", "same-noise-identity-clipped"])
+def test_full_rank_equals_plain(opt_name, sigma, identity, clip, tol):
+    """r = full rank: with any orthogonal U, V and noise off, or U = V = I and the same noise
+    key (z at the weight's global offset), the subspace engine trains like the plain one. Exact
+    (fp32) when nothing is clipped; when clipping, the plain engine's bound on the projected
+    layer is looser by its proven fp32 kernel-error term (~1e-4 here), so the factors differ by
+    that much (tol 1e-3 of the update)."""
+    opt_fn, fused, backproj = OPTS[opt_name]
+    xs = _xs()
+    m_plain, m_sub = make_model(), make_model()
+    init = [p.detach().clone() for p in m_plain.parameters()]
+    _, m_plain, dp_plain = private(PrivacyEngine, m_plain, opt_fn, sigma, clip, fused=fused)
+    u = torch.eye(HID) if identity else orth(HID, 1)
+    v = torch.eye(D_IN) if identity else orth(D_IN, 2)
+    _, m_sub, dp_sub = private(SubspacePrivacyEngine, m_sub, opt_fn, sigma, clip,
+                               subspace={"0": (u, v)}, fused=fused, backproj=backproj)
+    train(m_plain, dp_plain, xs)
+    train(m_sub, dp_sub, xs)
+    for (n, a), b, a0 in zip(m_plain.named_parameters(), m_sub.parameters(), init):
+        d_plain, d_sub = (a - a0).detach(), (b - a0).detach()
+        assert float(d_plain.abs().max()) > 1e-3, n  # the layer moved
+        torch.testing.assert_close(d_sub, d_plain, rtol=0, atol=tol * float(d_plain.abs().max())
+                                   + 1e-6, msg=n)
+    assert dp_sub.noise_steps == dp_plain.noise_steps == len(xs)
+    assert dp_sub.noise_generator.step == dp_plain.noise_generator.step
+
+
+def _released(model, dp, x, bsz):
+    """Released noiseless sum ×B_expected: {name: projected coords (r, r) or full grad}, and the
+    engine's (flat) clip bound per sample and the factor it applied."""
+    batch_loss(model, x).mean().backward()
+    bound = sum(u.square() for _, u in dp.last_clip.values()).sqrt()
+    factor = next(iter(dp.last_scales.values())).double() / x.shape[0]
+    dp.step()
+    out = {n: s.double() * bsz for n, s in dp.last_released.items()}
+    for p, n in dp.params.items():
+        out[n] = p.grad.double() * bsz
+    dp.zero_grad()
+    return out, bound, factor
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_sensitivity_and_fp64_reference(trial):
+    """Neighbouring batches D, D ∪ {x*} (x* large or cancelling): the released coordinates
+    (projected r×r of layer 0, full layer 2 and biases) move by ≤ C jointly; the released sum
+    matches the fp64 reference that forms every G_i."""
+    g = torch.Generator().manual_seed(100 + trial)
+    r = 2 + trial % 3
+    u = orthonormalize(torch.randn(HID, r, generator=g))
+    v = orthonormalize(torch.randn(D_IN, r + 1, generator=g))
+    clip, bsz = 0.7, 4
+    x = torch.randn(4, T, D_IN, generator=g)
+    star = torch.randn(1, T, D_IN, generator=g) * 10.0 ** (trial + 1)
+    if trial % 2:
+        star[:, 1::2] = -star[:, 0:-1:2]  # tokens that cancel in part
+    x2 = torch.cat([x, star])
+    outs = []
+    for xx in (x, x2):
+        model = make_model(3)
+        plain = copy.deepcopy(model)
+        _, model, dp = private(SubspacePrivacyEngine, model, lambda ps: torch.optim.SGD(ps, lr=0.0),
+                               0.0, clip, subspace={"0.weight": (u, v)}, bsz=bsz, fused=False,
+                               backproj=False)
+        rel, bound, factor = _released(model, dp, xx, bsz)
+        _, norms = dpsft_clipped_sum_ref(plain, xx, loss_one, {"0.weight": (u, v)}, clip)
+        # the engine clips with a proven upper bound: ≥ the fp64 norm, and tight here
+        assert (bound >= norms).all() and (bound <= norms * (1 + 1e-3)).all()
+        assert (factor * bound <= clip).all()
+        ref, _ = dpsft_clipped_sum_ref(plain, xx, loss_one, {"0.weight": (u, v)}, clip, factor)
+        for n, t in ref.items():
+            assert rel[n].shape == t.shape, n
+            torch.testing.assert_close(rel[n], t, rtol=1e-5, atol=1e-6 * clip, msg=n)
+        outs.append(rel)
+    diff = sum((outs[0][n] - outs[1][n]).square().sum() for n in outs[0]).sqrt()
+    assert float(diff) <= clip * (1 + 1e-6)
+    assert float(diff) > 0.5 * clip  # x* is clipped to ≈ C: the check has teeth
+
+
+def test_noise_on_subspace_coordinates_only():
+    """Empty batch: the projected weight's release is σC z / B on ru×rv coordinates, z the
+    counter-based normals at its global offset; its gradient is U S̃ Vᵀ (rank ≤ r)."""
+    u = orthonormalize(torch.randn(HID, 2))
+    v = orthonormalize(torch.randn(D_IN, 3))
+    sigma, clip, bsz = 1.3, 0.5, 4
+    _, model, dp = private(SubspacePrivacyEngine, make_model(), lambda ps: torch.optim.SGD(ps, lr=0.1),
+                           sigma, clip, subspace={"0": (u, v)}, bsz=bsz, fused=False, backproj=False)
+    w = model[0].weight
+    dp.signal_empty_batch()
+    step = dp.noise_generator.step
+    dp.step()
+    s_t = dp.last_released["0.weight"]
+    assert s_t.shape == (2, 3)
+    off = dp.global_offsets[w]
+    z = normals(torch.arange(off, off + 6), dp.noise_generator.kernel_words(step)).view(2, 3)
+    torch.testing.assert_close(s_t, (sigma * clip * z / bsz).float(), rtol=1e-6, atol=1e-7)
+    assert torch.linalg.matrix_rank(w.grad.double(), atol=1e-5) <= 2
+    torch.testing.assert_close(w.grad, u @ s_t @ v.T)
+
+
+def test_nonfinite_sample_dropped():
+    u, v = orthonormalize(torch.randn(HID, 2)), orthonormalize(torch.randn(D_IN, 2))
+    x = torch.randn(3, T, D_IN)
+    bad = torch.cat([x, torch.full((1, T, D_IN), float("nan"))])
+    rel = []
+    for xx in (x, bad):
+        _, model, dp = private(SubspacePrivacyEngine, make_model(), lambda ps: torch.optim.SGD(ps, lr=0.0),
+                               0.0, 0.5, subspace={"0": (u, v)}, fused=False, backproj=False)
+        rel.append(_released(model, dp, xx, 4)[0])
+    assert dp.nonfinite_samples == 1
+    for n in rel[0]:
+        assert torch.isfinite(rel[1][n]).all()
+        torch.testing.assert_close(rel[1][n], rel[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_accountant_charges_both_stages():
+    """Stage 1 (plain DP-SGD on the private data) and stage 2 (projected) on one engine: ε(total)
+    > ε(stage 2 alone), and equals a fresh accountant holding both stages' steps."""
+    from dpkern.accounting import create_accountant
+    from dpkern.subspace import TrajectoryTracker
+    eng = SubspacePrivacyEngine(accountant="rdp")
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    model, dp, _ = eng.make_private(module=model, optimizer=opt, data_loader=None,
+                                    noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+                                    sample_rate=0.05, seed=1)
+    tracker = TrajectoryTracker(model, ["0"], rank=2)
+    for x in _xs(sizes=(4, 4, 4)):
+        batch_loss(model, x).mean().backward()
+        dp.step()
+        dp.zero_grad()
+        tracker.update()
+    eng.finish_stage(model)
+    bases = tracker.bases()
+    opt2 = torch.optim.SGD(model.parameters(), lr=0.2)
+    model, dp2, _ = eng.make_private(module=model, optimizer=opt2, data_loader=None,
+                                     noise_multiplier=0.9, max_grad_norm=1.0, expected_batch_size=4,
+                                     sample_rate=0.04, seed=2, subspace=bases)
+    for x in _xs(sizes=(4, 5)):
+        batch_loss(model, x).mean().backward()
+        dp2.step()
+        dp2.zero_grad()
+    total = eng.get_epsilon(1e-5)
+    alone, both = create_accountant("rdp"), create_accountant("rdp")
+    alone.step(noise_multiplier=0.9, sample_rate=0.04, num_steps=2)
+    both.step(noise_multiplier=1.0, sample_rate=0.05, num_steps=3)
+    both.step(noise_multiplier=0.9, sample_rate=0.04, num_steps=2)
+    assert total > alone.get_epsilon(1e-5) * 1.05
+    assert total == pytest.approx(both.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_refresher_rebases_between_steps():
+    from dpkern.subspace import SubspaceRefresher
+    u, v = orthonormalize(torch.randn(HID, 3)), orthonormalize(torch.randn(D_IN, 3))
+    eng, model, dp = private(SubspacePrivacyEngine, make_model(), lambda ps: torch.optim.SGD(ps, lr=0.3),
+                             0.5, 1.0, subspace={"0": (u, v)})
+    ref = SubspaceRefresher(eng, model, ["0"], rank=2, every=2)
+    train(model, dp, _xs(sizes=(4, 4, 4, 4)))
+    assert ref.refreshes == 2
+    u2, v2 = dp.bases[model[0].weight]
+    assert u2.shape == (HID, 2) and v2.shape == (D_IN, 2)
+    # the new bases lie in the old subspace (released updates cannot leave it)
+    torch.testing.assert_close(u @ (u.T @ u2), u2, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(subspace={"0": (torch.randn(HID, 2), orthonormalize(torch.randn(D_IN, 2)))}),
+     "orthonormal"),
+    (dict(subspace={"0": (orthonormalize(torch.randn(HID + 1, 2)), torch.eye(D_IN))}), r"U must be"),
+    (dict(subspace={"nope": (torch.eye(HID), torch.eye(D_IN))}), "not a layer"),
+    (dict(subspace={"0.bias": (torch.eye(HID), torch.eye(D_IN))}), "2-D weights"),
+    (dict(subspace={"0": torch.eye(HID)}), "pair"),
+    (dict(subspace=[1]), "must be a dict"),
+    (dict(subspace={"0": (torch.eye(HID) * float("nan"), torch.eye(D_IN))}), "non-finite"),
+])
+def test_bad_input(kw, match):
+    model = make_model()
+    with pytest.raises((ValueError, TypeError), match=match):
+        SubspacePrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=None,
+            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1, **kw)
+    assert "_dpkern_site" not in model[0].__dict__  # refused before anything was wrapped
+
+
+def test_frozen_layer_and_midstep_refused():
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        SubspacePrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD([model[2].weight], lr=0.1), data_loader=None,
+            noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, sample_rate=0.1,
+            subspace={"0": (torch.eye(HID), torch.eye(D_IN))})
+    eng, model, dp = private(SubspacePrivacyEngine, make_model(), lambda ps: torch.optim.SGD(ps, lr=0.1),
+                             1.0, 1.0, subspace={"0": (torch.eye(HID), torch.eye(D_IN))})
+    batch_loss(model, torch.randn(2, T, D_IN)).mean().backward()
+    with pytest.raises(RuntimeError, match="between steps"):
+        eng.set_subspace({"0": (torch.eye(HID)[:, :2], torch.eye(D_IN)[:, :2])})
+
+
+def test_outside_gradient_refused():
+    eng, model, dp = private(SubspacePrivacyEngine, make_model(), lambda ps: torch.optim.SGD(ps, lr=0.1),
+                             1.0, 1.0, subspace={"0": (torch.eye(HID), torch.eye(D_IN))})
+    batch_loss(model, torch.randn(2, T, D_IN)).mean().backward()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    with pytest.raises(RuntimeError, match="outside the engine"):
+        dp.step()
