@@ -3,7 +3,7 @@
     python bench/dist_scaling.py --out $OUT                 # GPUs: nccl, ~1B and ~3B Llama
     python bench/dist_scaling.py --cpu --out /tmp/dist      # CPU smoke test: gloo, tiny Llama
 
-Stages (each in fresh processes through dpkern.distributed.launch.spawn, NVLink multicast off;
+Stages, noise first (each in fresh processes through dpkern.distributed.launch.spawn, NVLink multicast off;
 a failing stage is recorded and the next one runs; results are written after every stage):
   scaling  for each model and world size in {1, W}: tokens/s of non-private training (DDP with its
            own gradient all-reduce) and of DP training (PrivacyEngine on 1 rank,
@@ -175,6 +175,11 @@ def run(args) -> dict:
         res["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     res["torch"] = torch.__version__
     os.makedirs(args.out, exist_ok=True)
+    # The noise check first: it is cheap and a cut-short run still has it.
+    ncfg = dict(device=kind, model="tiny" if args.cpu else "noise", sample=1 << 20)
+    for w in (1, world):
+        _stage(res, f"noise/world{w}", lambda: launch.spawn(
+            noise_worker, w, backend=backend, args=(ncfg,), timeout_s=args.stage_timeout)[0], args)
     base = dict(device=kind, batch=args.batch, seq=args.seq, warmup=args.warmup,
                 steps=args.steps, modes=["nonprivate", "dp"])
     for model in args.models.split(","):
@@ -183,12 +188,6 @@ def run(args) -> dict:
             _stage(res, name, lambda: launch.spawn(scaling_worker, w, backend=backend,
                                                    args=(dict(base, model=model),),
                                                    timeout_s=args.stage_timeout)[0], args)
-    ncfg = dict(device=kind, model="tiny" if args.cpu else "noise", sample=1 << 20)
-    _stage(res, "noise/world1", lambda: launch.spawn(noise_worker, 1, backend=backend,
-                                                    args=(ncfg,), timeout_s=args.stage_timeout)[0],
-           args)
-    _stage(res, f"noise/world{world}", lambda: launch.spawn(
-        noise_worker, world, backend=backend, args=(ncfg,), timeout_s=args.stage_timeout)[0], args)
     return res
 
 
