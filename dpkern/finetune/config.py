@@ -29,8 +29,14 @@ def repo_root() -> Path:
 
 
 def default_data_dir() -> Path:
-    """SST-2 beside the checkout: ``<repo>/../shared/data/sst2``."""
-    return repo_root().parent / "shared" / "data" / "sst2"
+    """SST-2: ``$DPKERN_SST2`` if set, else beside the checkout (``<repo>/../shared/data/sst2``),
+    else inside it (``<repo>/shared/data/sst2``, e.g. a copy that travels with the tree)."""
+    import os
+    if os.environ.get("DPKERN_SST2"):
+        return Path(os.environ["DPKERN_SST2"]).expanduser()
+    beside = repo_root().parent / "shared" / "data" / "sst2"
+    inside = repo_root() / "shared" / "data" / "sst2"
+    return inside if not beside.is_dir() and inside.is_dir() else beside
 
 
 @dataclass

@@ -123,8 +123,9 @@ def load_splits(data: str, *, task: str = "classification", text_column: str = "
         path = default_data_dir()
         if not path.is_dir():
             raise FinetuneError(f"--data: SST-2 was not found at {path} (expected beside the "
-                                "checkout, ../shared/data/sst2); pass --data PATH to a folder with "
-                                "train.tsv, dev.tsv and glue_dev.tsv, or to a data file")
+                                "checkout, ../shared/data/sst2, or set DPKERN_SST2); pass --data PATH "
+                                "to a folder with train.tsv, dev.tsv and glue_dev.tsv, or to a "
+                                "data file")
     else:
         path = Path(data).expanduser()
     if not path.exists():

@@ -234,7 +234,7 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
                f"best_dev_{key}": sign * best["dev"], "epsilon": eps, "delta": cfg.delta
                if cfg.private else None, "noise_multiplier": plan.noise_multiplier if plan and
                plan.mechanism is None else None, "steps": steps, "train_seconds": train_time, "run_dir": str(out),
-               "model_dir": str(model_dir_out), "plot": str(png), "method": cfg.method,
+               "model_dir": str(model_dir_out), "plot": str(png) if png else None, "method": cfg.method,
                "epsilon_certified": privacy.get("epsilon_certified"), "epsilon_label": label}
     if "certified_epsilon_same_noise" in privacy:
         summary["certified_epsilon_same_noise"] = privacy["certified_epsilon_same_noise"]

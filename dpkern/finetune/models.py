@@ -102,16 +102,17 @@ def load_model(path: Path, task: str, num_labels: int | None = None, seed: int |
         if task == "classification":
             model = transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(path), num_labels=num_labels, ignore_mismatched_sizes=True,
-                local_files_only=True, dtype=torch.float32)
+                local_files_only=True)
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, dtype=torch.float32)
+                str(path), local_files_only=True)
     except FinetuneError:
         raise
     except Exception as e:
         raise FinetuneError(f"--model: cannot load {path} ({type(e).__name__}: {e})") from None
     if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
         model.config.pad_token_id = model.config.eos_token_id
+    model.float()  # fp32 whatever the checkpoint holds (no dtype= keyword: older transformers)
     model.train()
     return model
 

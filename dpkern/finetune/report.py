@@ -75,9 +75,14 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def plot_curves(rows: list[dict], path: Path, title: str = "", delta: float | None = None) -> Path:
-    """PNG with two panels: dev/test accuracy and train loss (left), ε spent (right), vs step."""
-    import matplotlib
+def plot_curves(rows: list[dict], path: Path, title: str = "",
+                delta: float | None = None) -> Path | None:
+    """PNG with two panels: dev/test accuracy and train loss (left), ε spent (right), vs step.
+    Returns None (no PNG; metrics.jsonl holds the same numbers) where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
