@@ -7,7 +7,8 @@ One dpkern DP step (PrivacyEngine, flat clipping, book-keeping, fused noise + Ad
 Llama-style model from transformers' LlamaConfig (random init, eager attention). Writes under --out:
 
 * trace.json            torch.profiler Chrome/Perfetto trace of one step (CPU + CUDA activities);
-                        the step's parts are `dp:*` record_function ranges
+                        the step's parts are `dp:*` record_function ranges (trace.json.gz when
+                        over 20 MiB)
 * memory_snapshot.pickle  CUDA memory snapshot of the profiled step (GPU only; view it at
                         https://pytorch.org/memory_viz)
 * breakdown.json / breakdown.txt  the table printed: exclusive time per part and layer type, median
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -277,6 +280,8 @@ def main(argv=None) -> dict:
                     help="bf16 autocast (GPU default) or fp32 (CPU default; TF32 matmuls on a GPU)")
     ap.add_argument("--backend", default=None, help="per-sample ops backend (default: auto)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (median of per-part sums)")
+    ap.add_argument("--no-memory-snapshot", dest="memory_snapshot", action="store_false",
+                    help="skip the CUDA memory snapshot")
     args = ap.parse_args(argv)
     cpu = args.device == "cpu"
     args.preset = args.preset or ("tiny" if cpu else "1b")
@@ -314,12 +319,17 @@ def main(argv=None) -> dict:
         acts = [torch.profiler.ProfilerActivity.CPU]
         if args.device == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            if args.memory_snapshot:
+                torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             one_step(model, opt, ids, amp, ranges, args.batch)
         ranges.exclusive_ms()
         prof.export_chrome_trace(str(out / "trace.json"))
-        if args.device == "cuda":
+        if (out / "trace.json").stat().st_size > 20 * 2**20:   # Perfetto reads .json.gz too
+            with open(out / "trace.json", "rb") as f, gzip.open(out / "trace.json.gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+            (out / "trace.json").unlink()
+        if args.device == "cuda" and args.memory_snapshot:
             torch.cuda.memory._dump_snapshot(str(out / "memory_snapshot.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
     backend = "triton" if args.device == "cuda" else "torch"
