@@ -29,9 +29,12 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def subspace_proj_config(bsz: int, n_tok: int, device: torch.device,
-                         input_precision: str | None = None) -> SubspaceProjConfig:
-    """Heuristic: 32-token tiles, K-loop of 64; split the T tiles so that ≥ 2 programs per SM run."""
-    block_t = 32 if n_tok <= 32 else 64
+                         input_precision: str | None = None, rank: int = 64) -> SubspaceProjConfig:
+    """Heuristic: 32/64-token tiles, K-loop of 64; split the T tiles so that ≥ 2 programs per SM
+    run. Ranks above 64 hold [RU, RV] + [BT, RU] + [BT, RV] fp32 blocks on chip: smaller token
+    tiles and 8 warps keep them in registers."""
+    big = rank > 64
+    block_t = 32 if (n_tok <= 32 or big) else 64
     n_tiles = triton.cdiv(max(n_tok, 1), block_t)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -39,8 +42,8 @@ def subspace_proj_config(bsz: int, n_tok: int, device: torch.device,
         prec = input_precision or "tf32"
     else:  # interpreter: few programs, exact fp32 dots
         split, prec = 1, input_precision or "ieee"
-    return SubspaceProjConfig(BLOCK_T=block_t, BLOCK_K=64, n_split=split, num_warps=4,
-                              input_precision=prec)
+    return SubspaceProjConfig(BLOCK_T=block_t, BLOCK_K=32 if big else 64, n_split=split,
+                              num_warps=8 if big else 4, input_precision=prec)
 
 
 def subspace_proj_search_space():

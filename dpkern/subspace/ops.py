@@ -71,7 +71,7 @@ def subspace_project(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch
         return s, norms
     if ru == 0 or rv == 0:
         return s.zero_(), norms.zero_()
-    cfg = config or subspace_proj_config(bsz, a.shape[1], a.device)
+    cfg = config or subspace_proj_config(bsz, a.shape[1], a.device, rank=max(ru, rv))
     part = _alloc.empty(bsz, cfg.n_split, ru * rv, dtype=torch.float32, device=a.device)
     subspace_proj_fwd(a, g, u, v, part, s, norms, cfg)
     return s, norms

@@ -10,7 +10,7 @@ from tests.tolerance import reduction_rtol
 DEV = "cuda" if HAS_GPU else "cpu"
 # (B, T, d, p, RU, RV)
 SHAPES = [(3, 63, 60, 40, 5, 7), (1, 1, 16, 16, 16, 16), (2, 17, 33, 70, 20, 3),
-          (0, 8, 24, 12, 4, 4), (2, 0, 8, 8, 2, 2)]
+          (0, 8, 24, 12, 4, 4), (2, 0, 8, 8, 2, 2), (1, 9, 70, 80, 66, 65)]
 BACKENDS = ["torch", "triton"]
 
 
