@@ -5,7 +5,9 @@
     ShardedDPOptimizer         FSDP2: reduce to this rank's rows, noise at global offsets
     DistributedDPDataLoader    this rank's share of the global Poisson batch
     disable_nvlink_multicast   NCCL_NVLS_ENABLE=0 etc., before init_process_group
+    launch.spawn               torchrun-free launcher (time limit, multicast off in every rank)
 """
+from dpkern.distributed import launch  # noqa: F401  (dpkern.distributed.launch.spawn)
 from dpkern.distributed.comm import NO_MULTICAST_ENV, disable_nvlink_multicast
 from dpkern.distributed.engine import DistributedPrivacyEngine, is_fsdp2
 from dpkern.distributed.optimizer import DistributedDPOptimizer, ShardedDPOptimizer, shard_rows
