@@ -112,6 +112,11 @@ def _add_finetune(sub) -> None:
     g.add_argument("--trainable", default=d.trainable, choices=TRAINABLE,
                    help="which parameters train: all, the top 2 blocks + head, the head only")
     g.add_argument("--lora-r", type=int, help="train PEFT LoRA adapters of this rank + the head")
+    g.add_argument("--sft-rank", type=int, default=d.sft_rank,
+                   help="dp-sft: rank of each projected Linear weight's subspace")
+    g.add_argument("--sft-stage1-steps", type=int,
+                   help="dp-sft: steps of the private stage 1 that finds the subspaces (default: "
+                   "a quarter of the run; charged to the same ε)")
     p = ft.add_argument_group("privacy")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="target ε (σ is calibrated)")
     p.add_argument("--delta", type=float, default=d.delta)
@@ -121,7 +126,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--accountant", default=d.accountant, choices=ACCOUNTANTS)
     p.add_argument("--method", default=d.method, choices=METHODS,
                    help="dp-sgd: Gaussian noise; rmt-denoise: dp-sgd + RMT shrinkage of the noisy "
-                   "gradient (same ε); lmo-dp: LMO-DP noise, ε = its certified bound")
+                   "gradient (same ε); lmo-dp: LMO-DP noise, ε = its certified bound; dp-sft: "
+                   "private stage 1, then DP-SGD in low-rank per-layer subspaces (one ε)")
     p.add_argument("--accept-uncertified-epsilon", action="store_true",
                    help="lmo-dp only: calibrate to and report LMO-DP's own ε, which is NOT a "
                    "certified guarantee (labelled so; the certified ε of the same noise is in "

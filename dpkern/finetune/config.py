@@ -78,6 +78,8 @@ class FinetuneConfig:
     warmup_steps: int = 0
     trainable: str = "head"
     lora_r: int | None = None
+    sft_rank: int = 8                      # dp-sft: rank r of each projected layer's subspace
+    sft_stage1_steps: int | None = None    # dp-sft: steps of the private stage 1 (default: 1/4)
     # machinery
     backend: str = "auto"
     device: str = "auto"
@@ -152,7 +154,8 @@ class FinetuneConfig:
         for option, value in (("--train-size", self.train_size), ("--dev-size", self.dev_size),
                               ("--eval-every", self.eval_every),
                               ("--checkpoint-every", self.checkpoint_every),
-                              ("--num-labels", self.num_labels)):
+                              ("--num-labels", self.num_labels), ("--sft-rank", self.sft_rank),
+                              ("--sft-stage1-steps", self.sft_stage1_steps)):
             if value is not None and value < 1:
                 bad(option, f"must be >= 1, got {value}")
         if self.num_labels is not None and self.num_labels < 2 and self.task == "classification":

@@ -26,11 +26,12 @@ from dpkern.finetune.models import (apply_lora, check_model_dir, count_parameter
 from dpkern.finetune.privacy import calibrate, PrivatePlan
 from dpkern.finetune.report import (MetricsLog, load_checkpoint, plot_curves, save_checkpoint,
                                     write_json)
+from dpkern.finetune.sft import SFTStages
 from dpkern.finetune.train import Throughput, evaluate, train_step
 
 RESUME_KEYS = ("model", "data", "task", "max_length", "train_size", "dev_size", "private",
                "epsilon", "delta", "noise_multiplier", "max_grad_norm", "clipping", "accountant",
-               "method", "accept_uncertified_epsilon", "batch_size", "steps", "epochs", "lr", "trainable", "lora_r", "seed")
+               "method", "accept_uncertified_epsilon", "sft_rank", "sft_stage1_steps", "batch_size", "steps", "epochs", "lr", "trainable", "lora_r", "seed")
 
 
 def _device(name: str) -> torch.device:
@@ -127,9 +128,13 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    engine = None
+    engine, sft = None, None
+    if method == "dp-sft":  # checks the layers to project before any batch
+        sft = SFTStages(cfg, steps, model)
     if cfg.private:
         engine, model, opt = methods.make_private(cfg, method, model, opt, plan)
+    if sft is not None:
+        sft.start(model)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * max(0.0, 1 - s / steps))
     sampler = methods.poisson_sampler(n_train, plan.sample_rate if plan else
@@ -142,6 +147,8 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     if cfg.resume:
         ck = load_checkpoint(out / "checkpoint.pt")
         _load_trainable(model, ck["trainable"])
+        if sft is not None:  # stage 2: rebuild the projected optimizer before loading its state
+            opt = sft.load_state_dict(ck["sft"], engine, model, opt, plan)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sampler.generator.set_state(ck["sampler_rng"])
@@ -164,6 +171,10 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         f"({splits.test_name}); {steps} steps of expected batch {cfg.batch_size} on {device}")
     if plan:
         log(f"privacy ({cfg.method}): {plan.describe(cfg)}")
+    if sft is not None:
+        log(f"dp-sft: steps 1-{sft.stage1_steps} plain DP-SGD (stage 1, charged), then "
+            f"{len(sft.layers)} Linear weights clipped and noised in rank-{sft.rank} subspaces "
+            "from the stage-1 trajectory")
     log(f"run folder: {out}")
 
     eval_every = cfg.eval_every or max(1, math.ceil(steps / 4))
@@ -177,7 +188,8 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
             "step": step, "trainable": _trainable_state(model), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "sampler_rng": sampler.generator.get_state(),
             "accountant": engine.accountant.state_dict() if engine else None,
-            "torch_rng": torch.get_rng_state(), "best": best})
+            "torch_rng": torch.get_rng_state(), "best": best,
+            "sft": sft.state_dict() if sft is not None else None})
 
     t_start = time.perf_counter()
     speed = Throughput()
@@ -190,6 +202,8 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
                                   physical_batch_size=cfg.physical_batch_size, collate=collate,
                                   device=device, causal_lm=causal, private=cfg.private)
         sched.step()
+        if sft is not None:
+            opt = sft.after_step(step, engine, model, opt, plan)
         speed.add(len(idx), tokens)
         if engine and (step % eps_every == 0 or step == steps):
             eps = engine.get_epsilon(cfg.delta)
@@ -223,7 +237,11 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
     metrics.write(kind="test", step=best["step"], epsilon=eps, **test)
     model_dir_out = out / "model"
     _save_model(model, tok, model_dir_out)
-    privacy = plan.report(cfg, steps, eps, n_train, engine) if plan else {"private": False}
+    privacy = plan.report(cfg, steps, eps, n_train, engine,
+                          noise_steps=sft.noise_steps(opt) if sft is not None else None) \
+        if plan else {"private": False}
+    if sft is not None:
+        privacy["dp_sft"] = sft.report()
     write_json(out / "privacy.json", privacy)
     png = plot_curves(metrics.read(), out / "curves.png",
                       title=f"{Path(str(model_dir)).name} on {Path(splits.source).name}: {what}",

@@ -6,8 +6,9 @@
 ``lmo-dp``       per-sample clipping + LMO-DP noise (``dpkern.mechanisms.LMOMechanism``) instead
                  of the Gaussian; ε is LMO-DP's certified bound unless the run opts into the
                  paper's own (uncertified, labelled) ε. Calibration: privacy.calibrate_lmo.
-``dp-sft``       wired once ``dpkern.subspace`` offers a usable API; until then a clear error
-                 before training.
+``dp-sft``       two stages (sft.py): private DP-SGD stage 1 whose trajectory gives per-layer
+                 bases, then DP-SGD with the large Linear weights clipped and noised in their
+                 r × r subspace (``dpkern.subspace.SubspacePrivacyEngine``); one accountant.
 """
 from __future__ import annotations
 
@@ -42,10 +43,10 @@ def check_method(cfg: FinetuneConfig) -> str:
     except ImportError:
         raise FinetuneError(f"--method {cfg.method}: not available yet in this build ({module} "
                             "is missing); use --method dp-sgd") from None
-    if cfg.method == "dp-sft":
-        raise FinetuneError("--method dp-sft: not available yet in `dpkern finetune` (dpkern."
-                            "subspace has no stable API for the job yet); use --method dp-sgd, "
-                            "rmt-denoise or lmo-dp")
+    if cfg.method == "dp-sft" and not hasattr(importlib.import_module(module),
+                                              "SubspacePrivacyEngine"):
+        raise FinetuneError("--method dp-sft: not available in this build (dpkern.subspace has "
+                            "no SubspacePrivacyEngine); use --method dp-sgd, rmt-denoise or lmo-dp")
     return cfg.method
 
 
@@ -56,6 +57,8 @@ def make_private(cfg: FinetuneConfig, method: str, model, optimizer, plan):
     if method == "rmt-denoise":
         from dpkern.denoise import RMTDenoiser
         post.append(RMTDenoiser.for_model(model))
+    if method == "dp-sft":
+        from dpkern.subspace import SubspacePrivacyEngine as PrivacyEngine
     engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=cfg.secure_mode,
                            backend=None if cfg.backend == "auto" else cfg.backend)
     try:

@@ -48,7 +48,7 @@ class PrivatePlan:
                 + ("" if self.certified else " — ε NOT CERTIFIED (LMO-DP's own accounting)"))
 
     def report(self, cfg: FinetuneConfig, steps_done: int, epsilon: float | None, n_train: int,
-               engine=None) -> dict:
+               engine=None, noise_steps: int | None = None) -> dict:
         """The privacy report written to privacy.json (what the numbers mean is in the README)."""
         rep = engine.get_epsilon_report(cfg.delta) if engine is not None else None
         out = {
@@ -74,7 +74,8 @@ class PrivatePlan:
                     "add/remove-one adjacency",
             "method": cfg.method,
             "secure_mode": cfg.secure_mode,
-            "noise_steps": getattr(engine and engine.optimizer, "noise_steps", None),
+            "noise_steps": noise_steps if noise_steps is not None else
+            getattr(engine and engine.optimizer, "noise_steps", None),
             "not_covered": "dev-set model selection touches only the dev rows, never the "
                            "training rows; the logged train loss is a non-private diagnostic",
         }

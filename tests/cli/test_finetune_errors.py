@@ -137,13 +137,6 @@ def test_bad_options(capsys, tmp_path, tiny_model, tiny_data, args, needle):
     assert not (out / "metrics.jsonl").exists()
 
 
-def test_method_not_available_is_clear(capsys, tmp_path, tiny_model, tiny_data):
-    code, err, trained = run_cli(capsys, tmp_path, "--model", str(tiny_model), "--data",
-                                 str(tiny_data), "--method", "dp-sft")
-    assert code == 2 and "--method dp-sft" in err and "not available" in err, err
-    assert not trained
-
-
 def test_existing_run_needs_resume(capsys, tmp_path, tiny_model, tiny_data):
     out = tmp_path / "run"
     out.mkdir()

@@ -1,5 +1,5 @@
 """`dpkern finetune --method ...`: lmo-dp (certified by default, the paper's ε only on opt-in and
-labelled), rmt-denoise, dp-sft (a clear error until dpkern.subspace offers an API).
+labelled), rmt-denoise (post-processing, same ε), dp-sft (two stages charged to one ε).
 
 The ε checks recompute the number independently from the mechanism written to privacy.json, so a
 job that reported the wrong accounting (or the Gaussian one) would fail them.
@@ -120,7 +120,59 @@ def test_rmt_denoise_same_epsilon_as_dp_sgd(capsys, tmp_path, tiny_model, tiny_d
     assert p["epsilon_certified"] is True and calls["n"] == 3
 
 
-def test_dp_sft_not_available_is_clear(capsys, tmp_path, tiny_model, tiny_data):
+def test_dp_sft_without_subspace_engine_is_clear(capsys, tmp_path, tiny_model, tiny_data,
+                                                 monkeypatch):
+    import dpkern.subspace
+    monkeypatch.delattr(dpkern.subspace, "SubspacePrivacyEngine")
     code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "dp-sft")
     assert code == 2 and "--method dp-sft" in err and "not available" in err, err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_dp_sft_two_stages_one_epsilon(capsys, tmp_path, tiny_model, tiny_data, monkeypatch):
+    """Stage 1 is charged (ε = a fresh accountant over ALL steps, not only stage 2's), the bases
+    are set once from the stage-1 trajectory, and every stage-2 step releases the r × r noisy
+    coordinates of each projected weight."""
+    import dpkern.subspace.engine as sub
+    from dpkern.accounting import create_accountant
+    calls = {"bases": [], "released": 0}
+    real_set, real_rel = sub.SubspaceDPOptimizer.set_bases, sub.SubspaceDPOptimizer._released_coords
+
+    def spy_set(self, bases):
+        calls["bases"].append({tuple(u.shape) + tuple(v.shape) for u, v in bases.values()})
+        return real_set(self, bases)
+
+    def spy_rel(self, step):
+        calls["released"] += 1
+        out = real_rel(self, step)
+        assert all(s.shape == (4, 4) for s in out.values())
+        return out
+
+    monkeypatch.setattr(sub.SubspaceDPOptimizer, "set_bases", spy_set)
+    monkeypatch.setattr(sub.SubspaceDPOptimizer, "_released_coords", spy_rel)
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "dp-sft",
+                              "--sft-rank", "4", "--steps", "4", "--sft-stage1-steps", "1")
+    assert code == 0, err
+    assert "dp-sft: steps 1-1 plain DP-SGD (stage 1, charged)" in out
+    p = json.loads((run / "privacy.json").read_text())
+    assert p["method"] == "dp-sft" and p["noise_steps"] == 4 and p["epsilon_certified"]
+    assert p["dp_sft"]["stage1_steps"] == 1 and p["dp_sft"]["rank"] == 4
+    assert "bert.pooler.dense.weight" in p["dp_sft"]["projected_layers"]
+    assert len(calls["bases"]) == 1 and calls["bases"][0] == {(16, 4, 16, 4), (32, 4, 16, 4),
+                                                             (16, 4, 32, 4)}
+    assert calls["released"] == 3
+    acc = create_accountant("prv")
+    acc.step(noise_multiplier=p["noise_multiplier"], sample_rate=32 / 400, num_steps=4)
+    assert p["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert 2.9 < p["epsilon"] <= 3.0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--sft-rank", "64"], "--sft-rank 64"),            # no weight has both sides > 64
+    (["--sft-stage1-steps", "3"], "--sft-stage1-steps"),  # leaves no stage 2 of the 3 steps
+    (["--sft-rank", "0"], "--sft-rank"),
+], ids=["rank_too_large", "no_stage2", "rank_zero"])
+def test_dp_sft_bad_options(capsys, tmp_path, tiny_model, tiny_data, args, needle):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "dp-sft", *args)
+    assert code == 2 and needle in err, err
     assert not (run / "metrics.jsonl").exists()

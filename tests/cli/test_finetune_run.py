@@ -166,14 +166,17 @@ def _crash_at(monkeypatch, step_no: int):
     return real_step
 
 
-@pytest.mark.parametrize("method", ["dp-sgd", "lmo-dp"])
+@pytest.mark.parametrize("method", ["dp-sgd", "lmo-dp", "dp-sft:2", "dp-sft:5"])
 def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, method):
     """With the test-only sampling and noise seeds fixed, a run cut at step 4 and resumed ends with
     exactly the weights, ε and noise counter of the uninterrupted run. Fails if resume restarts the
     sampler (the batches replay), the noise counter (noise reused), the optimizer, the scheduler or
-    the accountant."""
+    the accountant. dp-sft:k (k steps of stage 1) is cut in stage 2 (k=2: the projected optimizer
+    and its bases are rebuilt) or in stage 1 (k=5: the trajectory sketch is restored)."""
+    method, _, stage1 = method.partition(":")
     base = dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=6, checkpoint_every=1,
-                method=method, extra={"sampling_seed": 7, "noise_seed": 11})
+                method=method, extra={"sampling_seed": 7, "noise_seed": 11},
+                sft_stage1_steps=int(stage1) if stage1 else None)
     quiet = dict(log=lambda *a: None)
     full = run(FinetuneConfig(**base, output_dir=str(tmp_path / "full")), **quiet)
     real = _crash_at(monkeypatch, 4)
@@ -188,7 +191,11 @@ def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, metho
     assert a["step"] == b["step"] == 6
     for name, t in a["trainable"].items():
         assert torch.equal(t, b["trainable"][name]), name
-    assert a["optimizer"]["dpkern"]["noise_steps"] == b["optimizer"]["dpkern"]["noise_steps"] == 6
+    in_stage = 6 - int(stage1) if stage1 and int(stage1) < 6 else 6  # dp-sft: stage 2's optimizer
+    assert a["optimizer"]["dpkern"]["noise_steps"] == b["optimizer"]["dpkern"]["noise_steps"] \
+        == in_stage
+    for d in (tmp_path / "full", cut):
+        assert json.loads((d / "privacy.json").read_text())["noise_steps"] == 6
     assert a["optimizer"]["dpkern"]["noise"] == b["optimizer"]["dpkern"]["noise"]
     assert resumed["epsilon"] == full["epsilon"]
     batches = [[r["batch"] for r in rows(d) if r["kind"] == "train"] for d in (tmp_path / "full",
