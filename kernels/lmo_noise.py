@@ -19,7 +19,7 @@ import triton.language as tl
 from dpkern.kernels.philox import normals, philox4x32_10
 
 GAMMA_MODES = {"k1": 0, "k2": 1, "k05": 2, "mt": 3}
-_TWO_PI = 6.283185307179586
+_TWO_PI = tl.constexpr(6.283185307179586)  # jit globals must be constexpr objects
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ to float rounding (log/sin/cos differ by a few ulp between libraries).
 import triton
 import triton.language as tl
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-TWO_NEG32: tl.constexpr = 2.3283064365386963e-10  # 2**-32
-TWO_NEG33: tl.constexpr = 1.1641532182693481e-10  # 2**-33
-TWO_PI: tl.constexpr = 6.2831854820251465  # float32(2 pi)
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+TWO_NEG32 = tl.constexpr(2.3283064365386963e-10)  # 2**-32
+TWO_NEG33 = tl.constexpr(1.1641532182693481e-10)  # 2**-33
+TWO_PI = tl.constexpr(6.2831854820251465)  # float32(2 pi)
 
 
 @triton.jit

@@ -47,6 +47,25 @@ def _refuse_low_precision_mean(uses: dict, params: list) -> None:
                     "keep 'mean'.")
 
 
+class _LastClip(dict):
+    """{parameter name: (N̂² fp64, U)} of the last backward, the loss scaling applied on read (the
+    fp64 copies are made only when someone looks)."""
+
+    def __init__(self, raw: dict, s2: float):
+        super().__init__(raw)
+        self._s2 = s2
+
+    def __getitem__(self, key):
+        n, u = super().__getitem__(key)
+        return n.double() * self._s2, u
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+
 class _Clipper:
     """End of every backward pass: per-sample norms -> clip factors -> book-keeping into the DP
     optimizer's accumulators. Holds the tape's records only for the duration of the call."""
@@ -79,26 +98,31 @@ class _Clipper:
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
         norms = norms_sq(uses, params, backend=self.backend)
-        bounds = [u * s for u in release_bounds(uses, params, norms)]
+        bounds = release_bounds(uses, params, norms)
+        if s != 1.0:
+            bounds = [u * s for u in bounds]
         per_param = [self.per_param[p] for p in params] if self.per_param else None
         factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
-        n_bad = int(bsz - finite.sum().item())
-        opt.last_clip = {self.private[p]: (n.double() * (s * s), u)
-                         for p, n, u in zip(params, norms, bounds)}
+        # No host sync here: the count of non-finite samples stays on the device until read.
+        n_bad = bsz - finite.sum()
+        opt.last_clip = _LastClip({self.private[p]: (n, u) for p, n, u in zip(params, norms, bounds)},
+                                  s * s)
         scales, opt.last_scales = {}, {}
         for p, c in zip(params, factors):
             p_uses = uses.pop(p)
             if p not in opt.params:
                 continue
-            if n_bad:
-                p_uses = [u.zero_samples(finite) for u in p_uses]
+            # Non-finite samples have factor 0. Book-keeping of a Linear use gives a scale-0 sample
+            # exactly nothing (even NaN/Inf rows); other uses multiply (0·NaN = NaN), so their
+            # rows are zeroed, always: the control flow does not depend on the data.
+            p_uses = [u if isinstance(u, LinearUse) else u.zero_samples(finite) for u in p_uses]
             acc = opt.summed.get(p)
             if acc is None and not isinstance(p_uses[0], LinearUse):
                 acc = opt.accumulator(p)
             sc = scales.get(id(c))
             if sc is None:  # c·s rounded down: the factor the book-keeping applies keeps c U ≤ C
-                sc = scales[id(c)] = round_down_f32(c * s)
+                sc = scales[id(c)] = round_down_f32(c * s) if s != 1.0 else round_down_f32(c)
             opt.last_scales[self.private[p]] = sc
             opt.summed[p] = bookkeep(p_uses, sc, acc, backend=self.backend)
         opt.note_backward(bsz, n_bad)

@@ -27,7 +27,6 @@ from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error
 
 # |round_tf32(x)| ≤ |x| (1 + 2^-11): the operands the kernels multiply may be that much larger.
 _TF32_GROWTH = (1.0 + 2.0 ** -11) ** 2
-_CHUNK_BYTES = 64 << 20  # fp32 temporaries of the row-norm pass stay below this
 
 
 def _gamma(n: float) -> float:
@@ -36,13 +35,9 @@ def _gamma(n: float) -> float:
 
 
 def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """(B, T, n) -> (B, T) fp32 Euclidean norms of the rows, in chunks of samples (no full copy)."""
-    bsz, seq, n = x.shape
-    out = torch.empty(bsz, seq, dtype=torch.float32, device=x.device)
-    step = max(1, _CHUNK_BYTES // max(4 * seq * n, 1))
-    for s in range(0, bsz, step):
-        out[s:s + step] = torch.linalg.vector_norm(x[s:s + step].float(), dim=2)
-    return out
+    """(B, T, n) -> (B, T) fp32 Euclidean norms of the rows, accumulated in fp32 straight from the
+    input dtype (no fp32 copy of x)."""
+    return torch.linalg.vector_norm(x, dim=2, dtype=torch.float32)
 
 
 def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -77,21 +72,27 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq: list) -> list:
         params: the parameters, in the order of norms_sq.
         norms_sq: (B,) fp32 N̂² per parameter, as norms_sq() returned them.
     """
+    if not params:
+        return []
     row_cache: dict = {}
-    out = []
+    sqs, etas, betas = [], [], []
     for p, n2 in zip(params, norms_sq):
-        uses = uses_by_param[p]
-        device = n2.device
         sq, seq, d, w = None, 0, 1, 1
-        for u in uses:
+        for u in uses_by_param[p]:
             s, (t_u, d_u, p_u) = _sqrt_q(u, row_cache)
             sq = s if sq is None else sq + s
             seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
-        mode = fp32_mode(device)
+        mode = fp32_mode(n2.device)
         # Embedding norms and index_add book-keeping use IEEE fp32 dots even under "tf32r".
-        eta = max(norm_error_bound(seq, d, w, "auto", mode), norm_error_bound(seq, d, w, "auto", "ieee"))
-        beta = max(bookkeeping_error_bound(seq, mode), bookkeeping_error_bound(seq, "ieee"))
-        n2 = n2.double().clamp_min(0)
-        bound = ((n2 + eta * sq.square()).sqrt() + beta * sq) * (1.0 + 8 * FP32_ULP)
-        out.append(torch.where(torch.isfinite(n2), bound, math.inf))
-    return out
+        etas.append(max(norm_error_bound(seq, d, w, "auto", mode),
+                        norm_error_bound(seq, d, w, "auto", "ieee")))
+        betas.append(max(bookkeeping_error_bound(seq, mode), bookkeeping_error_bound(seq, "ieee")))
+        sqs.append(sq)
+    # One batched evaluation over all parameters (P, B): a handful of launches, not ~10 per layer.
+    dev = norms_sq[0].device
+    n2 = torch.stack(norms_sq).double().clamp_min(0)
+    sq = torch.stack(sqs)
+    eta = torch.tensor(etas, dtype=torch.float64, device=dev).unsqueeze(1)
+    beta = torch.tensor(betas, dtype=torch.float64, device=dev).unsqueeze(1)
+    bound = ((n2 + eta * sq.square()).sqrt() + beta * sq) * (1.0 + 8 * FP32_ULP)
+    return list(torch.where(torch.isfinite(n2), bound, math.inf).unbind(0))

@@ -84,7 +84,8 @@ class DPOptimizer(Optimizer):
         self.backwards = 0  # backward passes since the last step (micro-batches)
         self.samples = 0  # rows seen since the last step (realized; never used to normalise)
         self.noise_steps = 0  # logical steps that released noise: the noise counter
-        self.nonfinite_samples = 0  # per-sample gradients zeroed because not finite (total)
+        self._nonfinite = 0  # per-sample gradients zeroed because not finite (total; see property)
+        self._nonfinite_pending: list = []  # device counts not yet read (no host sync per backward)
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self._empty_batch = False
         self._release_step: int | None = None
@@ -132,7 +133,22 @@ class DPOptimizer(Optimizer):
     def note_backward(self, rows: int, nonfinite: int = 0) -> None:
         self.backwards += 1
         self.samples += int(rows)
-        self.nonfinite_samples += int(nonfinite)
+        if isinstance(nonfinite, torch.Tensor):
+            self._nonfinite_pending.append(nonfinite)
+        else:
+            self._nonfinite += int(nonfinite)
+
+    @property
+    def nonfinite_samples(self) -> int:
+        """Per-sample gradients zeroed because they were not finite, in total (reading it syncs)."""
+        if self._nonfinite_pending:
+            self._nonfinite += int(sum(int(t) for t in self._nonfinite_pending))
+            self._nonfinite_pending = []
+        return self._nonfinite
+
+    @nonfinite_samples.setter
+    def nonfinite_samples(self, value: int) -> None:
+        self._nonfinite, self._nonfinite_pending = int(value), []
 
     def signal_batch(self, rows: int) -> None:
         """The data loader handed out a logical batch of `rows` rows (0: an empty batch)."""

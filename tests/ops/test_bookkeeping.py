@@ -112,12 +112,15 @@ def test_bookkeeping_bias(dtype, out_dtype):
 
 
 def test_empty_batch_gives_zeros_or_leaves_out_unchanged():
+    dev = kernel_devices()[0]
     for backend in ("torch", "triton"):
-        a, g, scale = torch.randn(0, 4, 5), torch.randn(0, 4, 6), torch.rand(0)
-        assert torch.equal(bookkeeping_wgrad(a, g, scale, backend=backend), torch.zeros(6, 5))
-        buf = torch.ones(6, 5, dtype=torch.bfloat16)
+        a, g = torch.randn(0, 4, 5, device=dev), torch.randn(0, 4, 6, device=dev)
+        scale = torch.rand(0, device=dev)
+        got = bookkeeping_wgrad(a, g, scale, backend=backend)
+        assert torch.equal(got, torch.zeros(6, 5, device=dev))
+        buf = torch.ones(6, 5, dtype=torch.bfloat16, device=dev)
         bookkeeping_wgrad(a, g, scale, out=buf, accumulate=True, backend=backend)
-        assert torch.equal(buf, torch.ones(6, 5, dtype=torch.bfloat16))
+        assert torch.equal(buf, torch.ones(6, 5, dtype=torch.bfloat16, device=dev))
 
 
 @pytest.mark.parametrize("kw,err,match", [
