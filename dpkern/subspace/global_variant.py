@@ -65,7 +65,7 @@ class GlobalSubspaceDPSGD:
     def per_sample_coords(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(B, k) fp64 projected per-sample gradients Pᵀ g_i."""
         if x.shape[0] == 0:
-            return torch.zeros(0, self.P.shape[1], dtype=torch.float64)
+            return torch.zeros(0, self.P.shape[1], dtype=torch.float64, device=self.P.device)
         pdict = {n: p.detach() for n, p in zip(self.names, self.params)}
 
         def one(pd, xi, yi):
@@ -74,7 +74,7 @@ class GlobalSubspaceDPSGD:
 
         gs = vmap(grad(one), in_dims=(None, 0, 0))(pdict, x, y)
         flat = torch.cat([gs[n].reshape(x.shape[0], -1) for n in self.names], dim=1)
-        return flat.double() @ self.P.double()
+        return flat.double() @ self.P.double().to(flat.device)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -85,13 +85,13 @@ class GlobalSubspaceDPSGD:
         ok = torch.isfinite(nrm)
         c = torch.where(ok & (nrm > self.C), self.C / nrm, ok.double())
         total = (c.unsqueeze(1) * torch.where(ok.unsqueeze(1), s, 0.0)).sum(0)
-        z = torch.zeros(self.P.shape[1], dtype=torch.float32)
+        z = torch.zeros(self.P.shape[1], dtype=torch.float32, device=self.P.device)
         if self.sigma > 0:
             from dpkern.mechanisms.noise_ops import gaussian_noise_add_
             step = self.noise.next_step()
             gaussian_noise_add_(z, std=self.sigma * self.C, words=self.noise.kernel_words(step),
-                                offset=0, backend="torch")
-        released = ((total + z.double()) / self.B).float()
+                                offset=0)
+        released = ((total.to(z.device) + z.double()) / self.B).float()
         upd = (self.P @ released).to(self.params[0].device)
         off = 0
         for p in self.params:
