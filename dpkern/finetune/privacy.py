@@ -124,10 +124,36 @@ def calibrate(cfg: FinetuneConfig, n_train: int, steps: int) -> PrivatePlan:
     return PrivatePlan(sigma, q, steps, cfg.epsilon)
 
 
+def _cached_lmo_class():
+    """LMOMechanism whose certified ε reuses its per-step bound ρ(α) (a function of the noise
+    parameters only, ~0.4 s to evaluate) across the run's steps; the same numbers as
+    LMOMechanism.certified_epsilon (tests/cli compare them)."""
+    import numpy as np
+
+    from dpkern.mechanisms import LMOMechanism
+    from dpkern.mechanisms import lmo_accountant as acct
+
+    class CachedLMO(LMOMechanism):
+        def certified_epsilon(self, *, sample_rate, steps, delta, max_order: int = 128):
+            o = np.arange(2, int(max_order) + 1, dtype=np.float64)
+            rho = self.__dict__.get("_rho")
+            if rho is None or len(rho) != len(o):
+                rho = self._rho = acct.certified_step_rdp(self.params, o)
+            sub = acct.subsampled_rdp_upper(rho, sample_rate) * int(steps)
+            eps, order = acct.rdp_to_epsilon(o, sub, delta)
+            return acct.EpsilonReport(
+                eps, delta, True, "certified upper bound (RDP, any model dimension)",
+                {"order": order, "sample_rate": sample_rate, "steps": steps,
+                 "gaussian_like_sigma": 1 / math.sqrt(self.params.second_moment_u())})
+
+    return CachedLMO
+
+
 def _lmo(cfg: FinetuneConfig, scale: float):
     """LMO-DP noise: the paper's default configuration with u (the inverse Laplace scale)
     multiplied by ``scale`` (a1, a3, a4 scaled), clip norm C, the run's accounting."""
-    from dpkern.mechanisms import PAPER_DEFAULT, LMOMechanism
+    from dpkern.mechanisms import PAPER_DEFAULT
+    LMOMechanism = _cached_lmo_class()
     base = PAPER_DEFAULT
     params = replace(base, a1=base.a1 * scale, a3=base.a3 * scale, a4=base.a4 * scale)
     if cfg.accept_uncertified_epsilon:
@@ -136,7 +162,10 @@ def _lmo(cfg: FinetuneConfig, scale: float):
     return LMOMechanism(params, cfg.max_grad_norm, accounting="certified")
 
 
-def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 12) -> PrivatePlan:
+_LMO_SCALES: dict = {}  # (target, δ, q, steps, C, accounting) -> scale: the search is deterministic
+
+
+def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 10) -> PrivatePlan:
     """The largest u-scale s (least noise) whose ε(δ) after ``steps`` is ≤ the target.
 
     ε grows with s (less noise); the search keeps ε(lo) ≤ target at every step, so the result
@@ -146,6 +175,9 @@ def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 12) ->
     from dpkern.mechanisms import PAPER_DEFAULT
 
     target = float(cfg.epsilon)
+    key = (target, cfg.delta, q, steps, cfg.max_grad_norm, cfg.accept_uncertified_epsilon)
+    if key in _LMO_SCALES:
+        return _lmo_plan(cfg, q, steps, _LMO_SCALES[key])
 
     def eps(s: float) -> float:
         try:
@@ -176,8 +208,12 @@ def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 12) ->
                 lo = mid
             else:
                 hi = mid
-    mech = _lmo(cfg, lo)
-    std = mech.noise_std()
-    return PrivatePlan(0.0, q, steps, target, mechanism=mech,
-                       details={"scale": lo, "noise_std": std, "accounting": mech.accounting,
-                                "planned_epsilon": eps(lo)})
+    _LMO_SCALES[key] = lo
+    return _lmo_plan(cfg, q, steps, lo)
+
+
+def _lmo_plan(cfg: FinetuneConfig, q: float, steps: int, scale: float) -> PrivatePlan:
+    mech = _lmo(cfg, scale)
+    return PrivatePlan(0.0, q, steps, float(cfg.epsilon), mechanism=mech,
+                       details={"scale": scale, "noise_std": mech.noise_std(),
+                                "accounting": mech.accounting})

@@ -63,39 +63,6 @@ def test_cli_run_writes_metrics_model_plot(tmp_path, tiny_model, tiny_data, caps
     assert acc_saved == pytest.approx(test[0]["accuracy"], abs=1e-9)
 
 
-def test_resume_equals_uninterrupted_epsilon(tmp_path, tiny_model, tiny_data, monkeypatch):
-    base = dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=6, checkpoint_every=1)
-    full = run(FinetuneConfig(**base, output_dir=str(tmp_path / "full")), log=lambda *a: None)
-
-    real_step, calls = job.train_step, {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # dies during step 4: steps 1-3 are checkpointed
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(job, "train_step", crashing_step)
-    cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        run(FinetuneConfig(**base, output_dir=str(cut)), log=lambda *a: None)
-    assert [r["step"] for r in rows(cut) if r["kind"] == "train"] == [1, 2, 3]
-    ck = torch.load(cut / "checkpoint.pt", weights_only=False)
-    assert ck["step"] == 3 and sum(n for *_, n in ck["accountant"]["history"]) == 3
-    monkeypatch.setattr(job, "train_step", real_step)
-
-    resumed = run(FinetuneConfig(**base, output_dir=str(cut), resume=True), log=lambda *a: None)
-    assert resumed["epsilon"] == full["epsilon"]  # exactly: the same (σ, q, 6 steps) history
-    assert resumed["noise_multiplier"] == full["noise_multiplier"]
-    assert [r["step"] for r in rows(cut) if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
-    privacy = json.loads((cut / "privacy.json").read_text())
-    assert privacy["noise_steps"] == 6 and privacy["steps"] == 6
-    # a run restarted from scratch would have spent only 3 steps' worth: the check can fail
-    acc = create_accountant("prv")
-    acc.step(noise_multiplier=full["noise_multiplier"], sample_rate=32 / 400, num_steps=3)
-    assert acc.get_epsilon(1e-5) < resumed["epsilon"] - 0.1
-
-
 def test_nonprivate_run_and_jsonl_data(tmp_path, tiny_model):
     from tests.cli._tiny import write_jsonl
     data = write_jsonl(tmp_path / "d.jsonl", 200)
@@ -198,6 +165,8 @@ def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, metho
         assert json.loads((d / "privacy.json").read_text())["noise_steps"] == 6
     assert a["optimizer"]["dpkern"]["noise"] == b["optimizer"]["dpkern"]["noise"]
     assert resumed["epsilon"] == full["epsilon"]
+    if method != "lmo-dp":  # a restarted accountant would hold only the 3 steps after the cut
+        assert sum(n for *_, n in b["accountant"]["history"]) == 6
     batches = [[r["batch"] for r in rows(d) if r["kind"] == "train"] for d in (tmp_path / "full",
                                                                                 cut)]
     assert batches[0] == batches[1]
