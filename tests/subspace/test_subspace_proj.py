@@ -24,8 +24,9 @@ def _inputs(shape, dtype, seed=0):
     return a, g, u, v
 
 
-def _check(s, n, a, g, u, v, eps=2.0 ** -23):
-    """Entry-wise: |S − S_ref| ≤ rtol(n_reduce) · (|g||U|)ᵀ(|a||V|) (the no-cancellation size);
+def _check(s, n, a, g, u, v, tf32=False):
+    """Entry-wise: |S − S_ref| ≤ rtol · (|g||U|)ᵀ(|a||V|) (the no-cancellation size), rtol the fp32
+    reduction policy plus, for TF32 dots, 4·2^-10 (operands of the three dots rounded to TF32);
     norms: against the fp64 sum of squares of the returned S (the kernel's own reduction)."""
     s_ref, _ = subspace_project_ref(a, g, u, v)
     size = torch.einsum("btr,bts->brs", g.double().abs() @ u.double().abs(),
@@ -33,7 +34,8 @@ def _check(s, n, a, g, u, v, eps=2.0 ** -23):
     n_red = a.shape[1] * (a.shape[2] + g.shape[2])
     assert torch.isfinite(s).all() and torch.isfinite(n).all()
     err = (s.double() - s_ref).abs()
-    assert (err <= reduction_rtol(n_red, eps) * size + 1e-30).all(), float((err / size).max())
+    rtol = reduction_rtol(n_red) + (4 * 2.0 ** -10 if tf32 else 0.0)
+    assert (err <= rtol * size + 1e-30).all(), float((err / size).max())
     own = s.double().square().sum(dim=(1, 2))
     torch.testing.assert_close(n.double(), own, rtol=reduction_rtol(s.shape[1] * s.shape[2]), atol=1e-30)
 
@@ -112,4 +114,4 @@ def test_gpu_full_size(dtype):
     v = orthonormalize(torch.randn(2048, 64, device="cuda"))
     s, n = subspace_project(a, g, u, v, backend="triton")
     torch.cuda.synchronize()
-    _check(s.cpu(), n.cpu(), a.cpu(), g.cpu(), u.cpu(), v.cpu(), eps=2.0 ** -10)
+    _check(s, n, a, g, u, v, tf32=True)  # fp64 reference on the GPU (forms G_i: 0.7 GB)
