@@ -42,6 +42,21 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _check_backend(backend: str, device: torch.device) -> None:
+    """A backend asked for by name must be able to run on the device (auto always can)."""
+    if backend == "cuda":
+        import dpkern
+        if device.type != "cuda":
+            raise FinetuneError("--backend cuda: needs --device cuda (the CUDA kernels run on GPU "
+                                "tensors only); use --backend auto or torch on CPU")
+        if not dpkern.cuda_available():
+            raise FinetuneError(f"--backend cuda: the CUDA extension is not usable here "
+                                f"({dpkern.cuda_unavailable_reason()}); use --backend auto")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FinetuneError("--backend triton: on CPU the Triton kernels run only under "
+                            "TRITON_INTERPRET=1 (slow, for tests); use --backend auto or torch")
+
+
 def _run_dir(cfg: FinetuneConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).expanduser()
@@ -94,6 +109,7 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
                             "it or choose another folder")
     method = methods.check_method(cfg)
     device = _device(cfg.device)
+    _check_backend(cfg.backend, device)
 
     # ---- input checks: data, labels, model folder, budget (no weights loaded yet) -------------
     causal = cfg.task == "causal-lm"

@@ -127,6 +127,7 @@ def test_impossible_budget(capsys, tmp_path, tiny_model, tiny_data):
     (["--noise-multiplier", "0"], "--noise-multiplier"),
     (["--device", "tpu"], "--device"),
     (["--resume"], "--resume"),
+    (["--backend", "cuda", "--device", "cpu"], "--backend cuda"),
 ], ids=lambda v: v if isinstance(v, str) else "_".join(v))
 def test_bad_options(capsys, tmp_path, tiny_model, tiny_data, args, needle):
     out = tmp_path / "run"
@@ -144,3 +145,12 @@ def test_existing_run_needs_resume(capsys, tmp_path, tiny_model, tiny_data):
     code = main(["finetune", "--model", str(tiny_model), "--data", str(tiny_data),
                  "--output-dir", str(out), *FAST])
     assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(capsys, tmp_path, tiny_model, tiny_data,
+                                                      monkeypatch):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("CPU-only check")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    expect_error(capsys, tmp_path, ["--backend triton", "TRITON_INTERPRET=1"],
+                 "--model", str(tiny_model), "--data", str(tiny_data), "--backend", "triton")
