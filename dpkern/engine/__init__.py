@@ -28,23 +28,34 @@ __all__ = ["PrivacyEngine"]
 
 
 def _refuse_low_precision_mean(uses: dict, params: list) -> None:
-    """loss_reduction='mean' divides every output gradient by the realized batch size B before
-    autograd rounds it to bf16/fp16. B differs between neighbouring datasets, so every OTHER
-    sample's reconstructed gradient (and clipped direction) moves by up to one low-precision ulp:
-    the sum's sensitivity grows with the batch (measured 1e-3 C with 3 samples in bf16). With
-    loss_reduction='sum' the output gradients do not depend on B, and the bound holds exactly."""
+    """loss_reduction='mean' divides every output gradient by the realized batch size B, and the
+    per-sample ops then see it rounded coarser than fp32: stored in bf16/fp16, or fp32 rounded to
+    TF32 by the sensitivity-exact "tf32r" mode (the GPU default). B differs between neighbouring
+    datasets, so every OTHER sample's reconstructed gradient (and clipped direction) moves by up to
+    one ulp of that format: the sum's sensitivity grows with the batch (measured on an H100: 1.1e-4 C
+    for a zeroed extra sample in fp32/tf32r; 1e-3 C with 3 samples in bf16). With
+    loss_reduction='sum' the output gradients do not depend on B and the bound holds exactly."""
+    from dpkern.ops._persample import fp32_mode
     for p in params:
         for u in uses[p]:
             g = getattr(u, "g", None)
-            if g is not None and g.dtype in (torch.bfloat16, torch.float16):
+            if g is None:
+                continue
+            why = None
+            if g.dtype in (torch.bfloat16, torch.float16):
+                why = f"{g.dtype} output gradients"
+            elif g.dtype == torch.float32 and g.is_cuda and fp32_mode(g.device) == "tf32r":
+                why = "fp32 output gradients rounded to TF32 by the per-sample ops (fp32 mode tf32r)"
+            if why:
                 raise RuntimeError(
-                    f"loss_reduction='mean' with {g.dtype} output gradients (layer {u.path}) would "
-                    "break the sensitivity bound: the 1/B_realized of the mean is rounded into every "
-                    "sample's gradient, and B_realized differs between neighbouring batches. Use "
+                    f"loss_reduction='mean' with {why} (layer {u.path}) would break the "
+                    "sensitivity bound: the 1/B_realized of the mean is rounded into every sample's "
+                    "gradient, and B_realized differs between neighbouring batches. Use "
                     "make_private(..., loss_reduction='sum') and loss = per_sample_losses.sum(); the "
-                    "optimizer then sees sum of clipped gradients + noise (scale the learning rate by "
-                    "1/expected_batch_size to keep the same update). fp32 autocast-free training may "
-                    "keep 'mean'.")
+                    "optimizer then sees the sum of clipped gradients + noise (Adam is unaffected; "
+                    "scale an SGD learning rate by 1/expected_batch_size)"
+                    + (", or IEEE fp32 dots (DPKERN_NORM_FP32_DOT=ieee, slower)"
+                       if g.dtype == torch.float32 else "") + ".")
 
 
 class _LastClip(dict):

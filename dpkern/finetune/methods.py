@@ -66,12 +66,13 @@ def make_private(cfg: FinetuneConfig, method: str, model, optimizer, plan):
             module=model, optimizer=optimizer, data_loader=None,
             noise_multiplier=None if plan.mechanism is not None else plan.noise_multiplier,
             max_grad_norm=cfg.max_grad_norm,
-            clipping=cfg.clipping.replace("-", "_"), loss_reduction="mean",
+            clipping=cfg.clipping.replace("-", "_"), loss_reduction="sum",
             expected_batch_size=cfg.batch_size, sample_rate=plan.sample_rate,
             grad_postprocessors=post or None, mechanism=plan.mechanism,
             seed=cfg.extra.get("noise_seed"))  # tests only: the noise seed stays secret otherwise
     except (ValueError, TypeError) as e:
         raise FinetuneError(f"--model: the DP engine cannot make this model private: {e}") from None
+    optimizer.average_sum = True  # sum of per-sample losses, update / expected batch (as "mean")
     engine.optimizer = optimizer
     return engine, model, optimizer
 

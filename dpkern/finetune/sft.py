@@ -74,10 +74,11 @@ class SFTStages:
         _, new_opt, _ = engine.make_private(
             module=model, optimizer=inner, data_loader=None,
             noise_multiplier=plan.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm,
-            clipping=self.cfg.clipping.replace("-", "_"), loss_reduction="mean",
+            clipping=self.cfg.clipping.replace("-", "_"), loss_reduction="sum",
             expected_batch_size=self.cfg.batch_size, sample_rate=plan.sample_rate,
             seed=None if seed is None else seed + 1,  # tests only: never the stage-1 key
             subspace=bases)
+        new_opt.average_sum = True  # as in methods.build: sum of losses, update / expected batch
         engine.optimizer = new_opt
         self.stage, self.bases, self.tracker = 2, bases, None
         return new_opt

@@ -41,8 +41,10 @@ def train_step(model, optimizer, dataset, indices: list[int], *, physical_batch_
                collate: PadCollate, device, causal_lm: bool, private: bool) -> tuple[float, int]:
     """One logical step over the rows ``indices``; returns (mean train loss or nan, tokens).
 
-    Private: every micro-batch backpropagates the mean of its per-sample losses (the engine's
-    loss_reduction="mean"); an empty batch tells the DP optimizer, which then releases noise only.
+    Private: every micro-batch backpropagates the sum of its per-sample losses (the engine's
+    loss_reduction="sum": a mean would divide by the realized micro-batch size, which differs
+    between neighbouring datasets and, once rounded, moves the other samples' gradients; AdamW is
+    invariant to the scale); an empty batch tells the DP optimizer, which then releases noise only.
     Non-private: the same rows, loss = Σ ℓ_i / |batch| (plain mini-batch SGD of the same recipe).
     """
     total, tokens = 0.0, 0
@@ -55,7 +57,7 @@ def train_step(model, optimizer, dataset, indices: list[int], *, physical_batch_
     for mb in length_sorted_chunks(dataset, indices, physical_batch_size, collate):
         mb = _to(mb, device)
         losses = per_sample_loss(model, mb, causal_lm)
-        (losses.mean() if private else losses.sum() / len(indices)).backward()
+        (losses.sum() if private else losses.sum() / len(indices)).backward()
         total += float(losses.detach().sum())
         tokens += int(mb["attention_mask"].sum())
     optimizer.step()

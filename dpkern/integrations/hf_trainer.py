@@ -133,9 +133,12 @@ class DPTrainerMixin:
         self.noise_multiplier = sigma
         _, dp_opt, _ = self.privacy_engine.make_private(
             module=self.model, optimizer=opt, data_loader=None, noise_multiplier=sigma,
-            max_grad_norm=pa.max_grad_norm, clipping=pa.clipping, loss_reduction="mean",
+            max_grad_norm=pa.max_grad_norm, clipping=pa.clipping, loss_reduction="sum",
             expected_batch_size=self.args.per_device_train_batch_size, sample_rate=q,
             seed=pa.seed)
+        # sum of per-sample losses (no 1/B_realized rounded into the gradients), update divided by
+        # the expected batch size: the same step as Trainer's mean, for any optimizer
+        dp_opt.average_sum = True
         self.optimizer = self.dp_optimizer = dp_opt
         return dp_opt
 
@@ -153,7 +156,7 @@ class DPTrainerMixin:
         total = torch.zeros((), device=self.args.device)
         for mb in microbatches(inputs, physical):
             losses = per_sample_losses(model, mb)
-            losses.mean().backward()
+            losses.sum().backward()
             total = total + losses.detach().sum()
         return total / rows
 

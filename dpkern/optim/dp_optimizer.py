@@ -69,6 +69,9 @@ class DPOptimizer(Optimizer):
         self.noise_backend: str | None = None  # fused/materialised noise backend (None: auto)
         # False forces the materialised path (p.grad then holds the noisy averaged gradient).
         self.fused = True
+        # loss_reduction="sum" with the released sum still divided by the expected batch size
+        # (the update of "mean" without its B_realized rounding; see engine_README.md).
+        self.average_sum = False
         # A non-Gaussian dpkern.mechanisms.Mechanism (set by make_private): adds its own noise.
         self.mechanism = None
         # The private parameters this optimizer updates, in model order.
@@ -271,7 +274,8 @@ class DPOptimizer(Optimizer):
                 "zero_grad()). For an empty Poisson batch use the DP data loader, which reports it, "
                 "or call optimizer.signal_empty_batch() first.")
         std = self.noise_multiplier * self.max_grad_norm
-        norm = self.expected_batch_size if self.loss_reduction == "mean" else 1
+        norm = (self.expected_batch_size
+                if self.loss_reduction == "mean" or self.average_sum else 1)
         step = self.noise_generator.next_step()  # one counter step per release, all parameters
         if self.fused_available():
             self._fused_step(std, float(norm), step)
