@@ -3,8 +3,9 @@
     python bench/dist_scaling.py --out $OUT                 # GPUs: nccl, ~1B and ~3B Llama
     python bench/dist_scaling.py --cpu --out /tmp/dist      # CPU smoke test: gloo, tiny Llama
 
-Stages, noise first (each in fresh processes through dpkern.distributed.launch.spawn, NVLink multicast off;
-a failing stage is recorded and the next one runs; results are written after every stage):
+Stages, noise first (each in fresh processes through dpkern.distributed.launch.spawn, NVLink
+multicast off; a failing stage is recorded and the next one runs; results are written after
+every stage):
   scaling  for each model and world size in {1, W}: tokens/s of non-private training (DDP with its
            own gradient all-reduce) and of DP training (PrivacyEngine on 1 rank,
            DistributedPrivacyEngine over DDP on W), random init (LlamaConfig, no download),
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time

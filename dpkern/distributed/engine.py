@@ -3,7 +3,7 @@
     dist.init_process_group("nccl")                       # after disable_nvlink_multicast()
     engine = DistributedPrivacyEngine(accountant="prv")
     model, optimizer, loader = engine.make_private(
-        module=model,            # plain module, DistributedDataParallel(model), or fully_shard(model)
+        module=model,            # plain module, DistributedDataParallel(model) or fully_shard-ed
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
         data_loader=DataLoader(dataset, batch_size=per_rank_batch),
         noise_multiplier=1.0, max_grad_norm=1.0)

@@ -76,6 +76,17 @@ def spawn(fn: Callable, nprocs: int, *, backend: str = "gloo", args: tuple = (),
         raise RuntimeError(f"backend='nccl' with {nprocs} ranks needs {nprocs} GPUs, found "
                            f"{torch.cuda.device_count()}")
     disable_nvlink_multicast()  # inherited by the children at start
+    try:
+        return _spawn_once(fn, nprocs, backend, args, timeout_s, coll_timeout_s)
+    except _PortTaken:  # another process took the free port before rank 0 bound it: once more
+        return _spawn_once(fn, nprocs, backend, args, timeout_s, coll_timeout_s)
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _spawn_once(fn, nprocs, backend, args, timeout_s, coll_timeout_s) -> list:
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="dpkern_dist_") as folder:
         port = free_port()
@@ -106,7 +117,9 @@ def spawn(fn: Callable, nprocs: int, *, backend: str = "gloo", args: tuple = (),
                 errs.append(f"--- rank {r} ---\n" + open(path).read())
         codes = [p.exitcode for p in procs]
         if failed or errs or any(c != 0 for c in codes):
-            raise RuntimeError(f"spawn({getattr(fn, '__name__', fn)}, {nprocs}, {backend}): "
-                               f"{failed or 'a rank failed'}; exit codes {codes}\n" + "\n".join(errs))
+            err = _PortTaken if any("address already in use" in e.lower() or "eaddrinuse"
+                                    in e.lower() for e in errs) else RuntimeError
+            raise err(f"spawn({getattr(fn, '__name__', fn)}, {nprocs}, {backend}): "
+                      f"{failed or 'a rank failed'}; exit codes {codes}\n" + "\n".join(errs))
         return [torch.load(os.path.join(folder, f"out{r}.pt"), weights_only=False)
                 for r in range(nprocs)]

@@ -146,7 +146,7 @@ def _load(state: bytes, model, opt, eng) -> None:
 
 
 def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: int = 0,
-             world: int = 1) -> dict:
+             world: int = 1, micro: int | None = None) -> dict:
     """One step over fixed rows with data_loader=None: rank r gets rows_by_rank[r] rows of
     fixed_rows (0 rows: the rank steps without a backward, or a zero-loss padding row under
     FSDP). mode "single": all the rows in one process."""
@@ -160,7 +160,9 @@ def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: 
     start = sum(rows_by_rank[:rank]) if mode != "single" else 0
     n = rows_by_rank[rank] if mode != "single" else sum(rows_by_rank)
     if n > 0:
-        per_sample_loss(model, x[start:start + n]).mean().backward()
+        from dpkern.data.poisson import microbatches
+        for mb in microbatches(x[start:start + n], micro or n):  # mean loss of each micro-batch
+            per_sample_loss(model, mb).mean().backward()
     else:
         opt.signal_empty_batch()
         if mode == "fsdp":
@@ -171,7 +173,7 @@ def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: 
 
 
 def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
-    """Every distributed scenario of tests/distributed, on this rank. Keys: (scenario, mode, ...)."""
+    """Every distributed scenario of tests/distributed, on this rank; keys (scenario, mode, ...)."""
     from dpkern.distributed import NO_MULTICAST_ENV
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     out = {"env": {k: os.environ.get(k) for k in NO_MULTICAST_ENV}}
@@ -184,6 +186,11 @@ def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
                                              rows_by_rank=[3] + [0] * (world - 1))
         out[("all_empty", mode)] = one_step(mode, device, sigma=1.0, rank=rank, world=world,
                                             rows_by_rank=[0] * world)
+    # Gradient accumulation: micro-batches of 2 rows, rank 0 2 + 2, the others 2 + 1 (FSDP needs
+    # the same number of forward / backward passes on every rank).
+    for mode in ("ddp", "fsdp"):
+        out[("micro", mode)] = one_step(mode, device, sigma=1.0, rank=rank, world=world,
+                                        rows_by_rank=[4] + [3] * (world - 1), micro=2)
     out[("secure", "ddp")] = train("ddp", device, sigma=1.0, steps=2, world=world, seed=None)
     out["refusals"] = refusals(rank, world, device)
     return out
@@ -213,7 +220,22 @@ def refusals(rank: int, world: int, device) -> dict:
         got["fsdp_postprocessors"] = None
     except ValueError as e:
         got["fsdp_postprocessors"] = str(e)
+    model, opt = build("ddp", device)
+    ds = dataset()
+    _, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private_with_epsilon(
+        module=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=PER_RANK),
+        target_epsilon=3.0, target_delta=1e-5, epochs=2, max_grad_norm=C, seed=SEED)
+    got["calibrated_sigma"] = opt.noise_multiplier
     return got
+
+
+def calibrated_sigma_single(world: int) -> float:
+    from dpkern import PrivacyEngine
+    model, opt = build("plain", torch.device("cpu"))
+    _, opt, _ = PrivacyEngine(accountant="rdp").make_private_with_epsilon(
+        module=model, optimizer=opt, data_loader=DataLoader(dataset(), batch_size=PER_RANK * world),
+        target_epsilon=3.0, target_delta=1e-5, epochs=2, max_grad_norm=C, seed=SEED)
+    return opt.noise_multiplier
 
 
 def hang_or_fail(rank: int, world: int, what: str):

@@ -1,4 +1,4 @@
-"""DP training on torch.distributed against the single-process engine (tests/distributed/_workers.py).
+"""DP training on torch.distributed vs the single-process engine (tests/distributed/_workers.py).
 
 One spawn of 2 ranks per backend runs every scenario (gloo on CPU in CI; nccl, one GPU per rank, on
 a machine with >= 2 GPUs). The single-process runs use dpkern.PrivacyEngine with the global batch
@@ -172,6 +172,63 @@ def test_refusals_on_every_rank(run):
         assert msg is not None and "every rank must call step()" in msg
         msg = r["refusals"]["fsdp_postprocessors"]
         assert msg is not None and "grad_postprocessors" in msg
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_gradient_accumulation_equals_one_batch(run, mode):
+    """Rank 0 runs its 4 rows as micro-batches 2 + 2, rank 1 its 3 rows as 2 + 1: the same as one
+    process with all 7 rows in one batch (each sample clipped once, noise once)."""
+    res, dev = run
+    ref = single("one", dev, sigma=1.0, rows_by_rank=[4, 3])
+    for r in res:
+        assert max_diff(r[("micro", mode)]["params"], ref["params"]) <= tol(1, dev)
+        assert r[("micro", mode)]["counter"] == 1
+
+
+def test_calibration_uses_the_global_sampling_rate(run):
+    res, _ = run
+    want = W.calibrated_sigma_single(WORLD)
+    assert want != W.calibrated_sigma_single(1)  # control: the batch size matters
+    for r in res:
+        assert r["refusals"]["calibrated_sigma"] == pytest.approx(want, rel=1e-12)
+
+
+def test_world_of_one_without_process_group_is_the_single_engine():
+    """No process group: DistributedPrivacyEngine is PrivacyEngine, bit for bit."""
+    cpu = torch.device("cpu")
+    got = W.train("plain", cpu, sigma=1.0, steps=2, world=1)
+    want = W.train("single", cpu, sigma=1.0, steps=2, world=1)
+    assert max_diff(got["params"], want["params"]) == 0.0
+    assert got["rows"] == want["rows"] and got["eps"] == want["eps"]
+
+
+def test_bad_input_is_refused_with_the_argument_named():
+    from dpkern.distributed import DistributedDPOptimizer, DistributedPrivacyEngine
+    from dpkern.distributed.optimizer import set_noise_key
+    from dpkern.noise import NoiseGenerator
+    model, opt = W.build("plain", torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(W.dataset(), batch_size=4)
+    with pytest.raises(ValueError, match="poisson_sampling"):
+        DistributedPrivacyEngine().make_private(module=model, optimizer=opt, data_loader=loader,
+                                                noise_multiplier=1.0, max_grad_norm=1.0,
+                                                poisson_sampling=False)
+    with pytest.raises(ValueError, match="seed"):
+        DistributedPrivacyEngine(secure_mode=True).make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, seed=1)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        DistributedPrivacyEngine().make_private(module=model, optimizer=opt, data_loader=None,
+                                                noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(TypeError, match="DPOptimizer"):
+        DistributedDPOptimizer.adopt(opt)
+    with pytest.raises(ValueError, match="16 bytes"):
+        set_noise_key(NoiseGenerator(), b"short")
+    with pytest.raises(ValueError, match="nprocs"):
+        launch.spawn(W.hang_or_fail, 0)
+    with pytest.raises(ValueError, match="backend"):
+        launch.spawn(W.hang_or_fail, 1, backend="mpi")
+    with pytest.raises(ValueError, match="rank"):
+        DistributedPoissonSampler(10, 0.5, rank=2, world_size=2)
 
 
 def test_shard_rows_is_torch_chunk():
