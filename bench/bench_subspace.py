@@ -72,8 +72,13 @@ def _bases(model, rank):
 
 @pytest.mark.parametrize("mode", STEP_MODES)
 def test_llama_step_bench(timed, mode):
+    import gc
+
     from dpkern.engine import PrivacyEngine
     from dpkern.subspace import SubspacePrivacyEngine
+    gc.collect()  # the previous mode's model and optimizer states
+    if HAS_GPU:
+        torch.cuda.empty_cache()
     model, cfg = _llama()
     bsz, seq = BATCH
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
