@@ -19,6 +19,7 @@ Writes results.json, scaling.csv, summary.txt under --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -122,7 +123,8 @@ def scaling_worker(rank: int, world: int, cfg: dict) -> dict:
                      "tokens_per_s": world * bsz * seq * cfg["steps"] / total,
                      "peak_mem_gib": (torch.cuda.max_memory_allocated(dev) / 2**30
                                       if dev.type == "cuda" else None)}
-        del model, opt
+        del model, opt, step
+        gc.collect()  # DDP / engine objects hold cycles: free the weights before the next mode
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return out

@@ -44,10 +44,10 @@ if $PY -c "import dpkern, sys; sys.exit(0 if dpkern.cuda_available() else 1)" 2>
   echo "build skipped: extension already importable" | tee -a "$OUT/stages.txt"
 else
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    stage build 120 build.log $PY -m pip install --no-build-isolation --no-deps -e .
+    stage build 110 build.log $PY -m pip install --no-build-isolation --no-deps -e .
 fi
 $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.cuda_unavailable_reason())" >> "$OUT/env.txt" 2>&1
-stage tests 100 tests_dist.log $PY -m pytest tests/distributed -q -ra -p no:cacheprovider -m "not slow"
+stage tests 120 tests_dist.log $PY -m pytest tests/distributed -q -ra -p no:cacheprovider -m "not slow"
 stage scaling 240 scaling.log $PY bench/dist_scaling.py --out "$OUT" --stage-timeout 90
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/stages.txt"
 cat "$OUT/summary.txt" 2>/dev/null

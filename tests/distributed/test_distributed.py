@@ -229,6 +229,9 @@ def test_bad_input_is_refused_with_the_argument_named():
         launch.spawn(W.hang_or_fail, 1, backend="mpi")
     with pytest.raises(ValueError, match="rank"):
         DistributedPoissonSampler(10, 0.5, rank=2, world_size=2)
+    eng = DistributedPrivacyEngine(accountant="rdp")
+    with pytest.raises(ValueError, match="2 ranks"):
+        eng.load_state_dict({"world_size": 2, "accountant": eng.accountant.state_dict()})
 
 
 def test_shard_rows_is_torch_chunk():
