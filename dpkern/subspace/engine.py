@@ -206,7 +206,9 @@ class SubspaceDPOptimizer(DPOptimizer):
     @torch.no_grad()
     def _released_coords(self, step: int) -> dict:
         std = self.noise_multiplier * self.max_grad_norm
-        norm = self.expected_batch_size if self.loss_reduction == "mean" else 1
+        # as DPOptimizer.step: "mean", or "sum" with average_sum, divide by B_expected
+        norm = (self.expected_batch_size
+                if self.loss_reduction == "mean" or getattr(self, "average_sum", False) else 1)
         out = {}
         from dpkern.mechanisms.noise_ops import gaussian_noise_add_
         for p in self._projected:

@@ -279,3 +279,27 @@ def test_outside_gradient_refused():
     model[0].weight.grad = torch.ones_like(model[0].weight)
     with pytest.raises(RuntimeError, match="outside the engine"):
         dp.step()
+
+
+@pytest.mark.parametrize("average_sum", [False, True])
+def test_sum_reduction_scales_like_the_engine(average_sum):
+    """loss_reduction="sum" (what bf16 / TF32 training must use): released = Σ c_i S_i (+ noise),
+    divided by B_expected only with average_sum, exactly as the plain optimizer does."""
+    x = torch.randn(4, T, D_IN)
+    u, v = orth(HID, 3), orth(D_IN, 4)
+    res = []
+    for cls, kw in ((PrivacyEngine, {}), (SubspacePrivacyEngine, {"subspace": {"0": (u, v)}})):
+        model = make_model()
+        eng = cls(accountant="rdp")
+        model, dp, _ = eng.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=None,
+            noise_multiplier=0.0, max_grad_norm=100.0, expected_batch_size=4, sample_rate=0.1,
+            loss_reduction="sum", **kw)
+        dp.average_sum = average_sum
+        dp.fused = False
+        if hasattr(dp, "fused_backprojection"):
+            dp.fused_backprojection = False
+        batch_loss(model, x).sum().backward()
+        dp.step()
+        res.append(model[0].weight.grad.clone())
+    torch.testing.assert_close(res[1], res[0], rtol=1e-5, atol=1e-7)
