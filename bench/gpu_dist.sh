@@ -8,7 +8,7 @@
 # Every stage has its own time limit; a failing stage is logged and the next one runs.
 # Writes under $OUT (default bench/results/dist_h200): env.txt, build.log, tests_dist.log,
 # scaling.log, results.json, scaling.csv, summary.txt, stages.txt.
-# Usage: OUT=... PY=python3 bash bench/gpu_dist.sh
+# Usage: OUT=... PY=python3 bash bench/gpu_dist.sh     (SKIP_BUILD=1: use the installed dpkern)
 set -uo pipefail
 # NVLink multicast stays off, before any process (python, NCCL) starts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -40,7 +40,9 @@ stage() {  # stage NAME LIMIT_S LOG CMD...: run with a time limit, log rc and ti
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())"
 } > "$OUT/env.txt" 2>&1
 : > "$OUT/stages.txt"
-if $PY -c "import dpkern, sys; sys.exit(0 if dpkern.cuda_available() else 1)" 2>/dev/null; then
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  echo "build skipped: SKIP_BUILD=1" | tee -a "$OUT/stages.txt"
+elif $PY -c "import dpkern, sys; sys.exit(0 if dpkern.cuda_available() else 1)" 2>/dev/null; then
   echo "build skipped: extension already importable" | tee -a "$OUT/stages.txt"
 else
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
