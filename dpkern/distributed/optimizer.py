@@ -88,6 +88,10 @@ class DistributedDPOptimizer(DPOptimizer):
     def step(self, closure=None):
         # Every rank calls step() once per logical step, with or without local rows: the sums
         # below are collectives. The checks of DPOptimizer.step run after them on every rank.
+        loss = None
+        if closure is not None:  # its backward must land in the accumulators before the sum
+            with torch.enable_grad():
+                loss = closure()
         if not self._reduce_counts():
             raise RuntimeError(
                 "optimizer.step() without a new backward pass on some rank: if a rank's share "
@@ -95,7 +99,8 @@ class DistributedDPOptimizer(DPOptimizer):
                 "optimizer.signal_empty_batch() there); every rank must call step() each logical "
                 "step")
         self._reduce_accumulators()
-        return super().step(closure)
+        super().step()
+        return loss
 
     def in_sync(self, module: torch.nn.Module) -> bool:
         """True when every rank holds bit-identical copies of module's parameters (a collective)."""
