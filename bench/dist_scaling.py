@@ -87,19 +87,25 @@ def scaling_worker(rank: int, world: int, cfg: dict) -> dict:
             if world == 1:
                 model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
                     module=model, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
-                    max_grad_norm=CLIP, expected_batch_size=bsz, sample_rate=0.01)
+                    max_grad_norm=CLIP, expected_batch_size=bsz, sample_rate=0.01,
+                    loss_reduction="sum")
             else:
                 ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
                 model, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private(
                     module=ddp, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
-                    max_grad_norm=CLIP, expected_batch_size=bsz * world, sample_rate=0.01)
+                    max_grad_norm=CLIP, expected_batch_size=bsz * world, sample_rate=0.01,
+                    loss_reduction="sum")
+            # bf16 output gradients: the engine needs the sum of per-sample losses; the update
+            # is still divided by B_expected (the "mean" update without its B_realized rounding)
+            opt.average_sum = True
         elif world > 1:
             model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
         def step():
             with amp:
                 logits = model(input_ids=ids).logits
-            loss = causal_lm_per_sample_loss(logits.float(), ids).mean()
+            per_sample = causal_lm_per_sample_loss(logits.float(), ids)
+            loss = per_sample.sum() if private else per_sample.mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -153,7 +159,9 @@ def noise_worker(rank: int, world: int, cfg: dict) -> dict:
             DistributedPrivacyEngine(accountant="rdp")
         model, opt, _ = eng.make_private(module=model, optimizer=opt, data_loader=None,
                                          noise_multiplier=SIGMA, max_grad_norm=CLIP,
-                                         expected_batch_size=bexp, sample_rate=0.01, seed=11)
+                                         expected_batch_size=bexp, sample_rate=0.01, seed=11,
+                                         loss_reduction="sum")
+        opt.average_sum = True  # the noise-only update is then -lr * sigma * C * z / B
         opt.signal_empty_batch()
         opt.step()
         zs = []

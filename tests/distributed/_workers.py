@@ -20,6 +20,9 @@ N_DATA, T, VOCAB, WIDTH = 40, 7, 29, 12
 PER_RANK = 4  # per-rank expected batch: global B_expected = PER_RANK * world
 LR, MOMENTUM, C, SEED = 0.5, 0.5, 1.0, 7
 MODES = ("plain", "ddp", "fsdp")
+# loss = sum of per-sample losses, update divided by B_expected (optimizer.average_sum): the
+# engine refuses a mean loss where output gradients are rounded coarser than fp32 (TF32 on GPUs).
+SUM = {"loss_reduction": "sum"}
 
 
 class TinyLM(nn.Module):
@@ -94,7 +97,8 @@ def train(mode: str, device, *, sigma: float, steps: int, world: int = 1, seed: 
         eng = _engine(mode, world)
         model, opt, loader = eng.make_private(
             module=model, optimizer=opt, data_loader=DataLoader(ds, batch_size=bsz),
-            noise_multiplier=sigma, max_grad_norm=C, seed=seed)
+            noise_multiplier=sigma, max_grad_norm=C, seed=seed, **SUM)
+        opt.average_sum = True
         return model, opt, loader, eng
 
     model, opt, loader, eng = make()
@@ -111,10 +115,10 @@ def train(mode: str, device, *, sigma: float, steps: int, world: int = 1, seed: 
         local.append(loader.local_sizes if hasattr(loader, "local_sizes") else [len(idx)])
         ids = ids.to(device)
         if ids.shape[0] > 0:
-            per_sample_loss(model, ids).mean().backward()
+            per_sample_loss(model, ids).sum().backward()
         elif mode == "fsdp":  # FSDP's collectives need every rank's forward / backward
             pad, _ = loader.padding_batch()
-            (per_sample_loss(model, pad.to(device)).mean() * 0).backward()
+            (per_sample_loss(model, pad.to(device)).sum() * 0).backward()
         opt.step()
         opt.zero_grad()
     out = {"params": full_params(model), "eps": eng.get_epsilon(1e-5), "rows": rows,
@@ -155,18 +159,19 @@ def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: 
     model, opt, _ = eng.make_private(module=model, optimizer=opt, data_loader=None,
                                      noise_multiplier=sigma, max_grad_norm=C,
                                      expected_batch_size=PER_RANK * world, sample_rate=0.2,
-                                     seed=SEED)
+                                     seed=SEED, **SUM)
+    opt.average_sum = True
     x = fixed_rows(sum(rows_by_rank)).to(device)
     start = sum(rows_by_rank[:rank]) if mode != "single" else 0
     n = rows_by_rank[rank] if mode != "single" else sum(rows_by_rank)
     if n > 0:
         from dpkern.data.poisson import microbatches
-        for mb in microbatches(x[start:start + n], micro or n):  # mean loss of each micro-batch
-            per_sample_loss(model, mb).mean().backward()
+        for mb in microbatches(x[start:start + n], micro or n):
+            per_sample_loss(model, mb).sum().backward()
     else:
         opt.signal_empty_batch()
         if mode == "fsdp":
-            (per_sample_loss(model, fixed_rows(1).to(device)).mean() * 0).backward()
+            (per_sample_loss(model, fixed_rows(1).to(device)).sum() * 0).backward()
     opt.step()
     return {"params": full_params(model), "eps": eng.get_epsilon(1e-5),
             "counter": opt.noise_generator.step}
@@ -203,9 +208,9 @@ def refusals(rank: int, world: int, device) -> dict:
     model, opt = build("ddp", device)
     model, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0, max_grad_norm=C,
-        expected_batch_size=PER_RANK * world, sample_rate=0.2, seed=SEED)
+        expected_batch_size=PER_RANK * world, sample_rate=0.2, seed=SEED, **SUM)
     if rank == 0:  # the other ranks neither backward nor report an empty share
-        per_sample_loss(model, fixed_rows(2).to(device)).mean().backward()
+        per_sample_loss(model, fixed_rows(2).to(device)).sum().backward()
     try:
         opt.step()
         got["step_without_backward"] = None
