@@ -6,10 +6,11 @@
         module=model,            # plain module, DistributedDataParallel(model) or fully_shard-ed
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
         data_loader=DataLoader(dataset, batch_size=per_rank_batch),
-        noise_multiplier=1.0, max_grad_norm=1.0)
+        noise_multiplier=1.0, max_grad_norm=1.0, loss_reduction="sum")
+    optimizer.average_sum = True             # update = (clipped sum + noise) / B_expected
     for batch in loader:                     # this rank's share of the global Poisson batch
         if batch_rows(batch) > 0:
-            per_sample_losses(model, batch).mean().backward()
+            per_sample_losses(model, batch).sum().backward()
         optimizer.step(); optimizer.zero_grad()   # every rank, every step (collectives inside)
     engine.get_epsilon(1e-5)                  # identical on every rank
 
