@@ -60,9 +60,14 @@ def build(mode: str, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     elif mode == "fsdp":
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        fully_shard(model.block)
-        fully_shard(model)
+        # the mesh on the model's device type: without it FSDP2 picks CUDA whenever a GPU exists,
+        # which moves a gloo / CPU run's parameters to the GPU
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        fully_shard(model.block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     return model, opt
 
