@@ -186,7 +186,7 @@ def main(argv=None):
         lines.append(f"| {name} | {info['sigma']:.3f} | {info['eps_spent']:.3f} | {sel:.4f} | "
                      f"{curve[-1]['glue_acc']:.4f} | {steps_to(curve, 0.9 * best)} | "
                      f"{steps_to(curve, 0.95 * best)} | "
-                     (f"{sum(mr) / len(mr):.2f}" if mr else "-") + " |")
+                     + (f"{sum(mr) / len(mr):.2f}" if mr else "-") + " |")
     lines += ["", f"Feature extraction {t_feat:.0f} s; total {time.time() - t0:.0f} s on "
               f"{torch.get_num_threads()} CPU threads."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
