@@ -17,8 +17,6 @@ __all__ = [
     "rownorm_sq",
 ]
 
-try:  # the DP engine (issue 4); its absence must not break `import dpkern`
-    from dpkern.engine import PrivacyEngine  # noqa: E402
-    __all__.append("PrivacyEngine")
-except ImportError:  # pragma: no cover
-    pass
+from dpkern.engine import PrivacyEngine  # noqa: E402  (the DP engine)
+
+__all__.append("PrivacyEngine")
