@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_all.sh                      # every stage
 #   STAGES="tests e2e" bash bench/gpu_all.sh   # a subset (build always runs)
+# After a run, on CPU: python bench/history.py merge <run>/history.jsonl (bench/README.md).
 # Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, STAGE_TIMEOUT (s per stage).
 # A stage that fails is logged and the next one still runs; the exit code ORs every stage's.
 set -uo pipefail
@@ -15,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export DPKERN_BENCH_OUT="$OUT"
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"tests bench e2e audit job"}
+STAGES=${STAGES:-"tests bench e2e profile audit job report"}
 TMO=${STAGE_TIMEOUT:-540}
 # Wheels the GPU machine lacks travel in .whl/ (see README, "GPU machine").
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -44,10 +45,13 @@ stage() {  # stage NAME LOG CMD...: run with a time limit, log, report, never st
 for s in $STAGES; do
   case $s in
     tests) stage tests "$OUT/tests.log" $PY -m pytest ${TEST_PATHS:-tests} -q -ra -p no:cacheprovider ${TEST_ARGS:-} ;;
-    bench) stage bench "$OUT/bench.log" $PY -m pytest ${BENCH_PATHS:-bench} -q -p no:cacheprovider \
+    bench) DPKERN_BENCH_HISTORY="$OUT/history.jsonl" stage bench "$OUT/bench.log" \
+             $PY -m pytest ${BENCH_PATHS:-bench} -q -p no:cacheprovider \
              --benchmark-json="$OUT/bench.json" ${BENCH_ARGS:-}
            [ -f "$OUT/bench.json" ] && $PY bench/summarize.py "$OUT/bench.json" > "$OUT/bench_summary.txt" ;;
     e2e)   stage e2e "$OUT/e2e_step.log" $PY bench/e2e_step.py --out "$OUT/e2e/e2e_step.json" ${E2E_ARGS:-} ;;
+    profile) stage profile "$OUT/profile.log" $PY bench/profile_step.py --out "$OUT/profile_1b" --preset 1b ;;
+    report) stage report "$OUT/readme_section.md" $PY bench/perf_report.py --run "$OUT" --out "$OUT/perf" ;;
     audit) stage audit "$OUT/audit_gpu.log" $PY bench/audit_gpu.py --device cuda --m 30000 --out "$OUT/audit" ;;
     job)   stage job "$OUT/finetune_gpu.log" $PY -m dpkern finetune --device cuda --output-dir "$OUT/finetune" ${JOB_ARGS:-} ;;
     *)     echo "unknown stage $s"; rc=1 ;;
