@@ -170,7 +170,7 @@ class PrivacyEngine:
                      sample_rate: float | None = None, grad_postprocessors: list | None = None,
                      automatic_gamma: float = 0.01, seed: int | None = None,
                      batch_first: bool = True, grad_sample_mode: str | None = None,
-                     mechanism=None):
+                     mechanism=None, average_sum: bool = False):
         """Make `module` + `optimizer` private; returns (module, DPOptimizer, data loader).
 
         Args:
@@ -194,6 +194,9 @@ class PrivacyEngine:
             batch_first: must be True (the batch is dim 0 of every layer input).
             grad_sample_mode: accepted for Opacus compatibility and ignored (dpkern always uses
                 book-keeping).
+            average_sum: with loss_reduction="sum", divide the released sum (clipped gradients +
+                noise) by the expected batch size: the update of "mean" without the realized
+                batch size rounded into the gradients (required under bf16 / GPU tf32r).
             mechanism: a dpkern.mechanisms.Mechanism with clip_norm = C (default: Gaussian with
                 noise_multiplier). A GaussianMechanism is the default path (fused step, the
                 engine's accountant). An LMOMechanism adds its own noise (materialised path) and
@@ -215,6 +218,8 @@ class PrivacyEngine:
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if average_sum and loss_reduction != "sum":
+            raise ValueError("average_sum=True needs loss_reduction='sum' ('mean' already divides)")
         if seed is not None and self.secure_mode:
             raise ValueError("seed: explicit seeds are not allowed with secure_mode=True")
         self._check_optimizer(module, optimizer)
@@ -247,6 +252,7 @@ class PrivacyEngine:
                              secure_mode=self.secure_mode, seed=seed)
         clipper.optimizer = dp_opt
         dp_opt.mechanism = mechanism
+        dp_opt.average_sum = bool(average_sum)
         self.mechanism = mechanism
         if data_loader is not None and poisson_sampling:
             gen = secret_generator(None if seed is None else seed + 1, secure_mode=self.secure_mode)
