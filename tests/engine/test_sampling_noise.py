@@ -131,7 +131,12 @@ def _dp_grads(model, batches, c, bsz):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_microbatching_equals_one_batch():
+def test_microbatching_equals_one_batch(monkeypatch):
+    # The last micro-batch has one sample; the one-gradient path for B = 1 clips with a tighter
+    # bound (up to ~1e-4 less clipping than the general path: tests/engine/test_single_sample.py),
+    # so compare the general path with itself here.
+    from dpkern.engine import _Clipper
+    monkeypatch.setattr(_Clipper, "single_sample_fast", False)
     model = _models.build("llama")
     batch = _models.batch_for("llama", 5, seed=11)
     one = _dp_grads(model, [batch], 0.5, 5)

@@ -1,0 +1,101 @@
+"""B = 1 backward passes take the one-gradient path (form G once, norm of the released fp32 values,
+scale in place). It must release what the general path releases, within fp32 rounding, bound every
+release by C, zero a non-finite sample, and accumulate over micro-batches of one."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dpkern import PrivacyEngine
+from dpkern.engine import _Clipper
+
+
+class Tied(nn.Module):
+    """Embedding + Linear + LayerNorm + a head tied to the embedding: every use kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.lin = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.norm(torch.tanh(self.lin(self.emb(ids)))))
+
+
+def _released(model, ids, fast, clipping="flat", c=0.05, scale=1.0, micro=1):
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0,
+        max_grad_norm=c if clipping != "per_layer" else [c] * 5, clipping=clipping,
+        expected_batch_size=1, sample_rate=0.1, loss_reduction="sum")
+    opt.fused = False
+    old = _Clipper.single_sample_fast
+    _Clipper.single_sample_fast = fast
+    try:
+        for k in range(micro):
+            out = model(ids[k:k + 1])
+            (out.square().sum() * scale).backward()
+    finally:
+        _Clipper.single_sample_fast = old
+    grads = {n: opt.summed[p].double().clone() for p, n in opt.params.items()}
+    return grads, opt
+
+
+def _clip_exact(grads, clipping, c, gamma=0.01):
+    """The exact clipped release of one sample from its (unclipped) gradient, fp64."""
+    if clipping == "per_layer":
+        return {n: g * min(1.0, c / float(g.norm())) for n, g in grads.items()}
+    total = float(sum(g.square().sum() for g in grads.values()).sqrt())
+    f = min(1.0, c / total) if clipping == "flat" else c / (total + gamma)
+    return {n: g * f for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer", "automatic"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e6])  # unclipped, clipped, far above C
+def test_single_sample_path_is_the_exact_clip(clipping, scale):
+    """The fast path's bound is the norm of the released fp32 values (relative slack ~1e-7), so its
+    release is the exact clip to fp32 rounding; the general path's proven bound also covers the
+    kernels' error terms and clips up to ~1e-4 more. Both stay within C."""
+    torch.manual_seed(0)
+    model = Tied()
+    ids = torch.randint(0, 11, (1, 63))
+    fast, _ = _released(model, ids, True, clipping, scale=scale)
+    slow, _ = _released(model, ids, False, clipping, scale=scale)
+    raw, _ = _released(model, ids, True, "flat", c=1e30, scale=scale)  # unclipped gradient
+    want = _clip_exact(raw, clipping, 0.05)
+    for n in want:
+        torch.testing.assert_close(fast[n], want[n], rtol=1e-5, atol=1e-12 * max(scale, 1.0))
+        torch.testing.assert_close(slow[n], want[n], rtol=1e-3, atol=1e-12 * max(scale, 1.0))
+    total = float(sum(g.square().sum() for g in fast.values()).sqrt())
+    if clipping == "flat":
+        assert total <= 0.05  # the release never exceeds C
+        if scale >= 1.0:
+            assert total > 0.05 * (1 - 1e-6)  # ...and a clipped sample sits at C: not vacuous
+    if clipping == "per_layer":
+        assert all(float(g.norm()) <= 0.05 for g in fast.values())
+
+
+def test_single_sample_nonfinite_is_zeroed_and_counted():
+    torch.manual_seed(1)
+    model = Tied()
+    ids = torch.randint(0, 11, (1, 9))
+    fast, opt = _released(model, ids, True, scale=float("inf"))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in fast.values())
+    assert opt.nonfinite_samples == 1
+
+
+def test_single_sample_micro_batches_accumulate():
+    torch.manual_seed(2)
+    model = Tied()
+    ids = torch.randint(0, 11, (3, 17))
+    fast, opt = _released(model, ids, True, micro=3)
+    parts = [_clip_exact(_released(model, ids[k:k + 1], True, "flat", c=1e30)[0], "flat", 0.05)
+             for k in range(3)]
+    for n in fast:
+        torch.testing.assert_close(fast[n], sum(p[n] for p in parts), rtol=1e-5, atol=1e-12)
+    assert opt.backwards == 3 and opt.samples == 3
