@@ -209,10 +209,5 @@ def _reduce_scatter_rows(acc: torch.Tensor, world: int, group) -> torch.Tensor:
 
 
 def set_noise_key(gen, key: bytes) -> None:
-    """Give a NoiseGenerator the key shared by all ranks (16 bytes broadcast from rank 0).
-
-    NoiseGenerator has no public setter for a secure key; this is the one place that writes it.
-    """
-    if not isinstance(key, (bytes, bytearray)) or len(key) != 16:
-        raise ValueError("set_noise_key: the key must be 16 bytes")
-    gen._key = bytes(key)
+    """Give a NoiseGenerator the key shared by all ranks (16 bytes broadcast from rank 0)."""
+    gen.adopt_key(key)

@@ -54,6 +54,18 @@ class NoiseGenerator:
         self._step = 0
         self._lock = threading.Lock()
 
+    def adopt_key(self, key: bytes) -> None:
+        """Take another generator's 16-byte key (data-parallel ranks share rank 0's key, sent over
+        the process group). Only before the first release: a generator that has numbered steps
+        under one key must not continue under another (its checkpoint fingerprint would lie)."""
+        if not isinstance(key, (bytes, bytearray)) or len(key) != 16:
+            raise ValueError("adopt_key: the key must be 16 bytes")
+        with self._lock:
+            if self._step != 0:
+                raise RuntimeError(f"adopt_key: this generator already released {self._step} "
+                                   "step(s) under its own key; adopt the shared key before step 0")
+            self._key = bytes(key)
+
     # --- counter -------------------------------------------------------------------------------
     @property
     def secure(self) -> bool:

@@ -145,3 +145,16 @@ def test_optimizer_refuses_unknown_kind():
         FusedNoisyOptimizer([torch.zeros(2)], optimizer="lamb", noise_multiplier=1.0,
                             max_grad_norm=1.0, expected_batch_size=1)
     _ = SGDHyper  # re-exported
+
+
+def test_adopt_key_before_the_first_step_only():
+    """Data-parallel ranks adopt rank 0's key; after a release the generator refuses a new key."""
+    a, b = NoiseGenerator(secure=False, seed=1), NoiseGenerator()
+    b.adopt_key(a._key)
+    assert a.fingerprint == b.fingerprint and a.kernel_words(3) == b.kernel_words(3)
+    with pytest.raises(ValueError, match="16 bytes"):
+        b.adopt_key(b"short")
+    b.next_step()
+    with pytest.raises(RuntimeError, match="before step 0"):
+        b.adopt_key(bytes(16))
+    assert a.fingerprint == b.fingerprint  # the refused key changed nothing
