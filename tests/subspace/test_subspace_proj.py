@@ -50,7 +50,8 @@ def test_matches_reference(shape, dtype, backend):
     assert n.shape == (shape[0],)
     if shape[1] == 0 and shape[0]:
         assert (s == 0).all() and (n == 0).all()
-    _check(s, n, a, g, u, v)
+    # On a GPU the Triton kernel's fp32 dots default to TF32 (subspace_proj_config).
+    _check(s, n, a, g, u, v, tf32=backend == "triton" and DEV == "cuda")
 
 
 def test_split_and_strided_inputs():
