@@ -150,10 +150,14 @@ def noise_worker(rank: int, world: int, cfg: dict) -> dict:
             from torch.nn.parallel import DistributedDataParallel as DDP
             model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         elif mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
+            # the mesh on the model's device: FSDP2's default picks CUDA whenever a GPU exists,
+            # which breaks the --cpu mode on a GPU host
+            mesh = init_device_mesh(dev.type, (world,))
             for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         eng = PrivacyEngine(accountant="rdp") if mode == "single" else \
             DistributedPrivacyEngine(accountant="rdp")

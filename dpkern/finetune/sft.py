@@ -111,7 +111,7 @@ class SFTStages:
         for k, v in sd["tracker"]["w0"].items():
             t.w0[k] = v.to(t.w0[k].device)
         for k, s in sd["tracker"]["sketch"].items():
-            _load_sketch(t.sketch[k], s)
+            _load_sketch(t.sketch[k], s, t.w0[k].device)
         return opt
 
     def report(self) -> dict:
@@ -121,13 +121,24 @@ class SFTStages:
                          "steps are charged to the same accountant)"}
 
 
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, list):
+        return [_to(v, device) for v in x]
+    return x
+
+
 def _sketch_state(s) -> dict:
-    d = {k: v for k, v in vars(s).items() if k != "_gen"}
+    """The sketch's fields, tensors on the CPU (a checkpoint loads on any device)."""
+    d = {k: _to(v, "cpu") for k, v in vars(s).items() if k != "_gen"}
     d["_gen_state"] = s._gen.get_state()
     return d
 
 
-def _load_sketch(s, d: dict) -> None:
+def _load_sketch(s, d: dict, device) -> None:
+    """Restores the fields onto `device` (the tracked weights' device): the checkpoint is read
+    onto the CPU, and the next add() sums GPU products into Y_U, Y_V."""
     d = dict(d)
     s._gen.set_state(d.pop("_gen_state"))
-    s.__dict__.update(d)
+    s.__dict__.update({k: _to(v, device) for k, v in d.items()})

@@ -50,7 +50,7 @@ def test_compare_quick_against_head(tmp_path, capsys):
     names = {r["name"] for r in rows}
     assert names == {f"test_rownorm_bench[B8xN512-torch.{dt}-{be}]"
                      for dt in ("float32", "bfloat16") for be in ("torch", "triton")}
-    assert all(r["ratio"] and r["ratio"] > 0 and r["note"] == "" for r in rows)
+    assert all(r["ratio"] and r["ratio"] > 0 and r["note"] == "" for r in rows), rows
     out = capsys.readouterr().out
     assert "base/head" in out and "QUICK MODE" in out
     assert (tmp_path / "compare.json").exists() and (tmp_path / "base" / "bench.json").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import dpkern.mechanisms.lmo as lmo_mod
 from dpkern.cli import main
@@ -176,3 +177,25 @@ def test_dp_sft_bad_options(capsys, tmp_path, tiny_model, tiny_data, args, needl
     code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "dp-sft", *args)
     assert code == 2 and needle in err, err
     assert not (run / "metrics.jsonl").exists()
+
+
+def test_dpsft_sketch_checkpoint_lands_on_the_weights_device():
+    """The stage-1 trajectory sketch is saved with CPU tensors and restored onto the device of the
+    tracked weights (a GPU run resumed from a checkpoint read onto the CPU once mixed devices in
+    Y_U += M Ω). "meta" stands in for the GPU here; the GPU run is tests/cli/test_finetune_run.py."""
+    from dpkern.finetune.sft import _load_sketch, _sketch_state
+    from dpkern.subspace.bases import LowRankSketch
+    s = LowRankSketch((6, 5), 2, seed=3)
+    s.add(torch.randn(6, 5))
+    st = _sketch_state(s)
+    assert st["y_u"].device.type == "cpu" and st["y_v"].device.type == "cpu"
+    moved = LowRankSketch((6, 5), 2, seed=3)
+    _load_sketch(moved, st, torch.device("meta"))
+    assert moved.y_u.device.type == "meta" and moved.y_v.device.type == "meta"
+    back = LowRankSketch((6, 5), 2, seed=3)
+    _load_sketch(back, _sketch_state(s), torch.device("cpu"))
+    m = torch.randn(6, 5)
+    s.add(m)
+    back.add(m)  # the restored generator draws the same test matrices
+    for x, y in zip(s.bases(), back.bases()):
+        assert torch.equal(x, y)

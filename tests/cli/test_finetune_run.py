@@ -133,16 +133,16 @@ def _crash_at(monkeypatch, step_no: int):
     return real_step
 
 
-@pytest.mark.parametrize("method", ["dp-sgd", "lmo-dp", "dp-sft:2", "dp-sft:5"])
-def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, method):
-    """With the test-only sampling and noise seeds fixed, a run cut at step 4 and resumed ends with
-    exactly the weights, ε and noise counter of the uninterrupted run. Fails if resume restarts the
-    sampler (the batches replay), the noise counter (noise reused), the optimizer, the scheduler or
-    the accountant. dp-sft:k (k steps of stage 1) is cut in stage 2 (k=2: the projected optimizer
+METHODS = ["dp-sgd", "lmo-dp", "dp-sft:2", "dp-sft:5"]
+
+
+def _full_cut_resumed(tmp_path, tiny_model, tiny_data, monkeypatch, method, device, noise_seed=11):
+    """An uninterrupted 6-step run, and one cut at step 4 then resumed; returns both summaries and
+    checkpoints. dp-sft:k (k steps of stage 1) is cut in stage 2 (k=2: the projected optimizer
     and its bases are rebuilt) or in stage 1 (k=5: the trajectory sketch is restored)."""
     method, _, stage1 = method.partition(":")
     base = dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=6, checkpoint_every=1,
-                method=method, extra={"sampling_seed": 7, "noise_seed": 11},
+                method=method, device=device, extra={"sampling_seed": 7, "noise_seed": noise_seed},
                 sft_stage1_steps=int(stage1) if stage1 else None)
     quiet = dict(log=lambda *a: None)
     full = run(FinetuneConfig(**base, output_dir=str(tmp_path / "full")), **quiet)
@@ -152,24 +152,62 @@ def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, metho
         run(FinetuneConfig(**base, output_dir=str(cut)), **quiet)
     monkeypatch.setattr(job, "train_step", real)
     resumed = run(FinetuneConfig(**base, output_dir=str(cut), resume=True), **quiet)
-
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(cut / "checkpoint.pt", weights_only=False)
+    return full, resumed, a, b, (tmp_path / "full", cut), stage1
+
+
+def _check_resumed_state(full, resumed, a, b, dirs, method, stage1):
+    """Everything but the weights: step, noise counter, accountant, ε, batches."""
     assert a["step"] == b["step"] == 6
-    for name, t in a["trainable"].items():
-        assert torch.equal(t, b["trainable"][name]), name
     in_stage = 6 - int(stage1) if stage1 and int(stage1) < 6 else 6  # dp-sft: stage 2's optimizer
     assert a["optimizer"]["dpkern"]["noise_steps"] == b["optimizer"]["dpkern"]["noise_steps"] \
         == in_stage
-    for d in (tmp_path / "full", cut):
+    for d in dirs:
         assert json.loads((d / "privacy.json").read_text())["noise_steps"] == 6
     assert a["optimizer"]["dpkern"]["noise"] == b["optimizer"]["dpkern"]["noise"]
     assert resumed["epsilon"] == full["epsilon"]
-    if method != "lmo-dp":  # a restarted accountant would hold only the 3 steps after the cut
+    if not method.startswith("lmo-dp"):  # a restarted accountant would hold only the steps after the cut
         assert sum(n for *_, n in b["accountant"]["history"]) == 6
-    batches = [[r["batch"] for r in rows(d) if r["kind"] == "train"] for d in (tmp_path / "full",
-                                                                                cut)]
+    batches = [[r["batch"] for r in rows(d) if r["kind"] == "train"] for d in dirs]
     assert batches[0] == batches[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, method):
+    """On the CPU, with the test-only sampling and noise seeds fixed, a run cut at step 4 and
+    resumed ends with exactly the weights, ε and noise counter of the uninterrupted run. Fails if
+    resume restarts the sampler (the batches replay), the noise counter (noise reused), the
+    optimizer, the scheduler or the accountant."""
+    full, resumed, a, b, dirs, stage1 = _full_cut_resumed(tmp_path, tiny_model, tiny_data,
+                                                          monkeypatch, method, "cpu")
+    for name, t in a["trainable"].items():
+        assert torch.equal(t, b["trainable"][name]), name
+    _check_resumed_state(full, resumed, a, b, dirs, method, stage1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_resume_on_gpu(tmp_path, tiny_model, tiny_data, monkeypatch, method):
+    """The same on a GPU, where restored state must land on the device. GPU sums are not
+    bit-reproducible run to run (atomic accumulation order), so the weights are compared within
+    a tolerance, and the test first shows that tolerance is far below what one different noise
+    draw changes (a replayed or skipped noise step could not pass)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    full, resumed, a, b, dirs, stage1 = _full_cut_resumed(tmp_path, tiny_model, tiny_data,
+                                                          monkeypatch, method, "cuda")
+    other = run(FinetuneConfig(**dict(TINY, model=str(tiny_model), data=str(tiny_data), steps=6,
+                                      method=method.partition(":")[0], device="cuda",
+                                      extra={"sampling_seed": 7, "noise_seed": 12},
+                                      sft_stage1_steps=int(stage1) if stage1 else None,
+                                      output_dir=str(tmp_path / "other"))), log=lambda *a: None)
+    c = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=False)
+    diff = max((t - b["trainable"][n]).abs().max().item() for n, t in a["trainable"].items())
+    noise_effect = max((t - c["trainable"][n]).abs().max().item() for n, t in a["trainable"].items())
+    assert other["epsilon"] == full["epsilon"]
+    assert diff <= 1e-3 * noise_effect, (diff, noise_effect)
+    _check_resumed_state(full, resumed, a, b, dirs, method, stage1)
 
 
 def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, tiny_model, tiny_data,
