@@ -190,9 +190,9 @@ def test_resume_is_bit_exact(tmp_path, tiny_model, tiny_data, monkeypatch, metho
 @pytest.mark.parametrize("method", METHODS)
 def test_resume_on_gpu(tmp_path, tiny_model, tiny_data, monkeypatch, method):
     """The same on a GPU, where restored state must land on the device. GPU sums are not
-    bit-reproducible run to run (atomic accumulation order), so the weights are compared within
-    a tolerance, and the test first shows that tolerance is far below what one different noise
-    draw changes (a replayed or skipped noise step could not pass)."""
+    bit-reproducible run to run (atomic accumulation order), so the weights are compared by their
+    L2 distance, against the distance a different noise seed makes (a replayed or skipped noise
+    step could not pass). H100: max-abs differences up to 2.5e-3 against 0.065 for another seed."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     full, resumed, a, b, dirs, stage1 = _full_cut_resumed(tmp_path, tiny_model, tiny_data,
@@ -203,10 +203,15 @@ def test_resume_on_gpu(tmp_path, tiny_model, tiny_data, monkeypatch, method):
                                       sft_stage1_steps=int(stage1) if stage1 else None,
                                       output_dir=str(tmp_path / "other"))), log=lambda *a: None)
     c = torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=False)
-    diff = max((t - b["trainable"][n]).abs().max().item() for n, t in a["trainable"].items())
-    noise_effect = max((t - c["trainable"][n]).abs().max().item() for n, t in a["trainable"].items())
+    def dist(x, y):  # L2 over every trainable tensor
+        return sum((t.double() - y[n].double()).square().sum().item() for n, t in x.items()) ** 0.5
+    diff = dist(a["trainable"], b["trainable"])
+    noise_effect = dist(a["trainable"], c["trainable"])
     assert other["epsilon"] == full["epsilon"]
-    assert diff <= 1e-3 * noise_effect, (diff, noise_effect)
+    # AdamW's first steps move each weight by about ±lr whatever the gradient's size, so run-to-run
+    # rounding flips a few weights by ~lr: max-abs differences are noisy, the L2 distance is not.
+    # One replayed noise step of 6 would put the distance near 0.4 of a different draw's.
+    assert diff <= 0.05 * noise_effect, (diff, noise_effect)
     _check_resumed_state(full, resumed, a, b, dirs, method, stage1)
 
 

@@ -144,3 +144,31 @@ def test_bias_ops_validate_backend_name():
         bookkeeping_bias(torch.ones(2, 3, 4), torch.ones(2), backend="cudnn")
     with pytest.raises(ValueError, match="backend must be one of"):
         bias_norm_sq(torch.ones(2, 3, 4), backend="cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 63, 96, 200), (3, 512, 256, 384), (1, 1, 64, 64)],
+                         ids=lambda s: "B{}xT{}xd{}xp{}".format(*s))
+def test_fp32_k_major_copies_are_bit_identical(monkeypatch, shape):
+    """fp32 on CUDA hands the kernel T-contiguous copies (K-major TF32 tiles): the sum is bit for
+    bit the one the T-strided operands give, and the copies are really what the kernel gets."""
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA device")
+    import dpkern.kernels.bookkeeping as kb
+    import dpkern.ops.bookkeeping as ob
+    torch.manual_seed(5)
+    a, g, scale = _inputs(shape, torch.float32, "cuda")
+    seen_strides = []
+    real = kb.bookkeeping_fwd
+
+    def spy(a_, g_, *args, **kwargs):
+        seen_strides.append((a_.stride(1), g_.stride(1)))
+        return real(a_, g_, *args, **kwargs)
+    monkeypatch.setattr(kb, "bookkeeping_fwd", spy)
+    k_major = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+    monkeypatch.setattr(ob, "KMAJOR_BYTES", 0)
+    strided = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+    if shape[1] > 1:
+        assert seen_strides[0] == (1, 1)
+    assert seen_strides[1] == (a.stride(1), g.stride(1))
+    assert torch.equal(k_major, strided)
