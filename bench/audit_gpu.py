@@ -39,11 +39,13 @@ def train_once(dataset, *, sigma, q, steps, expected, device, seed, clip=True):
     eng = PrivacyEngine(accountant="prv")
     model, opt, loader = eng.make_private(module=model, optimizer=opt, data_loader=loader,
                                           noise_multiplier=sigma, max_grad_norm=1.0,
-                                          sample_rate=q, expected_batch_size=expected, seed=seed)
+                                          sample_rate=q, expected_batch_size=expected, seed=seed,
+                                          loss_reduction="sum", average_sum=True)
     loader.batch_sampler.steps = steps
     for (x,) in loader:
         if x.shape[0]:
-            (-model(x.to(device)).sum(dim=1)).mean().backward()
+            # sum of per-sample losses: 'mean' is refused where TF32 rounding of 1/B would leak
+            (-model(x.to(device)).sum(dim=1)).sum().backward()
         opt.step()
         opt.zero_grad()
     return model.weight.detach().cpu(), eng.get_epsilon(DELTA)
