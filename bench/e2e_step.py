@@ -19,6 +19,9 @@ gate/up share their input's Gram: min(2T²(d+Σp), 2TdΣp)); the embedding by un
 B = 1 the per-sample gradient is the batch gradient and the norm is one pass over it. The floor of
 the DP / non-private time ratio is 1 + norm FLOPs / training FLOPs.
 
+Each run records its step times and, per step, the host time until step() returned (a step
+whose host time is close to its step time is launch-bound).
+
 Outputs: JSON (every run, GPU, versions, commit, date), CSV (one row per case, precision and mode:
 ms, peak GiB, ratios, floor, status), PNG (measured ratio vs floor over the sweep), and a table.
 
@@ -186,11 +189,14 @@ def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    host = []  # ms until step() returned (launch time): close to the step time = launch-bound
     for _ in range(args.steps):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             loss = runner.step(ids, pos, amp)
+            host.append((time.perf_counter() - t0) * 1e3)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -198,7 +204,9 @@ def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
             t0 = time.perf_counter()
             loss = runner.step(ids, pos, amp)
             times.append((time.perf_counter() - t0) * 1e3)
+            host.append(times[-1])
     res = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+           "times_ms": times, "host_ms": host, "gc": args.gc,
            "loss": float(loss.detach()), "n_params": runner.n_params, "status": "ok"}
     if cuda:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -330,6 +338,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test)")
     ap.add_argument("--out", default="e2e_step.json", help="JSON path; .csv and .png beside it")
+    ap.add_argument("--gc", choices=["default", "freeze"], default="default",
+                    help="freeze: gc.freeze() once the models are built (the interpreter's cyclic "
+                         "collector then skips the long-lived objects; times collector pauses)")
     args = ap.parse_args(argv)
     if args.backend is None:
         args.backend = "triton" if args.device == "cuda" else "auto"
@@ -359,6 +370,9 @@ def main(argv=None) -> dict:
         if time.perf_counter() - t_start < args.budget_s:
             try:
                 runner = Runner(cfg, args.device, mode, args, expected_bsz=mode_cases[0][0])
+                if args.gc == "freeze":
+                    gc.collect()
+                    gc.freeze()
             except Exception as exc:  # noqa: BLE001 - recorded, the other modes still run
                 build_error = _failure(exc)
         for precision in args.precisions.split(","):
@@ -381,6 +395,7 @@ def main(argv=None) -> dict:
                 print(json.dumps(entry), flush=True)
         if runner is not None:
             runner.close()
+        gc.unfreeze()
         del runner
         free(args.device)
     report["wall_s"] = time.perf_counter() - t_start

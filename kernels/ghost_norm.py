@@ -57,8 +57,10 @@ def ghost_norm_search_space():
 @lru_cache(maxsize=64)
 def tile_pairs(n_tiles: int, device_str: str) -> torch.Tensor:
     """Upper-triangle (t, s) tile pairs, t ≤ s, as an int32 tensor (n_pairs, 2)."""
-    idx = torch.triu_indices(n_tiles, n_tiles)
-    return idx.t().contiguous().to(device=device_str, dtype=torch.int32)
+    idx = torch.triu_indices(n_tiles, n_tiles).t().contiguous().to(torch.int32)
+    if torch.device(device_str).type == "cuda":  # pinned + non_blocking: no host-GPU sync
+        return idx.pin_memory().to(device_str, non_blocking=True)
+    return idx.to(device_str)
 
 
 @triton.jit
@@ -162,6 +164,7 @@ def ghost_norm_fwd(a: torch.Tensor, gs: list, outs: list,
                    config: GhostNormConfig | None = None, empty=torch.empty,
                    fp32_mode: str | None = None) -> None:
     """a (B, T, d), each gs[k] (B, T, p_k) -> writes outs[k] (B,) fp32. Caller validates; B, T > 0.
+    outs: a list of (B,) tensors, or one (len(gs), B) fp32 tensor (one reduction per launch).
     `empty(*shape, dtype=, device=)` allocates the partials (tests pass a poisoning allocator).
     fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
     bsz, seq, d = a.shape
@@ -185,5 +188,8 @@ def ghost_norm_fwd(a: torch.Tensor, gs: list, outs: list,
         _ghost_norm_fwd_kernel[(n_pairs, bsz)](
             **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, UPCAST=upcast,
             DOT_PREC=prec, ROUND=round_, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if isinstance(outs, torch.Tensor):
+            outs[start:start + len(group)].copy_(part.sum(dim=2, dtype=torch.float64))
+            continue
         for k in range(len(group)):
             outs[start + k].copy_(part[k].sum(dim=1, dtype=torch.float64))  # fp64: 1 rounding

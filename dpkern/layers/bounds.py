@@ -40,18 +40,18 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=2, dtype=torch.float32)
 
 
-def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """(B,) fp64 bound on sqrt(Q_i) for one use, and its (T, d, p) for η and β."""
+def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
+    """(s, f, (T, d, p)): s (B,) fp64 with f·s a bound on sqrt(Q_i) for one use (f a float the
+    caller applies, so that one multiply serves every parameter), and (T, d, p) for η and β."""
     if isinstance(use, PerSampleUse):
         flat = use.grads.reshape(use.grads.shape[0], -1)
-        return flat.double().norm(dim=1), (1, flat.shape[1], 1)
+        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64), 1.0, (1, flat.shape[1], 1)
     if isinstance(use, EmbeddingUse):
         bsz, seq, d = use.g.shape
         rows = _row_norms(use.g)
         if use.padding_idx is not None:
             rows = torch.where(use.ids.reshape(bsz, seq) == use.padding_idx, 0.0, rows)
-        s = rows.double().sum(dim=1)
-        return s * (1.0 + _gamma(d + seq + 4)), (seq, d, 1)
+        return rows.sum(dim=1, dtype=torch.float64), 1.0 + _gamma(d + seq + 4), (seq, d, 1)
     a, g = use.a, use.g
     key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
     na = row_cache.get(key)
@@ -59,8 +59,33 @@ def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
         na = row_cache[key] = _row_norms(a)
     bsz, seq, d = a.shape
     p = g.shape[2]
-    s = (na * _row_norms(g)).double().sum(dim=1)  # fp32 products, fp64 sum
-    return s * ((1.0 + _gamma(d + p + 6)) * _TF32_GROWTH), (seq, d, p)
+    s = (na * _row_norms(g)).sum(dim=1, dtype=torch.float64)  # fp32 products, fp64 sum
+    return s, (1.0 + _gamma(d + p + 6)) * _TF32_GROWTH, (seq, d, p)
+
+
+# Host-computed per-parameter constants as device tensors, by value: a plain torch.tensor(...,
+# device="cuda") is a blocking copy (the host waits for the GPU's whole queue), once per backward.
+_CONST_CACHE: dict = {}
+_CONST_CACHE_SIZE = 64
+
+
+def _device_constants(values: list, device) -> torch.Tensor:
+    """(len(values),) float64 on device, without a host-GPU synchronisation."""
+    key = (tuple(values), str(device))
+    hit = _CONST_CACHE.get(key)
+    if hit is not None:
+        return hit
+    host = torch.tensor(values, dtype=torch.float64)
+    if torch.device(device).type == "cuda":
+        # pinned + non_blocking: the caching host allocator keeps the pinned block alive until
+        # the copy has run
+        out = host.pin_memory().to(device, non_blocking=True)
+    else:
+        out = host.to(device)
+    if len(_CONST_CACHE) >= _CONST_CACHE_SIZE:
+        _CONST_CACHE.pop(next(iter(_CONST_CACHE)))
+    _CONST_CACHE[key] = out
+    return out
 
 
 def release_bounds(uses_by_param: dict, params: list, norms_sq: list) -> list:
@@ -75,24 +100,29 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq: list) -> list:
     if not params:
         return []
     row_cache: dict = {}
-    sqs, etas, betas = [], [], []
+    sqs, facs, etas, betas = [], [], [], []
+    mode = fp32_mode(norms_sq[0].device)
     for p, n2 in zip(params, norms_sq):
-        sq, seq, d, w = None, 0, 1, 1
+        parts, seq, d, w = [], 0, 1, 1
         for u in uses_by_param[p]:
-            s, (t_u, d_u, p_u) = _sqrt_q(u, row_cache)
-            sq = s if sq is None else sq + s
+            s, f, (t_u, d_u, p_u) = _sqrt_q(u, row_cache)
+            parts.append((s, f))
             seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
-        mode = fp32_mode(n2.device)
+        if len(parts) == 1:
+            sqs.append(parts[0][0])
+            facs.append(parts[0][1])
+        else:  # several uses: their bounds add (rare: tied weights, a layer called twice)
+            sqs.append(sum(s * f for s, f in parts))
+            facs.append(1.0)
         # Embedding norms and index_add book-keeping use IEEE fp32 dots even under "tf32r".
         etas.append(max(norm_error_bound(seq, d, w, "auto", mode),
                         norm_error_bound(seq, d, w, "auto", "ieee")))
         betas.append(max(bookkeeping_error_bound(seq, mode), bookkeeping_error_bound(seq, "ieee")))
-        sqs.append(sq)
     # One batched evaluation over all parameters (P, B): a handful of launches, not ~10 per layer.
     dev = norms_sq[0].device
     n2 = torch.stack(norms_sq).double().clamp_min(0)
-    sq = torch.stack(sqs)
-    eta = torch.tensor(etas, dtype=torch.float64, device=dev).unsqueeze(1)
-    beta = torch.tensor(betas, dtype=torch.float64, device=dev).unsqueeze(1)
+    sq = torch.stack(sqs) * _device_constants(facs, dev).unsqueeze(1)
+    eta = _device_constants(etas, dev).unsqueeze(1)
+    beta = _device_constants(betas, dev).unsqueeze(1)
     bound = ((n2 + eta * sq.square()).sqrt() + beta * sq) * (1.0 + 8 * FP32_ULP)
     return list(torch.where(torch.isfinite(n2), bound, math.inf).unbind(0))

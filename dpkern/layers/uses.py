@@ -151,8 +151,8 @@ def bookkeep(uses: list, scale: torch.Tensor, out: torch.Tensor | None, *,
             ids = u.ids.reshape(-1)
             rows = (u.g.to(out.dtype) * scale.to(out.dtype).view(-1, 1, 1)).reshape(ids.numel(), -1)
             if u.padding_idx is not None:
-                keep = ids != u.padding_idx
-                ids, rows = ids[keep], rows[keep]
+                # exact zeros into the padding row, not a boolean selection (a host-GPU sync)
+                rows = torch.where((ids != u.padding_idx).unsqueeze(1), rows, 0.0)
             out.index_add_(0, ids, rows)
         else:
             g = u.grads.reshape(u.grads.shape[0], -1)

@@ -209,42 +209,77 @@ def _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words
             v.copy_(v_new)
 
 
-# Descriptor tables depend only on pointers, sizes and offsets, which stay fixed across steps.
+# Descriptor tables: one row per tensor, [param, grad, m, v, numel, offset, first chunk, vec_ok]
+# (DpkNoiseTensor). Everything but the gradient pointers stays fixed across steps; the clipped
+# gradient sums are new tensors each step, so their column is refreshed in place.
 _DESC_CACHE: OrderedDict = OrderedDict()
 _DESC_CACHE_SIZE = 16
 
 
-def _descriptors(ext, params, grads, ms, vs, offs):
-    key = tuple((p.data_ptr(), g.data_ptr(), 0 if m is None else m.data_ptr(),
-                 0 if v is None else v.data_ptr(), p.numel(), o)
-                for p, g, m, v, o in zip(params, grads, ms, vs, offs) if p.numel() > 0)
-    key = (params[0].device, key)
-    hit = _DESC_CACHE.get(key)
-    if hit is not None:
+def _vec_ok(pp: int, gp: int, mp: int, vp: int, o: int) -> int:
+    return int(o % 8 == 0 and all(x % 16 == 0 for x in (pp, gp, mp, vp)))
+
+
+class _Desc:
+    """One tensor list's tables on the device, and two pinned host copies of the descriptor used
+    in turn: a host copy is rewritten only once the copy that last read it has run (its event),
+    so a refresh never waits for the GPU's queue and never races a copy in flight."""
+
+    def __init__(self, ext, static: tuple, grad_ptrs: tuple, device):
+        octets = ext.NOISE_CHUNK_OCTETS
+        rows, chunks, begin = [], [], 0
+        for (pp, mp, vp, n, o), gp in zip(static, grad_ptrs):
+            n_chunk = -(-((o + n + 7) // 8 - o // 8) // octets)
+            rows.append([pp, gp, mp, vp, n, o, begin, _vec_ok(pp, gp, mp, vp, o)])
+            chunks.append(n_chunk)
+            begin += n_chunk
+        host = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 8)
+        # Pinned host copies + non_blocking: a pageable host-to-device copy would block the host
+        # until the GPU drained its queue (a hidden sync per step).
+        self.hosts = [host.pin_memory(), host.pin_memory()]
+        table_h = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
+                                          torch.tensor(chunks, dtype=torch.int64)).pin_memory()
+        self.desc = self.hosts[0].to(device, non_blocking=True)
+        self.table = table_h.to(device, non_blocking=True)
+        self.events = [torch.cuda.Event(), None]
+        self.events[0].record()
+        self.turn, self.n_tensors, self.n_chunks = 0, len(rows), begin
+        self.static, self.grad_ptrs = static, grad_ptrs
+
+    def refresh(self, grad_ptrs: tuple) -> None:
+        turn = 1 - self.turn
+        ev = self.events[turn]
+        if ev is not None and not ev.query():  # that host copy's last upload (a step ago) runs
+            ev.synchronize()
+        host = self.hosts[turn]
+        host[:, 1] = torch.tensor(grad_ptrs, dtype=torch.int64)
+        host[:, 7] = torch.tensor([_vec_ok(pp, gp, mp, vp, o) for (pp, mp, vp, _, o), gp
+                                   in zip(self.static, grad_ptrs)], dtype=torch.int64)
+        self.desc.copy_(host, non_blocking=True)
+        ev = self.events[turn] = torch.cuda.Event()
+        ev.record()
+        self.turn, self.grad_ptrs = turn, grad_ptrs
+
+
+def _descriptors(ext, params, grads, ms, vs, offs, stream: int = 0):
+    """(desc, table, n_tensors, n_chunks) for the kernel, on params[0]'s device. Tables are per
+    stream: a refresh is ordered after the previous step's kernel by running on its stream."""
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    static = tuple((params[i].data_ptr(), 0 if ms[i] is None else ms[i].data_ptr(),
+                    0 if vs[i] is None else vs[i].data_ptr(), params[i].numel(), offs[i])
+                   for i in live)
+    grad_ptrs = tuple(grads[i].data_ptr() for i in live)
+    key = (params[0].device, stream, static)
+    entry = _DESC_CACHE.get(key)
+    if entry is None:
+        entry = _DESC_CACHE[key] = _Desc(ext, static, grad_ptrs, params[0].device)
+        while len(_DESC_CACHE) > _DESC_CACHE_SIZE:
+            _DESC_CACHE.popitem(last=False)
+    else:
         _DESC_CACHE.move_to_end(key)
-        return hit
-    octets = ext.NOISE_CHUNK_OCTETS
-    rows, chunks, begin = [], [], 0
-    for pp, gp, mp, vp, n, o in key[1]:
-        n_oct = (o + n + 7) // 8 - o // 8
-        n_chunk = -(-n_oct // octets)
-        vec_ok = int(o % 8 == 0 and all(x % 16 == 0 for x in (pp, gp, mp, vp)))
-        rows.append([pp, gp, mp, vp, n, o, begin, vec_ok])
-        chunks.append(n_chunk)
-        begin += n_chunk
-    dev = params[0].device
-    # Pinned host copies + non_blocking: a pageable host-to-device copy would block the host until
-    # the GPU drained its queue (a hidden sync per step whenever the tables change).
-    desc_h = torch.tensor(rows, dtype=torch.int64).pin_memory()  # [n_tensors, 8] = DpkNoiseTensor
-    table_h = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
-                                      torch.tensor(chunks)).pin_memory()  # [n_chunks]
-    desc = desc_h.to(dev, non_blocking=True)
-    table = table_h.to(dev, non_blocking=True)
-    entry = (desc, table, len(rows), begin, desc_h, table_h)  # host copies live as long as the entry
-    _DESC_CACHE[key] = entry
-    while len(_DESC_CACHE) > _DESC_CACHE_SIZE:
-        _DESC_CACHE.popitem(last=False)
-    return entry
+        if entry.grad_ptrs != grad_ptrs:
+            entry.refresh(grad_ptrs)
+    return entry.desc, entry.table, entry.n_tensors, entry.n_chunks
 
 
 def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words):
@@ -258,7 +293,7 @@ def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, wor
         for (pd, gd), idx in groups.items():
             sel = lambda xs: [xs[i] for i in idx]  # noqa: E731
             desc, table, n_t, n_c = _descriptors(ext, sel(params), sel(grads), sel(ms), sel(vs),
-                                                 sel(offs))[:4]
+                                                 sel(offs), stream)
             if n_c == 0:
                 continue
             ext.noisy_step(tensors=desc.data_ptr(), chunk_tensor=table.data_ptr(), n_tensors=n_t,

@@ -97,7 +97,8 @@ def fp32_mode(device, explicit: str | None = None) -> str:
     if norm and bk and (norm == "tf32r") != (bk == "tf32r"):
         raise ValueError(f"DPKERN_NORM_FP32_DOT={norm} and DPKERN_FP32_DOT={bk}: both must be "
                          "'tf32r' or neither (norms and book-keeping must see the same operands)")
-    return norm or bk or ("tf32r" if torch.device(device).type == "cuda" else "ieee")
+    dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return norm or bk or ("tf32r" if dev_type == "cuda" else "ieee")
 
 
 def round_tf32(x: torch.Tensor) -> torch.Tensor:

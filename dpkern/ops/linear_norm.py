@@ -121,14 +121,15 @@ def linear_norm_sq_shared(a: torch.Tensor, gs: list, *, method: str = "auto",
         if bsz == 0 or seq == 0:
             return [torch.zeros(bsz, dtype=torch.float32, device=a.device) for _ in gs]
         return _torch_norms(a, gs, method, mode)
-    outs = [_alloc.empty(bsz, dtype=torch.float32, device=a.device) for _ in gs]
     if method == "ghost":
         from dpkern.kernels.ghost_norm import ghost_norm_fwd
-        ghost_norm_fwd(a, gs, outs, empty=_alloc.empty, fp32_mode=mode)
-    else:
-        from dpkern.kernels.instantiate_norm import instantiate_norm_fwd
-        for g, out in zip(gs, outs):
-            instantiate_norm_fwd(a, g, out, empty=_alloc.empty, fp32_mode=mode)
+        out = _alloc.empty(len(gs), bsz, dtype=torch.float32, device=a.device)
+        ghost_norm_fwd(a, gs, out, empty=_alloc.empty, fp32_mode=mode)
+        return list(out.unbind(0))
+    from dpkern.kernels.instantiate_norm import instantiate_norm_fwd
+    outs = [_alloc.empty(bsz, dtype=torch.float32, device=a.device) for _ in gs]
+    for g, out in zip(gs, outs):
+        instantiate_norm_fwd(a, g, out, empty=_alloc.empty, fp32_mode=mode)
     return outs
 
 

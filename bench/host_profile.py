@@ -1,0 +1,95 @@
+"""Where does the host (Python) time of a training step go? bench/gpu_busy.py shows that a dpkern
+step on the 1B model keeps the GPU busy only part of the time; this script runs cProfile over a
+few steps of bench/e2e_step.py's model and prints the functions that cost the most host time,
+plus the host time of each phase (forward, backward, optimizer step) without the profiler.
+
+    python -m bench.host_profile --case 16x256 --precision bf16 --out host_profile.txt
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import pstats
+import statistics
+import time
+
+import torch
+
+from bench.e2e_step import Runner, _parse_cases, free, llama_config, set_tf32
+
+
+def phases(runner, ids, pos, amp, steps) -> dict:
+    """Median host ms of forward, backward and optimizer step (no synchronisation inside a step,
+    so each number is the time to issue that phase's work)."""
+    out = {"forward": [], "backward": [], "step": [], "total": []}
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with amp:
+            loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        runner.opt.step()
+        runner.opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        for k, v in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t0)):
+            out[k].append(v * 1e3)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--case", default="16x256")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--modes", default="nonprivate,dpkern")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=45)
+    ap.add_argument("--out", default="host_profile.txt")
+    args = ap.parse_args(argv)
+    args.backend, args.sigma, args.clip = "triton", 1.0, 1.0
+    cfg = llama_config(False)
+    (bsz, seq), = _parse_cases(args.case)
+    set_tf32(args.precision == "fp32-tf32")
+    ids = torch.randint(0, cfg.vocab_size, (bsz, seq),
+                        generator=torch.Generator().manual_seed(1)).cuda()
+    pos = torch.arange(seq, device="cuda").expand(bsz, seq).contiguous()
+    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if args.precision == "bf16"
+           else contextlib.nullcontext())
+    report = io.StringIO()
+    for mode in args.modes.split(","):
+        runner = Runner(cfg, "cuda", mode, args, expected_bsz=bsz)
+        for _ in range(3):
+            runner.step(ids, pos, amp)
+        ph = phases(runner, ids, pos, amp, args.steps)
+        line = (f"{mode} {args.precision} {bsz}x{seq}: host ms forward {ph['forward']:.1f}, "
+                f"backward {ph['backward']:.1f}, step {ph['step']:.1f}; wall {ph['total']:.1f}")
+        print(line, flush=True)
+        report.write(line + "\n")
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(args.steps):
+            runner.step(ids, pos, amp)
+        torch.cuda.synchronize()
+        prof.disable()
+        prof.dump_stats(f"{args.out}.{mode}.pstats")
+        for key in ("tottime", "cumulative"):
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
+            report.write(f"\n==== {mode}: top {args.top} by {key} over {args.steps} steps ====\n")
+            report.write(s.getvalue())
+        runner.close()
+        del runner
+        free("cuda")
+    with open(args.out, "w") as f:
+        f.write(report.getvalue())
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
