@@ -221,6 +221,10 @@ def _failure(exc) -> str:
 
 
 def _git_commit() -> str:
+    """DPKERN_COMMIT if set (the GPU machine's copy of the tree may carry stale git metadata),
+    else git rev-parse HEAD."""
+    if os.environ.get("DPKERN_COMMIT"):
+        return os.environ["DPKERN_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
     except Exception:  # noqa: BLE001
