@@ -179,7 +179,9 @@ def test_matches_reference_over_steps(backend, opt, dtypes):
 @pytest.mark.parametrize("opt", list(HYPERS))
 @pytest.mark.parametrize("backend", _backends())
 def test_sigma_zero_equals_torch_optim(backend, opt):
-    """noise_std = 0 still runs the fused update, and it is torch.optim's update on g / B."""
+    """noise_std = 0 still runs the fused update, and it is torch.optim's update on g / B. New
+    gradient tensors every step (allocated while the old ones live, so at new addresses): on CUDA
+    this runs the in-place refresh of the descriptor tables' gradient pointers, both buffers."""
     device = "cuda" if backend == "cuda" else kernel_devices()[0]
     hyper = HYPERS[opt]
     torch.manual_seed(1)
