@@ -144,8 +144,9 @@ class _Clipper:
         opt.note_backward(bsz, n_bad)
 
     def _single_sample(self, uses: dict, params: list) -> None:
-        """B = 1: the per-sample gradient is the batch gradient. Form it once (book-keeping with
-        scale 1), take its norm from the very fp32 values that will be released, scale it in place.
+        """B = 1: the per-sample gradient is the batch gradient. Form it once (`_one_gradient`: a
+        plain GEMM for fp32 Linear uses, book-keeping with scale 1 otherwise), take its norm from the
+        very fp32 values that will be released, scale it in place.
         No norm kernels and no second pass over (a, g): clipping costs one read of the gradient.
 
         Bound: the release is fl(c·G) with G the fp32 gradient, so ‖release‖ ≤ c‖G‖(1 + 2⁻²⁴), and
@@ -162,7 +163,7 @@ class _Clipper:
             if not isinstance(p_uses[0], LinearUse):
                 acc = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64
                                   else torch.float32, device=p.device)
-            g = bookkeep(p_uses, one, acc, backend=self.backend)
+            g = _one_gradient(p_uses, one, acc, self.backend)
             n = torch.linalg.vector_norm(g, dtype=torch.float64).reshape(1)
             grads.append(g)
             norms.append(n.square())
@@ -188,6 +189,23 @@ class _Clipper:
             else:
                 prev.add_(g.to(prev.dtype))
         opt.note_backward(1, 1 - finite.sum())
+
+
+def _one_gradient(uses: list, one: torch.Tensor, acc, backend) -> torch.Tensor:
+    """B = 1: a parameter's gradient G itself, fp32. fp32 Linear uses run as a plain GEMM (cuBLAS
+    on a GPU, under the user's TF32 setting, as autograd's own weight gradient would): the clip
+    bound is taken from the fp32 values of G that are released, so how G was computed does not
+    enter it. Other uses (16-bit operands, embeddings, per-sample) go through the book-keeping."""
+    out = acc
+    for u in uses:
+        if isinstance(u, LinearUse) and u.a.dtype == u.g.dtype == torch.float32:
+            if out is None:
+                out = torch.matmul(u.g[0].t(), u.a[0])
+            else:
+                out.addmm_(u.g[0].t().to(out.dtype), u.a[0].to(out.dtype))
+        else:
+            out = bookkeep([u], one, out, backend=backend)
+    return out
 
 
 class PrivacyEngine:
