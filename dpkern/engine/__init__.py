@@ -114,7 +114,7 @@ class _Clipper:
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
         norms = norms_sq(uses, params, backend=self.backend)
-        bounds = release_bounds(uses, params, norms)
+        bounds = release_bounds(uses, params, norms, backend=self.backend)
         if s != 1.0:
             bounds = [u * s for u in bounds]
         per_param = [self.per_param[p] for p in params] if self.per_param else None

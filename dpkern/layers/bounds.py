@@ -23,6 +23,7 @@ import torch
 
 from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse
 from dpkern.ops._persample import fp32_mode
+from dpkern.ops.rownorm import row_norm_dots
 from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error_bound
 
 # |round_tf32(x)| ≤ |x| (1 + 2^-11): the operands the kernels multiply may be that much larger.
@@ -40,7 +41,7 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=2, dtype=torch.float32)
 
 
-def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
+def _sqrt_q(use, linear_sums: dict) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
     """(s, f, (T, d, p)): s (B,) fp64 with f·s a bound on sqrt(Q_i) for one use (f a float the
     caller applies, so that one multiply serves every parameter), and (T, d, p) for η and β."""
     if isinstance(use, PerSampleUse):
@@ -52,15 +53,26 @@ def _sqrt_q(use, row_cache: dict) -> tuple[torch.Tensor, float, tuple[int, int, 
         if use.padding_idx is not None:
             rows = torch.where(use.ids.reshape(bsz, seq) == use.padding_idx, 0.0, rows)
         return rows.sum(dim=1, dtype=torch.float64), 1.0 + _gamma(d + seq + 4), (seq, d, 1)
-    a, g = use.a, use.g
-    key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype)
-    na = row_cache.get(key)
-    if na is None:
-        na = row_cache[key] = _row_norms(a)
-    bsz, seq, d = a.shape
-    p = g.shape[2]
-    s = (na * _row_norms(g)).sum(dim=1, dtype=torch.float64)  # fp32 products, fp64 sum
+    bsz, seq, d = use.a.shape
+    p = use.g.shape[2]
+    s = linear_sums[id(use)]  # fp32 row norms and products, fp64 sum (row_norm_dots)
     return s, (1.0 + _gamma(d + p + 6)) * _TF32_GROWTH, (seq, d, p)
+
+
+def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
+    """{id(LinearUse): (B,) fp64 Σ_t ‖a_t‖‖g_t‖}, one row_norm_dots call per shared input."""
+    groups: dict = {}
+    for p in params:
+        for u in uses_by_param[p]:
+            if isinstance(u, LinearUse):
+                a = u.a
+                key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
+                groups.setdefault(key, []).append(u)
+    out = {}
+    for us in groups.values():
+        res = row_norm_dots(us[0].a, [u.g for u in us], backend=backend)
+        out.update(zip(map(id, us), res.unbind(0)))
+    return out
 
 
 # Host-computed per-parameter constants as device tensors, by value: a plain torch.tensor(...,
@@ -88,7 +100,8 @@ def _device_constants(values: list, device) -> torch.Tensor:
     return out
 
 
-def release_bounds(uses_by_param: dict, params: list, norms_sq: list) -> list:
+def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,
+                   backend: str | None = None) -> list:
     """U_k (B,) float64 for each of `params`: an upper bound on the norm of every sample's released
     contribution to that parameter, before loss scaling (see the module docstring).
 
@@ -99,13 +112,13 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq: list) -> list:
     """
     if not params:
         return []
-    row_cache: dict = {}
+    linear_sums = _linear_sums(uses_by_param, params, backend)
     sqs, facs, etas, betas = [], [], [], []
     mode = fp32_mode(norms_sq[0].device)
     for p, n2 in zip(params, norms_sq):
         parts, seq, d, w = [], 0, 1, 1
         for u in uses_by_param[p]:
-            s, f, (t_u, d_u, p_u) = _sqrt_q(u, row_cache)
+            s, f, (t_u, d_u, p_u) = _sqrt_q(u, linear_sums)
             parts.append((s, f))
             seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
         if len(parts) == 1:

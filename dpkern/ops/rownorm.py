@@ -49,3 +49,48 @@ def rownorm_sq(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
             ext.rownorm_fwd(x.data_ptr(), out.data_ptr(), n_rows, n_cols, x.stride(0),
                             x.stride(1), _DTYPE_CODE[x.dtype], stream)
     return out
+
+
+def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> torch.Tensor:
+    """out[k, b] = Σ_t ‖a_bt‖·‖g_kbt‖ for tensors g_k that share a (fp32 row norms and products,
+    fp64 sums; the kernel's error is within the inflation that dpkern/layers/bounds.py applies).
+
+    Args:
+        a: (B, T, d) float32 / float16 / bfloat16; any strides. B, T may be 0.
+        gs: non-empty list of (B, T, p_k) float tensors on a's device.
+        backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
+    Returns:
+        (len(gs), B) float64.
+
+    Example:
+        >>> row_norm_dots(torch.ones(1, 2, 4), [torch.ones(1, 2, 9)])   # 2 rows of 2·3
+        tensor([[12.]], dtype=torch.float64)
+    """
+    op = "row_norm_dots"
+    if not isinstance(gs, (list, tuple)) or not gs:
+        raise TypeError(f"{op}: gs must be a non-empty list of tensors")
+    for name, x in [("a", a)] + [(f"gs[{k}]", g) for k, g in enumerate(gs)]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{op}: {name} must have rank 3 (B, T, n), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.shape[:2] != a.shape[:2]:
+            raise ValueError(f"{op}: {name} has batch and sequence sizes {tuple(x.shape[:2])}, "
+                             f"a has {tuple(a.shape[:2])}")
+        if x.device != a.device:
+            raise ValueError(f"{op}: {name} is on {x.device}, a on {a.device}")
+    be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
+                         auto_order=("triton",))
+    bsz, seq, _ = a.shape
+    if bsz == 0 or seq == 0:
+        return torch.zeros(len(gs), bsz, dtype=torch.float64, device=a.device)
+    if be == "torch":
+        na = torch.linalg.vector_norm(a, dim=2, dtype=torch.float32)
+        return torch.stack([(na * torch.linalg.vector_norm(g, dim=2, dtype=torch.float32))
+                            .sum(dim=1, dtype=torch.float64) for g in gs])
+    from dpkern.kernels.row_norm_dots import row_norm_dots_fwd
+    out = _alloc.empty(len(gs), bsz, dtype=torch.float64, device=a.device)
+    row_norm_dots_fwd(a, list(gs), out, empty=_alloc.empty)
+    return out

@@ -93,7 +93,8 @@ class _SubspaceClipper(_Clipper):
         full = [p for p in params if p not in proj]
         sub = [p for p in params if p in proj]
         n_full = norms_sq(uses, full, backend=self.backend) if full else []
-        b_full = [u * s for u in release_bounds(uses, full, n_full)] if full else []
+        b_full = ([u * s for u in release_bounds(uses, full, n_full, backend=self.backend)]
+                  if full else [])
         coords, n_sub, b_sub = {}, [], []
         for p in sub:
             lin = uses[p]

@@ -54,7 +54,9 @@ def test_compare_quick_against_head(tmp_path, capsys):
     rows = compare.main(["--base", "HEAD", "--quick", "--paths", "bench/bench_rownorm.py",
                          "--out", str(tmp_path)])
     names = {r["name"] for r in rows}
-    assert names == {f"test_rownorm_bench[B8xN512-torch.{dt}-{be}]"
+    assert names == {f"test_{op}[{shape}-torch.{dt}-{be}]"
+                     for op, shape in [("rownorm_bench", "B8xN512"),
+                                       ("row_norm_dots_bench", "B2xT16xd24xp20")]
                      for dt in ("float32", "bfloat16") for be in ("torch", "triton")}
     assert all(r["ratio"] and r["ratio"] > 0 and r["note"] == "" for r in rows), rows
     out = capsys.readouterr().out
