@@ -3,7 +3,7 @@ model: step time (CUDA events), host time until step() returned, and the GPU's b
 union of kernel intervals from torch.profiler) over the same steps. busy / step near 1: the GPU is
 the limit; well below 1 with host near step: the Python side (launches, hooks) is.
 
-    python bench/gpu_busy.py --cases 16x256,8x512 --precisions bf16 --out busy.json
+    python -m bench.gpu_busy --cases 16x256,8x512 --precisions bf16 --out busy.json
 """
 from __future__ import annotations
 

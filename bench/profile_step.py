@@ -129,7 +129,10 @@ def instrument(model, ranges: Ranges):
     for attr, name in [("norms_sq", "norms"), ("bookkeep", "bookkeeping"),
                        ("release_bounds", "clip"), ("clip_factors", "clip")]:
         patch(eng, attr, _wrap_fn(ranges, name, getattr(eng, attr)))
-    for attr, name in [("linear_norm_sq", "norms:Linear"), ("linear_norm_sq_shared", "norms:Linear"),
+    # Linear weights are book-kept in grouped launches outside `bookkeep`
+    patch(eng, "bookkeeping_wgrad_grouped", _wrap_fn(ranges, "bookkeeping", _wrap_fn(
+        ranges, "bookkeeping:Linear", eng.bookkeeping_wgrad_grouped)))
+    for attr, name in [("linear_norm_sq", "norms:Linear"), ("linear_norm_sq_grouped", "norms:Linear"),
                        ("embedding_norm_sq", "norms:Embedding"), ("tied_cross_term", "norms:tied"),
                        ("rownorm_sq", "norms:RMSNorm/LayerNorm"),
                        ("bookkeeping_wgrad", "bookkeeping:Linear")]:

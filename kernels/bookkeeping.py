@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkern.kernels._tables import TL_DTYPE, layer_ptr, pointer_table
 from dpkern.kernels.ghost_norm import _round_tf32, dot_precision, resolve_mode, rounds
 
 
@@ -55,7 +56,14 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                             stride_wp, stride_wd,
                             ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr,
-                            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
+                            UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr,
+                            TABLE: tl.constexpr, ELT: tl.constexpr, W_ELT: tl.constexpr):
+    # TABLE: a, g, scale and w are pointer tables over layers (kernels/_tables.py), axis 1 the layer
+    i_l = tl.program_id(1).to(tl.int64)
+    a_ptr = layer_ptr(a_ptr, i_l, TABLE, ELT)
+    g_ptr = layer_ptr(g_ptr, i_l, TABLE, ELT)
+    scale_ptr = layer_ptr(scale_ptr, i_l, TABLE, tl.float32)
+    w_ptr = layer_ptr(w_ptr, i_l, TABLE, W_ELT)
     # grouped ordering: GROUP_P row tiles sweep the column tiles together
     pid = tl.program_id(0)
     n_p = tl.cdiv(p, BLOCK_P)
@@ -107,17 +115,37 @@ def bookkeeping_fwd(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, w: to
     """a (B, T, d), g (B, T, p), scale (B,) fp32 -> w (p, d) = Σ scale_i g_iᵀ a_i (+ w if
     accumulate), in w's dtype. Caller validates; B·T > 0.
     fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
+    _launch([a], [g], [scale], [w], accumulate, config, fp32_mode)
+
+
+def bookkeeping_grouped_fwd(as_: list, gs: list, scales: list, ws: list, accumulate: bool,
+                            config: BookkeepingConfig | None = None,
+                            fp32_mode: str | None = None) -> None:
+    """L layers in one launch: ws[l] = Σ scales[l]_i gs[l]_iᵀ as_[l]_i (+ ws[l]). All as_ share
+    one layout (kernels/_tables.py), as do all gs (in a's dtype), all ws and all scales (B,) fp32.
+    Caller validates; B·T > 0."""
+    _launch(as_, gs, scales, ws, accumulate, config, fp32_mode)
+
+
+def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode) -> None:
+    a, g, w = as_[0], gs[0], ws[0]
+    n_layers = len(as_)
+    table = n_layers > 1
     bsz, seq, d = a.shape
     p = g.shape[2]
     cfg = config or bookkeeping_config(seq, d, p)
     mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
-    grid = (triton.cdiv(p, cfg.BLOCK_P) * triton.cdiv(d, cfg.BLOCK_D),)
+    tab = pointer_table([as_, gs, scales, ws], a.device) if table else None
+    grid = (triton.cdiv(p, cfg.BLOCK_P) * triton.cdiv(d, cfg.BLOCK_D), n_layers)
     _bookkeeping_fwd_kernel[grid](
-        a_ptr=a, g_ptr=g, scale_ptr=scale, w_ptr=w, batch=bsz, seq=seq, d=d, p=p,
+        a_ptr=tab[0] if table else a, g_ptr=tab[1] if table else g,
+        scale_ptr=tab[2] if table else scales[0], w_ptr=tab[3] if table else w,
+        batch=bsz, seq=seq, d=d, p=p,
         stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2),
         stride_gb=g.stride(0), stride_gt=g.stride(1), stride_gp=g.stride(2),
         stride_wp=w.stride(0), stride_wd=w.stride(1),
         ACCUMULATE=accumulate, BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_T=cfg.BLOCK_T,
         GROUP_P=cfg.GROUP_P, UPCAST=a.device.type != "cuda" or a.dtype != g.dtype,
-        DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g),
+        DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g), TABLE=table,
+        ELT=TL_DTYPE[a.dtype], W_ELT=TL_DTYPE[w.dtype],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

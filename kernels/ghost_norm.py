@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkern.kernels._tables import TL_DTYPE, layer_ptr, pointer_table
+
 MAX_G = 3  # gradients sharing one input Gram per launch; larger groups launch again
 
 
@@ -107,9 +109,14 @@ def _ghost_norm_fwd_kernel(a_ptr, g0_ptr, g1_ptr, g2_ptr, pairs_ptr, part_ptr,
                            stride_g1b, stride_g1t, stride_g1p,
                            stride_g2b, stride_g2t, stride_g2p,
                            NUM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr):
+                           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr,
+                           TABLE: tl.constexpr, ELT: tl.constexpr):
+    # TABLE: a_ptr and g*_ptr are pointer tables over layers (kernels/_tables.py), axis 2 the layer
     i_pair = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    a_ptr = layer_ptr(a_ptr, i_l, TABLE, ELT)
+    g0_ptr = layer_ptr(g0_ptr, i_l, TABLE, ELT)
     i_t = tl.load(pairs_ptr + 2 * i_pair)
     i_s = tl.load(pairs_ptr + 2 * i_pair + 1)
     weight = tl.where(i_t == i_s, 1.0, 2.0)
@@ -120,17 +127,20 @@ def _ghost_norm_fwd_kernel(a_ptr, g0_ptr, g1_ptr, g2_ptr, pairs_ptr, part_ptr,
     p_a = a_ptr + i_b * stride_ab
     b_ga = _gram_tile(p_a, p_a, o_t, o_s, m_t, m_s, d, stride_at, stride_ad, stride_at, stride_ad,
                       BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)  # [BT, BT]
-    p_out = part_ptr + i_b * n_pairs + i_pair
+    # partials (L, NUM_G, B, n_pairs)
+    p_out = part_ptr + (i_l * NUM_G * batch + i_b) * n_pairs + i_pair
     b_gg = _gram_tile(g0_ptr + i_b * stride_g0b, g0_ptr + i_b * stride_g0b, o_t, o_s, m_t, m_s, p0,
                       stride_g0t, stride_g0p, stride_g0t, stride_g0p,
                       BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)
     tl.store(p_out, weight * tl.sum(tl.sum(b_ga * b_gg, axis=1), axis=0))
     if NUM_G >= 2:
+        g1_ptr = layer_ptr(g1_ptr, i_l, TABLE, ELT)
         b_gg = _gram_tile(g1_ptr + i_b * stride_g1b, g1_ptr + i_b * stride_g1b, o_t, o_s, m_t, m_s,
                           p1, stride_g1t, stride_g1p, stride_g1t, stride_g1p,
                           BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)
         tl.store(p_out + batch * n_pairs, weight * tl.sum(tl.sum(b_ga * b_gg, axis=1), axis=0))
     if NUM_G >= 3:
+        g2_ptr = layer_ptr(g2_ptr, i_l, TABLE, ELT)
         b_gg = _gram_tile(g2_ptr + i_b * stride_g2b, g2_ptr + i_b * stride_g2b, o_t, o_s, m_t, m_s,
                           p2, stride_g2t, stride_g2p, stride_g2t, stride_g2p,
                           BLOCK_T, BLOCK_T, BLOCK_K, UPCAST, DOT_PREC, ROUND, ROUND)
@@ -167,6 +177,28 @@ def ghost_norm_fwd(a: torch.Tensor, gs: list, outs: list,
     outs: a list of (B,) tensors, or one (len(gs), B) fp32 tensor (one reduction per launch).
     `empty(*shape, dtype=, device=)` allocates the partials (tests pass a poisoning allocator).
     fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
+    if isinstance(outs, torch.Tensor):
+        _launch([a], [gs], outs.view(1, *outs.shape), config, empty, fp32_mode)
+        return
+    out = empty(1, len(gs), a.shape[0], dtype=torch.float32, device=a.device)
+    _launch([a], [gs], out, config, empty, fp32_mode)
+    for k, o in enumerate(outs):
+        o.copy_(out[0, k])
+
+
+def ghost_norm_grouped_fwd(as_: list, gss: list, out: torch.Tensor,
+                           config: GhostNormConfig | None = None, empty=torch.empty,
+                           fp32_mode: str | None = None) -> None:
+    """L layers in one launch per MAX_G gradients: as_[l] (B, T, d), gss[l][k] (B, T, p_k) ->
+    out (L, K, B) fp32. Every as_[l] has one shape, strides and dtype; so has gss[l][k] for each k,
+    in a's dtype (kernels/_tables.layout_key). Caller validates; B, T > 0."""
+    _launch(as_, gss, out, config, empty, fp32_mode)
+
+
+def _launch(as_, gss, out, config, empty, fp32_mode) -> None:
+    a, gs = as_[0], gss[0]
+    n_layers = len(as_)
+    table = n_layers > 1
     bsz, seq, d = a.shape
     cfg = config or ghost_norm_config(seq)
     mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
@@ -176,20 +208,22 @@ def ghost_norm_fwd(a: torch.Tensor, gs: list, outs: list,
     upcast = a.device.type != "cuda"  # the interpreter mishandles 16-bit dots
     prec = dot_precision(mode, a, *gs)
     round_ = rounds(mode, a, *gs)
+    tab = pointer_table([as_] + [[g[k] for g in gss] for k in range(len(gs))],
+                        a.device) if table else None
     for start in range(0, len(gs), MAX_G):
-        group = gs[start:start + MAX_G]
+        group = list(range(start, min(start + MAX_G, len(gs))))
         padded = group + [group[0]] * (MAX_G - len(group))
-        part = empty(len(group), bsz, n_pairs, dtype=torch.float32, device=a.device)
-        args = dict(a_ptr=a, pairs_ptr=pairs, part_ptr=part, seq=seq, d=d, n_pairs=n_pairs,
-                    batch=bsz, stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2))
-        for k, g in enumerate(padded):
-            args.update({f"g{k}_ptr": g, f"p{k}": g.shape[2], f"stride_g{k}b": g.stride(0),
-                         f"stride_g{k}t": g.stride(1), f"stride_g{k}p": g.stride(2)})
-        _ghost_norm_fwd_kernel[(n_pairs, bsz)](
+        part = empty(n_layers, len(group), bsz, n_pairs, dtype=torch.float32, device=a.device)
+        args = dict(a_ptr=tab[0] if table else a, pairs_ptr=pairs, part_ptr=part, seq=seq, d=d,
+                    n_pairs=n_pairs, batch=bsz, stride_ab=a.stride(0), stride_at=a.stride(1),
+                    stride_ad=a.stride(2))
+        for j, k in enumerate(padded):
+            g = gs[k]
+            args.update({f"g{j}_ptr": tab[1 + k] if table else g, f"p{j}": g.shape[2],
+                         f"stride_g{j}b": g.stride(0), f"stride_g{j}t": g.stride(1),
+                         f"stride_g{j}p": g.stride(2)})
+        _ghost_norm_fwd_kernel[(n_pairs, bsz, n_layers)](
             **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, UPCAST=upcast,
-            DOT_PREC=prec, ROUND=round_, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if isinstance(outs, torch.Tensor):
-            outs[start:start + len(group)].copy_(part.sum(dim=2, dtype=torch.float64))
-            continue
-        for k in range(len(group)):
-            outs[start + k].copy_(part[k].sum(dim=1, dtype=torch.float64))  # fp64: 1 rounding
+            DOT_PREC=prec, ROUND=round_, TABLE=table, ELT=TL_DTYPE[a.dtype],
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        out[:, start:start + len(group)].copy_(part.sum(dim=3, dtype=torch.float64))

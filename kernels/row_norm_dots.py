@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkern.kernels._tables import TL_DTYPE, layer_ptr, pointer_table
+
 MAX_G = 3
 
 
@@ -47,21 +49,28 @@ def _row_norm_dots_kernel(a_ptr, g0_ptr, g1_ptr, g2_ptr, part_ptr, seq, d, p0, p
                           n_blocks, stride_ab, stride_at, stride_ad,
                           stride_g0b, stride_g0t, stride_g0p, stride_g1b, stride_g1t, stride_g1p,
                           stride_g2b, stride_g2t, stride_g2p,
-                          NUM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                          NUM_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                          TABLE: tl.constexpr, ELT: tl.constexpr):
+    # TABLE: a_ptr and g*_ptr are pointer tables over layers (kernels/_tables.py), axis 2 the layer
     i_t = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    a_ptr = layer_ptr(a_ptr, i_l, TABLE, ELT)
+    g0_ptr = layer_ptr(g0_ptr, i_l, TABLE, ELT)
     o_t = (i_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     m_t = o_t < seq
     b_na = _row_norms(a_ptr + i_b * stride_ab, stride_at, stride_ad, o_t, m_t, d, BLOCK_T, BLOCK_C)
-    p_out = part_ptr + i_b * n_blocks + i_t
+    p_out = part_ptr + (i_l * NUM_G * batch + i_b) * n_blocks + i_t  # partials (L, K, B, blocks)
     b_ng = _row_norms(g0_ptr + i_b * stride_g0b, stride_g0t, stride_g0p, o_t, m_t, p0,
                       BLOCK_T, BLOCK_C)
     tl.store(p_out, tl.sum((b_na * b_ng).to(tl.float64), axis=0))
     if NUM_G >= 2:
+        g1_ptr = layer_ptr(g1_ptr, i_l, TABLE, ELT)
         b_ng = _row_norms(g1_ptr + i_b * stride_g1b, stride_g1t, stride_g1p, o_t, m_t, p1,
                           BLOCK_T, BLOCK_C)
         tl.store(p_out + batch * n_blocks, tl.sum((b_na * b_ng).to(tl.float64), axis=0))
     if NUM_G >= 3:
+        g2_ptr = layer_ptr(g2_ptr, i_l, TABLE, ELT)
         b_ng = _row_norms(g2_ptr + i_b * stride_g2b, stride_g2t, stride_g2p, o_t, m_t, p2,
                           BLOCK_T, BLOCK_C)
         tl.store(p_out + 2 * batch * n_blocks, tl.sum((b_na * b_ng).to(tl.float64), axis=0))
@@ -70,19 +79,39 @@ def _row_norm_dots_kernel(a_ptr, g0_ptr, g1_ptr, g2_ptr, part_ptr, seq, d, p0, p
 def row_norm_dots_fwd(a: torch.Tensor, gs: list, out: torch.Tensor, empty=torch.empty,
                       config: RowNormDotsConfig | None = None) -> None:
     """a (B, T, d), gs[k] (B, T, p_k) -> out (len(gs), B) fp64. Caller validates; B, T > 0."""
+    _launch([a], [gs], out.view(1, *out.shape), empty, config)
+
+
+def row_norm_dots_grouped_fwd(as_: list, gss: list, out: torch.Tensor, empty=torch.empty,
+                              config: RowNormDotsConfig | None = None) -> None:
+    """L layers in one launch per MAX_G gradients: as_[l] (B, T, d), gss[l][k] (B, T, p_k) ->
+    out (L, K, B) fp64. Every as_[l] has one layout, so has gss[l][k] for each k, in a's dtype
+    (kernels/_tables.py). Caller validates; B, T > 0."""
+    _launch(as_, gss, out, empty, config)
+
+
+def _launch(as_, gss, out, empty, config) -> None:
+    a, gs = as_[0], gss[0]
+    n_layers = len(as_)
+    table = n_layers > 1
     bsz, seq, d = a.shape
     cfg = config or row_norm_dots_config(seq)
     n_blocks = triton.cdiv(seq, cfg.BLOCK_T)
+    tab = pointer_table([as_] + [[g[k] for g in gss] for k in range(len(gs))],
+                        a.device) if table else None
     for start in range(0, len(gs), MAX_G):
-        group = gs[start:start + MAX_G]
+        group = list(range(start, min(start + MAX_G, len(gs))))
         padded = group + [group[0]] * (MAX_G - len(group))
-        part = empty(len(group), bsz, n_blocks, dtype=torch.float64, device=a.device)
-        args = dict(a_ptr=a, part_ptr=part, seq=seq, d=d, batch=bsz, n_blocks=n_blocks,
-                    stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2))
-        for k, g in enumerate(padded):
-            args.update({f"g{k}_ptr": g, f"p{k}": g.shape[2], f"stride_g{k}b": g.stride(0),
-                         f"stride_g{k}t": g.stride(1), f"stride_g{k}p": g.stride(2)})
-        _row_norm_dots_kernel[(n_blocks, bsz)](
-            **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_C=cfg.BLOCK_C,
-            num_warps=cfg.num_warps)
-        out[start:start + len(group)].copy_(part.sum(dim=2))
+        part = empty(n_layers, len(group), bsz, n_blocks, dtype=torch.float64, device=a.device)
+        args = dict(a_ptr=tab[0] if table else a, part_ptr=part, seq=seq, d=d, batch=bsz,
+                    n_blocks=n_blocks, stride_ab=a.stride(0), stride_at=a.stride(1),
+                    stride_ad=a.stride(2))
+        for j, k in enumerate(padded):
+            g = gs[k]
+            args.update({f"g{j}_ptr": tab[1 + k] if table else g, f"p{j}": g.shape[2],
+                         f"stride_g{j}b": g.stride(0), f"stride_g{j}t": g.stride(1),
+                         f"stride_g{j}p": g.stride(2)})
+        _row_norm_dots_kernel[(n_blocks, bsz, n_layers)](
+            **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_C=cfg.BLOCK_C, TABLE=table,
+            ELT=TL_DTYPE[a.dtype], num_warps=cfg.num_warps)
+        out[:, start:start + len(group)].copy_(part.sum(dim=3))

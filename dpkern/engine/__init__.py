@@ -21,6 +21,7 @@ from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
 from dpkern.layers.bounds import release_bounds
 from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
+from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
 from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 
@@ -125,6 +126,7 @@ class _Clipper:
         opt.last_clip = _LastClip({self.private[p]: (n, u) for p, n, u in zip(params, norms, bounds)},
                                   s * s)
         scales, opt.last_scales = {}, {}
+        linear, linear_params = [], []  # one-Linear-use parameters: book-kept in grouped launches
         for p, c in zip(params, factors):
             p_uses = uses.pop(p)
             if p not in opt.params:
@@ -140,7 +142,14 @@ class _Clipper:
             if sc is None:  # c·s rounded down: the factor the book-keeping applies keeps c U ≤ C
                 sc = scales[id(c)] = round_down_f32(c * s) if s != 1.0 else round_down_f32(c)
             opt.last_scales[self.private[p]] = sc
+            if len(p_uses) == 1 and isinstance(p_uses[0], LinearUse):
+                linear.append((p_uses[0].a, p_uses[0].g, sc, acc, acc is not None))
+                linear_params.append(p)
+                continue
             opt.summed[p] = bookkeep(p_uses, sc, acc, backend=self.backend)
+        p_uses = None  # the grouped book-keeping frees each group's inputs once it is issued
+        sums = bookkeeping_wgrad_grouped(linear, backend=self.backend, consume=True)
+        opt.summed.update(zip(linear_params, sums))
         opt.note_backward(bsz, n_bad)
 
     def _single_sample(self, uses: dict, params: list) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse
 from dpkern.ops._persample import fp32_mode
-from dpkern.ops.rownorm import row_norm_dots
+from dpkern.ops.rownorm import row_norm_dots_grouped
 from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error_bound
 
 # |round_tf32(x)| ≤ |x| (1 + 2^-11): the operands the kernels multiply may be that much larger.
@@ -60,7 +60,8 @@ def _sqrt_q(use, linear_sums: dict) -> tuple[torch.Tensor, float, tuple[int, int
 
 
 def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
-    """{id(LinearUse): (B,) fp64 Σ_t ‖a_t‖‖g_t‖}, one row_norm_dots call per shared input."""
+    """{id(LinearUse): (B,) fp64 Σ_t ‖a_t‖‖g_t‖}: one row_norm_dots per shared input, layers of
+    one layout in one launch (row_norm_dots_grouped)."""
     groups: dict = {}
     for p in params:
         for u in uses_by_param[p]:
@@ -68,10 +69,11 @@ def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
                 a = u.a
                 key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
                 groups.setdefault(key, []).append(u)
+    groups = list(groups.values())
+    res = row_norm_dots_grouped([(us[0].a, [u.g for u in us]) for us in groups], backend=backend)
     out = {}
-    for us in groups.values():
-        res = row_norm_dots(us[0].a, [u.g for u in us], backend=backend)
-        out.update(zip(map(id, us), res.unbind(0)))
+    for us, r in zip(groups, res):
+        out.update(zip(map(id, us), r.unbind(0)))
     return out
 
 

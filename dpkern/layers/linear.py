@@ -21,8 +21,8 @@ def _bias_use(site: Site, g: torch.Tensor) -> None:
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, site):
-        ctx.site = site
+    def forward(ctx, x, weight, bias, site, token):
+        ctx.site, ctx.token = site, token
         ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
@@ -33,9 +33,10 @@ class _LinearFn(torch.autograd.Function):
         gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
         g = as_bt(gy, "grad_output", site.path)
         if site.wants("weight"):
-            site.record("weight", LinearUse(as_bt(x, "input", site.path).to(g.dtype), g, site.path))
+            a = site.tape.shared_input(ctx.token, as_bt(x, "input", site.path).to(g.dtype))
+            site.record("weight", LinearUse(a, g, site.path))
         _bias_use(site, g)
-        return gx, None, None, None
+        return gx, None, None, None, None
 
 
 class _Conv1DFn(torch.autograd.Function):
@@ -62,7 +63,9 @@ class _Conv1DFn(torch.autograd.Function):
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, the input as the matmul will see it (cast once, here): the tape then keeps
-    the low-precision copy that autocast itself would save, not the fp32 input."""
+    the low-precision copy that autocast itself would save, not the fp32 input. Layers reading one
+    input (q/k/v) each cast it, as autocast does; `GradTape.cast_token` names the casts of one
+    tensor so that the tape keeps one of them and the norms share its Gram."""
     dev = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -72,7 +75,9 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_forward(module: torch.nn.Linear, site: Site, x: torch.Tensor) -> torch.Tensor:
-    return _LinearFn.apply(_autocast_input(x), module.weight, module.bias, site)
+    xc = _autocast_input(x)
+    token = site.tape.cast_token(x, xc.dtype) if xc is not x else None
+    return _LinearFn.apply(xc, module.weight, module.bias, site, token)
 
 
 def conv1d_forward(module, site: Site, x: torch.Tensor) -> torch.Tensor:

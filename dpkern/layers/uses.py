@@ -21,7 +21,7 @@ import torch
 
 from dpkern.ops.bookkeeping import bookkeeping_wgrad
 from dpkern.ops.embedding_norm import embedding_norm_sq, tied_cross_term
-from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_shared
+from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_grouped
 from dpkern.ops.rownorm import rownorm_sq
 
 
@@ -109,7 +109,8 @@ def param_norm_sq(uses: list, *, backend: str | None = None) -> torch.Tensor:
 
 def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -> list:
     """param_norm_sq for each of `params`; Linear layers that read one input tensor (q/k/v,
-    gate/up) share one Gram computation through linear_norm_sq_shared."""
+    gate/up) share one Gram computation, and layers of one layout share one launch
+    (linear_norm_sq_grouped)."""
     out: dict = {}
     shared: dict = {}
     for p in params:
@@ -120,13 +121,12 @@ def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -
             shared.setdefault(key, []).append(p)
         else:
             out[p] = param_norm_sq(uses, backend=backend)
-    for group in shared.values():
-        a = uses_by_param[group[0]][0].a
-        if len(group) == 1:
-            out[group[0]] = linear_norm_sq(a, uses_by_param[group[0]][0].g, backend=backend)
-            continue
-        res = linear_norm_sq_shared(a, [uses_by_param[p][0].g for p in group], backend=backend)
-        out.update(zip(group, res))
+    groups = list(shared.values())
+    res = linear_norm_sq_grouped(
+        [(uses_by_param[g[0]][0].a, [uses_by_param[p][0].g for p in g]) for g in groups],
+        backend=backend)
+    for group, r in zip(groups, res):
+        out.update(zip(group, r))
     return [out[p] for p in params]
 
 

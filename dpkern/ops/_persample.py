@@ -12,6 +12,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_BYTES = 256 << 20
 
 
+def layout_key(x: torch.Tensor) -> tuple:
+    """What layers launched together (kernels/_tables.py) must agree on: shape, strides, dtype,
+    device."""
+    return tuple(x.shape), x.stride(), x.dtype, x.device
+
+
 def check_tensor(op: str, name: str, x, rank: int, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")

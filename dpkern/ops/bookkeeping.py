@@ -15,7 +15,8 @@ import torch
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_tensor,
-                                   exact_fp32_matmul, fp32_mode, operand, sample_chunks)
+                                   exact_fp32_matmul, fp32_mode, layout_key, operand,
+                                   sample_chunks)
 
 _IMPLEMENTED = ("triton", "torch")
 _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
@@ -109,8 +110,9 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
         target = out if out is not None else _alloc.empty(p, d, dtype=torch.float32,
                                                           device=a.device)
         a_k, g_k = _k_major(a, g, mode)
-        bookkeeping_fwd(a_k, g_k, scale, target, accumulate=accumulate and out is not None,
-                        fp32_mode=mode)
+        # the kernel reads scale[i] at offset i: a strided view would give it other samples' factors
+        bookkeeping_fwd(a_k, g_k, scale.contiguous(), target,
+                        accumulate=accumulate and out is not None, fp32_mode=mode)
         return target
     acc = torch.zeros(p, d, dtype=torch.float32, device=a.device)
     with exact_fp32_matmul(a.device):
@@ -119,6 +121,68 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
             g_c = operand(g[sl][keep], mode) * scale[sl][keep, None, None]
             acc.addmm_(g_c.reshape(-1, p).t(), operand(a[sl][keep], mode).reshape(-1, d))
     return _finish(acc, out, accumulate)
+
+
+def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
+                              fp32_mode: str | None = None, consume: bool = False) -> list:
+    """bookkeeping_wgrad for many layers: items [(a, g, scale, out, accumulate), ...] -> the
+    results in order (each: out if given, else a new (p, d) fp32 tensor).
+
+    Layers with one layout of a, of g (in a's dtype) and of the result, and the same accumulate
+    flag, share one Triton launch: the 16 q_proj weights of a 16-layer model are one launch, not
+    16. Each layer's sum is the one bookkeeping_wgrad computes (same kernel, same tiles, its own
+    scale). fp32 inputs in a TF32 mode on CUDA run item by item (their K-major copies would
+    otherwise all be alive at once), as do the torch backend and single layers.
+    consume=True sets each entry of `items` to None once its launch is issued, so that the
+    caller's inputs can be freed group by group (the engine's flush: the memory peak stays that
+    of one group's results, not of all of them).
+
+    Example:
+        >>> a, g, s = torch.ones(2, 3, 4), torch.ones(2, 3, 5), torch.tensor([1.0, 0.5])
+        >>> [w[0, 0] for w in bookkeeping_wgrad_grouped([(a, g, s, None, False)] * 2)]
+        [tensor(4.5000), tensor(4.5000)]
+    """
+    op = "bookkeeping_wgrad_grouped"
+    if not isinstance(items, list):
+        raise TypeError(f"{op}: items must be a list of (a, g, scale, out, accumulate)")
+    units: dict = {}  # key -> item indices; a key of ("one", i) runs item i alone
+    for i, (a, g, scale, dst, acc) in enumerate(items):
+        check_tensor(op, "a", a, 3)
+        check_tensor(op, "g", g, 3)
+        check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),
+                                                    "g.shape[:2]": tuple(g.shape[:2])})
+        check_device(op, {"a": a, "g": g})
+        _check_scale(op, scale, a.shape[0], g)
+        _check_out(op, dst, (g.shape[2], a.shape[2]), a.device)
+        mode = _fp32_mode(a.device, fp32_mode)
+        be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
+                             auto_order=("triton",))
+        kmajor = a.is_cuda and a.dtype == torch.float32 and mode != "ieee"
+        if be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype or kmajor:
+            units[("one", i)] = [i]
+            continue
+        res = (dst.shape, dst.stride(), dst.dtype) if dst is not None else None
+        key = (layout_key(a), layout_key(g), res, bool(acc and dst is not None), mode)
+        units.setdefault(key, []).append(i)
+    out: list = [None] * len(items)
+    for key, idx in units.items():  # in order of first appearance
+        if key[0] == "one":
+            a, g, scale, dst, acc = items[idx[0]]
+            out[idx[0]] = bookkeeping_wgrad(a, g, scale, out=dst, accumulate=acc,
+                                            backend=backend, fp32_mode=fp32_mode)
+        else:
+            from dpkern.kernels.bookkeeping import bookkeeping_grouped_fwd
+            for i in idx:
+                a, g, _, dst, _ = items[i]
+                out[i] = dst if dst is not None else _alloc.empty(
+                    g.shape[2], a.shape[2], dtype=torch.float32, device=a.device)
+            bookkeeping_grouped_fwd([items[i][0] for i in idx], [items[i][1] for i in idx],
+                                    [items[i][2].contiguous() for i in idx],
+                                    [out[i] for i in idx], key[3], fp32_mode=key[4])
+        if consume:
+            for i in idx:
+                items[i] = None
+    return out
 
 
 def bookkeeping_bias(g: torch.Tensor, scale: torch.Tensor, *, out=None, accumulate: bool = False,

@@ -22,7 +22,7 @@ import torch
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.ops._persample import (check_device, check_same, check_tensor, exact_fp32_matmul,
-                                   fp32_mode, operand, sample_chunks)
+                                   fp32_mode, layout_key, operand, sample_chunks)
 
 METHODS = ("auto", "ghost", "instantiate")
 _IMPLEMENTED = ("triton", "torch")
@@ -131,6 +131,57 @@ def linear_norm_sq_shared(a: torch.Tensor, gs: list, *, method: str = "auto",
     for g, out in zip(gs, outs):
         instantiate_norm_fwd(a, g, out, empty=_alloc.empty, fp32_mode=mode)
     return outs
+
+
+def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
+                           fp32_mode: str | None = None) -> list:
+    """linear_norm_sq_shared for many layers at once: items [(a, gs), ...] -> [[(B,) fp32, ...]].
+
+    Layers whose inputs have one layout (shape, strides, dtype) and whose gradients have one
+    layout per position, all in a's dtype, with the ghost method chosen for them, share one Triton
+    launch (per three gradients): the 16 q/k/v groups of a 16-layer model are one launch, not 16.
+    The numbers are those of linear_norm_sq_shared on each item (same kernel, same tiles); other
+    items, and the torch backend, run item by item.
+
+    Example:
+        >>> a = torch.randn(2, 5, 8); g = torch.randn(2, 5, 4)
+        >>> [[n.shape for n in ns] for ns in linear_norm_sq_grouped([(a, [g]), (a, [g, g])])]
+        [[torch.Size([2])], [torch.Size([2]), torch.Size([2])]]
+    """
+    op = "linear_norm_sq_grouped"
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"{op}: items must be a list of (a, gs) pairs")
+    items = [(a, list(gs)) for a, gs in items]
+    for a, gs in items:
+        if not gs:
+            raise TypeError(f"{op}: every item needs a non-empty list of gradients")
+        _check(op, a, gs, "auto")
+    out: list = [None] * len(items)
+    buckets: dict = {}
+    for i, (a, gs) in enumerate(items):
+        be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
+                             auto_order=("triton",))
+        bsz, seq, d = a.shape
+        if (be == "triton" and bsz * seq > 0 and all(g.dtype == a.dtype for g in gs)
+                and choose_method(seq, d, [g.shape[2] for g in gs], be) == "ghost"):
+            key = (layout_key(a), tuple(layout_key(g) for g in gs),
+                   _fp32_mode(a.device, fp32_mode))
+            buckets.setdefault(key, []).append(i)
+            continue
+        out[i] = linear_norm_sq_shared(a, gs, backend=backend, fp32_mode=fp32_mode)
+    for (_, _, mode), idx in buckets.items():
+        a0, gs0 = items[idx[0]]
+        if len(idx) == 1:
+            out[idx[0]] = linear_norm_sq_shared(a0, gs0, method="ghost", backend="triton",
+                                                fp32_mode=mode)
+            continue
+        from dpkern.kernels.ghost_norm import ghost_norm_grouped_fwd
+        res = _alloc.empty(len(idx), len(gs0), a0.shape[0], dtype=torch.float32, device=a0.device)
+        ghost_norm_grouped_fwd([items[i][0] for i in idx], [items[i][1] for i in idx], res,
+                               empty=_alloc.empty, fp32_mode=mode)
+        for i, r in zip(idx, res.unbind(0)):
+            out[i] = list(r.unbind(0))
+    return out
 
 
 def linear_norm_sq(a: torch.Tensor, g: torch.Tensor, *, method: str = "auto",

@@ -6,6 +6,7 @@ import torch
 from dpkern import _alloc
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
+from dpkern.ops._persample import layout_key
 from dpkern.reference.rownorm import rownorm_sq_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,6 +52,23 @@ def rownorm_sq(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     return out
 
 
+def _check_dots(op: str, a, gs) -> None:
+    if not isinstance(gs, (list, tuple)) or not gs:
+        raise TypeError(f"{op}: gs must be a non-empty list of tensors")
+    for name, x in [("a", a)] + [(f"gs[{k}]", g) for k, g in enumerate(gs)]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{op}: {name} must have rank 3 (B, T, n), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.shape[:2] != a.shape[:2]:
+            raise ValueError(f"{op}: {name} has batch and sequence sizes {tuple(x.shape[:2])}, "
+                             f"a has {tuple(a.shape[:2])}")
+        if x.device != a.device:
+            raise ValueError(f"{op}: {name} is on {x.device}, a on {a.device}")
+
+
 def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> torch.Tensor:
     """out[k, b] = Σ_t ‖a_bt‖·‖g_kbt‖ for tensors g_k that share a (fp32 row norms and products,
     fp64 sums; the kernel's error is within the inflation that dpkern/layers/bounds.py applies).
@@ -67,20 +85,7 @@ def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> t
         tensor([[12.]], dtype=torch.float64)
     """
     op = "row_norm_dots"
-    if not isinstance(gs, (list, tuple)) or not gs:
-        raise TypeError(f"{op}: gs must be a non-empty list of tensors")
-    for name, x in [("a", a)] + [(f"gs[{k}]", g) for k, g in enumerate(gs)]:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{op}: {name} must have rank 3 (B, T, n), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.shape[:2] != a.shape[:2]:
-            raise ValueError(f"{op}: {name} has batch and sequence sizes {tuple(x.shape[:2])}, "
-                             f"a has {tuple(a.shape[:2])}")
-        if x.device != a.device:
-            raise ValueError(f"{op}: {name} is on {x.device}, a on {a.device}")
+    _check_dots(op, a, gs)
     be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
                          auto_order=("triton",))
     bsz, seq, _ = a.shape
@@ -93,4 +98,41 @@ def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> t
     from dpkern.kernels.row_norm_dots import row_norm_dots_fwd
     out = _alloc.empty(len(gs), bsz, dtype=torch.float64, device=a.device)
     row_norm_dots_fwd(a, list(gs), out, empty=_alloc.empty)
+    return out
+
+
+def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
+    """row_norm_dots for many layers: items [(a, gs), ...] -> [(len(gs), B) fp64, ...]. Layers
+    with one layout of a and of each g (in a's dtype) share one Triton launch per three
+    gradients; each layer's sums are those of row_norm_dots (same kernel, same blocks).
+
+    Example:
+        >>> a, g = torch.ones(1, 2, 4), torch.ones(1, 2, 9)
+        >>> row_norm_dots_grouped([(a, [g]), (a, [g, g])])[1]
+        tensor([[12.],
+                [12.]], dtype=torch.float64)
+    """
+    op = "row_norm_dots_grouped"
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"{op}: items must be a list of (a, gs) pairs")
+    out: list = [None] * len(items)
+    buckets: dict = {}
+    for i, (a, gs) in enumerate(items):
+        _check_dots(op, a, gs)
+        be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
+                             auto_order=("triton",))
+        if be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs):
+            key = (layout_key(a), tuple(layout_key(g) for g in gs))
+            buckets.setdefault(key, []).append(i)
+        else:
+            out[i] = row_norm_dots(a, gs, backend=backend)
+    for idx in buckets.values():
+        from dpkern.kernels.row_norm_dots import row_norm_dots_grouped_fwd
+        a0, gs0 = items[idx[0]]
+        res = _alloc.empty(len(idx), len(gs0), a0.shape[0], dtype=torch.float64,
+                           device=a0.device)
+        row_norm_dots_grouped_fwd([items[i][0] for i in idx], [list(items[i][1]) for i in idx],
+                                  res, empty=_alloc.empty)
+        for i, r in zip(idx, res.unbind(0)):
+            out[i] = r
     return out

@@ -14,6 +14,7 @@ import torch
 from dpkern import PrivacyEngine
 from dpkern.losses import per_sample_losses
 from tests.engine import _models
+from tests.conftest import HAS_GPU
 from tests.engine._reference import clipped_mean, per_sample_grads, total_norms
 from tests.tolerance import OUTPUT_EPS
 
@@ -29,10 +30,10 @@ def _case():
     return _CASE["model"], _CASE["batch"], _CASE["psg"]
 
 
-def _run(model, batch, c, weights, sigma=0.0, fused=False):
+def _run(model, batch, c, weights, sigma=0.0, fused=False, backend=None):
     m = copy.deepcopy(model).to(weights)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
-    m, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+    m, opt, _ = PrivacyEngine(accountant="rdp", backend=backend).make_private(
         module=m, optimizer=opt, data_loader=None, noise_multiplier=sigma, max_grad_norm=c,
         expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum")
     opt.fused = fused
@@ -86,3 +87,117 @@ def test_autocast_fused_step_with_bf16_weights():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(p, q, rtol=2 * OUTPUT_EPS[torch.bfloat16], atol=1e-3)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="interpreter run on CPU tensors; the GPU runs the kernels")
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_autocast_triton_engine_groups_layers_and_matches_torch(monkeypatch, clipping):
+    """The Triton engine launches the norms, bounds and book-keeping of layers of one layout
+    together (grouped launches, each layer with its own clip factors under per-layer clipping);
+    its clipped gradients match the torch backend's (same operands, fp32 sums in other orders)."""
+    import dpkern.kernels.bookkeeping as bk
+    import dpkern.kernels.ghost_norm as gn
+    import dpkern.kernels.row_norm_dots as rnd
+    launches = {}
+    for name, mod in (("norms", gn), ("bounds", rnd), ("bookkeeping", bk)):
+        real = mod._launch
+
+        def spy(as_, *args, _real=real, _name=name, **kw):
+            launches.setdefault(_name, []).append(len(as_))
+            return _real(as_, *args, **kw)
+        monkeypatch.setattr(mod, "_launch", spy)
+    model, batch, psg = _case()
+    c = float(total_norms(psg).median())
+    got = {}
+    for backend in ("triton", "torch"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        n_params = sum(1 for p in m.parameters() if p.requires_grad)
+        # per layer: C_k small enough that every layer is clipped, each by its own factor
+        kw = dict(max_grad_norm=[c / n_params / 100] * n_params) if clipping == "per_layer" \
+            else dict(max_grad_norm=c)
+        m, opt, _ = PrivacyEngine(accountant="rdp", backend=backend).make_private(
+            module=m, optimizer=opt, data_loader=None, noise_multiplier=0.0,
+            expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum",
+            clipping=clipping, **kw)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            per_sample_losses(m, batch).sum().backward()
+        got[backend] = {n: opt.summed[p].clone() for p, n in opt.params.items() if p in opt.summed}
+    assert all(max(v) > 1 for v in launches.values()), launches   # layers shared launches
+    for n, want in got["torch"].items():
+        err = float((got["triton"][n].double() - want.double()).norm())
+        assert err <= BF16_RTOL * max(float(want.norm()), 1e-6), n
+
+
+def _recorded_uses(model, batch, monkeypatch):
+    """Run one DP backward under bf16 autocast; return the uses the tape handed to the engine."""
+    import dpkern.engine as eng
+    seen = {}
+    real = eng.norms_sq
+
+    def spy(uses, params, **kw):
+        seen.update({p: list(us) for p, us in uses.items()})
+        return real(uses, params, **kw)
+
+    monkeypatch.setattr(eng, "norms_sq", spy)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    m, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=m, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = per_sample_losses(m, batch).sum()
+    loss.backward()
+    return m, seen
+
+
+def test_autocast_q_k_v_share_one_recorded_input(monkeypatch):
+    """Autocast casts q/k/v's (gate/up's) common input once per layer; the tape keeps one of the
+    equal copies, so the norms compute its Gram once (one launch for the group on a GPU)."""
+    model, batch, _ = _case()
+    m, uses = _recorded_uses(model, batch, monkeypatch)
+    for layer in m.model.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        q, k, v = (uses[x.weight][0].a for x in (att.q_proj, att.k_proj, att.v_proj))
+        gate, up = (uses[x.weight][0].a for x in (mlp.gate_proj, mlp.up_proj))
+        assert q is k is v and gate is up and q.dtype == torch.bfloat16
+        assert q is not gate and uses[att.o_proj.weight][0].a is not q
+
+
+class _TwoReads(torch.nn.Module):
+    """Two Linear layers read x; between them x is changed in place (a new version)."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.l1, self.l2, self.inplace = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3), inplace
+
+    def forward(self, x):
+        x = x * 1.0
+        y1 = self.l1(x)
+        if self.inplace:
+            x.mul_(3.0)
+        return (y1 + self.l2(x)).square().sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_autocast_shared_input_only_while_unchanged(monkeypatch, inplace):
+    """A tensor changed in place between two reads is two inputs: each layer keeps its own copy,
+    equal to what its matmul saw."""
+    import dpkern.engine as eng
+    seen = {}
+    real = eng.norms_sq
+    monkeypatch.setattr(eng, "norms_sq", lambda uses, params, **kw: (
+        seen.update({p: list(us) for p, us in uses.items()}), real(uses, params, **kw))[1])
+    torch.manual_seed(0)
+    m = _TwoReads(inplace)
+    x = torch.randn(4, 5, 8)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    m, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=m, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x).sum().backward()
+    a1, a2 = seen[m.l1.weight][0].a, seen[m.l2.weight][0].a
+    assert (a1 is a2) is not inplace
+    torch.testing.assert_close(a1, x.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(a2, (x * (3.0 if inplace else 1.0)).to(torch.bfloat16), rtol=0, atol=0)

@@ -1,0 +1,30 @@
+"""Launch one kernel over L layers of one layout: the layers' tensors travel as tables of data
+pointers (int64, one row per operand, one column per layer), which a kernel reads with
+`layer_ptr`. Layers of one launch agree on shapes, strides and dtypes
+(dpkern.ops._persample.layout_key). The tensors stay with the caller, which keeps them alive
+until the launch is on the stream (the caching allocator then orders any reuse after it)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}
+
+
+def pointer_table(rows: list, device: torch.device) -> torch.Tensor:
+    """rows: R lists of L tensors -> (R, L) int64 data pointers on `device`; uploaded from pinned
+    memory without a host-GPU synchronisation on CUDA."""
+    host = torch.tensor([[x.data_ptr() for x in row] for row in rows], dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+@triton.jit
+def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
+    """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of table x."""
+    if TABLE:
+        x = tl.load(x + i_l).to(tl.pointer_type(ELT))
+    return x

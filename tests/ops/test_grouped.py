@@ -1,0 +1,186 @@
+"""Grouped launches (kernels/_tables.py): linear_norm_sq_grouped, row_norm_dots_grouped and
+bookkeeping_wgrad_grouped.
+
+Each layer of a grouped launch runs the same kernel with the same tiles as a launch of its own, so
+its results must equal those of the single-layer op exactly (bit for bit), and the single-layer
+ops are held to the float64 references in test_linear_norm.py / test_bookkeeping.py; here the
+grouped results are also checked against the float64 references with those tests' tolerances.
+Outputs are poisoned (NaN), and layers are mixed so that one call makes several groups, some of
+one layer, with awkward shapes (B = 1, T = 63) and strided layouts.
+"""
+import pytest
+import torch
+
+import dpkern.kernels.bookkeeping as bk_kernels
+import dpkern.kernels.ghost_norm as gn_kernels
+import dpkern.kernels.row_norm_dots as rnd_kernels
+from dpkern.ops.bookkeeping import bookkeeping_wgrad, bookkeeping_wgrad_grouped
+from dpkern.ops.linear_norm import linear_norm_sq_grouped, linear_norm_sq_shared
+from dpkern.ops.rownorm import row_norm_dots, row_norm_dots_grouped
+from dpkern.reference.persample import bookkeeping_wgrad_ref
+from tests.conftest import HAS_GPU, kernel_devices
+from tests.ops.test_bookkeeping import assert_close_signed, seen
+
+DTYPES = [torch.float32, torch.bfloat16]
+# (B, T, d, [p_k]): layers of one case repeat these layouts
+LAYOUTS = [(2, 63, 96, [96, 16, 16]), (1, 17, 24, [56]), (3, 5, 8, [8, 16])]
+GPU_LAYOUTS = LAYOUTS + [(8, 128, 2048, [2048, 256, 256]), (8, 128, 5632, [2048])]
+
+
+def _layers(layouts, repeats, dtype, device, transposed_last=True):
+    """Layers as (a, gs): each layout `repeats` times; the last layer of the first layout reads a
+    T-strided view (a different layout, so a group of its own)."""
+    out = []
+    for j, (bsz, seq, d, ps) in enumerate(layouts):
+        for r in range(repeats):
+            scale = 10.0 ** (r - 1)
+            a = (torch.randn(bsz, seq, d) * scale).to(dtype).to(device)
+            if transposed_last and j == 0 and r == repeats - 1:
+                a = (torch.randn(bsz, d, seq) * scale).to(dtype).to(device).transpose(1, 2)
+            gs = [torch.randn(bsz, seq, p).to(dtype).to(device) for p in ps]
+            out.append((a, gs))
+    return out
+
+
+def _spy(monkeypatch, module, name):
+    """Record the number of layers of each launch of module.name."""
+    calls, real = [], getattr(module, name)
+
+    def spy(as_, *args, **kw):
+        calls.append(len(as_))
+        return real(as_, *args, **kw)
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", kernel_devices())
+def test_grouped_norms_equal_single_launches(device, dtype, monkeypatch):
+    torch.manual_seed(0)
+    layouts = GPU_LAYOUTS if HAS_GPU else LAYOUTS
+    layers = _layers(layouts, 3, dtype, device)
+    calls = _spy(monkeypatch, gn_kernels, "_launch")
+    got = linear_norm_sq_grouped(layers, backend="triton")
+    # one launch per layout: the first layout's strided layer is a layout of its own
+    assert sorted(calls) == sorted([2, 1] + [3] * (len(layouts) - 1)), calls
+    for (a, gs), ns in zip(layers, got):
+        want = linear_norm_sq_shared(a, gs, method="ghost", backend="triton")
+        assert len(ns) == len(gs)
+        for n, w, g in zip(ns, want, gs):
+            assert n.shape == (a.shape[0],) and n.dtype == torch.float32
+            assert torch.equal(n, w)              # same kernel, same tiles: bit-identical
+            ref = torch.linalg.matrix_norm(seen(g).transpose(1, 2) @ seen(a)).square()
+            torch.testing.assert_close(n.double(), ref, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_grouped_norms_torch_backend_and_empty(device):
+    """The torch backend runs item by item; empty batches or sequences give zeros."""
+    torch.manual_seed(1)
+    layers = _layers(LAYOUTS[:2], 2, torch.float32, device, transposed_last=False)
+    layers.append((torch.ones(0, 4, 8, device=device), [torch.ones(0, 4, 3, device=device)]))
+    layers.append((torch.ones(2, 0, 8, device=device), [torch.ones(2, 0, 3, device=device)]))
+    got = linear_norm_sq_grouped(layers, backend="torch")
+    for (a, gs), ns in zip(layers, got):
+        for n, w in zip(ns, linear_norm_sq_shared(a, gs, backend="torch")):
+            assert torch.equal(n, w)
+    assert got[-2][0].shape == (0,) and torch.all(got[-1][0] == 0)
+    grouped = linear_norm_sq_grouped(layers, backend="triton")
+    assert torch.all(grouped[-1][0] == 0) and grouped[-2][0].shape == (0,)
+
+
+def test_grouped_norms_bad_input():
+    a, g = torch.ones(2, 3, 4), torch.ones(2, 3, 5)
+    with pytest.raises(TypeError, match="non-empty"):
+        linear_norm_sq_grouped([(a, [])])
+    with pytest.raises(ValueError, match="batch and sequence"):
+        linear_norm_sq_grouped([(a, [g]), (a, [torch.ones(2, 4, 5)])])
+    with pytest.raises(TypeError, match="list"):
+        linear_norm_sq_grouped(a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", kernel_devices())
+def test_grouped_row_norm_dots_equal_single_launches(device, dtype, monkeypatch):
+    torch.manual_seed(3)
+    layouts = GPU_LAYOUTS if HAS_GPU else LAYOUTS
+    layers = _layers(layouts, 3, dtype, device)
+    layers.append((torch.ones(0, 4, 8, device=device, dtype=dtype),
+                   [torch.ones(0, 4, 3, device=device, dtype=dtype)]))
+    calls = _spy(monkeypatch, rnd_kernels, "_launch")
+    got = row_norm_dots_grouped(layers, backend="triton")
+    assert sorted(calls) == sorted([2, 1] + [3] * (len(layouts) - 1)), calls
+    for (a, gs), r in zip(layers, got):
+        want = row_norm_dots(a, gs, backend="triton")
+        assert r.shape == want.shape == (len(gs), a.shape[0]) and r.dtype == torch.float64
+        assert torch.equal(r, want)            # same kernel, same blocks: bit-identical
+        ref = row_norm_dots(a, gs, backend="torch")
+        torch.testing.assert_close(r, ref, rtol=1e-5, atol=0)
+
+
+def _bk_items(layouts, dtype, device, out_kind):
+    torch.manual_seed(2)
+    items = []
+    for a, gs in _layers(layouts, 3, dtype, device):
+        g = gs[0]
+        scale = torch.rand(a.shape[0], device=device)
+        scale[0] = 0.0                       # a dropped sample with non-finite gradients
+        g[0, 0, 0] = float("nan")
+        p, d = g.shape[2], a.shape[2]
+        if out_kind == "none":
+            out, acc = None, False
+        else:
+            out = torch.randn(p, d, device=device).to(
+                torch.bfloat16 if out_kind == "bf16-accumulate" else torch.float32)
+            acc = True
+        items.append((a, g, scale, out, acc))
+    return items
+
+
+@pytest.mark.parametrize("out_kind", ["none", "fp32-accumulate", "bf16-accumulate"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", kernel_devices())
+def test_grouped_bookkeeping_equals_single_launches(device, dtype, out_kind, monkeypatch):
+    layouts = [(b, t, d, ps[:1]) for b, t, d, ps in (GPU_LAYOUTS if HAS_GPU else LAYOUTS)]
+    items = _bk_items(layouts, dtype, device, out_kind)
+    singles = [bookkeeping_wgrad(a, g, s, out=None if o is None else o.clone(), accumulate=acc,
+                                 backend="triton") for a, g, s, o, acc in items]
+    before = [None if o is None else o.clone() for _, _, _, o, _ in items]
+    calls = _spy(monkeypatch, bk_kernels, "_launch")
+    grouped_path = not (device == "cuda" and dtype == torch.float32)  # fp32-TF32: one by one
+    got = bookkeeping_wgrad_grouped(list(items), backend="triton")
+    if grouped_path:
+        assert max(calls) == 3 and len(calls) < len(items), calls
+    for (a, g, s, o, acc), w, res, o0 in zip(items, singles, got, before):
+        if o is not None:
+            assert res is o
+        assert torch.equal(res, w)             # same kernel, same tiles: bit-identical
+        ref = bookkeeping_wgrad_ref(seen(a), seen(g).nan_to_num(), s.double())
+        ref_abs = bookkeeping_wgrad_ref(seen(a).abs(), seen(g).abs().nan_to_num(), s.double())
+        if o0 is not None:
+            ref, ref_abs = ref + o0.double(), ref_abs + o0.double().abs()
+        assert_close_signed(res, ref, ref_abs, a.shape[0] * a.shape[1] + 1, res.dtype)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_grouped_bookkeeping_consume_and_per_layer_scales(device):
+    """consume=True empties the caller's list as groups are issued; each layer keeps its own
+    scale (per-layer clipping gives every layer different factors)."""
+    a = torch.randn(2, 7, 8, device=device)
+    g = torch.randn(2, 7, 5, device=device)
+    items = [(a, g, torch.tensor([1.0, 0.0], device=device), None, False),
+             (a, g, torch.tensor([0.0, 1.0], device=device), None, False)]
+    got = bookkeeping_wgrad_grouped(items, backend="triton", consume=True)
+    assert items == [None, None]
+    torch.testing.assert_close(got[0] + got[1], bookkeeping_wgrad(
+        a, g, torch.ones(2, device=device), backend="triton"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], bookkeeping_wgrad(
+        a[:1], g[:1], torch.ones(1, device=device), backend="triton"), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_bookkeeping_bad_input():
+    a, g, s = torch.ones(2, 3, 4), torch.ones(2, 3, 5), torch.ones(2)
+    with pytest.raises(ValueError, match="shape"):
+        bookkeeping_wgrad_grouped([(a, g, s, torch.ones(4, 5), True)])
+    with pytest.raises(TypeError, match="list"):
+        bookkeeping_wgrad_grouped((a, g, s, None, False))
