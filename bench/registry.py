@@ -64,6 +64,11 @@ OPS: dict[str, OpCases] = {c.op: c for c in [
     OpCases("row_norm_dots", ("B", "T", "d", "p"),
             full=((8, 512, 2048, 2048), (16, 256, 2048, 5632), (1, 4096, 2048, 2048)),
             quick=((2, 16, 24, 20),), note="release-bound sums for q/k/v-like groups of 3; GB/s"),
+    # L layers of one layout, as the engine's flush sees them (the 16 q/k/v groups of a Llama-1B)
+    OpCases("grouped_layers", ("L", "B", "T", "d", "p"),
+            full=((16, 8, 128, 2048, 2048), (16, 16, 256, 2048, 2048), (16, 8, 512, 2048, 2048)),
+            quick=((3, 2, 16, 24, 20),), dtypes=("bfloat16",),
+            note="norms + book-keeping of L layers: one grouped launch vs L launches"),
     OpCases("embedding_norm_sq", ("B", "T", "d", "V"),
             full=((8, 512, 2048, 32000), (1, 4096, 2048, 32000)), quick=((2, 16, 24, 50),)),
     OpCases("headline", ("B", "T", "d", "p"), full=((8, 512, 2048, 2048),),
