@@ -13,10 +13,19 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
             torch.float64: tl.float64}
 
 
+# The kernels are told that every tabled pointer is a multiple of this many bytes (as Triton
+# assumes of a 16-byte aligned pointer argument): without it their loads are not vectorised.
+ALIGN = 16
+
+
 def pointer_table(rows: list, device: torch.device) -> torch.Tensor:
     """rows: R lists of L tensors -> (R, L) int64 data pointers on `device`; uploaded from pinned
-    memory without a host-GPU synchronisation on CUDA."""
-    host = torch.tensor([[x.data_ptr() for x in row] for row in rows], dtype=torch.int64)
+    memory without a host-GPU synchronisation on CUDA. Every pointer must be ALIGN-aligned (the
+    ops send other tensors through single-layer launches)."""
+    ptrs = [[x.data_ptr() for x in row] for row in rows]
+    if any(v % ALIGN for row in ptrs for v in row):
+        raise ValueError(f"pointer_table: every tensor must start on a {ALIGN}-byte boundary")
+    host = torch.tensor(ptrs, dtype=torch.int64)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host
@@ -26,5 +35,5 @@ def pointer_table(rows: list, device: torch.device) -> torch.Tensor:
 def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
     """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of table x."""
     if TABLE:
-        x = tl.load(x + i_l).to(tl.pointer_type(ELT))
+        x = tl.multiple_of(tl.load(x + i_l), 16).to(tl.pointer_type(ELT))  # ALIGN
     return x

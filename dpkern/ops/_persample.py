@@ -18,6 +18,21 @@ def layout_key(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.stride(), x.dtype, x.device
 
 
+# Largest B·T whose layers are launched together (kernels/_tables.py). Tabled pointers cost the
+# kernels speed: H100, 16 layers of 2048 x 2048 in bf16, grouped book-keeping 1.38 ms against
+# 1.73 ms for 16 launches at 8 x 128 tokens, but 5.2 ms against 1.8 ms at 16 x 256 (~105 against
+# ~300 TFLOP/s): grouping pays where the launches, not the GEMMs, set the time
+# (bench/bench_grouped.py; bench/results/grouped_h100).
+GROUP_MAX_TOKENS = int(os.environ.get("DPKERN_GROUP_MAX_TOKENS", "1024"))
+
+
+def groupable(a: torch.Tensor, *xs: torch.Tensor) -> bool:
+    """Whether a layer with input a (B, T, d) and tensors xs may share a grouped launch: at most
+    GROUP_MAX_TOKENS rows, and every tensor 16-byte aligned (kernels/_tables.ALIGN)."""
+    return (a.shape[0] * a.shape[1] <= GROUP_MAX_TOKENS
+            and all(x.data_ptr() % 16 == 0 for x in (a,) + xs))
+
+
 def check_tensor(op: str, name: str, x, rank: int, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")

@@ -16,7 +16,7 @@ from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_tensor,
                                    exact_fp32_matmul, fp32_mode, layout_key, operand,
-                                   sample_chunks)
+                                   sample_chunks, groupable)
 
 _IMPLEMENTED = ("triton", "torch")
 _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
@@ -129,7 +129,8 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
     results in order (each: out if given, else a new (p, d) fp32 tensor).
 
     Layers with one layout of a, of g (in a's dtype) and of the result, and the same accumulate
-    flag, share one Triton launch: the 16 q_proj weights of a 16-layer model are one launch, not
+    flag, at most _persample.GROUP_MAX_TOKENS rows and 16-byte aligned tensors, share one Triton
+    launch: the 16 q_proj weights of a 16-layer model are one launch, not
     16. Each layer's sum is the one bookkeeping_wgrad computes (same kernel, same tiles, its own
     scale). fp32 inputs in a TF32 mode on CUDA run item by item (their K-major copies would
     otherwise all be alive at once), as do the torch backend and single layers.
@@ -158,7 +159,8 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
         be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
                              auto_order=("triton",))
         kmajor = a.is_cuda and a.dtype == torch.float32 and mode != "ieee"
-        if be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype or kmajor:
+        if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype or kmajor
+                or not groupable(a, g, scale, *([dst] if dst is not None else []))):
             units[("one", i)] = [i]
             continue
         res = (dst.shape, dst.stride(), dst.dtype) if dst is not None else None

@@ -22,7 +22,8 @@ import torch
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.ops._persample import (check_device, check_same, check_tensor, exact_fp32_matmul,
-                                   fp32_mode, layout_key, operand, sample_chunks)
+                                   fp32_mode, layout_key, operand, sample_chunks,
+                                   groupable)
 
 METHODS = ("auto", "ghost", "instantiate")
 _IMPLEMENTED = ("triton", "torch")
@@ -138,8 +139,9 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
     """linear_norm_sq_shared for many layers at once: items [(a, gs), ...] -> [[(B,) fp32, ...]].
 
     Layers whose inputs have one layout (shape, strides, dtype) and whose gradients have one
-    layout per position, all in a's dtype, with the ghost method chosen for them, share one Triton
-    launch (per three gradients): the 16 q/k/v groups of a 16-layer model are one launch, not 16.
+    layout per position, all in a's dtype, with the ghost method chosen for them, at most
+    _persample.GROUP_MAX_TOKENS rows and 16-byte aligned tensors, share one Triton launch (per
+    three gradients): the 16 q/k/v groups of a 16-layer model are one launch, not 16.
     The numbers are those of linear_norm_sq_shared on each item (same kernel, same tiles); other
     items, and the torch backend, run item by item.
 
@@ -163,6 +165,7 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
                              auto_order=("triton",))
         bsz, seq, d = a.shape
         if (be == "triton" and bsz * seq > 0 and all(g.dtype == a.dtype for g in gs)
+                and groupable(a, *gs)
                 and choose_method(seq, d, [g.shape[2] for g in gs], be) == "ghost"):
             key = (layout_key(a), tuple(layout_key(g) for g in gs),
                    _fp32_mode(a.device, fp32_mode))

@@ -6,7 +6,7 @@ import torch
 from dpkern import _alloc
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import layout_key
+from dpkern.ops._persample import layout_key, groupable
 from dpkern.reference.rownorm import rownorm_sq_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -103,8 +103,8 @@ def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> t
 
 def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
     """row_norm_dots for many layers: items [(a, gs), ...] -> [(len(gs), B) fp64, ...]. Layers
-    with one layout of a and of each g (in a's dtype) share one Triton launch per three
-    gradients; each layer's sums are those of row_norm_dots (same kernel, same blocks).
+    with one layout of a and of each g (in a's dtype), at most _persample.GROUP_MAX_TOKENS rows
+    and 16-byte aligned tensors, share one Triton launch per three gradients; each layer's sums are those of row_norm_dots (same kernel, same blocks).
 
     Example:
         >>> a, g = torch.ones(1, 2, 4), torch.ones(1, 2, 9)
@@ -121,7 +121,8 @@ def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
         _check_dots(op, a, gs)
         be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
                              auto_order=("triton",))
-        if be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs):
+        if (be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs)
+                and groupable(a, *gs)):
             key = (layout_key(a), tuple(layout_key(g) for g in gs))
             buckets.setdefault(key, []).append(i)
         else:
