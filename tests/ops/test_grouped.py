@@ -1,12 +1,12 @@
 """Grouped launches (kernels/_tables.py): linear_norm_sq_grouped, row_norm_dots_grouped and
 bookkeeping_wgrad_grouped.
 
-Each layer of a grouped launch runs the same kernel with the same tiles as a launch of its own, so
-its results must equal those of the single-layer op: bit for bit for the book-keeping; for the
-norms and the bound sums up to the fp64 sum of the per-block partials, which torch adds in an order
-that depends on the partials' shape (1 fp32 ulp after the norms' rounding; 1e-13 for the fp64
-sums). The grouped results are also checked against the float64 references with the single-layer
-tests' tolerances.
+Each layer of a grouped launch runs the same kernel with the same tiles as a launch of its own.
+Book-keeping: bit for bit the single launch's result. Norms: up to the fp64 sum of the per-block
+partials, which torch adds in an order that depends on the partials' shape (1 fp32 ulp after the
+rounding). Bound sums: a tabled launch may also sum a row's squares in another order, so they are
+held to the inflation dpkern/layers/bounds.py applies. All are also checked against the float64
+references with the single-layer tests' tolerances.
 Outputs are poisoned (NaN), and layers are mixed so that one call makes several groups, some of
 one layer, with awkward shapes (B = 1, T = 63) and strided layouts.
 """
@@ -19,7 +19,9 @@ import dpkern.kernels.row_norm_dots as rnd_kernels
 from dpkern.ops.bookkeeping import bookkeeping_wgrad, bookkeeping_wgrad_grouped
 from dpkern.ops.linear_norm import linear_norm_sq_grouped, linear_norm_sq_shared
 from dpkern.ops.rownorm import row_norm_dots, row_norm_dots_grouped
+from dpkern.layers.bounds import _gamma
 from dpkern.reference.persample import bookkeeping_wgrad_ref
+from dpkern.reference.rownorm import row_norm_dots_ref
 from tests.conftest import HAS_GPU, kernel_devices
 from tests.ops.test_bookkeeping import assert_close_signed, seen
 from tests.ops.test_linear_norm import n_reduce
@@ -152,9 +154,14 @@ def test_grouped_row_norm_dots_equal_single_launches(device, dtype, monkeypatch)
     for (a, gs), r in zip(layers, got):
         want = row_norm_dots(a, gs, backend="triton")
         assert r.shape == want.shape == (len(gs), a.shape[0]) and r.dtype == torch.float64
-        torch.testing.assert_close(r, want, rtol=1e-13, atol=0)   # same kernel and blocks
-        ref = row_norm_dots(a, gs, backend="torch")
-        torch.testing.assert_close(r, ref, rtol=1e-5, atol=0)
+        # the bounds inflate these sums by (1 + γ(d + p + 6)) for the fp32 row norms' rounding,
+        # in any order (a tabled launch may compile to another reduction order): the grouped sums
+        # must stay within that factor of the exact ones, as the single launches do
+        ref = row_norm_dots_ref(a, gs)
+        for k, g in enumerate(gs):
+            rel = _gamma(a.shape[2] + g.shape[2] + 6)
+            assert torch.all(r[k] * (1 + rel) >= ref[k]) and torch.all(r[k] <= ref[k] * (1 + rel))
+            torch.testing.assert_close(r[k], want[k], rtol=2 * rel, atol=0)
 
 
 def _bk_items(layouts, dtype, device, out_kind):
