@@ -31,6 +31,28 @@ def pointer_table(rows: list, device: torch.device) -> torch.Tensor:
     return host
 
 
+def shared_input_args(as_: list, gss: list, max_g: int):
+    """Operand arguments of a kernel that reads, per layer, one input a (B, T, d) and up to max_g
+    gradients g_k (B, T, p_k) sharing it: yields (ks, args) per launch, ks the gradient positions
+    it covers, args a_ptr, g{j}_ptr (the tensors for one layer, rows of one pointer table for
+    several), seq, d, batch, p{j} and the strides (an unused slot repeats the launch's first
+    gradient)."""
+    a, gs = as_[0], gss[0]
+    tab = (pointer_table([as_] + [[g[k] for g in gss] for k in range(len(gs))], a.device)
+           if len(as_) > 1 else None)
+    for start in range(0, len(gs), max_g):
+        ks = list(range(start, min(start + max_g, len(gs))))
+        args = dict(a_ptr=a if tab is None else tab[0], seq=a.shape[1], d=a.shape[2],
+                    batch=a.shape[0], stride_ab=a.stride(0), stride_at=a.stride(1),
+                    stride_ad=a.stride(2))
+        for j, k in enumerate(ks + [ks[0]] * (max_g - len(ks))):
+            g = gs[k]
+            args.update({f"g{j}_ptr": g if tab is None else tab[1 + k], f"p{j}": g.shape[2],
+                         f"stride_g{j}b": g.stride(0), f"stride_g{j}t": g.stride(1),
+                         f"stride_g{j}p": g.stride(2)})
+        yield ks, args
+
+
 @triton.jit
 def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
     """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of table x."""

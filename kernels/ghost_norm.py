@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels._tables import TL_DTYPE, layer_ptr, pointer_table
+from dpkern.kernels._tables import TL_DTYPE, layer_ptr, shared_input_args
 
 MAX_G = 3  # gradients sharing one input Gram per launch; larger groups launch again
 
@@ -198,8 +198,7 @@ def ghost_norm_grouped_fwd(as_: list, gss: list, out: torch.Tensor,
 def _launch(as_, gss, out, config, empty, fp32_mode) -> None:
     a, gs = as_[0], gss[0]
     n_layers = len(as_)
-    table = n_layers > 1
-    bsz, seq, d = a.shape
+    bsz, seq, _ = a.shape
     cfg = config or ghost_norm_config(seq)
     mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     n_tiles = triton.cdiv(seq, cfg.BLOCK_T)
@@ -208,22 +207,11 @@ def _launch(as_, gss, out, config, empty, fp32_mode) -> None:
     upcast = a.device.type != "cuda"  # the interpreter mishandles 16-bit dots
     prec = dot_precision(mode, a, *gs)
     round_ = rounds(mode, a, *gs)
-    tab = pointer_table([as_] + [[g[k] for g in gss] for k in range(len(gs))],
-                        a.device) if table else None
-    for start in range(0, len(gs), MAX_G):
-        group = list(range(start, min(start + MAX_G, len(gs))))
-        padded = group + [group[0]] * (MAX_G - len(group))
-        part = empty(n_layers, len(group), bsz, n_pairs, dtype=torch.float32, device=a.device)
-        args = dict(a_ptr=tab[0] if table else a, pairs_ptr=pairs, part_ptr=part, seq=seq, d=d,
-                    n_pairs=n_pairs, batch=bsz, stride_ab=a.stride(0), stride_at=a.stride(1),
-                    stride_ad=a.stride(2))
-        for j, k in enumerate(padded):
-            g = gs[k]
-            args.update({f"g{j}_ptr": tab[1 + k] if table else g, f"p{j}": g.shape[2],
-                         f"stride_g{j}b": g.stride(0), f"stride_g{j}t": g.stride(1),
-                         f"stride_g{j}p": g.stride(2)})
+    for ks, args in shared_input_args(as_, gss, MAX_G):
+        part = empty(n_layers, len(ks), bsz, n_pairs, dtype=torch.float32, device=a.device)
         _ghost_norm_fwd_kernel[(n_pairs, bsz, n_layers)](
-            **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, UPCAST=upcast,
-            DOT_PREC=prec, ROUND=round_, TABLE=table, ELT=TL_DTYPE[a.dtype],
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        out[:, start:start + len(group)].copy_(part.sum(dim=3, dtype=torch.float64))
+            **args, pairs_ptr=pairs, part_ptr=part, n_pairs=n_pairs, NUM_G=len(ks),
+            BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, UPCAST=upcast, DOT_PREC=prec, ROUND=round_,
+            TABLE=n_layers > 1, ELT=TL_DTYPE[a.dtype], num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+        out[:, ks[0]:ks[-1] + 1].copy_(part.sum(dim=3, dtype=torch.float64))

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels._tables import TL_DTYPE, layer_ptr, pointer_table
+from dpkern.kernels._tables import TL_DTYPE, layer_ptr, shared_input_args
 
 MAX_G = 3
 
@@ -91,27 +91,15 @@ def row_norm_dots_grouped_fwd(as_: list, gss: list, out: torch.Tensor, empty=tor
 
 
 def _launch(as_, gss, out, empty, config) -> None:
-    a, gs = as_[0], gss[0]
+    a = as_[0]
     n_layers = len(as_)
-    table = n_layers > 1
-    bsz, seq, d = a.shape
+    bsz, seq, _ = a.shape
     cfg = config or row_norm_dots_config(seq)
     n_blocks = triton.cdiv(seq, cfg.BLOCK_T)
-    tab = pointer_table([as_] + [[g[k] for g in gss] for k in range(len(gs))],
-                        a.device) if table else None
-    for start in range(0, len(gs), MAX_G):
-        group = list(range(start, min(start + MAX_G, len(gs))))
-        padded = group + [group[0]] * (MAX_G - len(group))
-        part = empty(n_layers, len(group), bsz, n_blocks, dtype=torch.float64, device=a.device)
-        args = dict(a_ptr=tab[0] if table else a, part_ptr=part, seq=seq, d=d, batch=bsz,
-                    n_blocks=n_blocks, stride_ab=a.stride(0), stride_at=a.stride(1),
-                    stride_ad=a.stride(2))
-        for j, k in enumerate(padded):
-            g = gs[k]
-            args.update({f"g{j}_ptr": tab[1 + k] if table else g, f"p{j}": g.shape[2],
-                         f"stride_g{j}b": g.stride(0), f"stride_g{j}t": g.stride(1),
-                         f"stride_g{j}p": g.stride(2)})
+    for ks, args in shared_input_args(as_, gss, MAX_G):
+        part = empty(n_layers, len(ks), bsz, n_blocks, dtype=torch.float64, device=a.device)
         _row_norm_dots_kernel[(n_blocks, bsz, n_layers)](
-            **args, NUM_G=len(group), BLOCK_T=cfg.BLOCK_T, BLOCK_C=cfg.BLOCK_C, TABLE=table,
-            ELT=TL_DTYPE[a.dtype], num_warps=cfg.num_warps)
-        out[:, start:start + len(group)].copy_(part.sum(dim=3))
+            **args, part_ptr=part, n_blocks=n_blocks, NUM_G=len(ks), BLOCK_T=cfg.BLOCK_T,
+            BLOCK_C=cfg.BLOCK_C, TABLE=n_layers > 1, ELT=TL_DTYPE[a.dtype],
+            num_warps=cfg.num_warps)
+        out[:, ks[0]:ks[-1] + 1].copy_(part.sum(dim=3))

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse
+from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse, input_key
 from dpkern.ops._persample import fp32_mode
 from dpkern.ops.rownorm import row_norm_dots_grouped
 from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error_bound
@@ -66,9 +66,7 @@ def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
     for p in params:
         for u in uses_by_param[p]:
             if isinstance(u, LinearUse):
-                a = u.a
-                key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
-                groups.setdefault(key, []).append(u)
+                groups.setdefault(input_key(u.a), []).append(u)
     groups = list(groups.values())
     res = row_norm_dots_grouped([(us[0].a, [u.g for u in us]) for us in groups], backend=backend)
     out = {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpkern.ops._persample import layout_key
 from dpkern.ops.bookkeeping import bookkeeping_wgrad
 from dpkern.ops.embedding_norm import embedding_norm_sq, tied_cross_term
 from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_grouped
@@ -107,6 +108,12 @@ def param_norm_sq(uses: list, *, backend: str | None = None) -> torch.Tensor:
     return out
 
 
+def input_key(a: torch.Tensor) -> tuple:
+    """Linear uses with equal keys read the very same input tensor (q/k/v, gate/up): the same
+    memory, seen with the same layout."""
+    return (a.data_ptr(),) + layout_key(a)
+
+
 def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -> list:
     """param_norm_sq for each of `params`; Linear layers that read one input tensor (q/k/v,
     gate/up) share one Gram computation, and layers of one layout share one launch
@@ -116,9 +123,7 @@ def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -
     for p in params:
         uses = uses_by_param[p]
         if len(uses) == 1 and isinstance(uses[0], LinearUse):
-            a = uses[0].a
-            key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device)
-            shared.setdefault(key, []).append(p)
+            shared.setdefault(input_key(uses[0].a), []).append(p)
         else:
             out[p] = param_norm_sq(uses, backend=backend)
     groups = list(shared.values())

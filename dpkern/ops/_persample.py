@@ -59,6 +59,20 @@ def check_device(op: str, tensors: dict) -> None:
         raise ValueError(f"{op}: all inputs must be on one device ({desc})")
 
 
+def check_shared_input(op: str, a, gs) -> None:
+    """a (B, T, d) and a non-empty list gs of (B, T, p_k) float tensors on a's device (layers that
+    read one input: q/k/v, gate/up)."""
+    if not isinstance(gs, (list, tuple)) or not gs:
+        raise TypeError(f"{op}: gs must be a non-empty list of tensors")
+    check_tensor(op, "a", a, 3)
+    for k, g in enumerate(gs):
+        name = "g" if len(gs) == 1 else f"gs[{k}]"
+        check_tensor(op, name, g, 3)
+        check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),
+                                                    f"{name}.shape[:2]": tuple(g.shape[:2])})
+        check_device(op, {"a": a, name: g})
+
+
 @contextlib.contextmanager
 def exact_fp32_matmul(device: torch.device):
     """fp32 matmuls in IEEE fp32 (no TF32) inside the block: norms must not be under-estimated."""

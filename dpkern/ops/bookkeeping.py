@@ -14,9 +14,9 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_tensor,
-                                   exact_fp32_matmul, fp32_mode, layout_key, operand,
-                                   sample_chunks, groupable)
+from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_shared_input,
+                                   check_tensor, exact_fp32_matmul, fp32_mode, groupable,
+                                   layout_key, operand, sample_chunks)
 
 _IMPLEMENTED = ("triton", "torch")
 _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
@@ -59,6 +59,13 @@ def _check_out(op, out, shape, device):
         raise ValueError(f"{op}: out is on {out.device}, inputs on {device}")
 
 
+def _check_wgrad(op, a, g, scale, out) -> None:
+    """a (B, T, d), g (B, T, p) on one device, scale (B,) fp32, out None or (p, d) float."""
+    check_shared_input(op, a, [g])
+    _check_scale(op, scale, a.shape[0], g)
+    _check_out(op, out, (g.shape[2], a.shape[2]), a.device)
+
+
 def _finish(result32: torch.Tensor, out, accumulate: bool) -> torch.Tensor:
     """Write an fp32 result into out (or return it): out = result (+ out), one rounding."""
     if out is None:
@@ -94,15 +101,9 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
         tensor(4.5000)
     """
     op = "bookkeeping_wgrad"
-    check_tensor(op, "a", a, 3)
-    check_tensor(op, "g", g, 3)
-    check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),
-                                                "g.shape[:2]": tuple(g.shape[:2])})
-    check_device(op, {"a": a, "g": g})
+    _check_wgrad(op, a, g, scale, out)
     bsz, seq, d = a.shape
     p = g.shape[2]
-    _check_scale(op, scale, bsz, g)
-    _check_out(op, out, (p, d), a.device)
     mode = _fp32_mode(a.device, fp32_mode)
     be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED, auto_order=("triton",))
     if be == "triton" and bsz * seq > 0:
@@ -148,13 +149,7 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
         raise TypeError(f"{op}: items must be a list of (a, g, scale, out, accumulate)")
     units: dict = {}  # key -> item indices; a key of ("one", i) runs item i alone
     for i, (a, g, scale, dst, acc) in enumerate(items):
-        check_tensor(op, "a", a, 3)
-        check_tensor(op, "g", g, 3)
-        check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),
-                                                    "g.shape[:2]": tuple(g.shape[:2])})
-        check_device(op, {"a": a, "g": g})
-        _check_scale(op, scale, a.shape[0], g)
-        _check_out(op, dst, (g.shape[2], a.shape[2]), a.device)
+        _check_wgrad(op, a, g, scale, dst)
         mode = _fp32_mode(a.device, fp32_mode)
         be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
                              auto_order=("triton",))

@@ -21,9 +21,8 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import (check_device, check_same, check_tensor, exact_fp32_matmul,
-                                   fp32_mode, layout_key, operand, sample_chunks,
-                                   groupable)
+from dpkern.ops._persample import (check_shared_input, check_tensor, exact_fp32_matmul,
+                                   fp32_mode, groupable, layout_key, operand, sample_chunks)
 
 METHODS = ("auto", "ghost", "instantiate")
 _IMPLEMENTED = ("triton", "torch")
@@ -52,13 +51,7 @@ def choose_method(seq: int, d: int, ps, backend: str = "triton") -> str:
 
 
 def _check(op, a, gs, method):
-    check_tensor(op, "a", a, 3)
-    for k, g in enumerate(gs):
-        name = "g" if len(gs) == 1 else f"gs[{k}]"
-        check_tensor(op, name, g, 3)
-        check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),
-                                                    f"{name}.shape[:2]": tuple(g.shape[:2])})
-        check_device(op, {"a": a, name: g})
+    check_shared_input(op, a, gs)
     if method not in METHODS:
         raise ValueError(f"{op}: method must be one of {METHODS}, got {method!r}")
 
@@ -108,10 +101,8 @@ def linear_norm_sq_shared(a: torch.Tensor, gs: list, *, method: str = "auto",
         [torch.Size([2]), torch.Size([2])]
     """
     op = "linear_norm_sq_shared"
-    if not isinstance(gs, (list, tuple)) or not gs:
-        raise TypeError(f"{op}: gs must be a non-empty list of tensors")
-    gs = list(gs)
     _check(op, a, gs, method)
+    gs = list(gs)
     mode = _fp32_mode(a.device, fp32_mode)
     be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
                          auto_order=("triton",))
@@ -153,11 +144,9 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
     op = "linear_norm_sq_grouped"
     if not isinstance(items, (list, tuple)):
         raise TypeError(f"{op}: items must be a list of (a, gs) pairs")
-    items = [(a, list(gs)) for a, gs in items]
     for a, gs in items:
-        if not gs:
-            raise TypeError(f"{op}: every item needs a non-empty list of gradients")
-        _check(op, a, gs, "auto")
+        check_shared_input(op, a, gs)
+    items = [(a, list(gs)) for a, gs in items]
     out: list = [None] * len(items)
     buckets: dict = {}
     for i, (a, gs) in enumerate(items):

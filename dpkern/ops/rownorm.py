@@ -6,7 +6,7 @@ import torch
 from dpkern import _alloc
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import layout_key, groupable
+from dpkern.ops._persample import check_shared_input, groupable, layout_key
 from dpkern.reference.rownorm import rownorm_sq_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,23 +52,6 @@ def rownorm_sq(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     return out
 
 
-def _check_dots(op: str, a, gs) -> None:
-    if not isinstance(gs, (list, tuple)) or not gs:
-        raise TypeError(f"{op}: gs must be a non-empty list of tensors")
-    for name, x in [("a", a)] + [(f"gs[{k}]", g) for k, g in enumerate(gs)]:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{op}: {name} must have rank 3 (B, T, n), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.shape[:2] != a.shape[:2]:
-            raise ValueError(f"{op}: {name} has batch and sequence sizes {tuple(x.shape[:2])}, "
-                             f"a has {tuple(a.shape[:2])}")
-        if x.device != a.device:
-            raise ValueError(f"{op}: {name} is on {x.device}, a on {a.device}")
-
-
 def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> torch.Tensor:
     """out[k, b] = Σ_t ‖a_bt‖·‖g_kbt‖ for tensors g_k that share a (fp32 row norms and products,
     fp64 sums; the kernel's error is within the inflation that dpkern/layers/bounds.py applies).
@@ -85,7 +68,7 @@ def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> t
         tensor([[12.]], dtype=torch.float64)
     """
     op = "row_norm_dots"
-    _check_dots(op, a, gs)
+    check_shared_input(op, a, gs)
     be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
                          auto_order=("triton",))
     bsz, seq, _ = a.shape
@@ -118,7 +101,7 @@ def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
     out: list = [None] * len(items)
     buckets: dict = {}
     for i, (a, gs) in enumerate(items):
-        _check_dots(op, a, gs)
+        check_shared_input(op, a, gs)
         be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
                              auto_order=("triton",))
         if (be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs)

@@ -98,14 +98,9 @@ def test_autocast_triton_engine_groups_layers_and_matches_torch(monkeypatch, cli
     import dpkern.kernels.bookkeeping as bk
     import dpkern.kernels.ghost_norm as gn
     import dpkern.kernels.row_norm_dots as rnd
-    launches = {}
-    for name, mod in (("norms", gn), ("bounds", rnd), ("bookkeeping", bk)):
-        real = mod._launch
-
-        def spy(as_, *args, _real=real, _name=name, **kw):
-            launches.setdefault(_name, []).append(len(as_))
-            return _real(as_, *args, **kw)
-        monkeypatch.setattr(mod, "_launch", spy)
+    from tests.ops.test_grouped import _spy
+    launches = {name: _spy(monkeypatch, mod, "_launch")
+                for name, mod in (("norms", gn), ("bounds", rnd), ("bookkeeping", bk))}
     model, batch, psg = _case()
     c = float(total_norms(psg).median())
     got = {}
@@ -129,8 +124,9 @@ def test_autocast_triton_engine_groups_layers_and_matches_torch(monkeypatch, cli
         assert err <= BF16_RTOL * max(float(want.norm()), 1e-6), n
 
 
-def _recorded_uses(model, batch, monkeypatch):
-    """Run one DP backward under bf16 autocast; return the uses the tape handed to the engine."""
+def _recorded_uses(model, loss_of, monkeypatch):
+    """Make a copy of `model` private, run one backward of loss_of(private model) under bf16
+    autocast; return the private model and the uses the tape handed to the engine."""
     import dpkern.engine as eng
     seen = {}
     real = eng.norms_sq
@@ -146,7 +142,7 @@ def _recorded_uses(model, batch, monkeypatch):
         module=m, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=1.0,
         expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = per_sample_losses(m, batch).sum()
+        loss = loss_of(m)
     loss.backward()
     return m, seen
 
@@ -155,7 +151,7 @@ def test_autocast_q_k_v_share_one_recorded_input(monkeypatch):
     """Autocast casts q/k/v's (gate/up's) common input once per layer; the tape keeps one of the
     equal copies, so the norms compute its Gram once (one launch for the group on a GPU)."""
     model, batch, _ = _case()
-    m, uses = _recorded_uses(model, batch, monkeypatch)
+    m, uses = _recorded_uses(model, lambda m: per_sample_losses(m, batch).sum(), monkeypatch)
     for layer in m.model.layers:
         att, mlp = layer.self_attn, layer.mlp
         q, k, v = (uses[x.weight][0].a for x in (att.q_proj, att.k_proj, att.v_proj))
@@ -183,20 +179,9 @@ class _TwoReads(torch.nn.Module):
 def test_autocast_shared_input_only_while_unchanged(monkeypatch, inplace):
     """A tensor changed in place between two reads is two inputs: each layer keeps its own copy,
     equal to what its matmul saw."""
-    import dpkern.engine as eng
-    seen = {}
-    real = eng.norms_sq
-    monkeypatch.setattr(eng, "norms_sq", lambda uses, params, **kw: (
-        seen.update({p: list(us) for p, us in uses.items()}), real(uses, params, **kw))[1])
     torch.manual_seed(0)
-    m = _TwoReads(inplace)
     x = torch.randn(4, 5, 8)
-    opt = torch.optim.SGD(m.parameters(), lr=1.0)
-    m, opt, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=m, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=1.0,
-        expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        m(x).sum().backward()
+    m, seen = _recorded_uses(_TwoReads(inplace), lambda m: m(x).sum(), monkeypatch)
     a1, a2 = seen[m.l1.weight][0].a, seen[m.l2.weight][0].a
     assert (a1 is a2) is not inplace
     torch.testing.assert_close(a1, x.to(torch.bfloat16), rtol=0, atol=0)
