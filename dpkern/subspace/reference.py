@@ -1,6 +1,8 @@
 """Plain-PyTorch ground truth for the subspace ops: forms every per-sample gradient G_i explicitly."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -51,3 +53,39 @@ def dpsft_clipped_sum_ref(model: torch.nn.Module, x: torch.Tensor, per_sample_lo
     sq = sum(c.flatten(1).square().sum(1) for c in coords.values())
     c = torch.clamp(max_grad_norm / sq.sqrt(), max=1.0) if factors is None else factors.double()
     return {n: torch.einsum("b,b...->...", c, t) for n, t in coords.items()}, sq.sqrt()
+
+
+def backproj_update_ref(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                        m: torch.Tensor | None, q: torch.Tensor | None, *, hyper, t: int,
+                        first: bool, compute_dtype=torch.float32):
+    """One optimizer step of W (p, d) on the materialised gradient G = (U S̃) Vᵀ, in
+    `compute_dtype`; returns new (W, m, q) (None where the optimizer has no such state).
+
+    hyper: dpkern.noise.step.SGDHyper (coupled weight decay, momentum with dampening, Nesterov;
+    `first`: the buffer starts as the gradient, as torch.optim.SGD) or
+    dpkern.subspace.backproj.AdamHyper (decoupled: AdamW's W(1 − lr·wd); else Adam's L2 g + wd·W;
+    bias corrections for step t; `first`: m = v = 0 before the step), as written in torch.optim.
+    The torch backend of subspace_backproj_step_ (it forms the p × d gradient).
+    """
+    c = compute_dtype
+    g = (u.to(c) @ s.to(c)) @ v.to(c).T
+    wf = w.to(c)
+    lr, wd = hyper.lr, hyper.weight_decay
+    if hasattr(hyper, "momentum"):  # SGD
+        g = g + wd * wf if wd else g
+        m_new = None
+        if hyper.momentum != 0:
+            m_new = g.clone() if first else hyper.momentum * m.to(c) + (1 - hyper.dampening) * g
+            g = g + hyper.momentum * m_new if hyper.nesterov else m_new
+        return wf - lr * g, m_new, None
+    b1, b2 = hyper.beta1, hyper.beta2
+    if hyper.decoupled:
+        wf = wf * (1 - lr * wd)
+    elif wd:
+        g = g + wd * wf
+    m0 = torch.zeros_like(g) if first else m.to(c)
+    q0 = torch.zeros_like(g) if first else q.to(c)
+    m_new = b1 * m0 + (1 - b1) * g
+    q_new = b2 * q0 + (1 - b2) * g * g
+    denom = torch.sqrt(q_new) / math.sqrt(1 - b2 ** t) + hyper.eps
+    return wf - (lr / (1 - b1 ** t)) * m_new / denom, m_new, q_new

@@ -1,0 +1,217 @@
+"""Fused back-projection + optimizer update of a projected weight (kernels/subspace_backproj.py).
+
+W ← update(W, U S̃ Vᵀ) for SGD (with or without momentum), Adam (L2 weight decay) and AdamW
+(decoupled), with the optimizer's states read and written in the torch optimizer's own state dict
+(`exp_avg`, `exp_avg_sq`, `step`; `momentum_buffer`), so checkpoints and the unfused path see the
+same state. The p × d gradient is never formed by the Triton backend; the torch backend
+(dpkern/subspace/reference.py) forms it in fp32 (plain SGD: one addmm, as before).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dpkern import _alloc
+from dpkern.backend import resolve_backend
+from dpkern.noise.step import SGDHyper
+
+__all__ = ["AdamHyper", "SGDHyper", "backproj_hyper", "subspace_backproj_step_"]
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16)
+_OPT_SGD, _OPT_SGD_MOMENTUM, _OPT_ADAM = 0, 1, 2  # kernels/subspace_backproj.py
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """torch.optim.Adam / AdamW hyperparameters. decoupled=True: AdamW (W ← W(1 − lr·wd) before
+    the update); False: Adam's L2 (g ← g + wd·W)."""
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decoupled: bool = False
+
+
+def backproj_hyper(optimizer: torch.optim.Optimizer, group: dict):
+    """SGDHyper / AdamHyper of a param group of torch.optim.SGD / Adam / AdamW.
+
+    Raises NotImplementedError saying why for what the fused update does not do: amsgrad,
+    maximize, differentiable, another optimizer class (subclasses included: they may change step).
+    """
+    kind = type(optimizer)
+    if kind not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        raise NotImplementedError(f"fused back-projection: {kind.__name__} is not supported "
+                                  "(torch.optim.SGD, Adam, AdamW)")
+    for flag in ("maximize", "differentiable"):
+        if group.get(flag):
+            raise NotImplementedError(f"fused back-projection: {flag}=True is not supported")
+    if kind is torch.optim.SGD:
+        return SGDHyper(lr=float(group["lr"]), momentum=float(group["momentum"]),
+                        dampening=float(group["dampening"]), nesterov=bool(group["nesterov"]),
+                        weight_decay=float(group["weight_decay"]))
+    if group.get("amsgrad"):
+        raise NotImplementedError("fused back-projection: amsgrad=True is not supported (it keeps "
+                                  "a running max of exp_avg_sq); use the unfused path "
+                                  "(optimizer.fused_backprojection = False)")
+    b1, b2 = group["betas"]
+    decoupled = kind is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
+    return AdamHyper(lr=float(group["lr"]), beta1=float(b1), beta2=float(b2),
+                     eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                     decoupled=decoupled)
+
+
+def _check_hyper(hyper) -> None:
+    if isinstance(hyper, SGDHyper):
+        if hyper.nesterov and (hyper.momentum <= 0 or hyper.dampening != 0):
+            raise ValueError("hyper: Nesterov momentum needs momentum > 0 and dampening = 0")
+        vals = dict(lr=hyper.lr, momentum=hyper.momentum, dampening=hyper.dampening,
+                    weight_decay=hyper.weight_decay)
+    elif isinstance(hyper, AdamHyper):
+        if not (0 <= hyper.beta1 < 1 and 0 <= hyper.beta2 < 1):
+            raise ValueError(f"hyper: betas must be in [0, 1), got ({hyper.beta1}, {hyper.beta2})")
+        vals = dict(lr=hyper.lr, eps=hyper.eps, weight_decay=hyper.weight_decay)
+    else:
+        raise TypeError(f"hyper must be SGDHyper or AdamHyper, got {type(hyper).__name__}")
+    for k, x in vals.items():
+        if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise ValueError(f"hyper.{k} must be a finite number >= 0, got {x!r}")
+
+
+def _check(w, u, s, v) -> None:
+    for name, x in (("w", w), ("u", u), ("s", s), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"subspace_backproj_step_: {name} must be a torch.Tensor, got "
+                            f"{type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"subspace_backproj_step_: {name} must be 2-D, got shape "
+                             f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"subspace_backproj_step_: {name} must be a float tensor, got {x.dtype}")
+        if x.device != w.device:
+            raise ValueError(f"subspace_backproj_step_: {name} is on {x.device}, w on {w.device}")
+    if w.dtype not in _PARAM_DTYPES:
+        raise TypeError(f"subspace_backproj_step_: w must be float32 or bfloat16, got {w.dtype}")
+    if not w.is_contiguous():
+        raise ValueError("subspace_backproj_step_: w must be contiguous")
+    p, d = w.shape
+    if u.shape[0] != p or v.shape[0] != d or tuple(s.shape) != (u.shape[1], v.shape[1]):
+        raise ValueError(f"subspace_backproj_step_: shapes do not chain: w {tuple(w.shape)}, u "
+                         f"{tuple(u.shape)}, s {tuple(s.shape)}, v {tuple(v.shape)} (need u (p, ru),"
+                         " s (ru, rv), v (d, rv))")
+
+
+def _state_tensor(state: dict, key: str, w: torch.Tensor):
+    """The state tensor `key`, checked (w's shape and device, contiguous, fp32 or w's dtype); a
+    fresh fp32 one (poisoned in tests: never read on its first step) when absent. -> (x, fresh)."""
+    x = state.get(key)
+    if x is None:
+        return _alloc.empty(*w.shape, dtype=torch.float32, device=w.device), True
+    if not isinstance(x, torch.Tensor) or x.shape != w.shape or x.device != w.device:
+        raise ValueError(f"subspace_backproj_step_: state[{key!r}] must be a tensor of w's shape "
+                         f"{tuple(w.shape)} on {w.device}")
+    if x.dtype not in (torch.float32, w.dtype):
+        raise TypeError(f"subspace_backproj_step_: state[{key!r}] is {x.dtype}; float32 or w's "
+                        f"dtype {w.dtype} expected")
+    if not x.is_contiguous():
+        raise ValueError(f"subspace_backproj_step_: state[{key!r}] must be contiguous")
+    return x, False
+
+
+def _scalars(hyper, t: int) -> dict:
+    s = dict(lr=float(hyper.lr), weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0,
+             one_minus_damp=1.0, beta1=0.0, beta2=0.0, eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
+    if isinstance(hyper, AdamHyper):
+        s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
+                 eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1 ** t),
+                 inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2 ** t))
+    else:
+        s.update(momentum=hyper.momentum, one_minus_damp=1.0 - hyper.dampening)
+    return s
+
+
+@torch.no_grad()
+def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                            hyper, state: dict, *, backend: str | None = None,
+                            config=None) -> None:
+    """One optimizer step of a projected weight on the gradient U S̃ Vᵀ, in place, without a p × d
+    gradient (triton backend).
+
+    Args:
+        w: (p, d) float32 / bfloat16 contiguous weight, updated in place.
+        u: (p, ru), s: (ru, rv) the released S̃ (noisy, divided by the batch normaliser), v (d, rv);
+            cast to fp32 (small).
+        hyper: SGDHyper (torch.optim.SGD) or AdamHyper (Adam / AdamW); see backproj_hyper.
+        state: the torch optimizer's state dict of w (`optimizer.state[w]`), read and updated:
+            Adam: "step" (tensor), "exp_avg", "exp_avg_sq"; SGD with momentum: "momentum_buffer".
+            Missing states are created in fp32 (as DPOptimizer's fused step does); existing ones
+            may be fp32 or w's dtype (e.g. written by the unfused torch step).
+        backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
+        config: a kernels.subspace_backproj.SubspaceBackprojConfig (triton only).
+
+    Example:
+        >>> w = torch.zeros(4, 6); st = {}
+        >>> u, v = torch.eye(4)[:, :2], torch.eye(6)[:, :3]
+        >>> subspace_backproj_step_(w, u, torch.ones(2, 3), v, AdamHyper(lr=0.1), st)
+        >>> float(w[0, 0]), int(st["step"])
+        (-0.10000000149011612, 1)
+    """
+    _check(w, u, s, v)
+    _check_hyper(hyper)
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be the optimizer's per-parameter dict, got {type(state).__name__}")
+    be = resolve_backend(backend, w.device, op="subspace_backproj_step_",
+                         implemented=("triton", "torch"), auto_order=("triton",))
+    u, s, v = (x.to(torch.float32) for x in (u, s, v))
+    adam = isinstance(hyper, AdamHyper)
+    m = q = None
+    fresh = False
+    if adam:
+        m, fresh = _state_tensor(state, "exp_avg", w)
+        q, fresh_q = _state_tensor(state, "exp_avg_sq", w)
+        if fresh != fresh_q or fresh != ("step" not in state):
+            raise ValueError("subspace_backproj_step_: state has only part of Adam's "
+                             "(step, exp_avg, exp_avg_sq)")
+        t = 1 if fresh else int(state["step"]) + 1
+        opt = _OPT_ADAM
+    elif hyper.momentum != 0:
+        m, fresh = _state_tensor(state, "momentum_buffer", w)
+        t, opt = 1, _OPT_SGD_MOMENTUM
+    else:
+        t, opt = 1, _OPT_SGD
+    if be == "triton":
+        from dpkern.kernels.subspace_backproj import (subspace_backproj_config,
+                                                      subspace_backproj_launch)
+        cfg = config or subspace_backproj_config(w.shape[0], w.shape[1],
+                                                 max(u.shape[1], v.shape[1]), w.device)
+        subspace_backproj_launch(w, u, s, v, m, q, scalars=_scalars(hyper, t), opt=opt,
+                                 decoupled=adam and hyper.decoupled,
+                                 nesterov=bool(getattr(hyper, "nesterov", False)), first=fresh,
+                                 config=cfg)
+    elif opt == _OPT_SGD:  # no state: one rank-r addmm, no p × d temporary
+        if hyper.weight_decay:
+            w.mul_(1.0 - hyper.lr * hyper.weight_decay)
+        w.addmm_((u @ s).to(w.dtype), v.T.to(w.dtype), alpha=-hyper.lr)
+    else:
+        from dpkern.subspace.reference import backproj_update_ref
+        if fresh:
+            m.zero_()
+            if q is not None:
+                q.zero_()
+        w_new, m_new, q_new = backproj_update_ref(w, u, s, v, m, q, hyper=hyper, t=t, first=fresh)
+        w.copy_(w_new)
+        m.copy_(m_new)
+        if q is not None:
+            q.copy_(q_new)
+    if adam:
+        if fresh:
+            state["exp_avg"], state["exp_avg_sq"] = m, q
+            state["step"] = torch.tensor(float(t))
+        else:
+            state["step"] = torch.tensor(float(t), dtype=state["step"].dtype,
+                                         device=state["step"].device) \
+                if isinstance(state["step"], torch.Tensor) else torch.tensor(float(t))
+    elif m is not None and fresh:
+        state["momentum_buffer"] = m

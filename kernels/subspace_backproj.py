@@ -1,0 +1,174 @@
+"""Fused back-projection + optimizer update of a projected weight: W ← update(W, U S̃ Vᵀ).
+
+W (p, d) contiguous, U (p, RU), S̃ (RU, RV) the released noisy subspace gradient (already divided by
+the batch normaliser), V (d, RV). The p × d gradient G = U S̃ Vᵀ is never written: a program takes
+BLOCK_P rows of W, forms [BP, RV] = U[rows] S̃ on chip once, then walks its share of the column
+tiles, each time forming the [BP, BD] tile of G = (U S̃) Vᵀ in registers and applying the optimizer
+in the epilogue (SGD, SGD with momentum, Adam with L2 or decoupled (AdamW) weight decay), reading
+and writing W and the optimizer's states in place. Traffic per element: W and the states, read and
+written once; FLOPs 2·RV per element plus 2·RU·RV per row and program. Math: the README beside
+dpkern/subspace/backproj.py (dpkern/subspace/README.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dpkern.kernels.noise_step import _rne_bf16
+
+OPT_SGD, OPT_SGD_MOMENTUM, OPT_ADAM = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SubspaceBackprojConfig:
+    BLOCK_P: int
+    BLOCK_D: int
+    BLOCK_K: int  # chunk of RU in the U S̃ product
+    n_split: int  # programs per row block, each taking a contiguous run of column tiles
+    num_warps: int
+    input_precision: str  # fp32 dots: "ieee" | "tf32x3" | "tf32"
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def subspace_backproj_config(p: int, d: int, rank: int, device: torch.device,
+                             input_precision: str | None = None) -> SubspaceBackprojConfig:
+    """64 × 64 tiles (32 × 64 and 8 warps above rank 64: [BP, RV] + [BD, RV] + [BP, BD] fp32
+    blocks stay in registers); the column tiles of a row block are split until ≥ 2 programs per SM
+    run, keeping ≥ 4 tiles per program so the U S̃ product (RU/BD of the tile FLOPs) is amortised.
+    Dots default to IEEE fp32: the update must match the fp32 materialised path (TF32 would move
+    it by ~1e-3 relative); the kernel is bound by W / state traffic up to RV ≈ 128 anyway."""
+    big = rank > 64
+    block_p, block_d = (32, 64) if big else (64, 64)
+    row_blocks = triton.cdiv(max(p, 1), block_p)
+    col_tiles = triton.cdiv(max(d, 1), block_d)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * sms, row_blocks)
+        split = max(1, min(want, col_tiles // 4))
+        prec = input_precision or "ieee"
+    else:  # interpreter: exact fp32 dots whatever is asked; split anyway to exercise it
+        split, prec = max(1, min(2, col_tiles)), input_precision or "ieee"
+    return SubspaceBackprojConfig(BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=32, n_split=split,
+                                  num_warps=8 if big else 4, input_precision=prec)
+
+
+def subspace_backproj_search_space():
+    """Enumerable configs for sweeps in bench/ (n_split is filled in from the shape)."""
+    return [SubspaceBackprojConfig(bp, bd, 32, 0, w, prec) for bp in (32, 64) for bd in (64, 128)
+            for w in (4, 8) for prec in ("ieee", "tf32x3")]
+
+
+@triton.jit
+def _store(ptr, x, mask):
+    """fp32 -> the tensor's dtype; bf16 rounded to nearest even (the interpreter truncates)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr, _rne_bf16(x), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _subspace_backproj_fwd_kernel(w_ptr, u_ptr, s_ptr, v_ptr, m_ptr, q_ptr,
+                                  p, d, ru, rv, tiles_per_split,
+                                  stride_up, stride_ur, stride_sr, stride_sc,
+                                  stride_vd, stride_vr,
+                                  lr, weight_decay, decay, momentum, one_minus_damp,
+                                  beta1, beta2, eps, step_size, inv_sqrt_bc2,
+                                  OPT: tl.constexpr, DECOUPLED: tl.constexpr,
+                                  NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+                                  BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, BLOCK_RV: tl.constexpr,
+                                  PRECISION: tl.constexpr):
+    i_p = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    m_p = o_p < p
+    o_rv = tl.arange(0, BLOCK_RV)
+    m_rv = o_rv < rv
+    # U[rows] S̃, once per program; K-loop over RU
+    b_us = tl.zeros([BLOCK_P, BLOCK_RV], dtype=tl.float32)  # [BP, RV]
+    for k0 in range(0, ru, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < ru
+        p_u = u_ptr + o_p[:, None] * stride_up + o_k[None, :] * stride_ur
+        b_u = tl.load(p_u, mask=m_p[:, None] & m_k[None, :], other=0.0).to(tl.float32)  # [BP, BK]
+        p_s = s_ptr + o_k[:, None] * stride_sr + o_rv[None, :] * stride_sc
+        b_s = tl.load(p_s, mask=m_k[:, None] & m_rv[None, :], other=0.0).to(tl.float32)  # [BK, RV]
+        b_us += tl.dot(b_u, b_s, input_precision=PRECISION)
+    n_tiles = tl.cdiv(d, BLOCK_D)
+    t_lo = i_s * tiles_per_split
+    t_hi = tl.minimum(t_lo + tiles_per_split, n_tiles)
+    for i_d in range(t_lo, t_hi):
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+        m_d = o_d < d
+        p_v = v_ptr + o_d[:, None] * stride_vd + o_rv[None, :] * stride_vr
+        b_v = tl.load(p_v, mask=m_d[:, None] & m_rv[None, :], other=0.0).to(tl.float32)  # [BD, RV]
+        b_g = tl.dot(b_us, tl.trans(b_v), input_precision=PRECISION)  # [BP, BD] tile of U S̃ Vᵀ
+        o_w = o_p[:, None] * d + o_d[None, :]  # W and its states are contiguous (p, d)
+        m_w = m_p[:, None] & m_d[None, :]
+        b_w = tl.load(w_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)  # [BP, BD]
+        if OPT == 2:  # Adam; torch.optim.Adam's order of operations
+            if DECOUPLED:  # AdamW: W ← W (1 − lr·wd) before the moment update
+                b_w = b_w * decay
+            else:  # Adam: L2, g ← g + wd·W
+                b_g = b_g + weight_decay * b_w
+            if FIRST:  # fresh zero states: not read
+                b_m = (1.0 - beta1) * b_g
+                b_q = (1.0 - beta2) * b_g * b_g
+            else:
+                b_m = tl.load(m_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
+                b_q = tl.load(q_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
+                b_m = beta1 * b_m + (1.0 - beta1) * b_g
+                b_q = beta2 * b_q + (1.0 - beta2) * b_g * b_g
+            b_den = tl.sqrt(b_q) * inv_sqrt_bc2 + eps
+            b_w = b_w - step_size * (b_m / b_den)
+            _store(m_ptr + o_w, b_m, m_w)
+            _store(q_ptr + o_w, b_q, m_w)
+        else:  # SGD: coupled weight decay, optional (Nesterov) momentum
+            b_g = b_g + weight_decay * b_w
+            if OPT == 1:
+                if FIRST:  # torch: the buffer starts as a copy of the first gradient
+                    b_m = b_g
+                else:
+                    b_m = momentum * tl.load(m_ptr + o_w, mask=m_w, other=0.0).to(tl.float32) \
+                        + one_minus_damp * b_g
+                _store(m_ptr + o_w, b_m, m_w)
+                if NESTEROV:
+                    b_g = b_g + momentum * b_m
+                else:
+                    b_g = b_m
+            b_w = b_w - lr * b_g
+        _store(w_ptr + o_w, b_w, m_w)
+
+
+def subspace_backproj_launch(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                             m: torch.Tensor | None, q: torch.Tensor | None, *, scalars: dict,
+                             opt: int, decoupled: bool, nesterov: bool, first: bool,
+                             config: SubspaceBackprojConfig) -> None:
+    """In place on w (p, d) contiguous and the states m, q (contiguous, w's shape; None where the
+    optimizer has none). u (p, RU), s (RU, RV), v (d, RV) fp32, any strides. The caller validated
+    everything; `scalars` holds the kernel's float arguments (dpkern.subspace.backproj)."""
+    p, d = w.shape
+    ru, rv = u.shape[1], v.shape[1]
+    if p == 0 or d == 0:
+        return
+    cfg = config
+    col_tiles = triton.cdiv(d, cfg.BLOCK_D)
+    tiles_per_split = triton.cdiv(col_tiles, cfg.n_split)
+    n_split = triton.cdiv(col_tiles, tiles_per_split)  # no program without a tile
+    grid = (triton.cdiv(p, cfg.BLOCK_P), n_split)
+    _subspace_backproj_fwd_kernel[grid](
+        w_ptr=w, u_ptr=u, s_ptr=s, v_ptr=v,
+        m_ptr=m if m is not None else w, q_ptr=q if q is not None else w,
+        p=p, d=d, ru=ru, rv=rv, tiles_per_split=tiles_per_split,
+        stride_up=u.stride(0), stride_ur=u.stride(1), stride_sr=s.stride(0), stride_sc=s.stride(1),
+        stride_vd=v.stride(0), stride_vr=v.stride(1), **scalars,
+        OPT=opt, DECOUPLED=decoupled, NESTEROV=nesterov, FIRST=first,
+        BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, BLOCK_RV=_pow2(rv),
+        PRECISION=cfg.input_precision, num_warps=cfg.num_warps)
