@@ -2,7 +2,8 @@
 
     DistributedPrivacyEngine   make_private over a process group (docs/distributed.md)
     DistributedDPOptimizer     sum all-reduce of the clipped sums, noise once, replicated update
-    ShardedDPOptimizer         FSDP2: reduce to this rank's rows, noise at global offsets
+    ShardedDPOptimizer         FSDP2 / HSDP: each sum reduce-scattered as it is written, noise at
+                               global offsets
     DistributedDPDataLoader    this rank's share of the global Poisson batch
     disable_nvlink_multicast   NCCL_NVLS_ENABLE=0 etc., before init_process_group
     launch.spawn               torchrun-free launcher (time limit, multicast off in every rank)
@@ -10,7 +11,8 @@
 from dpkern.distributed import launch  # noqa: F401  (dpkern.distributed.launch.spawn)
 from dpkern.distributed.comm import NO_MULTICAST_ENV, disable_nvlink_multicast
 from dpkern.distributed.engine import DistributedPrivacyEngine, is_fsdp2
-from dpkern.distributed.optimizer import DistributedDPOptimizer, ShardedDPOptimizer, shard_rows
+from dpkern.distributed.optimizer import DistributedDPOptimizer, shard_rows
+from dpkern.distributed.sharded import ShardedDPOptimizer
 from dpkern.distributed.sampler import (DistributedDPDataLoader, DistributedPoissonSampler,
                                         split_counts)
 

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpkern.distributed import comm
-from dpkern.distributed.optimizer import DistributedDPOptimizer, ShardedDPOptimizer
+from dpkern.distributed.optimizer import DistributedDPOptimizer
+from dpkern.distributed.sharded import ShardedDPOptimizer
 from dpkern.distributed.sampler import DistributedDPDataLoader
 from dpkern.engine import PrivacyEngine
 

@@ -10,9 +10,9 @@ Every rank clips its own samples (the engine's book-keeping at the end of each b
   global element index), the key is shared from rank 0 and the counter advances in lock step —
   divides by the global B_expected and updates. The noise is added after the sum, so it enters
   once (not W times, not √W times), and the replicas stay bit-identical without a broadcast.
-* ShardedDPOptimizer (FSDP2 parameters, DTensors sharded on dim 0): the full-size accumulators are
-  summed and cut to this rank's rows (reduce-scatter on NCCL, all-reduce + slice elsewhere); each
-  rank adds the noise of its own rows at their global element offsets (the same z an unsharded run
+* ShardedDPOptimizer (FSDP2 / HSDP parameters, dpkern/distributed/sharded.py): each parameter's
+  sum is reduce-scattered to the rows this rank owns as soon as the engine writes it; each rank
+  adds the noise of its own rows at their global element offsets (the same z an unsharded run
   draws there) and steps its shard.
 
 Both keep the DPOptimizer contract: std σC per coordinate, once per logical step, scaled by the
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from dpkern.distributed import comm
 from dpkern.optim.dp_optimizer import DPOptimizer
 
-__all__ = ["DistributedDPOptimizer", "ShardedDPOptimizer", "shard_rows"]
+__all__ = ["DistributedDPOptimizer", "shard_rows"]
 
 
 def shard_rows(n_rows: int, world: int, r: int) -> tuple[int, int]:
@@ -121,91 +121,6 @@ def _fingerprint(p: torch.Tensor) -> float:
     bits = x.view(torch.int32) if x.element_size() == 4 else x.view(torch.int16)
     w = torch.arange(1, bits.numel() + 1, device=bits.device, dtype=torch.float64)
     return float(((bits.double() + 0.5) * (w.remainder(9973) + 1)).sum().item())
-
-
-class ShardedDPOptimizer(DistributedDPOptimizer):
-    """DPOptimizer over FSDP2 (`fully_shard`) parameters: DTensors sharded on dim 0 of a 1-D mesh.
-
-    The engine's accumulators are full-size (each rank's forward sees the unsharded weights, so
-    its per-sample norms and book-keeping are complete for its own samples); step() sums them
-    across ranks into this rank's rows, adds those rows' noise at their global element offsets and
-    steps the sharded parameters. Post-processors (which need whole matrices) are refused.
-    """
-
-    def _setup_distributed(self) -> None:
-        from torch.distributed.tensor import DTensor, Shard
-        if self.grad_postprocessors:
-            raise ValueError("grad_postprocessors: not supported with FSDP2 (they need whole "
-                             "matrices; each rank holds only its rows)")
-        if self.mechanism is not None:
-            raise ValueError("mechanism: only the Gaussian mechanism is supported with FSDP2")
-        self.fused = False  # the fused kernel takes plain tensors; sharded steps use the inner opt
-        self._rows: dict = {}
-        world, me = comm.world_size(self.group), comm.rank(self.group)
-        for p, name in self.params.items():
-            if not isinstance(p, DTensor):
-                raise ValueError(f"{name}: not an FSDP2 (DTensor) parameter; with fully_shard, "
-                                 "shard every module that owns trainable parameters, and call "
-                                 "make_private after fully_shard")
-            if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-                raise NotImplementedError(f"{name}: placements {p.placements} on a "
-                                          f"{p.device_mesh.ndim}-D mesh; only Shard(0) on a 1-D "
-                                          "mesh (plain FSDP2) is supported")
-            if p.device_mesh.size() != world:
-                raise ValueError(f"{name}: its mesh has {p.device_mesh.size()} ranks, the "
-                                 f"process group {world}")
-            start, stop = shard_rows(p.shape[0], world, me) if p.dim() else (0, 0)
-            local = p.to_local()
-            if local.shape[0] != stop - start:
-                raise RuntimeError(f"{name}: local shard has {local.shape[0]} rows, expected "
-                                   f"{stop - start} (torch.chunk layout)")
-            row = p.numel() // max(p.shape[0], 1)
-            self._rows[p] = (start, stop)
-            # The shard's first element in the unsharded model's global index space.
-            self.global_offsets[p] = self.global_offsets[p] + start * row
-
-    def _reduce_accumulators(self) -> None:
-        from torch.distributed.tensor import DTensor
-        world = comm.world_size(self.group)
-        nccl = comm.is_distributed(self.group) and dist.get_backend(self.group) == "nccl"
-        full = [self.accumulator(p) for p in self.params]
-        if not nccl:
-            comm.all_reduce_sum_(full, self.group)
-        for (p, _), acc in zip(self.params.items(), full):
-            start, stop = self._rows[p]
-            if nccl and world > 1:
-                local = _reduce_scatter_rows(acc, world, self.group)[: stop - start]
-            else:
-                local = acc[start:stop]
-            local = local.contiguous()
-            self.summed[p] = DTensor.from_local(local, p.device_mesh, p.placements,
-                                                shape=p.shape, stride=p.stride(), run_check=False)
-
-    def add_noise_(self, acc, std: float) -> None:
-        """Noise of this rank's rows: local element k has global index global_offsets[p] + k."""
-        if std <= 0:
-            return
-        if self._release_step is None:
-            raise RuntimeError("ShardedDPOptimizer.add_noise_ runs inside step() only")
-        p = next((q for q, a in self.summed.items() if a is acc), None)
-        if p is None:
-            raise RuntimeError("ShardedDPOptimizer.add_noise_: accumulator of no parameter")
-        from dpkern.mechanisms.noise_ops import gaussian_noise_add_
-        local = acc.to_local()
-        if local.numel():
-            gaussian_noise_add_(local, std=float(std), offset=int(self.global_offsets[p]),
-                                words=self.noise_generator.kernel_words(self._release_step),
-                                backend=self.noise_backend)
-
-
-def _reduce_scatter_rows(acc: torch.Tensor, world: int, group) -> torch.Tensor:
-    """Sum over ranks of acc's rows of this rank (chunk layout), padded to ceil(n/world) rows."""
-    chunk = -(-acc.shape[0] // world)
-    pad = chunk * world - acc.shape[0]
-    src = acc if pad == 0 else torch.cat([acc, acc.new_zeros((pad, *acc.shape[1:]))])
-    out = acc.new_empty((chunk, *acc.shape[1:]))
-    dist.reduce_scatter_tensor(out, src.contiguous(), group=group)
-    return out
 
 
 def set_noise_key(gen, key: bytes) -> None:

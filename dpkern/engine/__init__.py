@@ -110,7 +110,8 @@ class _Clipper:
             return
         if self.loss_reduction == "mean":
             _refuse_low_precision_mean(uses, params)
-        if bsz == 1 and self.single_sample_fast:
+        each = opt.sum_each_param  # sharded optimizers reduce each sum as soon as it is written
+        if bsz == 1 and self.single_sample_fast and not each:
             return self._single_sample(uses, params)
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
@@ -142,11 +143,13 @@ class _Clipper:
             if sc is None:  # c·s rounded down: the factor the book-keeping applies keeps c U ≤ C
                 sc = scales[id(c)] = round_down_f32(c * s) if s != 1.0 else round_down_f32(c)
             opt.last_scales[self.private[p]] = sc
-            if len(p_uses) == 1 and isinstance(p_uses[0], LinearUse):
+            if len(p_uses) == 1 and isinstance(p_uses[0], LinearUse) and not each:
                 linear.append((p_uses[0].a, p_uses[0].g, sc, acc, acc is not None))
                 linear_params.append(p)
                 continue
             opt.summed[p] = bookkeep(p_uses, sc, acc, backend=self.backend)
+            if each:
+                opt.param_summed(p)
         p_uses = None  # the grouped book-keeping frees each group's inputs once it is issued
         sums = bookkeeping_wgrad_grouped(linear, backend=self.backend, consume=True)
         opt.summed.update(zip(linear_params, sums))

@@ -125,6 +125,14 @@ class DPOptimizer(Optimizer):
                 f"B_expected={self.expected_batch_size}, {self.original_optimizer!r})")
 
     # ---- called by the engine and the data loader -------------------------------------------
+    # True: the engine book-keeps parameter by parameter in model order (no grouped launches, no
+    # B = 1 shortcut) and calls param_summed(p) as soon as summed[p] is final for the backward, so
+    # a sharded subclass can reduce it and free the full-size sum before the next one is written.
+    sum_each_param = False
+
+    def param_summed(self, p: torch.nn.Parameter) -> None:
+        """summed[p] holds this backward's clipped sum of p (called with sum_each_param only)."""
+
     def accumulator(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The fp32 (fp64 for fp64 params) running Σ_i c_i G_i of parameter p."""
         acc = self.summed.get(p)

@@ -59,13 +59,15 @@ def build(mode: str, device: torch.device):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    elif mode == "fsdp":
+    elif mode in ("fsdp", "hsdp"):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         # the mesh on the model's device type: without it FSDP2 picks CUDA whenever a GPU exists,
         # which moves a gloo / CPU run's parameters to the GPU
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        world = dist.get_world_size()
+        mesh = (init_device_mesh(device.type, (world,)) if mode == "fsdp" else
+                init_device_mesh(device.type, (world // 2, 2), mesh_dim_names=("rep", "shard")))
         fully_shard(model.block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
@@ -121,7 +123,7 @@ def train(mode: str, device, *, sigma: float, steps: int, world: int = 1, seed: 
         ids = ids.to(device)
         if ids.shape[0] > 0:
             per_sample_loss(model, ids).sum().backward()
-        elif mode == "fsdp":  # FSDP's collectives need every rank's forward / backward
+        elif mode in ("fsdp", "hsdp"):  # FSDP's collectives need every rank's forward / backward
             pad, _ = loader.padding_batch()
             (per_sample_loss(model, pad.to(device)).sum() * 0).backward()
         opt.step()
@@ -155,10 +157,12 @@ def _load(state: bytes, model, opt, eng) -> None:
 
 
 def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: int = 0,
-             world: int = 1, micro: int | None = None) -> dict:
+             world: int = 1, micro: int | None = None, inflight: int | None = None) -> dict:
     """One step over fixed rows with data_loader=None: rank r gets rows_by_rank[r] rows of
     fixed_rows (0 rows: the rank steps without a backward, or a zero-loss padding row under
-    FSDP). mode "single": all the rows in one process."""
+    FSDP). mode "single": all the rows in one process. Sharded modes also return "trace": what
+    was alive while the reductions ran (see _trace_sums); inflight sets the optimizer's
+    inflight_bytes."""
     model, opt = build("plain" if mode == "single" else mode, device)
     eng = _engine(mode, world)
     model, opt, _ = eng.make_private(module=model, optimizer=opt, data_loader=None,
@@ -166,6 +170,9 @@ def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: 
                                      expected_batch_size=PER_RANK * world, sample_rate=0.2,
                                      seed=SEED, **SUM)
     opt.average_sum = True
+    trace = _trace_sums(opt) if mode in ("fsdp", "hsdp") else None
+    if inflight is not None:
+        opt.inflight_bytes = inflight
     x = fixed_rows(sum(rows_by_rank)).to(device)
     start = sum(rows_by_rank[:rank]) if mode != "single" else 0
     n = rows_by_rank[rank] if mode != "single" else sum(rows_by_rank)
@@ -173,13 +180,40 @@ def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: 
         from dpkern.data.poisson import microbatches
         for mb in microbatches(x[start:start + n], micro or n):
             per_sample_loss(model, mb).sum().backward()
+            if trace is not None:
+                trace["after_backward"].append(_sums_state(opt))
     else:
         opt.signal_empty_batch()
-        if mode == "fsdp":
+        if mode in ("fsdp", "hsdp"):
             (per_sample_loss(model, fixed_rows(1).to(device)).sum() * 0).backward()
     opt.step()
     return {"params": full_params(model), "eps": eng.get_epsilon(1e-5),
-            "counter": opt.noise_generator.step}
+            "counter": opt.noise_generator.step, "trace": trace}
+
+
+def _trace_sums(opt) -> dict:
+    """Spies on the sharded optimizer's param_summed: at each call, the full-size sums alive
+    (written and not yet reduced, or in flight) and their elements; the calls' parameter order."""
+    trace = {"alive": [], "alive_numel": [], "order": [], "after_backward": [],
+             "largest": max(p.numel() for p in opt.params)}
+    inner = opt.param_summed
+
+    def spy(p):
+        alive = list(opt.summed.values()) + [f for *_, f in opt._inflight]
+        trace["alive"].append(len(alive))
+        trace["alive_numel"].append(sum(t.numel() for t in alive))
+        trace["order"].append(opt.params[p])
+        inner(p)
+    opt.param_summed = spy
+    return trace
+
+
+def _sums_state(opt) -> dict:
+    """After a backward: full-size sums left, shard sums ({name: shape}) and the local shapes."""
+    return {"full_left": len(opt.summed) + len(opt._inflight),
+            "local": {opt.params[p]: tuple(t.shape) for p, t in opt.local_sums.items()},
+            "want": {n: tuple(p.to_local().shape) for p, n in opt.params.items()},
+            "sum_abs": {opt.params[p]: float(t.abs().sum()) for p, t in opt.local_sums.items()}}
 
 
 def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
@@ -201,6 +235,10 @@ def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
     for mode in ("ddp", "fsdp"):
         out[("micro", mode)] = one_step(mode, device, sigma=1.0, rank=rank, world=world,
                                         rows_by_rank=[4] + [3] * (world - 1), micro=2)
+    # The same with every reduction of a backward in flight at once (inflight_bytes unbounded).
+    out[("micro_overlap", "fsdp")] = one_step("fsdp", device, sigma=1.0, rank=rank, world=world,
+                                              rows_by_rank=[4] + [3] * (world - 1), micro=2,
+                                              inflight=1 << 40)
     out[("secure", "ddp")] = train("ddp", device, sigma=1.0, steps=2, world=world, seed=None)
     out["refusals"] = refusals(rank, world, device)
     return out
@@ -230,6 +268,21 @@ def refusals(rank: int, world: int, device) -> dict:
         got["fsdp_postprocessors"] = None
     except ValueError as e:
         got["fsdp_postprocessors"] = str(e)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    torch.manual_seed(0)
+    model = TinyLM().to(device)
+    fully_shard(model, mesh=init_device_mesh(device.type, (world,)),
+                shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+    try:
+        DistributedPrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=None,
+            noise_multiplier=1.0, max_grad_norm=C, expected_batch_size=PER_RANK * world,
+            sample_rate=0.2, seed=SEED, **SUM)
+        got["fsdp_shard1"] = None
+    except NotImplementedError as e:
+        got["fsdp_shard1"] = str(e)
     model, opt = build("ddp", device)
     ds = dataset()
     _, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private_with_epsilon(

@@ -175,6 +175,8 @@ def test_refusals_on_every_rank(run):
         assert msg is not None and "every rank must call step()" in msg
         msg = r["refusals"]["fsdp_postprocessors"]
         assert msg is not None and "grad_postprocessors" in msg
+        msg = r["refusals"]["fsdp_shard1"]
+        assert msg is not None and "Shard(dim=1)" in msg and "HSDP" in msg
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -186,6 +188,36 @@ def test_gradient_accumulation_equals_one_batch(run, mode):
     for r in res:
         assert max_diff(r[("micro", mode)]["params"], ref["params"]) <= tol(1, dev)
         assert r[("micro", mode)]["counter"] == 1
+
+
+def test_fsdp_sums_are_reduced_as_they_are_written(run):
+    """Each parameter's full-size clipped sum is reduce-scattered right after the engine writes it:
+    when the engine hands over a sum, it is the only full-size one alive (kept until step(), the
+    k-th would find k), nothing full-size is left after a backward, and the shard sums have the
+    shards' shapes. Both micro-batches of a step go through it (gradient accumulation)."""
+    res, _ = run
+    for r in res:
+        tr = r[("micro", "fsdp")]["trace"]
+        names = list(tr["after_backward"][0]["want"])
+        assert tr["order"] == names * 2  # model order, once per parameter and backward
+        assert tr["alive"] == [1] * len(tr["order"])
+        assert max(tr["alive_numel"]) == tr["largest"]
+        for st in tr["after_backward"]:
+            assert st["full_left"] == 0 and st["local"] == st["want"]
+        first, second = (st["sum_abs"] for st in tr["after_backward"])
+        assert all(second[n] != first[n] for n in names)  # the second micro-batch accumulated
+
+
+def test_fsdp_reductions_in_flight_give_the_same_result(run):
+    """inflight_bytes unbounded: the reductions of a whole backward overlap (several full-size sums
+    in flight), all complete by the end of the backward, and the step is the same."""
+    res, dev = run
+    ref = single("one", dev, sigma=1.0, rows_by_rank=[4] + [3] * (WORLD - 1))
+    for r in res:
+        got = r[("micro_overlap", "fsdp")]
+        assert max(got["trace"]["alive"]) > 1
+        assert all(st["full_left"] == 0 for st in got["trace"]["after_backward"])
+        assert max_diff(got["params"], ref["params"]) <= tol(1, dev)
 
 
 def test_calibration_uses_the_global_sampling_rate(run):
