@@ -6,22 +6,92 @@ advances (DESIGN.md, contracts).
 """
 from __future__ import annotations
 
-import os
+import math
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+STREAM_SAMPLING = 2  # Philox stream tag of Poisson sampling (noise: 0, LMO-DP: 1)
+
+
+class SecretSampling:
+    """The randomness of Poisson sampling under a 128-bit secret key from os.urandom.
+
+    Draw d keeps record j iff the 64-bit word Philox4x32-10(key, counter = (d, j)) is below
+    floor(q · 2^64): the noise's counter RNG (dpkern.noise) on its own key and stream. Used in
+    place of a torch.Generator, whose seed is 64 bits, whenever no seed is given.
+    get_state() / set_state() carry the draw counter only, never the key, so a checkpoint cannot
+    disclose which records later batches hold; a resumed run continues the counter under its own
+    fresh key. The key is never logged (repr hides it) and cannot be pickled.
+
+    Args:
+        key: 16 bytes shared by data-parallel ranks (sent by rank 0); default os.urandom(16).
+    """
+
+    def __init__(self, key: bytes | None = None):
+        from dpkern.noise import NoiseGenerator
+        self._gen = NoiseGenerator()
+        if key is not None:
+            self._gen.adopt_key(key)
+        self._draw = 0
+
+    def mask(self, n: int, q: float) -> torch.Tensor:
+        """Boolean (n,): each record kept independently with probability floor(q·2^64)/2^64 ≤ q."""
+        from dpkern.noise.reference import philox_words
+        words = self._gen.kernel_words(self._draw, stream=STREAM_SAMPLING)
+        self._draw += 1
+        g = torch.arange((n + 1) // 2, dtype=torch.int64)
+        x0, x1, x2, x3 = philox_words(g, words)
+        hi = torch.stack((x0, x2), dim=1).reshape(-1)[:n]  # record 2g: (x0, x1); 2g + 1: (x2, x3)
+        lo = torch.stack((x1, x3), dim=1).reshape(-1)[:n]
+        if q >= 1.0:
+            return torch.ones(n, dtype=torch.bool)
+        t = int(q * 2.0 ** 64)  # exact: q is a binary fraction; int() floors
+        th, tl = t >> 32, t & 0xFFFFFFFF
+        return (hi < th) | ((hi == th) & (lo < tl))
+
+    def get_state(self) -> torch.Tensor:
+        return torch.tensor(list(self._draw.to_bytes(8, "little")), dtype=torch.uint8)
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.numel() != 8:
+            raise ValueError("SecretSampling.set_state: expected the 8-byte draw counter of "
+                             "get_state()")
+        self._draw = int.from_bytes(bytes(state.tolist()), "little")
+
+    def __repr__(self) -> str:
+        return f"SecretSampling(draw={self._draw}, key=<hidden>)"
+
+    def __getstate__(self):
+        raise TypeError("SecretSampling cannot be pickled (it would write the key); checkpoint "
+                        "get_state()")
+
+
 def secret_generator(seed: int | None = None, *, secure_mode: bool = False,
-                     device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch.Generator seeded from os.urandom, or from `seed` (refused in secure mode)."""
+                     device: str | torch.device = "cpu"):
+    """Sampling randomness: a SecretSampling (128-bit key from os.urandom) when seed is None, else
+    a torch.Generator seeded with `seed` (tests and reproducible experiments; refused in secure
+    mode)."""
     if seed is not None and secure_mode:
         raise ValueError("seed: an explicit seed is not allowed in secure_mode (the seed must be "
                          "secret); pass seed=None")
+    if seed is None:
+        return SecretSampling()
     gen = torch.Generator(device=device)
-    gen.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else int(seed))
+    gen.manual_seed(int(seed))
     return gen
+
+
+def inclusion_mask(generator, n: int, q: float) -> torch.Tensor:
+    """Boolean (n,): record j kept with probability at most q, never more (the accountant's q is
+    then an upper bound). A torch.Generator draws 53-bit uniforms u and keeps u < floor(q·2^53)/2^53
+    (a float32 `torch.rand(n) < q` keeps with probability ceil(q·2^24)/2^24, up to 6e-8 above q)."""
+    if isinstance(generator, SecretSampling):
+        return generator.mask(n, q)
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return u < math.floor(q * 2.0 ** 53) * 2.0 ** -53
 
 
 class PoissonSampler(Sampler[list]):
@@ -32,7 +102,8 @@ class PoissonSampler(Sampler[list]):
         sample_rate: q in (0, 1].
         steps: batches per epoch (default round(1 / q), so one epoch sees each record once on
             average).
-        generator: torch.Generator (default: seeded from os.urandom).
+        generator: a SecretSampling (the default: 128-bit key from os.urandom) or a seeded
+            torch.Generator (tests, reproducible experiments).
     Example:
         >>> s = PoissonSampler(100, 0.1, generator=torch.Generator().manual_seed(0))
         >>> len(s), sum(len(b) for b in s) > 0
@@ -40,7 +111,7 @@ class PoissonSampler(Sampler[list]):
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator=None):
         if int(num_samples) <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0.0 < float(sample_rate) <= 1.0:
@@ -57,7 +128,7 @@ class PoissonSampler(Sampler[list]):
 
     def __iter__(self) -> Iterator[list]:
         for _ in range(self.steps):
-            keep = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            keep = inclusion_mask(self.generator, self.num_samples, self.sample_rate)
             yield keep.nonzero().flatten().tolist()
 
 
@@ -115,7 +186,7 @@ class DPDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, *, sample_rate: float, steps: int | None = None,
-                 collate_fn: Callable | None = None, generator: torch.Generator | None = None,
+                 collate_fn: Callable | None = None, generator=None,
                  **kwargs):
         from torch.utils.data._utils.collate import default_collate
         sampler = PoissonSampler(len(dataset), sample_rate, steps, generator)
@@ -127,7 +198,7 @@ class DPDataLoader(DataLoader):
 
     @classmethod
     def from_data_loader(cls, data_loader: DataLoader, *, sample_rate: float | None = None,
-                         generator: torch.Generator | None = None) -> "DPDataLoader":
+                         generator=None) -> "DPDataLoader":
         """Same dataset, collate_fn and workers; q = batch_size / len(dataset) unless given."""
         dataset = data_loader.dataset
         if sample_rate is None:

@@ -20,18 +20,12 @@ from pathlib import Path
 
 import torch
 
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Calls ``write(tmp_path)`` then renames tmp over ``path`` (readers never see a partial file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+from dpkern.engine.checkpoint import atomic_write
 
 
 def write_json(path: Path, obj) -> None:
-    def w(tmp):
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    atomic_write_bytes(Path(path), w)
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class MetricsLog:
@@ -45,9 +39,8 @@ class MetricsLog:
         if not self.path.exists():
             return
         keep = [ln for ln in self.read() if ln.get("step", 0) <= step]
-        def w(tmp):
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        atomic_write_bytes(self.path, w)
+        text = "".join(json.dumps(r) + "\n" for r in keep)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
 
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
@@ -68,7 +61,7 @@ class MetricsLog:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write_bytes(Path(path), lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -121,6 +114,6 @@ def plot_curves(rows: list[dict], path: Path, title: str = "",
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
     return path

@@ -105,12 +105,8 @@ class NoiseGenerator:
             state["key"] = self._key
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume the counter. Refuses a step behind the current one for the same key (replay).
-
-        Secure generators never take a key from a checkpoint: same fingerprint -> same live key,
-        else this generator keeps its own fresh key and continues at the stored step.
-        """
+    def check_state(self, state: dict) -> None:
+        """Raises what load_state_dict(state) would refuse, changing nothing."""
         for k in ("step", "secure", "fingerprint"):
             if k not in state:
                 raise KeyError(f"NoiseGenerator.load_state_dict: state has no {k!r}")
@@ -121,21 +117,31 @@ class NoiseGenerator:
             raise ValueError("NoiseGenerator.load_state_dict: the state was saved in "
                              f"{'secure' if state['secure'] else 'deterministic'} mode, this generator "
                              f"is {'secure' if self._secure else 'deterministic'}")
-        same_key = hmac.compare_digest(str(state["fingerprint"]), self.fingerprint)
         if self._secure:
-            if same_key and step < self._step:
-                raise ValueError(f"NoiseGenerator.load_state_dict: step {step} is behind the current "
-                                 f"step {self._step} for the same key; loading it would replay noise")
-            self._step = max(step, self._step) if same_key else step
-            return
-        key = state.get("key")
-        if not isinstance(key, (bytes, bytearray)) or len(key) != 16:
-            raise ValueError("NoiseGenerator.load_state_dict: deterministic state needs a 16-byte 'key'")
-        key = bytes(key)
-        if hmac.compare_digest(key, self._key) and step < self._step:
+            same_key = hmac.compare_digest(str(state["fingerprint"]), self.fingerprint)
+        else:
+            key = state.get("key")
+            if not isinstance(key, (bytes, bytearray)) or len(key) != 16:
+                raise ValueError("NoiseGenerator.load_state_dict: deterministic state needs a "
+                                 "16-byte 'key'")
+            same_key = hmac.compare_digest(bytes(key), self._key)
+        if same_key and step < self._step:
             raise ValueError(f"NoiseGenerator.load_state_dict: step {step} is behind the current "
                              f"step {self._step} for the same key; loading it would replay noise")
-        self._key, self._step = key, step
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the counter. Refuses a step behind the current one for the same key (replay).
+
+        Secure generators never take a key from a checkpoint: same fingerprint -> same live key,
+        else this generator keeps its own fresh key and continues at the stored step.
+        """
+        self.check_state(state)
+        step = state["step"]
+        if self._secure:
+            same_key = hmac.compare_digest(str(state["fingerprint"]), self.fingerprint)
+            self._step = max(step, self._step) if same_key else step
+            return
+        self._key, self._step = bytes(state["key"]), step
 
     # --- never leak the key --------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -1,9 +1,9 @@
 """Faults: a run killed mid-epoch and resumed from a checkpoint spends exactly the epsilon of an
 uninterrupted run and never replays noise; bad checkpoints are refused with a clear error.
 
-The engine has no single checkpoint call yet, so a checkpoint here is what a user can save today:
-model, DPOptimizer (inner state + noise-step count), accountant, and the Poisson sampler's
-generator state. The engine-level gaps are marked xfail(strict=True) so they flip when fixed.
+Two ways to checkpoint: piecewise (model, DPOptimizer with its noise counter, accountant and the
+Poisson sampler's generator state saved separately), and engine.save_checkpoint / load_checkpoint
+(one atomic file with a digest and the DP configuration, checked before anything is loaded).
 """
 import pytest
 import torch
@@ -139,3 +139,212 @@ def test_mismatched_optimizer_checkpoint_refused():
                                              noise_multiplier=SIGMA / 2, max_grad_norm=C, seed=1)
     with pytest.raises(ValueError, match="noise_multiplier"):
         o2.load_state_dict(st)
+
+
+# --- engine.save_checkpoint / load_checkpoint: one atomic, checked file ---------------------------
+
+def _adamw_setup(seed, *, sigma=SIGMA, clip=C, secure=False, accountant="rdp", clipping="flat"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(99)
+    data = TensorDataset(torch.randn(N, D, generator=g))
+    eng = PrivacyEngine(accountant=accountant, secure_mode=secure)
+    model, opt, loader = eng.make_private(module=model, optimizer=opt,
+                                          data_loader=DataLoader(data, batch_size=BSZ),
+                                          noise_multiplier=sigma, max_grad_norm=clip,
+                                          clipping=clipping, seed=None if secure else seed)
+    return eng, model, opt, loader
+
+
+def _epoch_steps(model, opt, loader, n_steps, it=None):
+    it = iter(loader) if it is None else it
+    for _ in range(n_steps):
+        (x,) = next(it)
+        if x.shape[0]:
+            model(x).pow(2).sum(dim=1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return it
+
+
+def _state(eng, model, opt):
+    return ([p.detach().clone() for p in model.parameters()], opt.noise_generator.step,
+            opt.noise_steps, list(eng.accountant.history),
+            {k: v.clone() for k, v in opt.original_optimizer.state_dict()["state"][0].items()})
+
+
+def _same_state(a, b):
+    pa, sa, na, ha, oa = a
+    pb, sb, nb, hb, ob = b
+    return (sa, na, ha) == (sb, nb, hb) and all(torch.equal(x, y) for x, y in zip(pa, pb)) \
+        and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+def test_engine_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+    """Killed after step 3 of 8 and resumed in a fresh engine from save_checkpoint's file: the same
+    batches, weights, AdamW state, noise counter and accountant history (bit for bit on CPU), so
+    the same epsilon."""
+    eng, model, opt, loader = _adamw_setup(seed=3)
+    batches = []
+    it = iter(loader)
+    for _ in range(8):
+        batches.append(next(it)[0])
+        _epoch_steps(model, opt, [batches[-1:]], 1, it=iter([batches[-1:]]))
+    full, eps_full = _state(eng, model, opt), eng.get_epsilon(1e-5)
+
+    eng, model, opt, loader = _adamw_setup(seed=3)
+    _epoch_steps(model, opt, loader, 3)
+    eng.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=opt,
+                        checkpoint_dict={"epoch": 0, "batches_done": 3})
+    del eng, model, opt, loader  # the process dies
+    eng2, model2, opt2, loader2 = _adamw_setup(seed=3)
+    extra = eng2.load_checkpoint(path=tmp_path / "ck.pt", module=model2, optimizer=opt2)
+    assert extra == {"epoch": 0, "batches_done": 3}
+    assert opt2.noise_generator.step == 3 == opt2.noise_steps and len(eng2.accountant) == 3
+    it2 = iter(loader2)  # the sampler's generator continues where step 3 left it
+    for want in batches[3:]:
+        got = next(it2)[0]
+        assert torch.equal(got, want)
+        _epoch_steps(model2, opt2, None, 1, it=iter([[got]]))
+    assert _same_state(_state(eng2, model2, opt2), full)
+    assert eng2.get_epsilon(1e-5) == eps_full and opt2.noise_steps == 8
+
+
+def test_engine_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    eng, model, opt, loader = _adamw_setup(seed=4)
+    _epoch_steps(model, opt, loader, 2)
+    path = tmp_path / "ck.pt"
+    eng.save_checkpoint(path=path, module=model, optimizer=opt)
+    good = path.read_bytes()
+    _epoch_steps(model, opt, loader, 1)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the process "dies"
+        real_save(obj, f, *a, **k)
+        f.seek(0)
+        f.truncate(100)
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        eng.save_checkpoint(path=path, module=model, optimizer=opt)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == good                      # the previous checkpoint stands
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+    eng2, model2, opt2, _ = _adamw_setup(seed=4)
+    eng2.load_checkpoint(path=path, module=model2, optimizer=opt2)
+    assert opt2.noise_steps == 2
+
+
+def _damage(path, how, model):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:  # one bit of a weight's stored bytes: torch.load reads it without complaint
+        w = model[0].weight.detach().contiguous().view(torch.uint8).numpy().tobytes()
+        pos = bytes(data).find(w)
+        assert pos > 0
+        data[pos + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_engine_checkpoint_damaged_file_refused_and_nothing_changes(tmp_path, how):
+    eng, model, opt, loader = _adamw_setup(seed=5)
+    _epoch_steps(model, opt, loader, 2)
+    path = tmp_path / "ck.pt"
+    eng.save_checkpoint(path=path, module=model, optimizer=opt)
+    _damage(path, how, model)
+    if how == "flip":
+        torch.load(path, weights_only=True)  # the damage is invisible to torch itself
+    eng2, model2, opt2, loader2 = _adamw_setup(seed=5)
+    _epoch_steps(model2, opt2, loader2, 1)
+    before = _state(eng2, model2, opt2)
+    with pytest.raises(ValueError, match="damaged or not" if how == "truncate" else "digest"):
+        eng2.load_checkpoint(path=path, module=model2, optimizer=opt2)
+    assert _same_state(_state(eng2, model2, opt2), before)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(sigma=SIGMA * 1.01), "noise_multiplier"), (dict(clip=C * 2), "max_grad_norm"),
+    (dict(accountant="prv"), "accountant"), (dict(clipping="automatic"), "clipping")])
+def test_engine_checkpoint_of_another_configuration_refused(tmp_path, change, field):
+    eng, model, opt, loader = _adamw_setup(seed=6)
+    _epoch_steps(model, opt, loader, 2)
+    path = tmp_path / "ck.pt"
+    eng.save_checkpoint(path=path, module=model, optimizer=opt)
+    eng2, model2, opt2, loader2 = _adamw_setup(seed=6, **change)
+    _epoch_steps(model2, opt2, loader2, 1)
+    before = _state(eng2, model2, opt2)
+    with pytest.raises(ValueError, match=field):
+        eng2.load_checkpoint(path=path, module=model2, optimizer=opt2)
+    assert _same_state(_state(eng2, model2, opt2), before)
+
+
+def test_engine_checkpoint_refusals(tmp_path):
+    eng, model, opt, loader = _adamw_setup(seed=7)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        eng.load_checkpoint(path=tmp_path / "none.pt", module=model, optimizer=opt)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="damaged or not a dpkern checkpoint"):
+        eng.load_checkpoint(path=tmp_path / "junk.pt", module=model, optimizer=opt)
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a dpkern engine checkpoint"):
+        eng.load_checkpoint(path=tmp_path / "other.pt", module=model, optimizer=opt)
+    # half a step: clipped sums of a backward without its step() are not checkpointed
+    (x,) = next(iter(loader))
+    model(x).pow(2).sum(dim=1).mean().backward()
+    with pytest.raises(RuntimeError, match="between steps"):
+        eng.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=opt)
+    opt.step()
+    opt.zero_grad()
+    eng.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=opt)
+    # another model (same DP configuration, other parameters)
+    torch.manual_seed(0)
+    other = torch.nn.Sequential(torch.nn.Linear(D, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    eng3 = PrivacyEngine(accountant="rdp")
+    other, o3, _ = eng3.make_private(module=other, optimizer=torch.optim.AdamW(other.parameters()),
+                                     data_loader=DataLoader(loader.dataset, batch_size=BSZ),
+                                     noise_multiplier=SIGMA, max_grad_norm=C, seed=7)
+    with pytest.raises(ValueError, match="other private parameters"):
+        eng3.load_checkpoint(path=tmp_path / "ck.pt", module=other, optimizer=o3)
+    with pytest.raises(ValueError, match="not the DPOptimizer"):
+        eng.load_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=o3)
+    with pytest.raises(RuntimeError, match="make_private first"):
+        PrivacyEngine().save_checkpoint(path=tmp_path / "x.pt", module=model)
+
+
+def test_engine_checkpoint_replay_refused(tmp_path):
+    """Loading an older checkpoint into the live run that already released later steps under the
+    same key would replay noise: refused, nothing changes."""
+    eng, model, opt, loader = _adamw_setup(seed=8)
+    _epoch_steps(model, opt, loader, 1)
+    eng.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=opt)
+    _epoch_steps(model, opt, loader, 2)
+    before = _state(eng, model, opt)
+    with pytest.raises(ValueError, match="replay"):
+        eng.load_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=opt)
+    assert _same_state(_state(eng, model, opt), before)
+
+
+def test_secure_engine_checkpoint_holds_no_key_or_sampler_state(tmp_path):
+    eng, model, opt, loader = _adamw_setup(seed=None, secure=True)
+    _epoch_steps(model, opt, loader, 3)
+    path = tmp_path / "ck.pt"
+    eng.save_checkpoint(path=path, module=model, optimizer=opt)
+    blob = torch.load(path, weights_only=True)
+    assert "key" not in blob["payload"]["optimizer"]["dpkern"]["noise"]
+    assert blob["payload"]["engine"]["sampling_rng"] is None
+    eng2, model2, opt2, loader2 = _adamw_setup(seed=None, secure=True)
+    eng2.load_checkpoint(path=path, module=model2, optimizer=opt2)
+    _epoch_steps(model2, opt2, loader2, 2)
+    _epoch_steps(model, opt, loader, 2)
+    assert opt2.noise_generator.step == opt.noise_generator.step == 5
+    assert eng2.get_epsilon(1e-5) == eng.get_epsilon(1e-5)
+
+
+def test_checkpoint_refused_for_engines_with_more_state(tmp_path):
+    from dpkern.subspace.engine import SubspacePrivacyEngine
+    eng = SubspacePrivacyEngine()
+    with pytest.raises(NotImplementedError, match="SubspacePrivacyEngine"):
+        eng.save_checkpoint(path=tmp_path / "x.pt", module=torch.nn.Linear(2, 2))

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpkern import PrivacyEngine
-from dpkern.data import DPDataLoader, PoissonSampler, microbatches
+from dpkern.data import DPDataLoader, PoissonSampler, microbatches, secret_generator
+from dpkern.data.poisson import STREAM_SAMPLING, SecretSampling, inclusion_mask
 from dpkern.losses import per_sample_losses
 from tests.engine import _models
 from tests.engine.test_vs_reference import assert_updates_close
@@ -18,8 +19,8 @@ from tests.engine.test_vs_reference import assert_updates_close
 P_MIN = 1e-3  # reject the sampler when a chi-square p-value is below this (fixed seeds: no flakes)
 
 
-def _sampler_pvalues(n, q, steps, q_true=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def _sampler_pvalues(n, q, steps, q_true=None, seed=0, g=None):
+    g = torch.Generator().manual_seed(seed) if g is None else g
     sampler = PoissonSampler(n, q_true or q, steps=steps, generator=g)
     counts = torch.zeros(n)
     sizes = []
@@ -48,6 +49,66 @@ def test_poisson_sampler_chi_square():
     # the same test rejects a sampler whose rate is off by 4 %
     p_counts, p_sizes, _ = _sampler_pvalues(40, 0.25, 4000, q_true=0.26)
     assert p_counts < P_MIN
+
+
+def test_secret_sampling_chi_square():
+    """The default sampling randomness (Philox under a 128-bit key; a fixed key here, so the test
+    cannot flake) passes the same tests and fails them at a rate 4 % off."""
+    key = bytes(range(16))
+    p_counts, p_sizes, sizes = _sampler_pvalues(40, 0.25, 4000, g=SecretSampling(key))
+    assert p_counts > P_MIN and p_sizes > P_MIN and min(sizes) < 3
+    p_counts, _, _ = _sampler_pvalues(40, 0.25, 4000, q_true=0.26, g=SecretSampling(key))
+    assert p_counts < P_MIN
+
+
+def test_secret_sampling_mask_is_the_64_bit_compare():
+    """Record j of draw d is kept iff its 64-bit Philox word is below floor(q·2^64): checked with
+    Python integers, at q where the float threshold's rounding would matter."""
+    from dpkern.noise.reference import philox_words
+    key = bytes(range(16, 32))
+    for q in (1 / 3, 0.01, 2.0 ** -40 * 3, 0.999999999):
+        ss = SecretSampling(key)
+        ss.mask(7, q)  # draw 0
+        words = ss._gen.kernel_words(1, stream=STREAM_SAMPLING)
+        got = ss.mask(7, q)
+        x = [w.tolist() for w in philox_words(torch.arange(4), words)]
+        vals = [(x[0][g] << 32 | x[1][g], x[2][g] << 32 | x[3][g]) for g in range(4)]
+        vals = [v for pair in vals for v in pair][:7]
+        t = math.floor(q * 2 ** 64)
+        assert t <= q * 2 ** 64
+        assert got.tolist() == [v < t for v in vals]
+    assert SecretSampling(key).mask(5, 1.0).all()
+
+
+def test_inclusion_probability_never_above_q():
+    """The accountant's q must bound the real inclusion probability: floor-rounded thresholds."""
+    for q in (0.1, 1 / 3, 0.007424, 1e-9):
+        assert math.floor(q * 2.0 ** 53) * 2.0 ** -53 <= q
+        assert math.floor(q * 2.0 ** 64) <= q * 2 ** 64
+    g = torch.Generator().manual_seed(0)
+    # a torch.Generator keeps u < q rounded down to 2^-53: at q = 2^-60 nothing is ever kept
+    assert not inclusion_mask(g, 100000, 2.0 ** -60).any()
+
+
+def test_secret_sampling_state_and_secrecy():
+    a = SecretSampling()
+    a.mask(10, 0.5)
+    st = a.get_state()
+    assert st.numel() == 8 and int.from_bytes(bytes(st.tolist()), "little") == 1
+    b = SecretSampling()  # another key: the state resumes the counter, not the batches
+    b.set_state(st)
+    assert b._draw == 1
+    masks_a = torch.stack([a.mask(4000, 0.5) for _ in range(3)])
+    masks_b = torch.stack([b.mask(4000, 0.5) for _ in range(3)])
+    assert not torch.equal(masks_a, masks_b)
+    assert "key=<hidden>" in repr(a)
+    import pickle
+    with pytest.raises(TypeError, match="pickled"):
+        pickle.dumps(a)
+    with pytest.raises(ValueError, match="8-byte"):
+        b.set_state(torch.Generator().get_state())
+    assert isinstance(secret_generator(), SecretSampling)
+    assert isinstance(secret_generator(3), torch.Generator)
 
 
 def _linear_model(d_in=200, d_out=500, seed=0):
