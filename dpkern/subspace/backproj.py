@@ -190,10 +190,13 @@ def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v
                                  decoupled=adam and hyper.decoupled,
                                  nesterov=bool(getattr(hyper, "nesterov", False)), first=fresh,
                                  config=cfg)
-    elif opt == _OPT_SGD:  # no state: one rank-r addmm, no p × d temporary
+    elif opt == _OPT_SGD:  # no state: one rank-r addmm (fp32 W: no p × d temporary)
+        wf = w if w.dtype == torch.float32 else w.float()
         if hyper.weight_decay:
-            w.mul_(1.0 - hyper.lr * hyper.weight_decay)
-        w.addmm_((u @ s).to(w.dtype), v.T.to(w.dtype), alpha=-hyper.lr)
+            wf.mul_(1.0 - hyper.lr * hyper.weight_decay)
+        wf.addmm_(u @ s, v.T, alpha=-hyper.lr)
+        if wf is not w:
+            w.copy_(wf)
     else:
         from dpkern.subspace.reference import backproj_update_ref
         if fresh:
