@@ -309,3 +309,16 @@ def hang_or_fail(rank: int, world: int, what: str):
     if rank == 1 and what == "hang":
         time.sleep(3600)
     return rank
+
+
+def run_hsdp_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
+    """HSDP (2-D mesh: world // 2 replicas x 2 shards) scenarios; keys as run_suite's."""
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    out = {}
+    for sigma in (0.0, 1.0):
+        out[("train", "hsdp", sigma)] = train("hsdp", device, sigma=sigma, steps=3, world=world)
+    out[("micro", "hsdp")] = one_step("hsdp", device, sigma=1.0, rank=rank, world=world,
+                                      rows_by_rank=[4] + [3] * (world - 1), micro=2)
+    out[("empty_rank", "hsdp")] = one_step("hsdp", device, sigma=1.0, rank=rank, world=world,
+                                           rows_by_rank=[3] + [0] * (world - 1))
+    return out
