@@ -48,8 +48,8 @@ def _finetune(args) -> int:
 
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    if args.noise_multiplier is not None:
-        cfg.epsilon = None
+    if args.noise_multiplier is not None or args.lmo_params is not None:
+        cfg.epsilon = None  # fixed noise: ε is reported, not targeted
     if args.epochs is not None:
         cfg.steps = None
     if args.full_train:
@@ -63,6 +63,7 @@ def _finetune(args) -> int:
         if args.compare_nonprivate:
             base = Path(summary["run_dir"])
             plain = dataclasses.replace(cfg, private=False, accept_uncertified_epsilon=False,
+                                        lmo_params=None, lmo_mgf_domain="strict",
                                         output_dir=str(base / "nonprivate"))
             other = run(plain)
             print(compare_line(summary, other))
@@ -87,8 +88,8 @@ def compare_line(private: dict, plain: dict) -> str:
 
 
 def _add_finetune(sub) -> None:
-    from dpkern.finetune.config import (ACCOUNTANTS, BACKENDS, CLIPPINGS, METHODS, TASKS,
-                                        TRAINABLE, FinetuneConfig)
+    from dpkern.finetune.config import (ACCOUNTANTS, BACKENDS, CLIPPINGS, METHODS, MGF_DOMAINS,
+                                        TASKS, TRAINABLE, FinetuneConfig)
     d = FinetuneConfig()
     ft = sub.add_parser(
         "finetune", help="differentially private fine-tuning (default: MiniLM on SST-2, ε=3)",
@@ -132,6 +133,14 @@ def _add_finetune(sub) -> None:
                    help="lmo-dp only: calibrate to and report LMO-DP's own ε, which is NOT a "
                    "certified guarantee (labelled so; the certified ε of the same noise is in "
                    "privacy.json)")
+    p.add_argument("--lmo-params", help="lmo-dp only: fixed LMO-DP noise instead of calibrating "
+                   "the paper's configuration to --epsilon: a preset (paper-default: the LMO-DP "
+                   "artifact's configuration, its 'ε = 0.3' setting) or a .json of LMOParams "
+                   "fields; ε is then reported, not targeted")
+    p.add_argument("--lmo-mgf-domain", default=d.lmo_mgf_domain, choices=MGF_DOMAINS,
+                   help="with --accept-uncertified-epsilon: 'artifact' evaluates LMO-DP's MGF "
+                   "where it is undefined, as the paper's code does (that is where its 0.293 comes "
+                   "from); 'strict' drops those orders")
     p.add_argument("--secure-mode", action="store_true", help="secret seeds only")
     p.add_argument("--compare-nonprivate", action="store_true",
                    help="also run the same recipe without privacy and print both accuracies")

@@ -17,6 +17,7 @@ CLIPPINGS = ("flat", "per-layer", "automatic")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ACCOUNTANTS = ("prv", "rdp", "gdp", "edgeworth")
 TRAINABLE = ("all", "top2", "head", "lora")
+MGF_DOMAINS = ("strict", "artifact")  # dpkern.mechanisms.lmo_accountant.MGF_DOMAINS
 
 
 class FinetuneError(ValueError):
@@ -44,8 +45,10 @@ class FinetuneConfig:
     """Settings of one ``dpkern finetune`` run (the CLI fills this; Python callers may too).
 
     Privacy: either ``epsilon`` (σ is calibrated by ``accountant`` for the planned steps) or
-    ``noise_multiplier`` (ε is then reported, not targeted). ``private=False`` trains the same
-    recipe without clipping or noise (``--compare-nonprivate`` runs both).
+    ``noise_multiplier`` (ε is then reported, not targeted); for ``method="lmo-dp"``, ``lmo_params``
+    (a preset or .json, see dpkern.mechanisms.load_params) fixes the noise the same way.
+    ``private=False`` trains the same recipe without clipping or noise (``--compare-nonprivate``
+    runs both).
     """
 
     model: str = "minilm"
@@ -67,6 +70,8 @@ class FinetuneConfig:
     accountant: str = "prv"
     method: str = "dp-sgd"
     accept_uncertified_epsilon: bool = False  # lmo-dp only: report LMO-DP's own (uncertified) ε
+    lmo_params: str | None = None          # lmo-dp: fixed noise (preset or .json); default: calibrated
+    lmo_mgf_domain: str = "strict"         # lmo-dp reported ε: "artifact" evaluates as the paper does
     secure_mode: bool = False
     # optimisation
     # Defaults chosen on dev.tsv only (bench/results/finetune_sweep_h100: lr 2e-2, B 512, 60 steps had
@@ -119,8 +124,12 @@ class FinetuneConfig:
             bad("--accountant", f"must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if self.trainable not in TRAINABLE:
             bad("--trainable", f"must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.lmo_params is not None and not (self.private and self.method == "lmo-dp"):
+            bad("--lmo-params", "only applies to a private run with --method lmo-dp")
         if self.private:
-            if self.noise_multiplier is not None:
+            if self.method == "lmo-dp" and self.lmo_params is not None:
+                pass  # the noise is fixed; ε is reported after the run, not targeted
+            elif self.noise_multiplier is not None:
                 if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
                     bad("--noise-multiplier", f"must be finite and > 0, got {self.noise_multiplier}")
             elif self.epsilon is None:
@@ -137,6 +146,12 @@ class FinetuneConfig:
         if self.accept_uncertified_epsilon and not (self.private and self.method == "lmo-dp"):
             bad("--accept-uncertified-epsilon", "only applies to a private run with --method "
                 "lmo-dp")
+        if self.lmo_mgf_domain not in MGF_DOMAINS:
+            bad("--lmo-mgf-domain", f"must be one of {', '.join(MGF_DOMAINS)}, got "
+                f"{self.lmo_mgf_domain!r}")
+        if self.lmo_mgf_domain != "strict" and not self.accept_uncertified_epsilon:
+            bad("--lmo-mgf-domain", "only applies to LMO-DP's own ε (with "
+                "--accept-uncertified-epsilon); the certified ε does not use it")
         if self.batch_size < 1:
             bad("--batch-size", f"must be >= 1, got {self.batch_size}")
         if self.physical_batch_size < 1:

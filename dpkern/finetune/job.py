@@ -31,7 +31,9 @@ from dpkern.finetune.train import Throughput, evaluate, train_step
 
 RESUME_KEYS = ("model", "data", "task", "max_length", "train_size", "dev_size", "private",
                "epsilon", "delta", "noise_multiplier", "max_grad_norm", "clipping", "accountant",
-               "method", "accept_uncertified_epsilon", "sft_rank", "sft_stage1_steps", "batch_size", "steps", "epochs", "lr", "trainable", "lora_r", "seed")
+               "method", "accept_uncertified_epsilon", "lmo_params", "lmo_mgf_domain", "sft_rank",
+               "sft_stage1_steps", "batch_size", "steps", "epochs", "lr", "trainable", "lora_r",
+               "seed")
 
 
 def _device(name: str) -> torch.device:
@@ -179,8 +181,9 @@ def run(cfg: FinetuneConfig, log=print) -> dict:
         write_json(out / "config.json", cfg.to_dict())
     write_json(out / "config.json", cfg.to_dict())
 
-    what = (f"ε={cfg.epsilon:g}" if cfg.noise_multiplier is None else "σ given") if cfg.private \
-        else "NON-PRIVATE"
+    what = "NON-PRIVATE" if not cfg.private else "LMO-DP noise given" if (
+        cfg.method == "lmo-dp" and cfg.lmo_params is not None) else (
+        f"ε={cfg.epsilon:g}" if cfg.noise_multiplier is None else "σ given")
     log(f"dpkern finetune [{what}] {Path(str(model_dir)).name} ({n_trainable:,} of "
         f"{n_total:,} params trained, {cfg.trainable if cfg.lora_r is None else 'lora'})"
         f" on {splits.source}: {n_train} train rows, {len(dev_ds)} dev, {len(test_ds)} test "

@@ -8,6 +8,8 @@ configuration with its inverse scale u multiplied by one factor s, the largest s
 planned steps stays ≤ the target. By default ε is LMO-DP's *certified* bound (valid for any model
 size); ``accept_uncertified_epsilon`` calibrates and reports the paper's own ε instead, labelled
 "not certified", with the certified ε of the same noise beside it in privacy.json.
+``lmo_params`` (a preset such as "paper-default", or a .json) fixes the noise instead: no calibration,
+ε is reported after the run (like ``noise_multiplier`` for the Gaussian).
 """
 from __future__ import annotations
 
@@ -42,10 +44,18 @@ class PrivatePlan:
             return (f"σ={self.noise_multiplier:.4f} {how} for q={self.sample_rate:.5f}, "
                     f"{self.steps} steps, C={cfg.max_grad_norm}, δ={cfg.delta:g}")
         d = self.details
-        return (f"LMO-DP noise (u scaled by {d['scale']:.4g}, noise std {d['noise_std']:.4g} per "
-                f"coordinate) calibrated to the {d['accounting']} ε for q={self.sample_rate:.5f}, "
-                f"{self.steps} steps, C={cfg.max_grad_norm}, δ={cfg.delta:g}"
-                + ("" if self.certified else " — ε NOT CERTIFIED (LMO-DP's own accounting)"))
+        if self.target_epsilon is None:
+            how = (f"LMO-DP noise {cfg.lmo_params} given ({self.mechanism.params}, noise std "
+                   f"{d['noise_std']:.4g} per coordinate), {d['accounting']} ε "
+                   f"{d['planned_epsilon']:.4g} planned")
+        else:
+            how = (f"LMO-DP noise (u scaled by {d['scale']:.4g}, noise std {d['noise_std']:.4g} "
+                   f"per coordinate) calibrated to the {d['accounting']} ε")
+        return (how + f" for q={self.sample_rate:.5f}, {self.steps} steps, C={cfg.max_grad_norm}, "
+                f"δ={cfg.delta:g}"
+                + ("" if self.certified else " — ε NOT CERTIFIED (LMO-DP's own accounting"
+                   + (", MGF evaluated as the artifact does" if self.mechanism.mgf_domain ==
+                      "artifact" else "") + ")"))
 
     def report(self, cfg: FinetuneConfig, steps_done: int, epsilon: float | None, n_train: int,
                engine=None, noise_steps: int | None = None) -> dict:
@@ -82,8 +92,12 @@ class PrivatePlan:
         if self.mechanism is not None:
             m = self.mechanism
             out["mechanism"] = {"name": "lmo-dp", "params": m.params.as_dict(),
+                                "lmo_params": cfg.lmo_params,
                                 "scale_of_paper_default": self.details["scale"],
                                 "accounting": m.accounting}
+            if rep is not None and not m.certified:  # the paper's one-step ε and Gaussian swap
+                out["mechanism"].update(mgf_domain=m.mgf_domain, **{
+                    k: rep.details[k] for k in ("eps_lmo", "order", "sigma_eq")})
             if not m.certified:  # the same noise's certified ε, beside the paper's number
                 done = out["noise_steps"] if out["noise_steps"] is not None else steps_done
                 cert = m.certified_epsilon(sample_rate=self.sample_rate, steps=done,
@@ -153,16 +167,43 @@ def _lmo(cfg: FinetuneConfig, scale: float):
     """LMO-DP noise: the paper's default configuration with u (the inverse Laplace scale)
     multiplied by ``scale`` (a1, a3, a4 scaled), clip norm C, the run's accounting."""
     from dpkern.mechanisms import PAPER_DEFAULT
-    LMOMechanism = _cached_lmo_class()
     base = PAPER_DEFAULT
-    params = replace(base, a1=base.a1 * scale, a3=base.a3 * scale, a4=base.a4 * scale)
+    return _lmo_mechanism(cfg, replace(base, a1=base.a1 * scale, a3=base.a3 * scale,
+                                       a4=base.a4 * scale))
+
+
+def _lmo_mechanism(cfg: FinetuneConfig, params):
+    """LMOMechanism with these params, clip norm C and the run's accounting (and MGF domain)."""
+    LMOMechanism = _cached_lmo_class()
     if cfg.accept_uncertified_epsilon:
         return LMOMechanism(params, cfg.max_grad_norm, accounting="reported",
-                            accept_uncertified_epsilon=True)
+                            accept_uncertified_epsilon=True, mgf_domain=cfg.lmo_mgf_domain)
     return LMOMechanism(params, cfg.max_grad_norm, accounting="certified")
 
 
-_LMO_SCALES: dict = {}  # (target, δ, q, steps, C, accounting) -> scale: the search is deterministic
+def fixed_lmo(cfg: FinetuneConfig, q: float, steps: int) -> PrivatePlan:
+    """``--lmo-params``: the given noise, not calibrated; its ε over ``steps`` must be finite."""
+    from dpkern.mechanisms import PAPER_DEFAULT, load_params
+    try:
+        params = load_params(cfg.lmo_params)
+    except ValueError as e:
+        raise FinetuneError(f"--lmo-params: {e}") from None
+    mech = _lmo_mechanism(cfg, params)
+    try:
+        eps = float(mech.epsilon(sample_rate=q, steps=steps, delta=cfg.delta).epsilon)
+    except ValueError:
+        eps = math.inf
+    if not math.isfinite(eps):
+        raise FinetuneError(f"--lmo-params {cfg.lmo_params}: the {mech.accounting} ε of {params} "
+                            f"is not finite at δ = {cfg.delta:g} (its MGF is undefined at every "
+                            "order): this noise carries no guarantee")
+    return PrivatePlan(0.0, q, steps, None, mechanism=mech,
+                       details={"scale": 1.0 if params == PAPER_DEFAULT else None,
+                                "noise_std": mech.noise_std(), "accounting": mech.accounting,
+                                "planned_epsilon": eps})
+
+
+_LMO_SCALES: dict = {}  # (target, δ, q, steps, C, accounting, MGF domain) -> scale (deterministic)
 
 
 def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 10) -> PrivatePlan:
@@ -174,8 +215,11 @@ def calibrate_lmo(cfg: FinetuneConfig, q: float, steps: int, iters: int = 10) ->
     """
     from dpkern.mechanisms import PAPER_DEFAULT
 
+    if cfg.lmo_params is not None:
+        return fixed_lmo(cfg, q, steps)
     target = float(cfg.epsilon)
-    key = (target, cfg.delta, q, steps, cfg.max_grad_norm, cfg.accept_uncertified_epsilon)
+    key = (target, cfg.delta, q, steps, cfg.max_grad_norm, cfg.accept_uncertified_epsilon,
+           cfg.lmo_mgf_domain)
     if key in _LMO_SCALES:
         return _lmo_plan(cfg, q, steps, _LMO_SCALES[key])
 

@@ -100,6 +100,92 @@ def test_lmo_impossible_budget(capsys, tmp_path, tiny_model, tiny_data):
     assert not (run / "metrics.jsonl").exists()
 
 
+def test_lmo_params_preset_fixed_noise_paper_accounting(capsys, tmp_path, tiny_model, tiny_data,
+                                                         lmo_calls):
+    """--lmo-params paper-default runs the paper's configuration unscaled (no calibration: ε is
+    reported, not targeted); with --lmo-mgf-domain artifact its ε is the paper's own, labelled, with
+    the one-step 0.293 in privacy.json, and the certified ε of the same noise beside it."""
+    from dpkern.mechanisms import PAPER_DEFAULT
+    from dpkern.mechanisms import lmo_accountant as A
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp",
+                              "--lmo-params", "paper-default", "--accept-uncertified-epsilon",
+                              "--lmo-mgf-domain", "artifact", "--delta", "1e-10")
+    assert code == 0, err
+    assert "LMO-DP noise given" in out and "NOT CERTIFIED" in out and "artifact" in out
+    p = json.loads((run / "privacy.json").read_text())
+    assert LMOParams(**p["mechanism"]["params"]) == PAPER_DEFAULT, "no calibration, no scaling"
+    assert p["target_epsilon"] is None and p["epsilon_certified"] is False
+    m = p["mechanism"]
+    assert m["lmo_params"] == "paper-default" and m["mgf_domain"] == "artifact"
+    assert m["eps_lmo"] == pytest.approx(0.2932, abs=1e-4)
+    assert m["sigma_eq"] == pytest.approx(23.256, abs=1e-3)
+    rep = A.reported_epsilon(PAPER_DEFAULT, sample_rate=32 / 400, steps=3, delta=1e-10,
+                             mgf_domain="artifact")
+    assert p["epsilon"] == pytest.approx(rep.epsilon, rel=1e-12)
+    strict = A.reported_epsilon(PAPER_DEFAULT, sample_rate=32 / 400, steps=3, delta=1e-10)
+    assert p["epsilon"] != pytest.approx(strict.epsilon, rel=1e-6), "the domain must be passed on"
+    cert = A.certified_epsilon(PAPER_DEFAULT, sample_rate=32 / 400, steps=3, delta=1e-10)
+    assert p["certified_epsilon_same_noise"] == pytest.approx(cert.epsilon, rel=1e-12)
+    assert cert.epsilon > p["epsilon"]
+    assert lmo_calls["n"] >= 3
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["epsilon"] is None and cfg["lmo_params"] == "paper-default"
+
+
+def test_lmo_params_json_certified(capsys, tmp_path, tiny_model, tiny_data, lmo_calls):
+    """A .json of LMOParams fields, certified accounting by default (no opt-in needed)."""
+    params = LMOParams(a1=0.3, a3=0.2, a4=0.5, theta=0.5, k=2.0, lam=5.0, a=1.0, b=2.0)
+    path = tmp_path / "lmo.json"
+    path.write_text(json.dumps(params.as_dict()))
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp",
+                              "--lmo-params", str(path))
+    assert code == 0, err
+    p = json.loads((run / "privacy.json").read_text())
+    assert LMOParams(**p["mechanism"]["params"]) == params and p["epsilon_certified"] is True
+    assert p["mechanism"]["scale_of_paper_default"] is None
+    cert = LMOMechanism(params, 1.0, accounting="certified").certified_epsilon(
+        sample_rate=32 / 400, steps=3, delta=1e-5).epsilon
+    assert p["epsilon"] == pytest.approx(cert, rel=1e-12)
+
+
+def test_lmo_params_without_guarantee_refused(capsys, tmp_path, tiny_model, tiny_data):
+    """a1·θ = 1.8: the MGF is undefined at every order, so no ε (reported or certified) exists."""
+    path = tmp_path / "lmo.json"
+    path.write_text(json.dumps({"a1": 0.9, "theta": 2.0}))
+    for extra in ([], ["--accept-uncertified-epsilon"]):
+        code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, "--method", "lmo-dp",
+                                  "--lmo-params", str(path), *extra)
+        assert code == 2 and "--lmo-params" in err and "not finite" in err, err
+        assert not (run / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,option,words", [
+    (["--lmo-params", "paper-default"], "--lmo-params", "lmo-dp"),           # dp-sgd run
+    (["--method", "lmo-dp", "--lmo-params", "no-such-preset"], "--lmo-params", "preset"),
+    (["--method", "lmo-dp", "--lmo-mgf-domain", "artifact"], "--lmo-mgf-domain",
+     "--accept-uncertified-epsilon"),                                          # certified ε
+], ids=["not-lmo", "unknown-preset", "domain-without-opt-in"])
+def test_lmo_params_errors(capsys, tmp_path, tiny_model, tiny_data, args, option, words):
+    code, out, err, run = cli(capsys, tmp_path, tiny_model, tiny_data, *args)
+    assert code == 2 and option in err and words in err, err
+    assert not (run / "metrics.jsonl").exists()
+
+
+def test_load_params_json_errors(tmp_path):
+    from dpkern.mechanisms import PAPER_DEFAULT, load_params
+    assert load_params("paper-default") is PAPER_DEFAULT
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"a1": 0.1, "lambda": 5.0}))
+    with pytest.raises(ValueError, match="unknown LMOParams field.*lambda"):
+        load_params(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_params(str(bad))
+    bad.write_text(json.dumps({"a1": 0.0, "a3": 0.0, "a4": 0.0}))
+    with pytest.raises(ValueError, match="u = 0"):
+        load_params(str(bad))
+
+
 def test_rmt_denoise_same_epsilon_as_dp_sgd(capsys, tmp_path, tiny_model, tiny_data, monkeypatch):
     """rmt-denoise is post-processing: same σ and ε as dp-sgd, and the denoiser really runs."""
     import dpkern.denoise as denoise
