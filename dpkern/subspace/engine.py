@@ -16,9 +16,12 @@ Math and accounting: dpkern/subspace/README.md. Per backward pass (end of the ta
 
 At step(): S̃ = (Σ c_i S_i + σC·z) / B_expected with z from the optimizer's NoiseGenerator at the
 release's counter step and the weight's global offset (the same z the engine would draw for the
-first ru·rv elements of W), then W.grad = U S̃ Vᵀ (or, for plain SGD, W -= lr·(U S̃) Vᵀ without a
-p × d gradient). The accountant is charged as for any DP-SGD step: every released coordinate has
-sensitivity ≤ C jointly and noise std σC.
+first ru·rv elements of W), then W ← update(W, U S̃ Vᵀ) by the fused back-projection
+(dpkern/subspace/backproj.py: SGD with or without momentum, Adam, AdamW; no p × d gradient; states
+in the inner optimizer's state dict), or, for anything else (amsgrad, other optimizers,
+fused_backprojection = False), W.grad = U S̃ Vᵀ and the inner optimizer's own step. The
+accountant is charged as for any DP-SGD step: every released coordinate has sensitivity ≤ C
+jointly and noise std σC.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from dpkern.layers.bounds import release_bounds
 from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
+from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_
 from dpkern.subspace.ops import subspace_project
 
 __all__ = ["SubspacePrivacyEngine", "SubspaceDPOptimizer", "check_basis"]
@@ -153,7 +157,11 @@ class SubspaceDPOptimizer(DPOptimizer):
     Attributes:
         bases: {param: (U (p, ru), V (d, rv))} fp32, orthonormal columns.
         last_released: {name: S̃ (ru, rv) fp32}, the noisy averaged coordinates of the last step.
-        fused_backprojection: plain SGD (momentum 0) applies W -= lr (U S̃) Vᵀ directly.
+        fused_backprojection: True (default): SGD (any momentum), Adam and AdamW update projected
+            weights by the fused back-projection (no p × d gradient; p.grad stays None);
+            False, or amsgrad / maximize / another optimizer: W.grad = U S̃ Vᵀ, inner step.
+        backproj_backend: backend of the fused back-projection (None: DPKERN_BACKEND / auto).
+        last_backproj: True when the last step used the fused back-projection.
     """
 
     def __init__(self, *args, **kwargs):
@@ -162,6 +170,8 @@ class SubspaceDPOptimizer(DPOptimizer):
         self.sub_summed: dict = {}
         self.last_released: dict = {}
         self.fused_backprojection = True
+        self.backproj_backend: str | None = None
+        self.last_backproj = False
         self._projected: dict = {}  # param -> name, projected parameters removed from self.params
         self._sub_grads: dict = {}
         # Run at the very end of step(), after the projected weights moved (refreshers).
@@ -194,15 +204,30 @@ class SubspaceDPOptimizer(DPOptimizer):
                 raise RuntimeError(f"gradients found from outside the engine on parameter "
                                    f"{name!r} (projected): that gradient was never clipped")
 
-    def _backproj_sgd(self):
-        """(lr, weight_decay) for the fused back-projection, or None."""
-        opt = self.original_optimizer
-        if not self.fused_backprojection or type(opt) is not torch.optim.SGD:
+    def _backproj_hypers(self) -> dict | None:
+        """{id(group): SGDHyper | AdamHyper} for the fused back-projection of the projected weights,
+        or None when it cannot run (then W.grad is materialised for the inner step)."""
+        if not self.fused_backprojection:
             return None
-        for g in self.param_groups:
-            if g["momentum"] != 0 or g.get("maximize") or g.get("differentiable"):
-                return None
-        return True
+        if not all(p.dtype in (torch.float32, torch.bfloat16) and p.is_contiguous()
+                   for p in self._projected):
+            return None
+        mine = set(self._projected)
+        try:
+            return {id(g): backproj_hyper(self.original_optimizer, g) for g in self.param_groups
+                    if any(p in mine for p in g["params"])}
+        except NotImplementedError:  # amsgrad, maximize, other optimizers: torch's own step
+            return None
+
+    def _states_for_torch(self) -> None:
+        """Before an inner torch step on projected weights: fused steps keep fp32 states (as
+        DPOptimizer's fused step); torch.optim wants a bf16 weight's states in bf16."""
+        for p in self._projected:
+            st = self.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                x = st.get(k)
+                if isinstance(x, torch.Tensor) and x.dtype != p.dtype:
+                    st[k] = x.to(p.dtype)
 
     @torch.no_grad()
     def _released_coords(self, step: int) -> dict:
@@ -233,9 +258,11 @@ class SubspaceDPOptimizer(DPOptimizer):
         self._check_projected_grads()
         step = self.noise_generator.step  # the counter step super().step() is about to reserve
         released = self._released_coords(step)
-        sgd = self._backproj_sgd()
+        hypers = self._backproj_hypers()
         fused = self.fused_available()
-        if sgd is None and not fused:  # the inner optimizer's one step sees these grads
+        if hypers is None:
+            self._states_for_torch()
+        if hypers is None and not fused:  # the inner optimizer's one step sees these grads
             for p, s_t in released.items():
                 u, v = self.bases[p]
                 p.grad = (u @ s_t @ v.T).to(p.dtype)
@@ -248,15 +275,14 @@ class SubspaceDPOptimizer(DPOptimizer):
         if self.noise_generator.step != step + 1:
             raise RuntimeError("SubspaceDPOptimizer: the noise counter moved unexpectedly")
         self.last_released = {self._projected[p]: s for p, s in released.items()}
+        self.last_backproj = hypers is not None
         with torch.no_grad():
-            if sgd is not None:
+            if hypers is not None:  # super() stepped the full parameters only
                 by_group = {id(p): g for g in self.param_groups for p in g["params"]}
                 for p, s_t in released.items():
-                    grp = by_group[id(p)]
                     u, v = self.bases[p]
-                    if grp["weight_decay"]:
-                        p.mul_(1.0 - grp["lr"] * grp["weight_decay"])
-                    p.addmm_((u @ s_t).to(p.dtype), v.T.to(p.dtype), alpha=-grp["lr"])
+                    subspace_backproj_step_(p, u, s_t, v, hypers[id(by_group[id(p)])],
+                                            self.state[p], backend=self.backproj_backend)
                     p.grad = None
             elif fused:  # super() ran the fused kernel on the full parameters only
                 for p, s_t in released.items():
