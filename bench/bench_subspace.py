@@ -6,11 +6,15 @@ init from transformers' LlamaConfig), bf16 autocast, AdamW, B = 8 × T = 512, lo
 clipping of every parameter). "subspace-r": SubspacePrivacyEngine with every decoder Linear and
 the lm_head projected at rank r (random orthonormal bases; embeddings and norms stay full). Step
 time (forward + backward + clip + noise + update) and peak memory per case; the kernel case times
-subspace_project (triton vs torch) at the MLP down-projection shape. CPU: tiny shapes, correctness.
+subspace_project (triton vs torch) at the MLP down-projection shape; the back-projection case
+(registry "subspace_backproj") times one AdamW step of a projected weight: the fused kernel (ieee
+and tf32x3 dots) vs the unfused path (W.grad = U S̃ Vᵀ materialised, torch.optim.AdamW(fused=True)).
+CPU: tiny shapes, correctness.
 """
 import pytest
 import torch
 
+from bench import registry
 from bench.conftest import HAS_GPU
 from dpkern.subspace import orthonormalize, subspace_project
 from dpkern.subspace.reference import subspace_project_ref
@@ -111,3 +115,69 @@ def test_llama_step_bench(timed, mode):
     info = timed(step)
     info.update(op="dp_step", mode=mode, batch=list(BATCH), projected_layers=n_proj,
                 n_params=sum(p.numel() for p in model.parameters()))
+
+
+BACKPROJ_CASES = registry.shapes("subspace_backproj")
+BACKPROJ_MODES = ["triton", "triton-tf32x3", "materialised"] if HAS_GPU else ["torch", "materialised"]
+
+
+def _backproj_inputs(shape, dtype):
+    from dpkern.subspace.backproj import AdamHyper
+    p, d, r = shape
+    torch.manual_seed(0)
+    w = (torch.randn(p, d, device=DEV) * 0.02).to(dtype)
+    u = orthonormalize(torch.randn(p, r, device=DEV))
+    v = orthonormalize(torch.randn(d, r, device=DEV))
+    s = torch.randn(r, r, device=DEV) * 1e-3
+    return w, u, s, v, AdamHyper(lr=1e-4, weight_decay=0.01, decoupled=True)
+
+
+@pytest.mark.parametrize("mode", BACKPROJ_MODES)
+@pytest.mark.parametrize("dtype", registry.torch_dtypes("subspace_backproj"), ids=str)
+@pytest.mark.parametrize("shape", BACKPROJ_CASES,
+                         ids=lambda s: registry.op("subspace_backproj").shape_id(s))
+def test_subspace_backproj_bench(timed, shape, dtype, mode):
+    """One AdamW step of a projected weight (states exist: step 2 onwards). GB/s counts the bytes
+    the fused kernel must move (W read + written, fp32 m and v read + written) for every mode."""
+    from dpkern.subspace.backproj import subspace_backproj_step_
+    from dpkern.subspace.reference import backproj_update_ref
+    w, u, s, v, hyper = _backproj_inputs(shape, dtype)
+    if mode == "materialised":
+        w = torch.nn.Parameter(w)
+        opt = torch.optim.AdamW([w], lr=hyper.lr, weight_decay=hyper.weight_decay, fused=HAS_GPU)
+
+        def fn():
+            w.grad = (u @ s @ v.T).to(w.dtype)
+            opt.step()
+            w.grad = None
+        fn()  # states created
+        info = timed(fn, bytes_moved=w.numel() * (2 * w.element_size() + 16), baseline=True)
+    else:
+        cfg = None
+        if mode.startswith("triton"):
+            from dpkern.kernels.subspace_backproj import subspace_backproj_config
+            prec = "tf32x3" if mode.endswith("tf32x3") else "ieee"
+            cfg = subspace_backproj_config(*shape[:2], shape[2], w.device, input_precision=prec)
+        backend = "triton" if mode.startswith("triton") else mode
+        state = {}
+        subspace_backproj_step_(w, u, s, v, hyper, state, backend=backend, config=cfg)
+
+        def check():
+            """One more step against the fp32 reference (it forms U S̃ Vᵀ). Both gradients carry
+            fp32 dot error ρN (N = (|U||S̃|)|V|ᵀ, ρ tests/tolerance.py's policy); Adam's
+            normalised update moves by ≲ 2ρN/|g| (a sign flip where |g| ≲ ρN); + half an ulp."""
+            w_ref, _, _ = backproj_update_ref(w, u, s, v, state["exp_avg"], state["exp_avg_sq"],
+                                              hyper=hyper, t=2, first=False)
+            subspace_backproj_step_(w, u, s, v, hyper, state, backend=backend, config=cfg)
+            g = (u @ s) @ v.T
+            n = (u.abs() @ s.abs()) @ v.abs().T
+            rho = 8 * 2.0 ** -23 * (2 * shape[2]) ** 0.5
+            half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -23
+            amp = torch.clamp(4 * rho * n / g.abs(), max=4.0)
+            err = (w.float() - w_ref).abs()
+            allowed = 2 * half_ulp * w_ref.abs() + hyper.lr * (1e-5 + amp)
+            assert (err <= allowed).all(), float((err / allowed).max())
+        info = timed(lambda: subspace_backproj_step_(w, u, s, v, hyper, state, backend=backend,
+                                                     config=cfg),
+                     bytes_moved=w.numel() * (2 * w.element_size() + 16), check=check)
+    info.update(op="subspace_backproj", backend=mode, dtype=str(dtype), shape=list(shape))

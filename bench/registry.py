@@ -78,6 +78,12 @@ OPS: dict[str, OpCases] = {c.op: c for c in [
             note="fused noise + optimizer over a 1.0B-parameter tensor set"),
     OpCases("noise_add", ("n",), full=((1 << 28,),), quick=((1 << 12,),),
             note="LMO-DP and Gaussian noise add, GB/s of the buffer read + written"),
+    # one projected weight of the Llama-1B (q/k/v/o, MLP up/gate, down, lm_head) at DP-SFT ranks
+    OpCases("subspace_backproj", ("p", "d", "r"),
+            full=((2048, 2048, 64), (5632, 2048, 64), (2048, 5632, 64), (32000, 2048, 64),
+                  (5632, 2048, 128), (5632, 2048, 16)),
+            quick=((70, 130, 4),),
+            note="fused back-projection + AdamW vs W.grad = U S~ V^T + torch.optim.AdamW(fused)"),
     OpCases("rmt_denoise", ("hidden", "intermediate", "layers"),
             full=((2048, 5504, 22),), quick=((64, 172, 2),), dtypes=("float32",),
             note="every weight matrix of a Llama-style ~1B model"),

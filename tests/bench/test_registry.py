@@ -40,6 +40,8 @@ def test_bench_files_take_shapes_from_registry():
     assert bench_persample.HEADLINE == registry.shapes("headline", quick=False)[0]
     assert bench_lmo.SIZES == [s[0] for s in registry.shapes("noise_add")]
     assert bench_noise_step.SHAPES == list(registry.shapes("noise_step")[0])
+    from bench import bench_subspace
+    assert bench_subspace.BACKPROJ_CASES == registry.shapes("subspace_backproj")
     assert bench_denoise.MODELS["llama-1b"] == dict(hidden=2048, intermediate=5504, layers=22)
     assert tuple(bench_denoise.MODELS["tiny"].values()) == registry.shapes("rmt_denoise", True)[0]
 

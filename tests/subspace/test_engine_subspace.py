@@ -373,7 +373,7 @@ def test_fused_backprojection_taken_and_equals_unfused(opt_name, dtype, monkeypa
         moved = float((b - a0).detach().abs().max())
         assert moved > 1e-3, n
         tol = (1e-5 * moved if dtype == torch.float32
-               else 2 * len(xs) * 2.0 ** -7 * float(a0.abs().max()))
+               else 2 * len(xs) * 2.0 ** -7 * float(a0.detach().abs().max()))
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol, msg=n)
     w = m_f[0].weight
     st = dp_f.state_dict()["state"]
@@ -394,7 +394,7 @@ def test_switch_to_unfused_mid_run(dtype):
     for a, b, a0 in zip(m_s.parameters(), m_u.parameters(), init.parameters()):
         moved = float((b - a0).detach().abs().max())
         tol = (1e-5 * moved if dtype == torch.float32
-               else 2 * len(xs) * 2.0 ** -7 * float(a0.abs().max()))
+               else 2 * len(xs) * 2.0 ** -7 * float(a0.detach().abs().max()))
         torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)
 
 
