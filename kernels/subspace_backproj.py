@@ -6,8 +6,8 @@ BLOCK_P rows of W, forms [BP, RV] = U[rows] S̃ on chip once, then walks its sha
 tiles, each time forming the [BP, BD] tile of G = (U S̃) Vᵀ in registers and applying the optimizer
 in the epilogue (SGD, SGD with momentum, Adam with L2 or decoupled (AdamW) weight decay), reading
 and writing W and the optimizer's states in place. Traffic per element: W and the states, read and
-written once; FLOPs 2·RV per element plus 2·RU·RV per row and program. Math: the README beside
-dpkern/subspace/backproj.py (dpkern/subspace/README.md).
+written once; FLOPs 2·RV per element plus 2·RU·RV per row and program. Math and update rules:
+dpkern/subspace/README.md.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def subspace_backproj_config(p: int, d: int, rank: int, device: torch.device,
                              input_precision: str | None = None) -> SubspaceBackprojConfig:
-    """64 × 64 tiles (32 × 64 and 8 warps above rank 64: [BP, RV] + [BD, RV] + [BP, BD] fp32
-    blocks stay in registers); the column tiles of a row block are split until ≥ 2 programs per SM
+    """64 × 64 tiles (32 × 64 above rank 64; 8 warps above rank 32: [BP, RV] + [BD, RV] and the
+    [BP, BD] gradient, W and state tiles stay in registers); the column tiles of a row block are split until ≥ 2 programs per SM
     run, keeping ≥ 4 tiles per program so the U S̃ product (RU/BD of the tile FLOPs) is amortised.
     Dots default to IEEE fp32: the update must match the fp32 materialised path (TF32 would move
     it by ~1e-3 relative); the kernel is bound by W / state traffic up to RV ≈ 128 anyway."""
@@ -55,7 +55,7 @@ def subspace_backproj_config(p: int, d: int, rank: int, device: torch.device,
     else:  # interpreter: exact fp32 dots whatever is asked; split anyway to exercise it
         split, prec = max(1, min(2, col_tiles)), input_precision or "ieee"
     return SubspaceBackprojConfig(BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=32, n_split=split,
-                                  num_warps=8 if big else 4, input_precision=prec)
+                                  num_warps=8 if rank > 32 else 4, input_precision=prec)
 
 
 def subspace_backproj_search_space():

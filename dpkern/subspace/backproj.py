@@ -156,7 +156,7 @@ def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v
         >>> u, v = torch.eye(4)[:, :2], torch.eye(6)[:, :3]
         >>> subspace_backproj_step_(w, u, torch.ones(2, 3), v, AdamHyper(lr=0.1), st)
         >>> float(w[0, 0]), int(st["step"])
-        (-0.10000000149011612, 1)
+        (-0.09999998658895493, 1)
     """
     _check(w, u, s, v)
     _check_hyper(hyper)
