@@ -179,6 +179,19 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 "sampling_rng": None if self.sampling_generator is None
                 else self.sampling_generator.get_state()}
 
+    def save_distributed_checkpoint(self, path, *, module, optimizer) -> None:
+        """Model, optimizer (DTensor shards under FSDP2 / HSDP) and DP state (accountant, sampler,
+        noise counter) to the torch.distributed.checkpoint directory `path`; every rank calls it,
+        after a step. See dpkern/distributed/checkpoint.py."""
+        from dpkern.distributed import checkpoint
+        checkpoint.save(path, engine=self, module=module, optimizer=optimizer)
+
+    def load_distributed_checkpoint(self, path, *, module, optimizer) -> None:
+        """Restores save_distributed_checkpoint's directory after make_private (same σ, C, global
+        B and q), resharding to this run's world size: same ε, noise counter and global batches."""
+        from dpkern.distributed import checkpoint
+        checkpoint.load(path, engine=self, module=module, optimizer=optimizer)
+
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("world_size", self.world_size)) != self.world_size:
             raise ValueError(f"load_state_dict: checkpoint written by {state['world_size']} ranks, "

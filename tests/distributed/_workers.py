@@ -322,3 +322,56 @@ def run_hsdp_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
     out[("empty_rank", "hsdp")] = one_step("hsdp", device, sigma=1.0, rank=rank, world=world,
                                            rows_by_rank=[3] + [0] * (world - 1))
     return out
+
+
+def dcp_train(rank: int, world: int, path: str, save_after: int | None = None,
+              load: bool = False, mode: str = "fsdp", steps: int = 3) -> dict:
+    """A `mode` run with the global B and q of a 2-rank run (B = 2 * PER_RANK, q = B / N_DATA) at
+    any world size. save_after=k: save_distributed_checkpoint to `path` after step k and go on;
+    load: start from `path` and run the steps after the saved one."""
+    from dpkern.distributed import DistributedPrivacyEngine
+    device = torch.device("cpu")
+    model, opt = build(mode, device)
+    eng = DistributedPrivacyEngine(accountant="rdp")
+    bsz = 2 * PER_RANK
+    model, opt, loader = eng.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(dataset(), batch_size=PER_RANK),
+        noise_multiplier=1.0, max_grad_norm=C, expected_batch_size=bsz,
+        sample_rate=bsz / N_DATA, seed=SEED, **SUM)
+    opt.average_sum = True
+    first = 0
+    if load:
+        eng.load_distributed_checkpoint(path, module=model, optimizer=opt)
+        first = opt.noise_steps
+    batches = _forever(loader)
+    rows = []
+    for k in range(first, steps):
+        ids, idx = next(batches)
+        rows.append(idx.tolist())
+        if ids.shape[0] > 0:
+            per_sample_loss(model, ids).sum().backward()
+        else:
+            pad, _ = loader.padding_batch()
+            (per_sample_loss(model, pad).sum() * 0).backward()
+        opt.step()
+        opt.zero_grad()
+        if save_after is not None and k + 1 == save_after:
+            eng.save_distributed_checkpoint(path, module=model, optimizer=opt)
+    return {"params": full_params(model), "eps": eng.get_epsilon(1e-5), "rows": rows,
+            "counter": opt.noise_generator.step, "noise_steps": opt.noise_steps, "first": first}
+
+
+def dcp_refusal(rank: int, world: int, path: str) -> str | None:
+    """Loading the checkpoint into a run with another sigma is refused (message), nothing loaded."""
+    from dpkern.distributed import DistributedPrivacyEngine
+    model, opt = build("fsdp", torch.device("cpu"))
+    eng = DistributedPrivacyEngine(accountant="rdp")
+    model, opt, _ = eng.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(dataset(), batch_size=PER_RANK),
+        noise_multiplier=2.0, max_grad_norm=C, expected_batch_size=2 * PER_RANK,
+        sample_rate=2 * PER_RANK / N_DATA, seed=SEED, **SUM)
+    try:
+        eng.load_distributed_checkpoint(path, module=model, optimizer=opt)
+    except ValueError as e:
+        return str(e) + f" | counter {opt.noise_generator.step}"
+    return None
