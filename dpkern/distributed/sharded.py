@@ -62,13 +62,21 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
             full-size sum exists at a time). A larger value lets the reductions overlap the next
             parameters' book-keeping (NCCL) at that much extra memory; all are complete when the
             backward pass ends.
+        reduce_at_step: True keeps this rank's full-size sums until step() and reduces them
+            there, once per step: k micro-batches then cost one reduction per parameter instead
+            of k, at the memory of every full-size sum (and the engine's grouped launches and B = 1
+            path stay on). Default False.
         local_sums: {parameter: fp32 sum of this step's clipped gradients over all ranks, this
             rank's rows only} (plain tensors, (stop - start, *shape[1:])).
     Post-processors (which need whole matrices) and non-Gaussian mechanisms are refused.
     """
 
-    sum_each_param = True
     inflight_bytes = 0
+    reduce_at_step = False
+
+    @property
+    def sum_each_param(self) -> bool:  # read by the engine at every backward
+        return not self.reduce_at_step
 
     def _setup_distributed(self) -> None:
         from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -132,6 +140,8 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
 
     def note_backward(self, rows: int, nonfinite=0) -> None:
         super().note_backward(rows, nonfinite)
+        if self.reduce_at_step:
+            return
         while self._next < len(self._order):
             self._reduce(self._order[self._next])
             self._next += 1
@@ -184,9 +194,13 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
 
     # ---- the step ---------------------------------------------------------------------------
     def _reduce_accumulators(self) -> None:
-        """The reductions ran during the backward passes: wrap the shard sums as DTensors (zeros
-        where no backward ran this step, e.g. an empty global batch)."""
+        """The reductions ran during the backward passes (or run now, with reduce_at_step): wrap
+        the shard sums as DTensors (zeros where no backward ran this step, e.g. an empty global
+        batch)."""
         from torch.distributed.tensor import DTensor
+        if self.reduce_at_step:
+            for p in self._order:
+                self._reduce(p)
         self._wait(0)
         for p in self._order:
             lay = self._layout[p]

@@ -157,12 +157,13 @@ def _load(state: bytes, model, opt, eng) -> None:
 
 
 def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: int = 0,
-             world: int = 1, micro: int | None = None, inflight: int | None = None) -> dict:
+             world: int = 1, micro: int | None = None, inflight: int | None = None,
+             at_step: bool = False) -> dict:
     """One step over fixed rows with data_loader=None: rank r gets rows_by_rank[r] rows of
     fixed_rows (0 rows: the rank steps without a backward, or a zero-loss padding row under
     FSDP). mode "single": all the rows in one process. Sharded modes also return "trace": what
     was alive while the reductions ran (see _trace_sums); inflight sets the optimizer's
-    inflight_bytes."""
+    inflight_bytes, at_step its reduce_at_step."""
     model, opt = build("plain" if mode == "single" else mode, device)
     eng = _engine(mode, world)
     model, opt, _ = eng.make_private(module=model, optimizer=opt, data_loader=None,
@@ -173,6 +174,8 @@ def one_step(mode: str, device, *, sigma: float, rows_by_rank: list[int], rank: 
     trace = _trace_sums(opt) if mode in ("fsdp", "hsdp") else None
     if inflight is not None:
         opt.inflight_bytes = inflight
+    if at_step:
+        opt.reduce_at_step = True
     x = fixed_rows(sum(rows_by_rank)).to(device)
     start = sum(rows_by_rank[:rank]) if mode != "single" else 0
     n = rows_by_rank[rank] if mode != "single" else sum(rows_by_rank)
@@ -239,6 +242,10 @@ def run_suite(rank: int, world: int, device_type: str = "cpu") -> dict:
     out[("micro_overlap", "fsdp")] = one_step("fsdp", device, sigma=1.0, rank=rank, world=world,
                                               rows_by_rank=[4] + [3] * (world - 1), micro=2,
                                               inflight=1 << 40)
+    # ... and with the full-size sums kept until step() (reduce_at_step: one reduction per step).
+    out[("micro_at_step", "fsdp")] = one_step("fsdp", device, sigma=1.0, rank=rank, world=world,
+                                              rows_by_rank=[4] + [3] * (world - 1), micro=2,
+                                              at_step=True)
     out[("secure", "ddp")] = train("ddp", device, sigma=1.0, steps=2, world=world, seed=None)
     out["refusals"] = refusals(rank, world, device)
     return out

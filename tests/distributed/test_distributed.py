@@ -220,6 +220,19 @@ def test_fsdp_reductions_in_flight_give_the_same_result(run):
         assert max_diff(got["params"], ref["params"]) <= tol(1, dev)
 
 
+def test_fsdp_reduce_at_step_keeps_the_sums_and_gives_the_same_result(run):
+    """reduce_at_step: the engine's grouped path writes the full-size sums, they stay after each
+    backward (nothing is handed over), and step() reduces them once: the same step."""
+    res, dev = run
+    ref = single("one", dev, sigma=1.0, rows_by_rank=[4] + [3] * (WORLD - 1))
+    for r in res:
+        got = r[("micro_at_step", "fsdp")]
+        assert got["trace"]["order"] == []
+        assert all(st["full_left"] == len(st["want"]) and st["local"] == {}
+                   for st in got["trace"]["after_backward"])
+        assert max_diff(got["params"], ref["params"]) <= tol(1, dev)
+
+
 def test_calibration_uses_the_global_sampling_rate(run):
     res, _ = run
     want = W.calibrated_sigma_single(WORLD)
