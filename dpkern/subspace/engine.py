@@ -281,8 +281,13 @@ class SubspaceDPOptimizer(DPOptimizer):
                 by_group = {id(p): g for g in self.param_groups for p in g["params"]}
                 for p, s_t in released.items():
                     u, v = self.bases[p]
-                    subspace_backproj_step_(p, u, s_t, v, hypers[id(by_group[id(p)])],
-                                            self.state[p], backend=self.backproj_backend)
+                    grp, st = by_group[id(p)], self.state[p]
+                    subspace_backproj_step_(p, u, s_t, v, hypers[id(grp)], st,
+                                            backend=self.backproj_backend)
+                    step_t = st.get("step")
+                    if ((grp.get("fused") or grp.get("capturable"))
+                            and isinstance(step_t, torch.Tensor) and step_t.device != p.device):
+                        st["step"] = step_t.to(p.device)  # where torch's fused Adam keeps it
                     p.grad = None
             elif fused:  # super() ran the fused kernel on the full parameters only
                 for p, s_t in released.items():

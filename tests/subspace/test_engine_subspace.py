@@ -317,14 +317,13 @@ BACKPROJ_OPTS = {
 }
 
 
-def _backproj_run(opt_fn, backproj, dtype, xs, switch_at=None):
+def _backproj_run(opt_fn, backproj, dtype, xs, switch_at=None, device="cpu"):
     """Subspace engine (layers 0 and 2 projected), sum reduction averaged by B_expected (what bf16
     weights need), noise on; `switch_at`: fused_backprojection turned off from that step on."""
-    model = make_model().to(dtype)
-    bases = {"0": (orthonormalize(torch.randn(HID, 2, generator=torch.Generator().manual_seed(1))),
-                   orthonormalize(torch.randn(D_IN, 3, generator=torch.Generator().manual_seed(2)))),
-             "2": (orthonormalize(torch.randn(D_OUT, 2, generator=torch.Generator().manual_seed(3))),
-                   orthonormalize(torch.randn(HID, 2, generator=torch.Generator().manual_seed(4))))}
+    model = make_model().to(device, dtype)
+    orth_ = lambda n, r, seed: orthonormalize(  # noqa: E731
+        torch.randn(n, r, generator=torch.Generator().manual_seed(seed))).to(device)
+    bases = {"0": (orth_(HID, 2, 1), orth_(D_IN, 3, 2)), "2": (orth_(D_OUT, 2, 3), orth_(HID, 2, 4))}
     eng = SubspacePrivacyEngine(accountant="rdp")
     model, dp, _ = eng.make_private(module=model, optimizer=opt_fn(model.parameters()),
                                     data_loader=None, noise_multiplier=0.5, max_grad_norm=1.0,
@@ -339,7 +338,7 @@ def _backproj_run(opt_fn, backproj, dtype, xs, switch_at=None):
         if x.shape[0] == 0:
             dp.signal_empty_batch()
         else:
-            batch_loss(model, x.to(dtype)).float().sum().backward()
+            batch_loss(model, x.to(device, dtype)).float().sum().backward()
         dp.step()
         taken.append(dp.last_backproj)
         if dp.last_backproj:  # no p × d gradient was formed or kept
@@ -404,3 +403,19 @@ def test_amsgrad_falls_back_to_the_unfused_step():
     m_a, dp, taken = _backproj_run(opt_fn, True, torch.float32, _xs(sizes=(4, 3)))
     assert taken == [False, False]
     assert "max_exp_avg_sq" in dp.state[m_a[0].weight]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_fused_torch_adamw_after_backprojection(dtype):
+    """On the GPU with torch.optim.AdamW(fused=True): two fused back-projection steps (the Triton
+    kernel), then torch's fused step continues from the states (step tensor on the device)."""
+    opt_fn = lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True)  # noqa: E731
+    xs = _xs(sizes=(4, 3, 4, 5))
+    m_s, dp, taken = _backproj_run(opt_fn, True, dtype, xs, switch_at=2, device="cuda")
+    m_u, _, _ = _backproj_run(opt_fn, False, dtype, xs, device="cuda")
+    assert taken == [True, True, False, False]
+    assert dp.state[m_s[0].weight]["step"].device.type == "cuda"
+    for a, b in zip(m_s.parameters(), m_u.parameters()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0,
+                                   atol=2e-5 if dtype == torch.float32 else 2 * 4 * 2.0 ** -7)
