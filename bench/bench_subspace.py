@@ -118,7 +118,8 @@ def test_llama_step_bench(timed, mode):
 
 
 BACKPROJ_CASES = registry.shapes("subspace_backproj")
-BACKPROJ_MODES = ["triton", "triton-tf32x3", "materialised"] if HAS_GPU else ["torch", "materialised"]
+BACKPROJ_MODES = (["triton", "triton-tf32x3", "materialised"] if HAS_GPU
+                  else ["torch", "materialised"])
 
 
 def _backproj_inputs(shape, dtype):

@@ -39,10 +39,11 @@ def _pow2(n: int, lo: int = 16) -> int:
 def subspace_backproj_config(p: int, d: int, rank: int, device: torch.device,
                              input_precision: str | None = None) -> SubspaceBackprojConfig:
     """64 × 64 tiles (32 × 64 above rank 64; 8 warps above rank 32: [BP, RV] + [BD, RV] and the
-    [BP, BD] gradient, W and state tiles stay in registers); the column tiles of a row block are split until ≥ 2 programs per SM
-    run, keeping ≥ 4 tiles per program so the U S̃ product (RU/BD of the tile FLOPs) is amortised.
-    Dots default to IEEE fp32: the update must match the fp32 materialised path (TF32 would move
-    it by ~1e-3 relative); the kernel is bound by W / state traffic up to RV ≈ 128 anyway."""
+    [BP, BD] gradient, W and state tiles stay in registers); the column tiles of a row block are
+    split until ≥ 2 programs per SM run, keeping ≥ 4 tiles per program so the U S̃ product
+    (RU/BD of the tile FLOPs) is amortised. Dots default to IEEE fp32: the update must match the
+    fp32 materialised path (TF32 would move it by ~1e-3 relative); the kernel should be bound by
+    W / state traffic up to RV ≈ 128 anyway (to be measured: bench_subspace -k backproj)."""
     big = rank > 64
     block_p, block_d = (32, 64) if big else (64, 64)
     row_blocks = triton.cdiv(max(p, 1), block_p)

@@ -89,7 +89,8 @@ def _check(w, u, s, v) -> None:
             raise ValueError(f"subspace_backproj_step_: {name} must be 2-D, got shape "
                              f"{tuple(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"subspace_backproj_step_: {name} must be a float tensor, got {x.dtype}")
+            raise TypeError(f"subspace_backproj_step_: {name} must be a float tensor, got "
+                            f"{x.dtype}")
         if x.device != w.device:
             raise ValueError(f"subspace_backproj_step_: {name} is on {x.device}, w on {w.device}")
     if w.dtype not in _PARAM_DTYPES:
@@ -99,8 +100,8 @@ def _check(w, u, s, v) -> None:
     p, d = w.shape
     if u.shape[0] != p or v.shape[0] != d or tuple(s.shape) != (u.shape[1], v.shape[1]):
         raise ValueError(f"subspace_backproj_step_: shapes do not chain: w {tuple(w.shape)}, u "
-                         f"{tuple(u.shape)}, s {tuple(s.shape)}, v {tuple(v.shape)} (need u (p, ru),"
-                         " s (ru, rv), v (d, rv))")
+                         f"{tuple(u.shape)}, s {tuple(s.shape)}, v {tuple(v.shape)} (need "
+                         "u (p, ru), s (ru, rv), v (d, rv))")
 
 
 def _state_tensor(state: dict, key: str, w: torch.Tensor):
@@ -161,7 +162,8 @@ def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v
     _check(w, u, s, v)
     _check_hyper(hyper)
     if not isinstance(state, dict):
-        raise TypeError(f"state must be the optimizer's per-parameter dict, got {type(state).__name__}")
+        raise TypeError("state must be the optimizer's per-parameter dict, got "
+                        f"{type(state).__name__}")
     be = resolve_backend(backend, w.device, op="subspace_backproj_step_",
                          implemented=("triton", "torch"), auto_order=("triton",))
     u, s, v = (x.to(torch.float32) for x in (u, s, v))

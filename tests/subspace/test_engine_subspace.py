@@ -355,8 +355,8 @@ def test_fused_backprojection_taken_and_equals_unfused(opt_name, dtype, monkeypa
     included), p.grad stays None, and the weights equal those of the unfused path (W.grad = U S̃
     Vᵀ, torch's step) — fp32: to 1e-5 of the update (measured ~2e-7; Adam's normalisation
     amplifies fp32 gradient differences where |g| is small); bf16: the unfused path rounds the
-    gradient and torch's states to bf16, so 2 bf16 ulps of max|W| per step (measured ≤ 2 in all). States live in the inner optimizer's
-    state dict (checkpoints carry them)."""
+    gradient and torch's states to bf16, so 2 bf16 ulps of max|W| per step (measured ≤ 2 in
+    all). States live in the inner optimizer's state dict (checkpoints carry them)."""
     import dpkern.kernels.subspace_backproj as kb
     calls = []
     orig = kb.subspace_backproj_launch
