@@ -10,6 +10,9 @@ every stage):
            own gradient all-reduce) and of DP training (PrivacyEngine on 1 rank,
            DistributedPrivacyEngine over DDP on W), random init (LlamaConfig, no download),
            per-rank batch fixed (weak scaling); efficiency = tps(W) / (W * tps(1)).
+           --modes adds dp_fsdp (DistributedPrivacyEngine over FSDP2, every decoder layer a
+           unit: each clipped sum reduce-scattered as it is written) and dp_fsdp_at_step (the
+           same with reduce_at_step: full-size sums kept until step()); peak memory per rank.
   noise    one noise-only step (empty batch, SGD lr=1) single-process vs W ranks (DDP and FSDP2),
            same seed: z = -B * (theta1 - theta0) / (sigma * C); variance of z on every coordinate
            of the model (should be 1, equal to the single process's) and the largest difference
@@ -81,25 +84,39 @@ def scaling_worker(rank: int, world: int, cfg: dict) -> dict:
     for mode in cfg["modes"]:
         model = _llama(cfg["model"], dev)
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        private = mode == "dp"
+        private = mode.startswith("dp")
+        if mode.startswith("dp_fsdp"):
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh(dev.type, (world,))
+            for layer in model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # after fully_shard: DTensors
+        if mode.startswith("dp_fsdp"):
+            model, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
+                max_grad_norm=CLIP, expected_batch_size=bsz * world, sample_rate=0.01,
+                loss_reduction="sum")
+            opt.reduce_at_step = mode == "dp_fsdp_at_step"
+            opt.inflight_bytes = cfg.get("inflight_bytes", 0)
+        elif private and world == 1:
+            model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
+                max_grad_norm=CLIP, expected_batch_size=bsz, sample_rate=0.01,
+                loss_reduction="sum")
+        elif private:
+            ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+            model, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private(
+                module=ddp, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
+                max_grad_norm=CLIP, expected_batch_size=bsz * world, sample_rate=0.01,
+                loss_reduction="sum")
+        elif world > 1:
+            model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
         if private:
-            if world == 1:
-                model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
-                    module=model, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
-                    max_grad_norm=CLIP, expected_batch_size=bsz, sample_rate=0.01,
-                    loss_reduction="sum")
-            else:
-                ddp = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-                model, opt, _ = DistributedPrivacyEngine(accountant="rdp").make_private(
-                    module=ddp, optimizer=opt, data_loader=None, noise_multiplier=SIGMA,
-                    max_grad_norm=CLIP, expected_batch_size=bsz * world, sample_rate=0.01,
-                    loss_reduction="sum")
             # bf16 output gradients: the engine needs the sum of per-sample losses; the update
             # is still divided by B_expected (the "mean" update without its B_realized rounding)
             opt.average_sum = True
-        elif world > 1:
-            model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
         def step():
             with amp:
@@ -191,11 +208,11 @@ def run(args) -> dict:
     os.makedirs(args.out, exist_ok=True)
     # The noise check first: it is cheap and a cut-short run still has it.
     ncfg = dict(device=kind, model="tiny" if args.cpu else "noise", sample=1 << 20)
-    for w in (1, world):
+    for w in (1, world) if not args.no_noise else ():
         _stage(res, f"noise/world{w}", lambda: launch.spawn(
             noise_worker, w, backend=backend, args=(ncfg,), timeout_s=args.stage_timeout)[0], args)
     base = dict(device=kind, batch=args.batch, seq=args.seq, warmup=args.warmup,
-                steps=args.steps, modes=["nonprivate", "dp"])
+                steps=args.steps, modes=args.modes.split(","), inflight_bytes=args.inflight_bytes)
     for model in args.models.split(","):
         for w in (1, world):
             name = f"scaling/{model}/world{w}"
@@ -223,7 +240,7 @@ def summarize(res, world) -> tuple[list, list]:
     st = res["stages"]
     for model in res["config"]["models"].split(","):
         one, many = st.get(f"scaling/{model}/world1"), st.get(f"scaling/{model}/world{world}")
-        for mode in ("nonprivate", "dp"):
+        for mode in res["config"].get("modes", "nonprivate,dp").split(","):
             a = (one or {}).get(mode)
             b = (many or {}).get(mode)
             eff = b["tokens_per_s"] / (world * a["tokens_per_s"]) if a and b else None
@@ -282,6 +299,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--stage-timeout", type=float, default=150.0)
+    ap.add_argument("--modes", default="nonprivate,dp",
+                    help="comma list of nonprivate,dp,dp_fsdp,dp_fsdp_at_step")
+    ap.add_argument("--inflight-bytes", type=int, default=0,
+                    help="dp_fsdp: ShardedDPOptimizer.inflight_bytes (reductions in flight)")
+    ap.add_argument("--no-noise", action="store_true", help="skip the noise check")
     args = ap.parse_args(argv)
     args.models = args.models or ("tiny" if args.cpu else "1b,3b")
     args.batch = args.batch or (2 if args.cpu else 4)

@@ -4,7 +4,9 @@
 #      Triton backends are used),
 #   2. tests/distributed with gloo AND nccl (2 ranks, one GPU each),
 #   3. bench/dist_scaling.py: tokens/s on 1 and 2 GPUs for ~1B and ~3B Llama, DP and
-#      non-private, and the noise-variance check.
+#      non-private, and the noise-variance check,
+#   4. with FSDP=1 (FSDP_ONLY=1: instead of 3): DP over FSDP2, per-parameter reductions vs
+#      reduce_at_step, tokens/s and peak memory (under $OUT/fsdp).
 # Every stage has its own time limit; a failing stage is logged and the next one runs.
 # Writes under $OUT (default bench/results/dist_h200): env.txt, build.log, tests_dist.log,
 # scaling.log, results.json, scaling.csv, summary.txt, stages.txt.
@@ -49,7 +51,15 @@ else
     stage build 110 build.log $PY -m pip install --no-build-isolation --no-deps -e .
 fi
 $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.cuda_unavailable_reason())" >> "$OUT/env.txt" 2>&1
-stage tests 120 tests_dist.log $PY -m pytest tests/distributed -q -ra -p no:cacheprovider -m "not slow"
-stage scaling 240 scaling.log $PY bench/dist_scaling.py --out "$OUT" --stage-timeout 90
+stage tests 300 tests_dist.log $PY -m pytest tests/distributed -q -ra -p no:cacheprovider -m "not slow"
+if [ "${FSDP_ONLY:-0}" != 1 ]; then
+  stage scaling 240 scaling.log $PY bench/dist_scaling.py --out "$OUT" --stage-timeout 90
+fi
+# FSDP=1 (or FSDP_ONLY=1, which skips the DDP scaling stage): tokens/s and peak memory per rank of
+# DP over FSDP2 with per-parameter reductions vs reduce_at_step, ~1B and ~3B, 1 and 2 GPUs.
+if [ "${FSDP:-0}" = 1 ] || [ "${FSDP_ONLY:-0}" = 1 ]; then
+  stage fsdp 300 fsdp.log $PY bench/dist_scaling.py --out "$OUT/fsdp" --no-noise \
+    --modes dp,dp_fsdp,dp_fsdp_at_step --stage-timeout 120
+fi
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/stages.txt"
 cat "$OUT/summary.txt" 2>/dev/null
