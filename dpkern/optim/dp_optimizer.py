@@ -230,6 +230,9 @@ class DPOptimizer(Optimizer):
             by_t: dict = {}
             for p in params:
                 st = self.state[p]
+                for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):  # torch's bf16 states:
+                    if st.get(k) is not None and st[k].dtype != torch.float32:  # widened, exactly
+                        st[k] = st[k].float()
                 if isinstance(hyper, AdamWHyper):
                     if "exp_avg" not in st:
                         st["step"] = torch.tensor(0.0)
@@ -303,6 +306,7 @@ class DPOptimizer(Optimizer):
                 post(grads, std / norm)
             for p, name in self.params.items():
                 p.grad = grads[name].to(p.dtype)
+                _match_state_dtypes(self.state[p], p)
             self.original_optimizer.step()
             self._released = {p: (p.grad, p.grad._version) for p in self.params
                               if p.grad is not None}
@@ -330,24 +334,51 @@ class DPOptimizer(Optimizer):
                                    "loss_reduction": self.loss_reduction}}
         return sd
 
-    def load_state_dict(self, state_dict) -> None:
-        """Restores the inner optimizer, the release count and the noise counter (a resumed run
-        neither replays nor skips noise). Refuses a checkpoint of a differently calibrated run."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("dpkern", {})
+    def check_state_dict(self, state_dict) -> None:
+        """Raises what load_state_dict would refuse, changing nothing: a checkpoint of a
+        differently calibrated run, a noise state that would replay noise, another optimizer's
+        parameter groups."""
+        extra = state_dict.get("dpkern", {})
         for k, v in extra.get("config", {}).items():
             if getattr(self, k) != v:
                 raise ValueError(f"load_state_dict: the checkpoint was written with {k}={v!r}, this "
                                  f"optimizer has {k}={getattr(self, k)!r}")
         if "noise" in extra:
-            self.noise_generator.load_state_dict(extra["noise"])
+            self.noise_generator.check_state(extra["noise"])
+        groups, mine = state_dict.get("param_groups"), self.original_optimizer.param_groups
+        if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] \
+                != [len(g["params"]) for g in mine]:
+            raise ValueError("load_state_dict: the checkpoint's parameter groups "
+                             f"{[len(g.get('params', ())) for g in groups or []]} do not match this "
+                             f"optimizer's {[len(g['params']) for g in mine]}")
+
+    def load_state_dict(self, state_dict) -> None:
+        """Restores the inner optimizer, the release count and the noise counter (a resumed run
+        neither replays nor skips noise). Refuses a checkpoint of a differently calibrated run;
+        every check runs before anything is changed."""
+        self.check_state_dict(state_dict)
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("dpkern", {})
         self.original_optimizer.load_state_dict(state_dict)
+        if "noise" in extra:
+            self.noise_generator.load_state_dict(extra["noise"])
         self.noise_steps = int(extra.get("noise_steps", 0))
         self.nonfinite_samples = int(extra.get("nonfinite_samples", 0))
 
     def add_param_group(self, param_group) -> None:
         raise RuntimeError("add_param_group after make_private is not supported: new parameters "
                            "would escape the engine; build the optimizer with all groups first")
+
+
+def _match_state_dtypes(state: dict, p: torch.Tensor) -> None:
+    """The fused step keeps fp32 moments / momentum for bf16 parameters; torch's own optimizers
+    want them in the parameter's dtype. Before an unfused step (fused switched off, a
+    post-processor added, a checkpoint of a fused run) they are rounded to it, as torch would
+    have held them all along."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point() \
+                and v.dtype != p.dtype:
+            state[k] = v.to(p.dtype)
 
 
 _BASE_ADD_NOISE = DPOptimizer.add_noise_  # a subclass overriding add_noise_ gets the unfused path
