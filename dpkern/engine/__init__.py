@@ -239,6 +239,8 @@ class PrivacyEngine:
         self.sample_rate: float | None = None
         self.mechanism = None
         self.optimizer: DPOptimizer | None = None
+        self.sampling_generator: torch.Generator | None = None  # the Poisson loader's
+        self._config: dict = {}  # what a checkpoint must agree on (checkpoint.engine_config)
 
     # Subclasses (dpkern.subspace) may swap the end-of-backward clipper and the DP optimizer.
     clipper_class = _Clipper
@@ -339,6 +341,7 @@ class PrivacyEngine:
             gen = secret_generator(None if seed is None else seed + 1, secure_mode=self.secure_mode)
             data_loader = DPDataLoader.from_data_loader(data_loader, sample_rate=sample_rate,
                                                         generator=gen)
+            self.sampling_generator = gen
             data_loader.add_batch_listener(dp_opt.signal_batch)
         elif data_loader is not None:
             warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling with "
@@ -346,6 +349,11 @@ class PrivacyEngine:
                           "reported epsilon is then not a guarantee")
         self.sample_rate = float(sample_rate)
         self.optimizer = dp_opt
+        self._config = {"engine": type(self).__name__, "clipping": clipping,
+                        "per_layer_max_grad_norm": None if per_param is None
+                        else [float(c) for c in per_param],
+                        "automatic_gamma": float(automatic_gamma) if clipping == "automatic"
+                        else None, "poisson_sampling": bool(poisson_sampling)}
         q = self.sample_rate
         if mechanism is None:
             dp_opt.step_hooks.append(
@@ -380,6 +388,58 @@ class PrivacyEngine:
                                  f"certified ({self.accountant_name} accountant)", {})
         steps = self.optimizer.noise_steps if self.optimizer is not None else 0
         return self.mechanism.epsilon(sample_rate=self.sample_rate, steps=steps, delta=delta)
+
+    # --- checkpoints (dpkern/engine/checkpoint.py) ---------------------------------------------
+    def state_dict(self) -> dict:
+        """The engine's own state: the accountant's history and the Poisson sampler's state (a
+        SecretSampling's draw counter, never its key; a seeded torch.Generator's full state). The
+        model and the DP optimizer (noise counter) have their own; save_checkpoint writes all
+        three."""
+        rng = self.sampling_generator
+        return {"accountant": self.accountant.state_dict(),
+                "sampling_rng": None if rng is None else rng.get_state()}
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raises what load_state_dict(state) would refuse, changing nothing."""
+        import copy
+        if not isinstance(state, dict) or "accountant" not in state:
+            raise ValueError("load_state_dict: not an engine state (no 'accountant' entry)")
+        copy.deepcopy(self.accountant).load_state_dict(state["accountant"])
+        rng = state.get("sampling_rng")
+        if rng is not None:
+            if self.sampling_generator is None:
+                raise ValueError("load_state_dict: the state holds a Poisson sampler's generator "
+                                 "and this engine has none (make_private with the data loader)")
+            if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 \
+                    or rng.numel() != self.sampling_generator.get_state().numel():
+                raise ValueError("load_state_dict: sampling_rng is not a generator state of this "
+                                 "engine's sampler")
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_state_dict(state)
+        self.accountant.load_state_dict(state["accountant"])
+        if state.get("sampling_rng") is not None:
+            self.sampling_generator.set_state(state["sampling_rng"])
+
+    def save_checkpoint(self, *, path, module: torch.nn.Module, optimizer=None,
+                        checkpoint_dict: dict | None = None):
+        """Writes model, DP optimizer (inner state, release count, noise counter), accountant and
+        sampler state to one file, atomically (temporary file, fsync, rename), with the DP
+        configuration and a SHA-256 digest. Call between steps. Returns the path."""
+        from dpkern.engine import checkpoint
+        return checkpoint.save(self, path=path, module=module, optimizer=optimizer,
+                               checkpoint_dict=checkpoint_dict)
+
+    def load_checkpoint(self, *, path, module: torch.nn.Module, optimizer=None,
+                        map_location="cpu", weights_only: bool = True) -> dict:
+        """Restores what save_checkpoint wrote into this engine's model and DP optimizer (call
+        make_private first, with the same arguments). Everything is checked before anything is
+        loaded: a damaged file, another model, or another DP configuration (σ, C, q, B, clipping,
+        accountant, ...) is refused with an error naming it, and nothing changes. Returns the
+        checkpoint_dict given to save_checkpoint."""
+        from dpkern.engine import checkpoint
+        return checkpoint.load(self, path=path, module=module, optimizer=optimizer,
+                               map_location=map_location, weights_only=weights_only)
 
     @staticmethod
     def _check_mechanism(mechanism, noise_multiplier, max_grad_norm):

@@ -18,10 +18,11 @@ model's keys and shapes, the optimizer's groups and noise state, the accountant'
 history): a refused file leaves the model, optimizer, accountant and sampler as they were, and the
 error names what disagreed.
 
-Secure mode: the noise key is never written (NoiseGenerator.state_dict) and neither is the
-sampling generator's state (it would disclose which records the next batches hold); a resumed
-secure run keeps its fresh secret sampling and noise key and continues the noise counter, so its
-ε equals the uninterrupted run's although its batches differ.
+Secrets: the noise key of a secure NoiseGenerator is never written, and neither is the key of the
+Poisson sampler's SecretSampling (only its draw counter), so a checkpoint cannot disclose which
+records later batches hold; a resumed run keeps its own fresh keys and continues both counters,
+so its ε equals the uninterrupted run's although its batches and noise differ. Seeded runs
+(tests) save the seeded generators' full states and resume bit for bit.
 """
 from __future__ import annotations
 
