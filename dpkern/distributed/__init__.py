@@ -7,7 +7,8 @@
     DistributedDPDataLoader    this rank's share of the global Poisson batch
     disable_nvlink_multicast   NCCL_NVLS_ENABLE=0 etc., before init_process_group
     launch.spawn               torchrun-free launcher (time limit, multicast off in every rank)
-    checkpoint                 torch.distributed.checkpoint save / load (engine.*_distributed_checkpoint)
+    checkpoint                 torch.distributed.checkpoint save / load of model, optimizer and
+                               DP state (engine.save/load_distributed_checkpoint)
 """
 from dpkern.distributed import launch  # noqa: F401  (dpkern.distributed.launch.spawn)
 from dpkern.distributed.comm import NO_MULTICAST_ENV, disable_nvlink_multicast

@@ -56,14 +56,15 @@ def load(path, *, engine, module, optimizer) -> None:
     checkpoint of another DP configuration (σ, C, global B, loss reduction, q)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    inner, model_sd, optim_sd = _model_optim(module, optimizer)
     mine = _dp_state(engine, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd, "dpkern": copy.deepcopy(mine)}
+    # The DP state first, alone: DCP loads tensors in place (the model's and the optimizer's own
+    # storage), so the checks must pass before the model and optimizer entries are read.
+    sd = {"dpkern": copy.deepcopy(mine)}
     dcp.load(sd, checkpoint_id=path, process_group=engine.group)
     dp = sd["dpkern"]
     if dp["sample_rate"] != mine["sample_rate"]:
-        raise ValueError(f"load_distributed_checkpoint: the checkpoint was written with sample rate "
-                         f"{dp['sample_rate']!r}, this run has {mine['sample_rate']!r}")
+        raise ValueError(f"load_distributed_checkpoint: the checkpoint was written with sample "
+                         f"rate {dp['sample_rate']!r}, this run has {mine['sample_rate']!r}")
     extra = dp["optimizer"]
     for k, v in extra.get("config", {}).items():
         if getattr(optimizer, k) != v:
@@ -72,6 +73,9 @@ def load(path, *, engine, module, optimizer) -> None:
     copy.deepcopy(engine.accountant).load_state_dict(dp["engine"]["accountant"])  # a check only
     # First change: the noise counter (refuses a state that would replay noise).
     optimizer.noise_generator.load_state_dict(extra["noise"])
+    inner, model_sd, optim_sd = _model_optim(module, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path, process_group=engine.group)
     set_state_dict(inner, optimizer.original_optimizer, model_state_dict=sd["model"],
                    optim_state_dict=sd["optim"])
     optimizer.noise_steps = int(extra.get("noise_steps", 0))

@@ -369,7 +369,8 @@ def dcp_train(rank: int, world: int, path: str, save_after: int | None = None,
 
 
 def dcp_refusal(rank: int, world: int, path: str) -> str | None:
-    """Loading the checkpoint into a run with another sigma is refused (message), nothing loaded."""
+    """Loading the checkpoint into a run with another sigma is refused: the message, the noise
+    counter and whether the parameters are unchanged."""
     from dpkern.distributed import DistributedPrivacyEngine
     model, opt = build("fsdp", torch.device("cpu"))
     eng = DistributedPrivacyEngine(accountant="rdp")
@@ -377,8 +378,10 @@ def dcp_refusal(rank: int, world: int, path: str) -> str | None:
         module=model, optimizer=opt, data_loader=DataLoader(dataset(), batch_size=PER_RANK),
         noise_multiplier=2.0, max_grad_norm=C, expected_batch_size=2 * PER_RANK,
         sample_rate=2 * PER_RANK / N_DATA, seed=SEED, **SUM)
+    before = full_params(model)
     try:
         eng.load_distributed_checkpoint(path, module=model, optimizer=opt)
     except ValueError as e:
-        return str(e) + f" | counter {opt.noise_generator.step}"
+        same = all(torch.equal(before[k], v) for k, v in full_params(model).items())
+        return str(e) + f" | counter {opt.noise_generator.step} | params unchanged {same}"
     return None

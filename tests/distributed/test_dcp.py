@@ -60,4 +60,5 @@ def test_resume_is_not_a_fresh_start(runs):
 def test_other_configuration_refused(runs):
     *_, refused, _ = runs
     for msg in refused:
-        assert msg is not None and "noise_multiplier" in msg and msg.endswith("counter 0")
+        assert msg is not None and "noise_multiplier" in msg
+        assert msg.endswith("counter 0 | params unchanged True")
