@@ -25,6 +25,7 @@ import contextlib
 import torch
 from torch.utils.data import DataLoader
 
+from dpkern.data.poisson import SecretSampling
 from dpkern.distributed import comm
 from dpkern.distributed.optimizer import DistributedDPOptimizer
 from dpkern.distributed.sharded import ShardedDPOptimizer
@@ -85,7 +86,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self.group = group
         self.rank = comm.rank(group)
         self.world_size = comm.world_size(group)
-        self.sampling_generator: torch.Generator | None = None
+        self.sampling_generator = None  # SecretSampling (shared key) or a seeded torch.Generator
 
     def make_private(self, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      data_loader: DataLoader | None, noise_multiplier: float, max_grad_norm,
@@ -147,11 +148,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
         cls = ShardedDPOptimizer if sharded else DistributedDPOptimizer
         dp_opt = cls.adopt(dp_opt, group=self.group, key=key)
 
-        if seed is None:
-            sseed = int.from_bytes(comm.shared_secret(8, self.group), "little")
-        else:
-            sseed = seed + 1  # PrivacyEngine's convention: same global batches as one process
-        self.sampling_generator = torch.Generator().manual_seed(sseed)
+        if seed is None:  # rank 0's 128-bit key: every rank draws the same global mask
+            self.sampling_generator = SecretSampling(comm.shared_secret(16, self.group))
+        else:  # PrivacyEngine's convention: the same global batches as one process
+            self.sampling_generator = torch.Generator().manual_seed(seed + 1)
         if data_loader is not None:
             data_loader = DistributedDPDataLoader.from_data_loader(
                 data_loader, sample_rate=sample_rate, rank=self.rank, world_size=self.world_size,
