@@ -25,10 +25,13 @@ with F_P, F_Q the CDFs of the summed loss. Two answers, never confused:
   sigma=1, q=0.01, where e_Q drops from 0.0417 to 0.0273 at T=10^4). So
       delta(eps) <= e_Q + [hockey stick of N(K1_Q, K2_Q) at eps].
   This uses the normal (zeroth-order Edgeworth) term with an explicit uniform error, not the
-  paper's first-order remainder bound (Derumigny et al.: O(1/sqrt(T)) from moments, O(1/T) only
-  under a characteristic-function condition we have not certified; see README, "Gap"). The bound
-  only CONVERGES when delta > e_Q; below that it raises EdgeworthBoundError, which says how far
-  off e_Q is and what delta or number of steps would converge.
+  paper's first-order remainder bound (Derumigny, Girard, Guyonvarch, Sankhya A 86 (2024),
+  Theorem 2.1: O(1/sqrt(T)) from moments, O(1/T) under a characteristic-function condition).
+  That bound is NOT implemented: its statement could not be checked against the paper's text,
+  and the authors' R package, the only full source at hand, changed its constants between
+  versions (README, "Gap", says what was found and what is missing). The bound only CONVERGES
+  when delta > e_Q; below that it raises EdgeworthBoundError, which says how far off e_Q is and
+  what delta or number of steps would converge.
 """
 from __future__ import annotations
 
@@ -344,8 +347,11 @@ class EdgeworthAccountant(Accountant):
         return EdgeworthBoundError(
             f"the rigorous Edgeworth bound does not converge at delta={delta:g}: it needs its "
             f"uniform CDF error e_Q < delta, and e_Q = {err:.4g} (Berry-Esseen, shrinks like "
-            f"1/sqrt(steps)). It would converge for {where}. Use PRVAccountant for a tight "
-            "bound, or get_epsilon_estimate() for an estimate (not a bound).",
+            f"1/sqrt(steps)). It would converge for {where}. The paper's finite-sample "
+            "first-order bound (Derumigny et al. 2024, Theorem 2.1) is not implemented: its "
+            "constants could not be checked against the paper (dpkern/accounting/README.md, "
+            "'Gap'). Use PRVAccountant for a tight bound, or get_epsilon_estimate() for an "
+            "estimate (not a bound).",
             delta=delta, error=err, steps=steps, steps_needed=float(need))
 
     def _special(self, delta: float) -> float | None:

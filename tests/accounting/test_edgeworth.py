@@ -114,6 +114,8 @@ def test_refusal_says_which_condition_failed_and_what_would_converge():
     msg = str(exc)
     assert "e_Q < delta" in msg and f"{e_q:.4g}" in msg and "any delta >" in msg
     assert f"{exc.steps_needed:.3g} steps" in msg
+    # ... and says the paper's first-order bound is absent, and where the reason is written down
+    assert "Theorem 2.1) is not implemented" in msg and "README.md, 'Gap'" in msg
     # the stated remedies are exact: just above e_Q converges, just below refuses
     assert math.isfinite(acc.get_epsilon(e_q * 1.01))
     with pytest.raises(EdgeworthBoundError):
