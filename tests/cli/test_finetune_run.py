@@ -225,9 +225,9 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, tiny_mo
 
     def dying_save(obj, f, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
-            with open(f, "wb") as fh:
-                fh.write(b"half a checkpoint")
+        if calls["n"] == 3:  # the temporary file gets half a checkpoint, then the process dies
+            f.write(b"half a checkpoint")
+            f.flush()
             raise KeyboardInterrupt
         return real_save(obj, f, *a, **k)
 
@@ -238,6 +238,7 @@ def test_crash_while_writing_checkpoint_keeps_the_previous_one(tmp_path, tiny_mo
     monkeypatch.setattr(report.torch, "save", real_save)
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["step"] == 2
+    assert not list(out.glob(".checkpoint.pt.tmp*"))  # no temporary file left behind
     assert all(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     assert not (out / "summary.json").exists() and not (out / "model").exists()
     s = run(FinetuneConfig(**base, output_dir=str(out), resume=True), log=lambda *a: None)
