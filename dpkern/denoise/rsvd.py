@@ -1,22 +1,27 @@
 """Batched randomized truncated SVD by subspace iteration, with a rank that grows until it has
-found every singular value above a threshold.
+found every singular value above a threshold, and an optional warm start + convergence test.
 
-All the work is batched GEMMs over a stack of equal-shape matrices (b, m, n): 2 * n_iter + 2 passes
-over the stack with a skinny (n, l) or (m, l) operand, l = rank + oversample. Orthonormalising the
-(m, l) / (n, l) blocks is CholeskyQR2 with the tiny (l, l) Gram matrices factored in float64 (GEMM-
-bound; falls back to Householder QR for any matrix whose Gram is not positive definite), or plain
-Householder QR (`orth="qr"`). The final small SVD is of an (l, l) triangle, in float64.
+All the work is batched GEMMs over a stack of equal-shape matrices (b, m, n), each one pass over the
+stack with a skinny (n, l) or (m, l) operand, l = rank + oversample: 2 * n_iter + 2 passes with a
+fixed iteration count. Orthonormalising the (m, l) / (n, l) blocks is CholeskyQR2 with the tiny
+(l, l) Gram matrices factored in float64 (GEMM-bound; falls back to Householder QR for any matrix
+whose Gram is not positive definite), or plain Householder QR (`orth="qr"`). The small SVDs are of
+(l, l) triangles, in float64.
 
-Computation is float32 whatever the input dtype (bf16 gradients are upcast once, when stacked).
+With `tol`, the iteration stops as soon as every matrix of the stack passes a convergence test
+(residuals of the kept triplets, stable threshold decision; see `_converged`), after `min_iter` and
+at most `n_iter` iterations. Computation is float32 whatever the input dtype.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 ORTHS = ("cholqr2", "qr")
 
 
-def _cholqr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cholqr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One CholeskyQR pass: y (b, r, l) = q r, Gram factored in float64. Returns (q, r, ok[b])."""
     gram = torch.matmul(y.mT, y).double()                             # (b, l, l)
     # Shift by a few ulps of the largest diagonal so an exactly rank-deficient block still factors.
@@ -48,6 +53,83 @@ def orthonormalize(y: torch.Tensor, orth: str = "cholqr2") -> tuple[torch.Tensor
         r = r.clone()
         r[idx] = rh.double()
     return q, r
+
+
+def _converged(r_prev, x_prev, y, s_now, thr, k, tol):
+    """Per-matrix convergence test, from skinny and small matrices only (no pass over the stack).
+
+    The last two passes were op(a) x_prev = x r_prev (x_prev orthonormal) and y = op(a)^T x, with
+    op = a or a^T. r_prev = W S Z^T gives Ritz triplets (x W, S, x_prev Z) with op(a) x_prev z_i =
+    s_i x w_i exactly, so their residual is rho_i = ||op(a)^T x w_i - s_i x_prev z_i|| =
+    ||y w_i - s_i x_prev z_i|| (then a singular value of a lies within rho_i of s_i, and the
+    vectors are within an angle ~rho_i / gap of singular vectors). s_now (b, l): the Ritz values
+    from y. A matrix has converged when
+      - its kth value s_now[k-1] (a lower bound of the true one) is above the threshold: it will be
+        rerun at a larger rank whatever more iterations would give; or
+      - as many values are above the threshold in S as in s_now (a stable decision), and every kept
+        triplet has rho_i * sqrt(1 - (thr / s_i)^2) <= tol * s_i. The weight is the fraction of s_i
+        that the Frobenius shrinker keeps (square case): a value near the threshold, the slowest to
+        converge, is shrunk to almost nothing, so its residual matters that much less.
+    """
+    w, s, zt = torch.linalg.svd(r_prev, full_matrices=False)           # float64
+    res = torch.matmul(y, w.to(y.dtype)) - torch.matmul(x_prev, (zt.mT * s[:, None, :]).to(y.dtype))
+    rho = torch.linalg.vector_norm(res.double(), dim=-2)                # (b, l)
+    kept = s > thr[:, None]
+    same = kept.sum(1) == (s_now > thr[:, None]).sum(1)
+    weight = (1.0 - (thr[:, None] / s.clamp_min(1e-300)).square()).clamp_min(0.0).sqrt()
+    resid_ok = ((rho * weight <= tol * s) | ~kept).all(1)
+    return (s_now[:, k - 1] > thr) | (same & resid_ok)
+
+
+def subspace_iteration(a: torch.Tensor, omega: torch.Tensor, k: int, *, n_iter: int,
+                       orth: str = "cholqr2", tol: float | None = None,
+                       min_iter: torch.Tensor | int = 0, threshold: torch.Tensor | None = None,
+                       stats: dict | None = None):
+    """Ritz triplets of a (b, m, n) from the subspace iteration started at omega (b, n, l).
+
+    Passes alternate a @ x and a^T @ x. Without `tol`: exactly n_iter iterations, 2 n_iter + 2
+    passes (the cold path). With `tol` (and a (b,) `threshold`): after each pass from the
+    2 min_iter + 2nd on (min_iter: a scalar or per-matrix (b,) tensor), stops as soon as every
+    matrix passes `_converged`; at most 2 n_iter + 2 passes. Omega is then orthonormalised first.
+    Returns u (b, m, l), s (b, l) descending, vh (b, l, n), all l triplets, from the last pass;
+    stats["passes"], stats["iters"] and stats["unconverged"] are incremented by the passes (x b),
+    the full iterations (x b, a pass short of one counted as a half) and the matrices with
+    min_iter < n_iter stopped by the cap without passing the test.
+    """
+    b = a.shape[0]
+    x = orthonormalize(omega, orth)[0] if tol is not None else omega    # right side, (b, n, l)
+    if tol is not None:
+        min_iter = torch.as_tensor(min_iter, device=a.device).expand(b)
+    max_passes = 2 * n_iter + 2
+    passes, unconv, x_prev, r_prev = 0, 0, None, None
+    while True:
+        right = passes % 2 == 0                         # x holds right vectors: multiply by a
+        y = torch.matmul(a if right else a.mT, x)      # (b, m, l) or (b, n, l)
+        passes += 1
+        x_new, r = orthonormalize(y, orth)              # op(a) x = x_new r
+        if passes == max_passes:
+            if tol is not None and x_prev is not None:  # the cap: who stopped unconverged
+                conv = _converged(r_prev, x_prev, y, torch.linalg.svdvals(r), threshold, k, tol)
+                unconv = int((~conv & (min_iter < n_iter)).sum())
+            break
+        if tol is not None and x_prev is not None:
+            eligible = passes >= 2 * min_iter + 2
+            if bool(eligible.any()):
+                conv = _converged(r_prev, x_prev, y, torch.linalg.svdvals(r), threshold, k, tol)
+                if bool((conv & eligible).all()):      # one host sync per pass
+                    break
+        x_prev, r_prev, x = x, r, x_new
+    if right:   # a x = x_new r, r = W S Z^T: u = x_new W, v = x Z
+        w, s, zt = torch.linalg.svd(r, full_matrices=False)
+        u, vh = torch.matmul(x_new, w.to(a.dtype)), torch.matmul(zt.to(a.dtype), x.mT)
+    else:       # a^T x = x_new r: a ~= x r^T x_new^T, r^T = w s z^T (as the cold path always did)
+        w, s, zt = torch.linalg.svd(r.mT, full_matrices=False)
+        u, vh = torch.matmul(x, w.to(a.dtype)), torch.matmul(zt.to(a.dtype), x_new.mT)
+    if stats is not None:
+        stats["passes"] = stats.get("passes", 0) + passes * b
+        stats["iters"] = stats.get("iters", 0) + (passes - 2) / 2 * b
+        stats["unconverged"] = stats.get("unconverged", 0) + unconv
+    return u, s.to(a.dtype), vh
 
 
 def randomized_svd(a: torch.Tensor, rank: int, *, oversample: int = 8, n_iter: int = 4,
@@ -86,16 +168,8 @@ def randomized_svd(a: torch.Tensor, rank: int, *, oversample: int = 8, n_iter: i
         omega = torch.randn(b, n, l, device=a.device, dtype=a.dtype, generator=generator)
     elif omega.shape != (b, n, l):
         raise ValueError(f"omega must have shape {(b, n, l)}, got {tuple(omega.shape)}")
-    q, _ = orthonormalize(torch.matmul(a, omega.to(a.dtype)), orth)    # (b, m, l)
-    for _ in range(n_iter):
-        p, _ = orthonormalize(torch.matmul(a.mT, q), orth)              # (b, n, l)
-        q, _ = orthonormalize(torch.matmul(a, p), orth)                 # (b, m, l)
-    # a ~= q q^T a = q (a^T q)^T; a^T q = p r  =>  a ~= q r^T p^T, and r^T = w s z^T (small SVD).
-    p, r = orthonormalize(torch.matmul(a.mT, q), orth)                  # (b, n, l), (b, l, l)
-    w, s, zt = torch.linalg.svd(r.mT, full_matrices=False)             # float64, (l, l)
-    u = torch.matmul(q, w[..., :rank].to(a.dtype))                     # (b, m, rank)
-    vh = torch.matmul(zt[..., :rank, :].to(a.dtype), p.mT)             # (b, rank, n)
-    return u, s[..., :rank].to(a.dtype), vh
+    u, s, vh = subspace_iteration(a, omega.to(a.dtype), rank, n_iter=n_iter, orth=orth)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
 def exact_svd(a: torch.Tensor, rank: int | None = None):
@@ -106,22 +180,37 @@ def exact_svd(a: torch.Tensor, rank: int | None = None):
     return u, s, vh
 
 
-def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int = 8,
+def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int | Sequence[int] = 8,
                  oversample: int = 8, n_iter: int = 4, max_rank: int | None = None,
                  generators: list[torch.Generator] | None = None, orth: str = "cholqr2",
-                 exact_above: float = 0.5) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                 exact_above: float = 0.5, v0: Sequence[torch.Tensor | None] | None = None,
+                 tol: float | None = None, min_iter: int = 0, carry: int = 0,
+                 stats: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Every singular triplet above `threshold`, for each matrix of a stack, at the smallest rank.
 
-    Runs randomized_svd at `rank`; a matrix whose smallest found singular value is still above its
-    threshold is rerun (alone with the others that need it) at twice the rank, warm-started from the
-    right singular vectors found so far. Once the rank reaches exact_above * m (or max_rank), the
-    exact SVD is used for what remains. Deterministic per matrix: matrix i's random start comes
-    only from generators[i], so batching does not change any matrix's result (up to GEMM rounding).
+    Runs the subspace iteration at `rank`; a matrix whose smallest found singular value is still
+    above its threshold is rerun (alone with the others that need it) at twice the rank, warm-
+    started from the right singular vectors found so far. Once the rank reaches exact_above * m (or
+    max_rank), the exact SVD is used for what remains. Matrix i's random start comes only from
+    generators[i], so batching does not change any matrix's result (up to GEMM rounding).
+
+    Warm start: v0[i], a (n, c) block (e.g. the last step's kept right singular vectors), replaces
+    the first c columns of matrix i's random start; the other l - c >= oversample columns stay
+    random (so new directions can still enter). Matrices with a v0 run with the convergence test
+    at `tol` from `min_iter` iterations (capped at n_iter); those without run exactly n_iter
+    iterations (the cold behaviour). tol=None: fixed n_iter for all.
 
     Args:
         a: (b, m, n) float32, m <= n.
         threshold: scalar or (b,) tensor: singular values <= threshold are not needed.
+        rank: starting rank, one for all or one per matrix (the largest is used for the stack).
         generators: one torch.Generator per matrix (or None: the global RNG).
+        v0: per matrix, None or an (n, c) block of starting vectors (c <= rank is used).
+        carry: also return, in stats["carry"], each matrix's top (kept + carry) right vectors
+            (n, c_i) float32: the next call's v0.
+        stats: dict, updated with "passes" (sum over GEMMs of the matrices they read: b per full
+            pass), "iters", "reruns" (matrices rerun at a larger rank), "exact" (matrices finished
+            by torch.linalg.svd), "unconverged" (warm matrices stopped by the n_iter cap).
     Returns:
         list of b triplets (u (m, k_i), s (k_i,), vh (k_i, n)), k_i = count above threshold
         (possibly 0), s descending.
@@ -129,15 +218,25 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
     b, m, n = a.shape
     thr = torch.as_tensor(threshold, dtype=a.dtype, device=a.device).expand(b)
     cap = m if max_rank is None else max(1, min(int(max_rank), m))
+    st = stats if stats is not None else {}
+    for key in ("passes", "iters", "reruns", "exact", "unconverged"):
+        st.setdefault(key, 0)
+    carried: list = [None] * b
     out: list = [None] * b
+    warm = [v0 is not None and v0[i] is not None for i in range(b)]
+    use_tol = tol is not None and any(warm)
     todo = torch.arange(b, device=a.device)
-    k = max(1, min(int(rank), cap))
-    v_prev = None                                                       # (len(todo), n, k_prev)
+    ranks = [rank] * b if isinstance(rank, int) else list(rank)
+    k = max(1, min(max(int(r) for r in ranks), cap))
+    starts: list = [v0[i] if warm[i] else None for i in range(b)]    # per matrix, (n, c) or None
+    first = True
     while todo.numel():
         idx_list = todo.tolist()
-        sub, sub_thr = a[todo], thr[todo]
+        sub = a if first else a[todo]     # a[todo] copies the stack: only for reruns
+        sub_thr = thr[todo]
         if k >= exact_above * m or k + oversample >= m:
             u, s, vh = exact_svd(sub, cap)
+            st["exact"] += len(idx_list)
             more = torch.zeros(len(idx_list), dtype=torch.bool, device=a.device)
         else:
             l = k + oversample
@@ -145,18 +244,28 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
             for j, i in enumerate(idx_list):
                 g = generators[i] if generators is not None else None
                 omega[j] = torch.randn(n, l, device=a.device, dtype=a.dtype, generator=g)
-            if v_prev is not None:                                      # warm start
-                omega[:, :, :v_prev.shape[-1]] = v_prev
-            u, s, vh = randomized_svd(sub, k, oversample=oversample, n_iter=n_iter, omega=omega,
-                                      orth=orth)
-            more = (s[:, -1] > sub_thr) & (k < cap)
+                if starts[i] is not None:                               # warm start
+                    c = min(starts[i].shape[-1], k)
+                    omega[j, :, :c] = starts[i][:, :c].to(device=a.device, dtype=a.dtype)
+            min_it = torch.tensor([min_iter if warm[i] else n_iter for i in idx_list],
+                                  device=a.device)
+            u, s, vh = subspace_iteration(sub, omega, k, n_iter=n_iter, orth=orth,
+                                          tol=tol if use_tol else None, min_iter=min_it,
+                                          threshold=sub_thr, stats=st)
+            more = (s[:, k - 1] > sub_thr) & (k < cap)
         more_host = more.tolist()                                       # one sync per round
         keeps = (s > sub_thr[:, None]).sum(1).tolist()
         for j, i in enumerate(idx_list):
-            if not more_host[j]:
-                keep = keeps[j]
-                out[i] = (u[j, :, :keep], s[j, :keep], vh[j, :keep, :])
+            if more_host[j]:
+                starts[i] = vh[j, :k].mT                               # rerun from what was found
+                continue
+            keep = min(keeps[j], cap)
+            out[i] = (u[j, :, :keep], s[j, :keep], vh[j, :keep, :])
+            if carry:
+                carried[i] = vh[j, :min(keeps[j] + carry, vh.shape[-2])].mT.contiguous()
+        st["reruns"] += sum(more_host)
         todo = todo[more]
-        v_prev = vh[more].mT if todo.numel() else None
         k = min(2 * k, cap)
+        first = False
+    st["carry"] = carried
     return out
