@@ -11,6 +11,17 @@ Recorded per case (extra_info): median ms of the whole denoising call (restoring
 first is timed separately and subtracted: denoise_ms), ranks kept, and on layer 0 the randomized
 path's accuracy against the exact path: max relative difference of the denoised matrices, max
 relative error of the retained singular values, and the ratio of their errors to the planted signal.
+That case is one cold call (warm_start=False): each timed call sees the same gradients.
+
+Consecutive steps (test_denoise_steps, registry op rmt_denoise_steps): STEPS releases of the same
+model whose planted signal drifts by ~DRIFT radians per step (fresh noise each step), denoised in
+order, cycling 0, 1, .., STEPS-1, .., 1, 0, 1, .. so that every call follows a neighbouring step.
+Cold (warm_start=False) vs warm (RMTDenoiser's default: last step's vectors + convergence test).
+Recorded: denoise_ms (call minus the restore of the step's gradients), GEMM passes per matrix and
+sweeps (bytes the GEMMs read / 4.4 GB) averaged over the timed calls, the effective GB/s of those
+reads, reruns and unconverged matrices, and, checked before timing, the error to the planted
+signal of layer 0 against the exact SVD's at every step. The expected time from the pass counts
+is in dpkern/denoise/README.md; this case is what measures it.
 """
 import math
 
@@ -25,6 +36,8 @@ from dpkern.denoise.shrinkers import bulk_edge, shrink
 
 MODELS = {name: dict(zip(("hidden", "intermediate", "layers"), registry.shapes("rmt_denoise", q)[0]))
           for name, q in (("llama-1b", False), ("tiny", True))}
+STEPS = registry.shapes("rmt_denoise_steps")[0][3]
+DRIFT = 0.05                        # radians per step, each singular vector of the signal
 SIGMA_E = 1.0 * 1.0 / 1024          # noise multiplier * C / B_expected
 SIGNAL_X = [3.0 / j for j in range(1, 17)]
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -93,7 +106,7 @@ def test_denoise_all_matrices(timed, llama_grads, orth, tf32):
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
-        den = RMTDenoiser(orth=orth, seed=1)
+        den = RMTDenoiser(orth=orth, seed=1, warm_start=False)
         acc = _accuracy(den, signal0, noisy)                 # checked before timing
         assert acc["err_to_signal_ratio"] < 1.05, acc
         grads = {k: v.clone() for k, v in noisy.items()}
@@ -139,3 +152,94 @@ def test_exact_svd_one_layer(timed, llama_grads):
     info.update(op="exact_svd_one_layer", model=MODEL, layers=layers)
     if HAS_GPU:
         info["est_all_layers_ms"] = info["median_ms"] * layers
+
+
+def drifting_grads(shapes, steps, seed=0):
+    """STEPS (signal of layer 0, noisy) dict pairs: the planted signal's singular vectors drift by
+    ~DRIFT radians a step, the noise is fresh each step."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    r = len(SIGNAL_X)
+    orth = lambda x: torch.linalg.qr(x)[0]                  # noqa: E731
+    uv = {k: (orth(torch.randn(m, r, device=DEVICE, generator=g)),
+              orth(torch.randn(n, r, device=DEVICE, generator=g))) for k, (m, n) in shapes.items()}
+    out = []
+    for t in range(steps):
+        signal0, noisy = {}, {}
+        for k, (m, n) in shapes.items():
+            u, v = uv[k]
+            if t:
+                u, v = (orth(x + DRIFT * torch.randn(x.shape, device=DEVICE, generator=g)
+                             / math.sqrt(x.shape[0])) for x in (u, v))
+                uv[k] = (u, v)
+            vals = torch.tensor(SIGNAL_X, device=DEVICE) * SIGMA_E * math.sqrt(max(m, n))
+            sig = (u * vals) @ v.T
+            noisy[k] = sig + SIGMA_E * torch.randn(m, n, device=DEVICE, generator=g)
+            if k.startswith("model.layers.0."):
+                signal0[k] = sig
+        out.append((signal0, noisy))
+    return out
+
+
+@pytest.fixture(scope="module")
+def drift_steps():
+    """(shapes, steps, exact denoise of layer 0 at each step)."""
+    shapes = model_shapes(**MODELS[MODEL])
+    steps = drifting_grads(shapes, STEPS, seed=2)
+    exact = []
+    for signal0, noisy in steps:
+        ex = {k: noisy[k].clone() for k in signal0}
+        RMTDenoiser(method="exact")(ex, SIGMA_E)
+        exact.append(ex)
+    return shapes, steps, exact
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+@pytest.mark.parametrize("mode", ["cold", "warm"])
+def test_denoise_steps(timed, drift_steps, mode, tf32):
+    if tf32 and not HAS_GPU:
+        pytest.skip("TF32 is a GPU setting")
+    shapes, steps, exact = drift_steps
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        den = RMTDenoiser(seed=1, warm_start=mode == "warm")
+        ratio = 0.0                                          # checked before timing
+        for (signal0, noisy), ex in zip(steps, exact):
+            grads = {k: v.clone() for k, v in noisy.items()}
+            den(grads, SIGMA_E)
+            for k, s in signal0.items():
+                ratio = max(ratio, float((grads[k] - s).norm() / (ex[k] - s).norm()))
+            del grads
+        assert ratio < 1.05, ratio
+        order = list(range(STEPS)) + list(range(STEPS - 2, 0, -1))     # 0 1 2 3 2 1 | 0 1 ...
+        # the last step's state is the start: continue from STEPS - 2 (a neighbour)
+        order = order[STEPS - 2:] + order[:STEPS - 2] if STEPS > 1 else order
+        grads = {k: v.clone() for k, v in steps[0][1].items()}
+        calls, stats = [0], []
+
+        def restore():
+            src = steps[order[calls[0] % len(order)]][1]
+            for k in grads:
+                grads[k].copy_(src[k])
+
+        def run():
+            restore()
+            den(grads, SIGMA_E)
+            calls[0] += 1
+            stats.append(den.last_stats)
+        info = timed(run)
+        mean = lambda key: sum(st[key] for st in stats) / len(stats)  # noqa: E731
+        n_weights = sum(m * n for m, n in shapes.values())
+        info.update(op="rmt_denoise_steps", model=MODEL, mode=mode, matrices=len(shapes),
+                    weights=n_weights, tf32=tf32, sigma_e=SIGMA_E, steps=STEPS, drift=DRIFT,
+                    err_to_signal_ratio=ratio, timed_calls=len(stats),
+                    passes_per_matrix=mean("passes_per_matrix"), sweeps=mean("sweeps"),
+                    pass_gb=mean("pass_bytes") / 1e9, reruns=mean("reruns"),
+                    unconverged=mean("unconverged"), warm_matrices=mean("warm"),
+                    config={k: v for k, v in den.kwargs.items()})
+        if HAS_GPU:
+            info["restore_ms"] = _median_ms(restore)
+            info["denoise_ms"] = info["median_ms"] - info["restore_ms"]
+            info["gemm_read_gbps"] = info["pass_gb"] / (info["denoise_ms"] * 1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -87,6 +87,10 @@ OPS: dict[str, OpCases] = {c.op: c for c in [
     OpCases("rmt_denoise", ("hidden", "intermediate", "layers"),
             full=((2048, 5504, 22),), quick=((64, 172, 2),), dtypes=("float32",),
             note="every weight matrix of a Llama-style ~1B model"),
+    # the same model over consecutive steps of a slowly drifting signal: cold vs warm-started calls
+    OpCases("rmt_denoise_steps", ("hidden", "intermediate", "layers", "steps"),
+            full=((2048, 5504, 22, 4),), quick=((64, 172, 2, 2),), dtypes=("float32",),
+            note="ms per call and GEMM passes per matrix, cold vs warm start"),
 ]}
 
 

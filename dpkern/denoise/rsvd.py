@@ -55,11 +55,11 @@ def orthonormalize(y: torch.Tensor, orth: str = "cholqr2") -> tuple[torch.Tensor
     return q, r
 
 
-def _converged(r_prev, x_prev, y, s_now, thr, k, tol):
+def _converged(svd_prev, x_prev, y, s_now, thr, k, tol):
     """Per-matrix convergence test, from skinny and small matrices only (no pass over the stack).
 
     The last two passes were op(a) x_prev = x r_prev (x_prev orthonormal) and y = op(a)^T x, with
-    op = a or a^T. r_prev = W S Z^T gives Ritz triplets (x W, S, x_prev Z) with op(a) x_prev z_i =
+    op = a or a^T. svd_prev = (W, S, Z^T), the SVD of r_prev, gives Ritz triplets (x W, S, x_prev Z) with op(a) x_prev z_i =
     s_i x w_i exactly, so their residual is rho_i = ||op(a)^T x w_i - s_i x_prev z_i|| =
     ||y w_i - s_i x_prev z_i|| (then a singular value of a lies within rho_i of s_i, and the
     vectors are within an angle ~rho_i / gap of singular vectors). s_now (b, l): the Ritz values
@@ -71,7 +71,7 @@ def _converged(r_prev, x_prev, y, s_now, thr, k, tol):
         that the Frobenius shrinker keeps (square case): a value near the threshold, the slowest to
         converge, is shrunk to almost nothing, so its residual matters that much less.
     """
-    w, s, zt = torch.linalg.svd(r_prev, full_matrices=False)           # float64
+    w, s, zt = svd_prev                                                 # float64
     res = torch.matmul(y, w.to(y.dtype)) - torch.matmul(x_prev, (zt.mT * s[:, None, :]).to(y.dtype))
     rho = torch.linalg.vector_norm(res.double(), dim=-2)                # (b, l)
     kept = s > thr[:, None]
@@ -101,28 +101,33 @@ def subspace_iteration(a: torch.Tensor, omega: torch.Tensor, k: int, *, n_iter: 
     if tol is not None:
         min_iter = torch.as_tensor(min_iter, device=a.device).expand(b)
     max_passes = 2 * n_iter + 2
-    passes, unconv, x_prev, r_prev = 0, 0, None, None
+    passes, unconv, x_prev, svd_prev, svd_r = 0, 0, None, None, None
     while True:
         right = passes % 2 == 0                         # x holds right vectors: multiply by a
         y = torch.matmul(a if right else a.mT, x)      # (b, m, l) or (b, n, l)
         passes += 1
         x_new, r = orthonormalize(y, orth)              # op(a) x = x_new r
+        if tol is not None:                             # one small SVD per pass, reused below
+            svd_r = torch.linalg.svd(r, full_matrices=False)
         if passes == max_passes:
             if tol is not None and x_prev is not None:  # the cap: who stopped unconverged
-                conv = _converged(r_prev, x_prev, y, torch.linalg.svdvals(r), threshold, k, tol)
+                conv = _converged(svd_prev, x_prev, y, svd_r[1], threshold, k, tol)
                 unconv = int((~conv & (min_iter < n_iter)).sum())
             break
         if tol is not None and x_prev is not None:
             eligible = passes >= 2 * min_iter + 2
             if bool(eligible.any()):
-                conv = _converged(r_prev, x_prev, y, torch.linalg.svdvals(r), threshold, k, tol)
+                conv = _converged(svd_prev, x_prev, y, svd_r[1], threshold, k, tol)
                 if bool((conv & eligible).all()):      # one host sync per pass
                     break
-        x_prev, r_prev, x = x, r, x_new
+        x_prev, svd_prev, x = x, svd_r, x_new
     if right:   # a x = x_new r, r = W S Z^T: u = x_new W, v = x Z
-        w, s, zt = torch.linalg.svd(r, full_matrices=False)
+        w, s, zt = svd_r if svd_r is not None else torch.linalg.svd(r, full_matrices=False)
         u, vh = torch.matmul(x_new, w.to(a.dtype)), torch.matmul(zt.to(a.dtype), x.mT)
-    else:       # a^T x = x_new r: a ~= x r^T x_new^T, r^T = w s z^T (as the cold path always did)
+    elif svd_r is not None:   # a^T x = x_new r: a ~= x r^T x_new^T = (x Z) S (x_new W)^T
+        w, s, zt = svd_r
+        u, vh = torch.matmul(x, zt.mT.to(a.dtype)), torch.matmul(w.mT.to(a.dtype), x_new.mT)
+    else:       # the cold path, as it always was: r^T = w s z^T
         w, s, zt = torch.linalg.svd(r.mT, full_matrices=False)
         u, vh = torch.matmul(x, w.to(a.dtype)), torch.matmul(zt.to(a.dtype), x_new.mT)
     if stats is not None:

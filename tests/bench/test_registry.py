@@ -44,6 +44,10 @@ def test_bench_files_take_shapes_from_registry():
     assert bench_subspace.BACKPROJ_CASES == registry.shapes("subspace_backproj")
     assert bench_denoise.MODELS["llama-1b"] == dict(hidden=2048, intermediate=5504, layers=22)
     assert tuple(bench_denoise.MODELS["tiny"].values()) == registry.shapes("rmt_denoise", True)[0]
+    assert bench_denoise.STEPS == registry.shapes("rmt_denoise_steps")[0][3]
+    assert tuple(bench_denoise.MODELS["tiny"].values()) == registry.shapes("rmt_denoise_steps", True)[0][:3]
+    assert tuple(bench_denoise.MODELS["llama-1b"].values()) \
+        == registry.shapes("rmt_denoise_steps", False)[0][:3]
 
 
 def test_full_noise_step_set_is_one_billion_parameters():
