@@ -331,7 +331,10 @@ class DPOptimizer(Optimizer):
                         "config": {"noise_multiplier": self.noise_multiplier,
                                    "max_grad_norm": self.max_grad_norm,
                                    "expected_batch_size": self.expected_batch_size,
-                                   "loss_reduction": self.loss_reduction}}
+                                   "loss_reduction": self.loss_reduction},
+                        # post-processors with a state (RMTDenoiser's warm start) resume with it
+                        "postprocessors": [p.state_dict() if hasattr(p, "state_dict") else None
+                                           for p in self.grad_postprocessors]}
         return sd
 
     def check_state_dict(self, state_dict) -> None:
@@ -345,6 +348,11 @@ class DPOptimizer(Optimizer):
                                  f"optimizer has {k}={getattr(self, k)!r}")
         if "noise" in extra:
             self.noise_generator.check_state(extra["noise"])
+        post = extra.get("postprocessors")
+        if post is not None and len(post) != len(self.grad_postprocessors):
+            raise ValueError(f"load_state_dict: the checkpoint has {len(post)} grad_postprocessors' "
+                             f"states, this optimizer has {len(self.grad_postprocessors)} "
+                             "post-processors")
         groups, mine = state_dict.get("param_groups"), self.original_optimizer.param_groups
         if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] \
                 != [len(g["params"]) for g in mine]:
@@ -359,6 +367,9 @@ class DPOptimizer(Optimizer):
         self.check_state_dict(state_dict)
         state_dict = dict(state_dict)
         extra = state_dict.pop("dpkern", {})
+        for p, st in zip(self.grad_postprocessors, extra.get("postprocessors") or []):
+            if st is not None and hasattr(p, "load_state_dict"):  # checks all before it changes
+                p.load_state_dict(st)
         self.original_optimizer.load_state_dict(state_dict)
         if "noise" in extra:
             self.noise_generator.load_state_dict(extra["noise"])

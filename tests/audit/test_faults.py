@@ -349,3 +349,41 @@ def test_checkpoint_refused_for_engines_with_more_state(tmp_path):
     eng = SubspacePrivacyEngine()
     with pytest.raises(NotImplementedError, match="SubspacePrivacyEngine"):
         eng.save_checkpoint(path=tmp_path / "x.pt", module=torch.nn.Linear(2, 2))
+
+
+def test_engine_checkpoint_resumes_postprocessor_state(tmp_path):
+    """RMT denoising's warm start is state: the checkpoint carries it, so the resumed run's steps
+    equal the uninterrupted run's (seeded, bit for bit on CPU); a fresh denoiser would start cold."""
+    from dpkern.denoise import RMTDenoiser
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(99)
+        data = TensorDataset(torch.randn(N, 24, generator=g))
+        eng = PrivacyEngine(accountant="rdp")
+        den = RMTDenoiser()
+        model, opt, loader = eng.make_private(module=model, optimizer=opt,
+                                              data_loader=DataLoader(data, batch_size=BSZ),
+                                              noise_multiplier=SIGMA, max_grad_norm=C, seed=11,
+                                              grad_postprocessors=[den])
+        return eng, model, opt, loader, den
+
+    eng, model, opt, loader, den = setup()
+    it = iter(loader)
+    _epoch_steps(model, opt, None, 5, it=it)
+    full = [p.detach().clone() for p in model.parameters()]
+
+    eng, model, opt, loader, den = setup()
+    it = iter(loader)
+    _epoch_steps(model, opt, None, 3, it=it)
+    eng.save_checkpoint(path=tmp_path / "ck.pt", module=model, optimizer=opt)
+    assert den.state_dict()["calls"] == 3 and den.state_dict()["matrices"]
+    eng2, model2, opt2, loader2, den2 = setup()
+    eng2.load_checkpoint(path=tmp_path / "ck.pt", module=model2, optimizer=opt2)
+    assert den2.state_dict()["calls"] == 3
+    for k, e in den.state_dict()["matrices"].items():
+        assert torch.equal(den2.state_dict()["matrices"][k]["v"], e["v"])
+    _epoch_steps(model2, opt2, None, 2, it=iter(loader2))
+    assert all(torch.equal(a, b) for a, b in zip(full, model2.parameters()))
