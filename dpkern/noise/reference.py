@@ -91,10 +91,37 @@ def normals(e: torch.Tensor, words: dict) -> torch.Tensor:
     return torch.where((lane & 1) == 0, r * torch.cos(t), r * torch.sin(t))
 
 
+# Elements per pass of tensor_normals: the int64 temporaries of a pass stay in cache on a CPU.
+RANGE_CHUNK = 1 << 16
+
+
 def tensor_normals(numel: int, global_offset: int, words: dict, device="cpu") -> torch.Tensor:
-    """z for the elements global_offset .. global_offset + numel - 1: float32 (numel,)."""
-    e = torch.arange(global_offset, global_offset + numel, dtype=torch.int64, device=device)
-    return normals(e, words)
+    """z for the elements global_offset .. global_offset + numel - 1: float32 (numel,).
+
+    The same values as normals(arange(...)), bit for bit, at a quarter of its Philox work: a
+    contiguous range runs each counter group once and takes all four of its lanes, in passes of
+    RANGE_CHUNK elements."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for s in range(0, numel, RANGE_CHUNK):
+        n = min(RANGE_CHUNK, numel - s)
+        out[s:s + n] = _range_normals(global_offset + s, n, words, out.device)
+    return out
+
+
+def _range_normals(first: int, n: int, words: dict, device) -> torch.Tensor:
+    g0 = first >> 2
+    g = torch.arange(g0, ((first + n - 1) >> 2) + 1, dtype=torch.int64, device=device)
+    x0, x1, x2, x3 = philox_words(g, words)
+    two_pi = torch.tensor(2 * math.pi, dtype=torch.float32)
+    lanes = []
+    for xr, xa in ((x0, x1), (x2, x3)):  # lanes 0, 1 from (x0, x1); lanes 2, 3 from (x2, x3)
+        u_r, _ = uniforms(xr)
+        _, u_a = uniforms(xa)
+        r = torch.sqrt(-2.0 * torch.log(u_r))
+        t = u_a * two_pi
+        lanes += [r * torch.cos(t), r * torch.sin(t)]
+    z = torch.stack(lanes, dim=1).reshape(-1)
+    return z[first - 4 * g0: first - 4 * g0 + n]
 
 
 def noisy_update_ref(p: torch.Tensor, g: torch.Tensor, z: torch.Tensor, m: torch.Tensor | None,
