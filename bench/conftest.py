@@ -12,10 +12,15 @@ before calling `timed` or by passing `check=`; a failed check marks the case (co
 fails the test, so it is never timed nor reported as a speed-up. `baseline=True` marks a reference
 baseline with nothing to check (correct = null).
 
+Time budget: with DPKERN_BENCH_DEADLINE=<unix time> (set by `make bench-gpu`), cases that would
+start after it are skipped with that reason (and recorded as skipped), so one call fits its limit;
+the cases run in registry order.
+
 History: with DPKERN_BENCH_HISTORY=path.jsonl every case of the session (passed, failed or skipped)
 is appended there with the run's GPU, driver, versions, commit, date and ceilings (bench/history.py).
 """
 import os
+import time
 
 import pytest
 import torch
@@ -96,6 +101,12 @@ def timed(benchmark, ceilings, request):
                         iqr_ms=st.iqr * 1e3)
         return info
     return run
+
+
+def pytest_runtest_setup(item):
+    deadline = os.environ.get("DPKERN_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("time budget of this run spent (DPKERN_BENCH_DEADLINE)")
 
 
 def pytest_runtest_logreport(report):

@@ -7,7 +7,8 @@
 #   bash bench/gpu_all.sh                      # every stage
 #   STAGES="tests e2e" bash bench/gpu_all.sh   # a subset (build always runs)
 # After a run, on CPU: python bench/history.py merge <run>/history.jsonl (bench/README.md).
-# Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, STAGE_TIMEOUT (s per stage).
+# Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, STAGE_TIMEOUT (s per stage),
+# BUDGET_S (s for the whole call, shared among the stages; `make bench-gpu` sets 570).
 # A stage that fails is logged and the next one still runs; the exit code ORs every stage's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,23 +34,42 @@ $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 |
 echo "build: $(( $(date +%s) - t0 )) s"
 $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.cuda_unavailable_reason())" | tee -a "$OUT/env.txt"
 
+# BUDGET_S: the whole call's limit in seconds (set by `make bench-gpu`). Each stage then gets the
+# remaining time times its weight over the weights of the stages still to run (capped by TMO); the
+# benchmark harness skips cases past its deadline (reported as skipped) and e2e_step.py drops the
+# cases past its --budget-s, so the call ends inside the budget.
+declare -A WEIGHT=([tests]=4 [bench]=9 [e2e]=6 [profile]=3 [audit]=3 [job]=2 [report]=1)
+T_END=$(( $(date +%s) + ${BUDGET_S:-0} ))
+LEFT_STAGES=" $STAGES "
+limit_for() {  # limit_for NAME: this stage's seconds
+  if [ -z "${BUDGET_S:-}" ]; then echo "$TMO"; return; fi
+  local w=0 s; for s in $LEFT_STAGES; do w=$(( w + ${WEIGHT[$s]:-1} )); done
+  local left=$(( T_END - $(date +%s) )); [ "$left" -lt 1 ] && left=1
+  local l=$(( left * ${WEIGHT[$1]:-1} / (w > 0 ? w : 1) )); [ "$l" -lt 1 ] && l=1
+  echo $(( l < TMO ? l : TMO ))
+}
 rc=0
+LIM=$TMO
 stage() {  # stage NAME LOG CMD...: run with a time limit, log, report, never stop the script
   local name=$1 log=$2; shift 2
   local s0; s0=$(date +%s)
-  timeout "$TMO" "$@" > "$log" 2>&1
+  timeout "$LIM" "$@" > "$log" 2>&1
   local r=$?
   echo "$name rc=$r ($(( $(date +%s) - s0 )) s)"; tail -4 "$log"
   rc=$(( rc | r ))
 }
 for s in $STAGES; do
+  LIM=$(limit_for "$s")
+  LEFT_STAGES=${LEFT_STAGES/ $s / }
   case $s in
     tests) stage tests "$OUT/tests.log" $PY -m pytest ${TEST_PATHS:-tests} -q -ra -p no:cacheprovider ${TEST_ARGS:-} ;;
-    bench) DPKERN_BENCH_HISTORY="$OUT/history.jsonl" stage bench "$OUT/bench.log" \
+    bench) DPKERN_BENCH_DEADLINE=$(( $(date +%s) + LIM - 20 )) \
+           DPKERN_BENCH_HISTORY="$OUT/history.jsonl" stage bench "$OUT/bench.log" \
              $PY -m pytest ${BENCH_PATHS:-bench} -q -p no:cacheprovider \
              --benchmark-json="$OUT/bench.json" ${BENCH_ARGS:-}
            [ -f "$OUT/bench.json" ] && $PY bench/summarize.py "$OUT/bench.json" > "$OUT/bench_summary.txt" ;;
-    e2e)   stage e2e "$OUT/e2e_step.log" $PY bench/e2e_step.py --out "$OUT/e2e/e2e_step.json" ${E2E_ARGS:-} ;;
+    e2e)   stage e2e "$OUT/e2e_step.log" $PY bench/e2e_step.py --out "$OUT/e2e/e2e_step.json" \
+             --budget-s $(( LIM > 40 ? LIM - 30 : 10 )) ${E2E_ARGS:-} ;;
     profile) stage profile "$OUT/profile.log" $PY bench/profile_step.py --out "$OUT/profile_1b" --preset 1b ;;
     report) stage report "$OUT/readme_section.md" $PY bench/perf_report.py --run "$OUT" --out "$OUT/perf" ;;
     audit) stage audit "$OUT/audit_gpu.log" $PY bench/audit_gpu.py --device cuda --m 30000 --out "$OUT/audit" ;;

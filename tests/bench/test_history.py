@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -116,6 +117,26 @@ def test_timed_fixture_marks_and_history(tmp_path):
     rows = {r["name"]: r for r in ratio_rows(base, list(recs.values()))}
     assert rows["test_wrong"]["ratio"] is None and rows["test_wrong"]["note"].startswith("FAIL")
     assert rows["test_ok"]["ratio"] is not None
+
+
+def test_deadline_skips_the_cases_past_it(tmp_path):
+    """DPKERN_BENCH_DEADLINE in the past: every case is skipped with the budget as its reason and
+    recorded as skipped (never as passed); in the future: the cases run."""
+    (tmp_path / "test_cases.py").write_text(CASES)
+    for deadline, want in ((time.time() - 1, "skipped"), (time.time() + 3600, None)):
+        hist = tmp_path / f"h{want}.jsonl"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), DPKERN_BENCH_QUICK="1",
+                   DPKERN_BENCH_HISTORY=str(hist), DPKERN_BENCH_DEADLINE=str(deadline))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "bench.conftest", "-q", "-rs",
+                               "-p", "no:cacheprovider", str(tmp_path / "test_cases.py"),
+                               f"--rootdir={tmp_path}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        recs = {r["name"]: r["status"] for r in history.load(hist)}
+        if want == "skipped":
+            assert proc.returncode == 0 and set(recs.values()) == {"skipped"}, recs
+            assert "time budget of this run spent" in proc.stdout
+        else:
+            assert recs["test_ok"] == "passed" and recs["test_wrong"] == "failed"
 
 
 def test_merge_is_idempotent(tmp_path):
