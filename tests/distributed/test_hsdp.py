@@ -8,23 +8,15 @@ import torch
 
 from dpkern.distributed import launch
 from tests.distributed import _workers as W
+from tests.distributed._compare import backends, max_diff
+from tests.distributed._compare import single as _single, tol as _tol
 
 WORLD = 4
-EPS32 = torch.finfo(torch.float32).eps
-BACKENDS = ["gloo", pytest.param("nccl", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < WORLD,
-                                        reason=f"needs {WORLD} GPUs")])]
+BACKENDS = backends(WORLD)
 
 
 def tol(steps: int, device: torch.device) -> float:
-    sum_err = 2 * W.N_DATA * W.T * EPS32 * W.C / (W.PER_RANK * WORLD)
-    t = steps * (W.LR * sum_err / (1 - W.MOMENTUM) + 4 * EPS32)
-    return t * (8 if device.type == "cuda" else 1)
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return _tol(steps, device, WORLD)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -35,15 +27,8 @@ def run(request):
     return res, torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
 
 
-_single_cache: dict = {}
-
-
 def single(kind: str, device, **kw) -> dict:
-    key = (kind, str(device), tuple(sorted((k, str(v)) for k, v in kw.items())))
-    if key not in _single_cache:
-        fn = W.train if kind == "train" else W.one_step
-        _single_cache[key] = fn("single", device, world=WORLD, **kw)
-    return _single_cache[key]
+    return _single(kind, device, WORLD, **kw)
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.0], ids=["noise_off", "noise_on"])
