@@ -23,6 +23,7 @@ reads, reruns and unconverged matrices, and, checked before timing, the error to
 signal of layer 0 against the exact SVD's at every step. The expected time from the pass counts
 is in dpkern/denoise/README.md; this case is what measures it.
 """
+import contextlib
 import math
 
 import pytest
@@ -97,15 +98,24 @@ def _accuracy(denoiser, signal0, noisy):
                 shrunk_sv_rel_err=sv_err)
 
 
+@contextlib.contextmanager
+def matmul_tf32(on: bool):
+    """TF32 matmuls on or off inside (a GPU setting: skipped on CPU when on); restored after."""
+    if on and not HAS_GPU:
+        pytest.skip("TF32 is a GPU setting")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 @pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
 @pytest.mark.parametrize("orth", ["cholqr2", "qr"])
 def test_denoise_all_matrices(timed, llama_grads, orth, tf32):
-    if tf32 and not HAS_GPU:
-        pytest.skip("TF32 is a GPU setting")
     shapes, signal0, noisy = llama_grads
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with matmul_tf32(tf32):
         den = RMTDenoiser(orth=orth, seed=1, warm_start=False)
         acc = _accuracy(den, signal0, noisy)                 # checked before timing
         assert acc["err_to_signal_ratio"] < 1.05, acc
@@ -128,8 +138,6 @@ def test_denoise_all_matrices(timed, llama_grads, orth, tf32):
             info["restore_ms"] = _median_ms(restore)
             info["denoise_ms"] = info["median_ms"] - info["restore_ms"]
             info["peak_mem_bytes_extra"] = info["peak_mem_bytes"] - 2 * 4 * n_weights
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def test_exact_svd_one_layer(timed, llama_grads):
@@ -196,12 +204,8 @@ def drift_steps():
 @pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
 @pytest.mark.parametrize("mode", ["cold", "warm"])
 def test_denoise_steps(timed, drift_steps, mode, tf32):
-    if tf32 and not HAS_GPU:
-        pytest.skip("TF32 is a GPU setting")
     shapes, steps, exact = drift_steps
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
+    with matmul_tf32(tf32):
         den = RMTDenoiser(seed=1, warm_start=mode == "warm")
         ratio = 0.0                                          # checked before timing
         for (signal0, noisy), ex in zip(steps, exact):
@@ -241,5 +245,3 @@ def test_denoise_steps(timed, drift_steps, mode, tf32):
             info["restore_ms"] = _median_ms(restore)
             info["denoise_ms"] = info["median_ms"] - info["restore_ms"]
             info["gemm_read_gbps"] = info["pass_gb"] / (info["denoise_ms"] * 1e-3)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
