@@ -82,13 +82,15 @@ def normals(e: torch.Tensor, words: dict) -> torch.Tensor:
     """z (float32) for global element indices e (int64 tensor, any shape) under `words`."""
     x0, x1, x2, x3 = philox_words(e >> 2, words)
     lane = e & 3
-    xr = torch.where(lane < 2, x0, x2)
-    xa = torch.where(lane < 2, x1, x3)
+    r, t = _polar(torch.where(lane < 2, x0, x2), torch.where(lane < 2, x1, x3))
+    return torch.where((lane & 1) == 0, r * torch.cos(t), r * torch.sin(t))
+
+
+def _polar(xr: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box–Muller radius and angle (float32) from the words of u_r and u_a."""
     u_r, _ = uniforms(xr)
     _, u_a = uniforms(xa)
-    r = torch.sqrt(-2.0 * torch.log(u_r))
-    t = u_a * torch.tensor(2 * math.pi, dtype=torch.float32)
-    return torch.where((lane & 1) == 0, r * torch.cos(t), r * torch.sin(t))
+    return torch.sqrt(-2.0 * torch.log(u_r)), u_a * torch.tensor(2 * math.pi, dtype=torch.float32)
 
 
 # Elements per pass of tensor_normals: the int64 temporaries of a pass stay in cache on a CPU.
@@ -112,13 +114,9 @@ def _range_normals(first: int, n: int, words: dict, device) -> torch.Tensor:
     g0 = first >> 2
     g = torch.arange(g0, ((first + n - 1) >> 2) + 1, dtype=torch.int64, device=device)
     x0, x1, x2, x3 = philox_words(g, words)
-    two_pi = torch.tensor(2 * math.pi, dtype=torch.float32)
     lanes = []
     for xr, xa in ((x0, x1), (x2, x3)):  # lanes 0, 1 from (x0, x1); lanes 2, 3 from (x2, x3)
-        u_r, _ = uniforms(xr)
-        _, u_a = uniforms(xa)
-        r = torch.sqrt(-2.0 * torch.log(u_r))
-        t = u_a * two_pi
+        r, t = _polar(xr, xa)
         lanes += [r * torch.cos(t), r * torch.sin(t)]
     z = torch.stack(lanes, dim=1).reshape(-1)
     return z[first - 4 * g0: first - 4 * g0 + n]
