@@ -42,12 +42,12 @@ class SecretSampling:
         from dpkern.noise.reference import philox_words
         words = self._gen.kernel_words(self._draw, stream=STREAM_SAMPLING)
         self._draw += 1
+        if q >= 1.0:
+            return torch.ones(n, dtype=torch.bool)
         g = torch.arange((n + 1) // 2, dtype=torch.int64)
         x0, x1, x2, x3 = philox_words(g, words)
         hi = torch.stack((x0, x2), dim=1).reshape(-1)[:n]  # record 2g: (x0, x1); 2g + 1: (x2, x3)
         lo = torch.stack((x1, x3), dim=1).reshape(-1)[:n]
-        if q >= 1.0:
-            return torch.ones(n, dtype=torch.bool)
         t = int(q * 2.0 ** 64)  # exact: q is a binary fraction; int() floors
         th, tl = t >> 32, t & 0xFFFFFFFF
         return (hi < th) | ((hi == th) & (lo < tl))
