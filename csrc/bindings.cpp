@@ -116,6 +116,9 @@ void noisy_step(uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors, in
   p.first_step = first_step ? 1 : 0;
   p.beta1 = static_cast<float>(beta1);
   p.beta2 = static_cast<float>(beta2);
+  // 1 - beta in double: in fp32, 1 - float(0.999) is 1.3e-5 away (relative) from 0.001.
+  p.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  p.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   p.eps = static_cast<float>(eps);
   p.step_size = static_cast<float>(step_size);
   p.inv_sqrt_bc2 = static_cast<float>(inv_sqrt_bc2);

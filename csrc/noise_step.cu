@@ -56,8 +56,8 @@ __device__ __forceinline__ void update(const DpkNoisyStepParams& a, float gn, fl
                                        float& v) {
   if (OPT == DPK_OPT_ADAMW) {
     p *= a.decay;
-    m = a.beta1 * m + (1.f - a.beta1) * gn;
-    v = a.beta2 * v + (1.f - a.beta2) * gn * gn;
+    m = a.beta1 * m + a.one_minus_beta1 * gn;
+    v = a.beta2 * v + a.one_minus_beta2 * gn * gn;
     const float den = sqrtf(v) * a.inv_sqrt_bc2 + a.eps;
     p -= a.step_size * (m / den);
   } else {

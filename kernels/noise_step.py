@@ -50,8 +50,8 @@ def _rne_bf16(x):
 def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
                        k0, k1, c2, c3,
                        noise_std, inv_b, lr, weight_decay, decay, momentum, one_minus_damp,
-                       beta1, beta2, eps, step_size, inv_sqrt_bc2,
-                       OPT: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+                       beta1, beta2, one_minus_beta1, one_minus_beta2, eps, step_size,
+                       inv_sqrt_bc2, OPT: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
                        ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     o_g = (global_offset >> 2) + pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # [BG]
@@ -69,8 +69,8 @@ def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
         b_m = tl.load(m_ptr + o_l, mask=m_l, other=0.0)
         b_v = tl.load(v_ptr + o_l, mask=m_l, other=0.0)
         b_p = b_p * decay
-        b_m = beta1 * b_m + (1.0 - beta1) * b_gn
-        b_v = beta2 * b_v + (1.0 - beta2) * b_gn * b_gn
+        b_m = beta1 * b_m + one_minus_beta1 * b_gn
+        b_v = beta2 * b_v + one_minus_beta2 * b_gn * b_gn
         b_den = tl.sqrt(b_v) * inv_sqrt_bc2 + eps
         b_p = b_p - step_size * (b_m / b_den)
         tl.store(m_ptr + o_l, b_m, mask=m_l)

@@ -80,7 +80,8 @@ def _subspace_backproj_fwd_kernel(w_ptr, u_ptr, s_ptr, v_ptr, m_ptr, q_ptr,
                                   stride_up, stride_ur, stride_sr, stride_sc,
                                   stride_vd, stride_vr,
                                   lr, weight_decay, decay, momentum, one_minus_damp,
-                                  beta1, beta2, eps, step_size, inv_sqrt_bc2,
+                                  beta1, beta2, one_minus_beta1, one_minus_beta2, eps, step_size,
+                                  inv_sqrt_bc2,
                                   OPT: tl.constexpr, DECOUPLED: tl.constexpr,
                                   NESTEROV: tl.constexpr, FIRST: tl.constexpr,
                                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -120,13 +121,13 @@ def _subspace_backproj_fwd_kernel(w_ptr, u_ptr, s_ptr, v_ptr, m_ptr, q_ptr,
             else:  # Adam: L2, g ← g + wd·W
                 b_g = b_g + weight_decay * b_w
             if FIRST:  # fresh zero states: not read
-                b_m = (1.0 - beta1) * b_g
-                b_q = (1.0 - beta2) * b_g * b_g
+                b_m = one_minus_beta1 * b_g
+                b_q = one_minus_beta2 * b_g * b_g
             else:
                 b_m = tl.load(m_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
                 b_q = tl.load(q_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)
-                b_m = beta1 * b_m + (1.0 - beta1) * b_g
-                b_q = beta2 * b_q + (1.0 - beta2) * b_g * b_g
+                b_m = beta1 * b_m + one_minus_beta1 * b_g
+                b_q = beta2 * b_q + one_minus_beta2 * b_g * b_g
             b_den = tl.sqrt(b_q) * inv_sqrt_bc2 + eps
             b_w = b_w - step_size * (b_m / b_den)
             _store(m_ptr + o_w, b_m, m_w)

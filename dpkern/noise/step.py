@@ -121,9 +121,13 @@ def kernel_scalars(hyper, *, noise_std: float, inv_b: float, t: int) -> tuple[di
     """The float arguments shared by the Triton and CUDA kernels, the optimizer code, Nesterov flag."""
     s = dict(noise_std=float(noise_std), inv_b=float(inv_b), lr=float(hyper.lr),
              weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0, one_minus_damp=1.0,
-             beta1=0.0, beta2=0.0, eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
+             beta1=0.0, beta2=0.0, one_minus_beta1=1.0, one_minus_beta2=1.0, eps=1.0,
+             step_size=0.0, inv_sqrt_bc2=1.0)
     if isinstance(hyper, AdamWHyper):
+        # 1 - beta here, in double (as torch.optim): in fp32 on the device, 1 - float(0.999) would
+        # be 1.3e-5 (relative) away from 0.001.
         s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
+                 one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
                  eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1**t),
                  inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2**t))
         return s, _OPT_ADAMW, False

@@ -123,9 +123,12 @@ def _state_tensor(state: dict, key: str, w: torch.Tensor):
 
 def _scalars(hyper, t: int) -> dict:
     s = dict(lr=float(hyper.lr), weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0,
-             one_minus_damp=1.0, beta1=0.0, beta2=0.0, eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
+             one_minus_damp=1.0, beta1=0.0, beta2=0.0, one_minus_beta1=1.0, one_minus_beta2=1.0,
+             eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
     if isinstance(hyper, AdamHyper):
+        # 1 - beta in double, as torch.optim (fp32 on the device: 1.3e-5 off at beta = 0.999)
         s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
+                 one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
                  eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1 ** t),
                  inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2 ** t))
     else:

@@ -317,9 +317,12 @@ BACKPROJ_OPTS = {
 }
 
 
-def _backproj_run(opt_fn, backproj, dtype, xs, switch_at=None, device="cpu"):
+def _backproj_run(opt_fn, backproj, dtype, xs, switch_at=None, device=None):
     """Subspace engine (layers 0 and 2 projected), sum reduction averaged by B_expected (what bf16
-    weights need), noise on; `switch_at`: fused_backprojection turned off from that step on."""
+    weights need), noise on; `switch_at`: fused_backprojection turned off from that step on.
+    device: the GPU where there is one (compiled Triton takes no CPU tensors), else the CPU
+    (the interpreter)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = make_model().to(device, dtype)
     orth_ = lambda n, r, seed: orthonormalize(  # noqa: E731
         torch.randn(n, r, generator=torch.Generator().manual_seed(seed))).to(device)
@@ -367,7 +370,7 @@ def test_fused_backprojection_taken_and_equals_unfused(opt_name, dtype, monkeypa
     m_u, dp_u, taken_u = _backproj_run(BACKPROJ_OPTS[opt_name], False, dtype, xs)
     assert taken_f == [True] * 4 and taken_u == [False] * 4
     assert sorted(calls) == sorted([(HID, D_IN), (D_OUT, HID)] * 4)
-    init = make_model().to(dtype)
+    init = make_model().to(m_u[0].weight.device, dtype)
     for (n, a), b, a0 in zip(m_f.named_parameters(), m_u.parameters(), init.parameters()):
         moved = float((b - a0).detach().abs().max())
         assert moved > 1e-3, n
@@ -389,7 +392,7 @@ def test_switch_to_unfused_mid_run(dtype):
     m_s, _, taken = _backproj_run(BACKPROJ_OPTS["adamw"], True, dtype, xs, switch_at=2)
     m_u, _, _ = _backproj_run(BACKPROJ_OPTS["adamw"], False, dtype, xs)
     assert taken == [True, True, False, False]
-    init = make_model().to(dtype)
+    init = make_model().to(m_u[0].weight.device, dtype)
     for a, b, a0 in zip(m_s.parameters(), m_u.parameters(), init.parameters()):
         moved = float((b - a0).detach().abs().max())
         tol = (1e-5 * moved if dtype == torch.float32

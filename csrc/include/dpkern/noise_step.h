@@ -51,6 +51,7 @@ typedef struct {
   int nesterov;
   int first_step;                 // SGD momentum: buffer = gradient (torch's first step)
   float beta1, beta2, eps;
+  float one_minus_beta1, one_minus_beta2;  // 1 - beta in double, then rounded (as torch.optim)
   float step_size;                // AdamW: lr / (1 - beta1^t)
   float inv_sqrt_bc2;             // AdamW: 1 / sqrt(1 - beta2^t)
 } DpkNoisyStepParams;
