@@ -19,6 +19,7 @@ export DPKERN_BENCH_OUT="$OUT"
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-"tests bench e2e profile audit job report"}
 TMO=${STAGE_TIMEOUT:-540}
+T_END=$(( $(date +%s) + ${BUDGET_S:-0} ))  # the budget counts from here: wheels and build included
 # Wheels the GPU machine lacks travel in .whl/ (see README, "GPU machine").
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -39,7 +40,6 @@ $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.c
 # benchmark harness skips cases past its deadline (reported as skipped) and e2e_step.py drops the
 # cases past its --budget-s, so the call ends inside the budget.
 declare -A WEIGHT=([tests]=4 [bench]=9 [e2e]=6 [profile]=3 [audit]=3 [job]=2 [report]=1)
-T_END=$(( $(date +%s) + ${BUDGET_S:-0} ))
 LEFT_STAGES=" $STAGES "
 limit_for() {  # limit_for NAME: this stage's seconds
   if [ -z "${BUDGET_S:-}" ]; then echo "$TMO"; return; fi
