@@ -370,15 +370,19 @@ def main(argv=None) -> dict:
         mode_cases = [c for c in cases if not mode.startswith("opacus") or c in opacus_cases]
         if not mode_cases:
             continue
-        runner, build_error = None, None
-        if time.perf_counter() - t_start < args.budget_s:
+        def build():
             try:
-                runner = Runner(cfg, args.device, mode, args, expected_bsz=mode_cases[0][0])
+                r = Runner(cfg, args.device, mode, args, expected_bsz=mode_cases[0][0])
                 if args.gc == "freeze":
                     gc.collect()
                     gc.freeze()
+                return r, None
             except Exception as exc:  # noqa: BLE001 - recorded, the other modes still run
-                build_error = _failure(exc)
+                return None, _failure(exc)
+
+        runner, build_error = None, None
+        if time.perf_counter() - t_start < args.budget_s:
+            runner, build_error = build()
         for precision in args.precisions.split(","):
             for bsz, seq in mode_cases:
                 entry = {"B": bsz, "T": seq, "precision": precision, "mode": mode}
@@ -392,8 +396,13 @@ def main(argv=None) -> dict:
                         entry.update(run_case(runner, cfg, args.device, precision, bsz, seq, args))
                     except Exception as exc:  # noqa: BLE001 - OOM, Opacus bf16 error, ...
                         entry["status"] = _failure(exc)
-                        with contextlib.suppress(Exception):
-                            runner.opt.zero_grad(set_to_none=True)
+                        # A step that failed half-way leaves hooks' state behind (Opacus: per-sample
+                        # gradients of some layers only, which fails every later case): rebuild.
+                        runner.close()
+                        gc.unfreeze()
+                        runner = None
+                        free(args.device)
+                        runner, build_error = build()
                 free(args.device)
                 report["runs"].append(entry)
                 print(json.dumps(entry), flush=True)

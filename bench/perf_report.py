@@ -185,7 +185,7 @@ def main(argv=None) -> str:
     recs = records_from_bench_json(run / "bench.json", env, outcomes)
     failed = [r["name"] for r in recs if not reportable(r)]
     rows = kernel_rows(recs)
-    e2e_path = Path(args.e2e) if args.e2e else next(iter(sorted(run.glob("*e2e*.csv"))), None)
+    e2e_path = Path(args.e2e) if args.e2e else next(iter(sorted(run.rglob("*e2e*.csv"))), None)
     e2e = e2e_table(e2e_path) if e2e_path and e2e_path.exists() else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,17 @@ def test_e2e_csv_table(tmp_path):
     t = pr.e2e_table(p)
     assert "| 8 | 512 | bf16 | dpkern | 120.5 | 1.31 | 1.05 | 1.20 | ok |" in t
     assert "failed: OOM" in t
+
+
+def test_e2e_csv_found_in_the_run_subfolder(tmp_path):
+    """gpu_all.sh writes the e2e sweep to <run>/e2e/e2e_step.csv: the report must find it there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("bench.json", "env.txt", "bench.log"):
+        (run / f).write_bytes((RUN2 / f).read_bytes())
+    (run / "e2e").mkdir()
+    (run / "e2e" / "e2e_step.csv").write_text(
+        "B,T,precision,mode,status,median_ms,peak_mem_gib,floor,floor_triangle,time_ratio,"
+        "mem_ratio\n8,512,bf16,dpkern,ok,120.5,30.1,1.2,1.1,1.31,1.05\n")
+    section = pr.main(["--run", str(run), "--out", str(tmp_path / "out")])
+    assert "End-to-end DP step" in section and "| 8 | 512 | bf16 | dpkern | 120.5 |" in section
