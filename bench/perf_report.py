@@ -156,7 +156,7 @@ def readme_section(env: dict, rows: list, failed: list, run_rel: str, e2e: str |
              "matmul) measured at the start of the same run. Full table: "
              "[bench/results/perf/perf.md](bench/results/perf/perf.md); raw data: "
              f"`{run_rel}/bench.json`.", "",
-             kernel_table(head), "",
+             kernel_table(head) if rows else "No microbenchmark results in this run.", "",
              "![fraction of ceiling](bench/results/perf/perf.png)", ""]
     if failed:
         lines += [f"Not reported (failed in this run): {len(failed)} cases ("
@@ -182,7 +182,9 @@ def main(argv=None) -> str:
     run = runs[-1]
     env = parse_env_txt(run / "env.txt")
     outcomes = outcomes_from_log(run / "bench.log")
-    recs = records_from_bench_json(run / "bench.json", env, outcomes)
+    # A run whose harness was stopped before it wrote bench.json still reports its e2e table.
+    have_bench = (run / "bench.json").exists()
+    recs = records_from_bench_json(run / "bench.json", env, outcomes) if have_bench else []
     failed = [r["name"] for r in recs if not reportable(r)]
     rows = kernel_rows(recs)
     e2e_path = Path(args.e2e) if args.e2e else next(iter(sorted(run.rglob("*e2e*.csv"))), None)
@@ -198,7 +200,8 @@ def main(argv=None) -> str:
           "`time / non-private matmul` = book-keeping time over torch.matmul of the non-private "
           "weight gradient on the same shapes. Rates above 100% of the copy ceiling mean the "
           "case's byte model over-counts (e.g. state that is not read on the first step).", "",
-          kernel_table(rows), "", "## Noise, optimizer and denoising", "",
+          kernel_table(rows) if have_bench else "No microbenchmark results in this run "
+          "(bench.json missing: the harness did not finish).", "", "## Noise, optimizer and denoising", "",
           "| case | median ms (IQR) | rate | % of copy BW |", "|---|---|---|---|"]
     md += [f"| {r['case']} | {r['ms']:.4f} ({_f(r['iqr_ms'], '.4f')}) | {r['rate']} | "
            f"{_f(r['frac'] and 100 * r['frac'], '.0f')} |" for r in others]

@@ -54,3 +54,18 @@ def test_e2e_csv_found_in_the_run_subfolder(tmp_path):
         "mem_ratio\n8,512,bf16,dpkern,ok,120.5,30.1,1.2,1.1,1.31,1.05\n")
     section = pr.main(["--run", str(run), "--out", str(tmp_path / "out")])
     assert "End-to-end DP step" in section and "| 8 | 512 | bf16 | dpkern | 120.5 |" in section
+
+
+def test_run_without_bench_json_still_reports_e2e(tmp_path):
+    """A harness stopped by its time limit leaves no bench.json: the e2e table is still reported,
+    and the missing microbenchmarks are said, not shown as an empty table of numbers."""
+    run = tmp_path / "run"
+    (run / "e2e").mkdir(parents=True)
+    (run / "env.txt").write_bytes((RUN2 / "env.txt").read_bytes())
+    (run / "e2e" / "e2e_step.csv").write_text(
+        "B,T,precision,mode,status,median_ms,peak_mem_gib,floor,floor_triangle,time_ratio,"
+        "mem_ratio\n8,512,bf16,dpkern,ok,120.5,30.1,1.2,1.1,1.31,1.05\n")
+    section = pr.main(["--run", str(run), "--out", str(tmp_path / "out")])
+    assert "| 8 | 512 | bf16 | dpkern | 120.5 |" in section
+    assert "No microbenchmark results in this run." in section
+    assert "bench.json missing" in (tmp_path / "out" / "perf.md").read_text()
