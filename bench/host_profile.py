@@ -42,6 +42,36 @@ def phases(runner, ids, pos, amp, steps) -> dict:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def sync_sites(runner, ids, pos, amp, steps=2) -> list:
+    """Host-GPU synchronisations in `steps` steps (torch's sync debug mode, "warn"), each with the
+    stack that issued it (innermost frames of dpkern, bench, torch.optim or transformers)."""
+    import collections
+    import traceback
+    import warnings
+    sites = collections.Counter()
+    old = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return old(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if any(k in f.filename for k in ("dpkern", "bench", "optim", "transformers"))]
+        sites[" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}({f.name})"
+                          for f in reversed(frames[-6:]))] += 1
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            for _ in range(steps):
+                runner.step(ids, pos, amp)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    return sites.most_common()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--case", default="16x256")
@@ -50,6 +80,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--out", default="host_profile.txt")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="also list the host-GPU synchronisations of two steps, with their stacks")
     args = ap.parse_args(argv)
     args.backend, args.sigma, args.clip = "triton", 1.0, 1.0
     cfg = llama_config(False)
@@ -70,6 +102,12 @@ def main(argv=None):
                 f"backward {ph['backward']:.1f}, step {ph['step']:.1f}; wall {ph['total']:.1f}")
         print(line, flush=True)
         report.write(line + "\n")
+        if args.sync_check:
+            sites = sync_sites(runner, ids, pos, amp)
+            msg = (f"{mode}: {sum(n for _, n in sites)} host-GPU synchronisations in 2 steps\n"
+                   + "".join(f"  {n} x {site}\n" for site, n in sites))
+            print(msg, flush=True)
+            report.write(msg)
         prof = cProfile.Profile()
         torch.cuda.synchronize()
         prof.enable()
