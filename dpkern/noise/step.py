@@ -117,22 +117,31 @@ def validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets):
     return list(global_offsets)
 
 
+def update_scalars(hyper, t: int) -> dict:
+    """The optimizer rule's float arguments of the fused kernels (this noise step and the subspace
+    back-projection): SGDHyper, or an Adam rule (AdamWHyper, dpkern.subspace's AdamHyper) at step t."""
+    s = dict(lr=float(hyper.lr), weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0,
+             one_minus_damp=1.0, beta1=0.0, beta2=0.0, one_minus_beta1=1.0, one_minus_beta2=1.0,
+             eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
+    if isinstance(hyper, SGDHyper):
+        if hyper.momentum != 0:
+            s.update(momentum=hyper.momentum, one_minus_damp=1.0 - hyper.dampening)
+        return s
+    # 1 - beta here, in double (as torch.optim): in fp32 on the device, 1 - float(0.999) would be
+    # 1.3e-5 (relative) away from 0.001.
+    s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
+             one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
+             eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1**t),
+             inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2**t))
+    return s
+
+
 def kernel_scalars(hyper, *, noise_std: float, inv_b: float, t: int) -> tuple[dict, int, bool]:
     """The float arguments shared by the Triton and CUDA kernels, the optimizer code, Nesterov flag."""
-    s = dict(noise_std=float(noise_std), inv_b=float(inv_b), lr=float(hyper.lr),
-             weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0, one_minus_damp=1.0,
-             beta1=0.0, beta2=0.0, one_minus_beta1=1.0, one_minus_beta2=1.0, eps=1.0,
-             step_size=0.0, inv_sqrt_bc2=1.0)
+    s = dict(noise_std=float(noise_std), inv_b=float(inv_b), **update_scalars(hyper, t))
     if isinstance(hyper, AdamWHyper):
-        # 1 - beta here, in double (as torch.optim): in fp32 on the device, 1 - float(0.999) would
-        # be 1.3e-5 (relative) away from 0.001.
-        s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
-                 one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
-                 eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1**t),
-                 inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2**t))
         return s, _OPT_ADAMW, False
     if hyper.momentum != 0:
-        s.update(momentum=hyper.momentum, one_minus_damp=1.0 - hyper.dampening)
         return s, _OPT_SGD_MOMENTUM, bool(hyper.nesterov)
     return s, _OPT_SGD, False
 

@@ -15,7 +15,7 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.noise.step import SGDHyper
+from dpkern.noise.step import SGDHyper, update_scalars
 
 __all__ = ["AdamHyper", "SGDHyper", "backproj_hyper", "subspace_backproj_step_"]
 
@@ -121,21 +121,6 @@ def _state_tensor(state: dict, key: str, w: torch.Tensor):
     return x, False
 
 
-def _scalars(hyper, t: int) -> dict:
-    s = dict(lr=float(hyper.lr), weight_decay=float(hyper.weight_decay), decay=1.0, momentum=0.0,
-             one_minus_damp=1.0, beta1=0.0, beta2=0.0, one_minus_beta1=1.0, one_minus_beta2=1.0,
-             eps=1.0, step_size=0.0, inv_sqrt_bc2=1.0)
-    if isinstance(hyper, AdamHyper):
-        # 1 - beta in double, as torch.optim (fp32 on the device: 1.3e-5 off at beta = 0.999)
-        s.update(decay=1.0 - hyper.lr * hyper.weight_decay, beta1=hyper.beta1, beta2=hyper.beta2,
-                 one_minus_beta1=1.0 - hyper.beta1, one_minus_beta2=1.0 - hyper.beta2,
-                 eps=hyper.eps, step_size=hyper.lr / (1.0 - hyper.beta1 ** t),
-                 inv_sqrt_bc2=1.0 / math.sqrt(1.0 - hyper.beta2 ** t))
-    else:
-        s.update(momentum=hyper.momentum, one_minus_damp=1.0 - hyper.dampening)
-    return s
-
-
 @torch.no_grad()
 def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
                             hyper, state: dict, *, backend: str | None = None,
@@ -191,7 +176,7 @@ def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v
                                                       subspace_backproj_launch)
         cfg = config or subspace_backproj_config(w.shape[0], w.shape[1],
                                                  max(u.shape[1], v.shape[1]), w.device)
-        subspace_backproj_launch(w, u, s, v, m, q, scalars=_scalars(hyper, t), opt=opt,
+        subspace_backproj_launch(w, u, s, v, m, q, scalars=update_scalars(hyper, t), opt=opt,
                                  decoupled=adam and hyper.decoupled,
                                  nesterov=bool(getattr(hyper, "nesterov", False)), first=fresh,
                                  config=cfg)
