@@ -58,17 +58,15 @@ def sync_sites(runner, ids, pos, amp, steps=2) -> list:
                   if any(k in f.filename for k in ("dpkern", "bench", "optim", "transformers"))]
         sites[" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}({f.name})"
                           for f in reversed(frames[-6:]))] += 1
-    warnings.showwarning = record
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             for _ in range(steps):
                 runner.step(ids, pos, amp)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = old
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return sites.most_common()
 
 
@@ -104,7 +102,7 @@ def main(argv=None):
         report.write(line + "\n")
         if args.sync_check:
             sites = sync_sites(runner, ids, pos, amp)
-            msg = (f"{mode}: {sum(n for _, n in sites)} host-GPU synchronisations in 2 steps\n"
+            msg = (f"{mode}: {sum(n for _, n in sites)} host-GPU synchronisations in two steps\n"
                    + "".join(f"  {n} x {site}\n" for site, n in sites))
             print(msg, flush=True)
             report.write(msg)
