@@ -70,12 +70,13 @@ void check_finite(double x, const char* name) {
 
 // The descriptor array and chunk table are built (and cached) by dpkern/noise/step.py, which has
 // already checked every tensor's device, dtype, shape and contiguity.
-void noisy_step(uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors, int64_t n_chunks,
-                int param_dtype, int grad_dtype, int optimizer, int64_t k0, int64_t k1, int64_t c2,
-                int64_t c3, double noise_std, double inv_b, double lr, double weight_decay,
-                double decay, double momentum, double one_minus_dampening, bool nesterov,
-                bool first_step, double beta1, double beta2, double eps, double step_size,
-                double inv_sqrt_bc2, uintptr_t stream) {
+DpkNoisyStepParams step_params(uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors,
+                               int64_t n_chunks, int param_dtype, int grad_dtype, int optimizer,
+                               int64_t k0, int64_t k1, int64_t c2, int64_t c3, double noise_std,
+                               double inv_b, double lr, double weight_decay, double decay,
+                               double momentum, double one_minus_dampening, bool nesterov,
+                               bool first_step, double beta1, double beta2, double eps,
+                               double step_size, double inv_sqrt_bc2) {
   if (n_tensors <= 0) throw std::invalid_argument("dpkern: noisy_step: n_tensors must be > 0");
   if (n_chunks <= 0 || n_chunks > 0x7fffffffLL)
     throw std::invalid_argument("dpkern: noisy_step: n_chunks out of range");
@@ -122,12 +123,66 @@ void noisy_step(uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors, in
   p.eps = static_cast<float>(eps);
   p.step_size = static_cast<float>(step_size);
   p.inv_sqrt_bc2 = static_cast<float>(inv_sqrt_bc2);
+  return p;
+}
+
+#define DPK_STEP_ARGS                                                                          \
+  uintptr_t tensors, uintptr_t chunk_tensor, int64_t n_tensors, int64_t n_chunks,              \
+      int param_dtype, int grad_dtype, int optimizer, int64_t k0, int64_t k1, int64_t c2,      \
+      int64_t c3, double noise_std, double inv_b, double lr, double weight_decay, double decay, \
+      double momentum, double one_minus_dampening, bool nesterov, bool first_step,             \
+      double beta1, double beta2, double eps, double step_size, double inv_sqrt_bc2
+#define DPK_STEP_PASS                                                                          \
+  tensors, chunk_tensor, n_tensors, n_chunks, param_dtype, grad_dtype, optimizer, k0, k1, c2,  \
+      c3, noise_std, inv_b, lr, weight_decay, decay, momentum, one_minus_dampening, nesterov,  \
+      first_step, beta1, beta2, eps, step_size, inv_sqrt_bc2
+
+void noisy_step(DPK_STEP_ARGS, uintptr_t stream) {
+  const DpkNoisyStepParams p = step_params(DPK_STEP_PASS);
   cudaError_t err;
   {
     py::gil_scoped_release release;
     err = dpk_noisy_step(&p, reinterpret_cast<cudaStream_t>(stream));
   }
   check_cuda(err, "noisy_step launch");
+}
+
+// LMO-DP noise (dpkern/mechanisms/lmo_ref.py): noise_std is the clip norm C, k0..c3 the stream-1
+// words; the constants are checked here against the layout lmo_ref.lmo_blocks defines.
+void noisy_step_lmo(DPK_STEP_ARGS, int gamma_mode, int rounds, int n_blocks, bool boost,
+                    double a1_theta, double a3_over_lam, double a4, double unif_a, double unif_w,
+                    double mt_d, double mt_c, double inv_k, uintptr_t stream) {
+  const DpkNoisyStepParams p = step_params(DPK_STEP_PASS);
+  const double lmo_scalars[] = {a1_theta, a3_over_lam, a4, unif_a, unif_w, mt_d, mt_c, inv_k};
+  const char* names[] = {"a1_theta", "a3_over_lam", "a4", "unif_a", "unif_w", "mt_d", "mt_c",
+                         "inv_k"};
+  for (int i = 0; i < 8; ++i) check_finite(lmo_scalars[i], names[i]);
+  if (gamma_mode < DPK_GAMMA_K1 || gamma_mode > DPK_GAMMA_MT)
+    throw std::invalid_argument("dpkern: noisy_step_lmo: unknown gamma_mode " + std::to_string(gamma_mode));
+  const int want = gamma_mode == DPK_GAMMA_K1 ? 1 : gamma_mode == DPK_GAMMA_MT ? 1 + rounds / 2 : 2;
+  if ((gamma_mode == DPK_GAMMA_MT && (rounds < 2 || rounds % 2 != 0)) || n_blocks != want)
+    throw std::invalid_argument("dpkern: noisy_step_lmo: rounds / n_blocks do not match gamma_mode");
+  if (a1_theta < 0 || a3_over_lam < 0 || a4 < 0 || unif_a < 0 || !(unif_w > 0))
+    throw std::invalid_argument("dpkern: noisy_step_lmo: LMO constants out of range");
+  DpkLmoNoise l{};
+  l.a1_theta = static_cast<float>(a1_theta);
+  l.a3_over_lam = static_cast<float>(a3_over_lam);
+  l.a4 = static_cast<float>(a4);
+  l.unif_a = static_cast<float>(unif_a);
+  l.unif_w = static_cast<float>(unif_w);
+  l.mt_d = static_cast<float>(mt_d);
+  l.mt_c = static_cast<float>(mt_c);
+  l.inv_k = static_cast<float>(inv_k);
+  l.gamma_mode = gamma_mode;
+  l.rounds = rounds;
+  l.boost = gamma_mode == DPK_GAMMA_MT && boost ? 1 : 0;  // k < 1: Gamma(k + 1) * U^(1/k)
+  l.n_blocks = n_blocks;
+  cudaError_t err;
+  {
+    py::gil_scoped_release release;
+    err = dpk_noisy_step_lmo(&p, &l, reinterpret_cast<cudaStream_t>(stream));
+  }
+  check_cuda(err, "noisy_step_lmo launch");
 }
 
 void philox_normals(uintptr_t words, uintptr_t z, int64_t first_group, int64_t n_groups,
@@ -167,4 +222,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("decay"), py::arg("momentum"), py::arg("one_minus_dampening"),
         py::arg("nesterov"), py::arg("first_step"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("step_size"), py::arg("inv_sqrt_bc2"), py::arg("stream"));
+  m.def("noisy_step_lmo", &noisy_step_lmo, py::arg("tensors"), py::arg("chunk_tensor"),
+        py::arg("n_tensors"), py::arg("n_chunks"), py::arg("param_dtype"), py::arg("grad_dtype"),
+        py::arg("optimizer"), py::arg("k0"), py::arg("k1"), py::arg("c2"), py::arg("c3"),
+        py::arg("noise_std"), py::arg("inv_b"), py::arg("lr"), py::arg("weight_decay"),
+        py::arg("decay"), py::arg("momentum"), py::arg("one_minus_dampening"),
+        py::arg("nesterov"), py::arg("first_step"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("eps"), py::arg("step_size"), py::arg("inv_sqrt_bc2"), py::arg("gamma_mode"),
+        py::arg("rounds"), py::arg("n_blocks"), py::arg("boost"), py::arg("a1_theta"),
+        py::arg("a3_over_lam"), py::arg("a4"), py::arg("unif_a"), py::arg("unif_w"),
+        py::arg("mt_d"), py::arg("mt_c"), py::arg("inv_k"), py::arg("stream"));
 }

@@ -1,9 +1,11 @@
 // Fused noise + optimizer step, one launch over all tensors (multi-tensor apply, as apex chunks it).
 // Block b takes chunk b of tensor chunk_tensor[b]; a thread takes one octet (8 global indices =
 // 2 Philox groups) per iteration: 16-byte vector loads/stores where the tensor allows, else scalar.
-// z lives only in registers; nothing full-size is allocated.
+// z lives only in registers; nothing full-size is allocated. The noise source is a template
+// parameter (GaussianNoise, LmoNoise): the Gaussian instantiation is the code it always was.
 #include <cuda_bf16.h>
 
+#include "dpkern/lmo.cuh"
 #include "dpkern/noise_step.h"
 #include "dpkern/philox.cuh"
 
@@ -70,8 +72,28 @@ __device__ __forceinline__ void update(const DpkNoisyStepParams& a, float gn, fl
   }
 }
 
-template <typename TP, typename TG, int OPT>
-__global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStepParams a) {
+// z of the octet's 8 global indices 8o .. 8o + 7. Gaussian: two Philox groups of 4 normals.
+struct GaussianNoise {
+  __device__ __forceinline__ void octet(const DpkNoisyStepParams& a, int64_t o, float z[8]) const {
+    dpk::normals4(2 * o, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z);
+    dpk::normals4(2 * o + 1, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z + 4);
+  }
+};
+
+// LMO-DP: each element draws its own n_blocks Philox calls (lmo.cuh), so the octet is only the
+// unit of the loads; z = Laplace(0, 1) / u and noise_std carries the clip norm C.
+struct LmoNoise {
+  DpkLmoNoise l;
+  __device__ __forceinline__ void octet(const DpkNoisyStepParams& a, int64_t o, float z[8]) const {
+#pragma unroll
+    for (int k = 0; k < kOctet; ++k)
+      z[k] = dpk::lmo_noise_unit(o * kOctet + k, l, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1]);
+  }
+};
+
+template <typename TP, typename TG, int OPT, typename Noise>
+__global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStepParams a,
+                                                              const Noise noise) {
   constexpr bool kM = OPT != DPK_OPT_SGD, kV = OPT == DPK_OPT_ADAMW;
   const DpkNoiseTensor t = a.tensors[a.chunk_tensor[blockIdx.x]];
   TP* __restrict__ pp = static_cast<TP*>(t.param);
@@ -85,8 +107,7 @@ __global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStep
   const int64_t oct1 = min(oct0 + int64_t{DPK_NOISE_CHUNK_OCTETS}, end_oct);
   for (int64_t o = oct0 + threadIdx.x; o < oct1; o += kThreads) {
     float z[kOctet];
-    dpk::normals4(2 * o, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z);
-    dpk::normals4(2 * o + 1, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z + 4);
+    noise.octet(a, o, z);
     const int64_t l0 = o * kOctet - t.global_offset;  // local index of the octet's first element
     float p[kOctet], g[kOctet], m[kOctet], v[kOctet];
     if (t.vec_ok && l0 >= 0 && l0 + kOctet <= t.numel) {
@@ -116,15 +137,19 @@ __global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStep
   }
 }
 
-template <typename TP, typename TG>
-cudaError_t launch_opt(const DpkNoisyStepParams& a, cudaStream_t stream) {
+template <typename TP, typename TG, typename Noise>
+cudaError_t launch_opt(const DpkNoisyStepParams& a, const Noise& noise, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(a.n_chunks)), block(kThreads);
   switch (a.optimizer) {
-    case DPK_OPT_SGD: noisy_step_kernel<TP, TG, DPK_OPT_SGD><<<grid, block, 0, stream>>>(a); break;
-    case DPK_OPT_SGD_MOMENTUM:
-      noisy_step_kernel<TP, TG, DPK_OPT_SGD_MOMENTUM><<<grid, block, 0, stream>>>(a);
+    case DPK_OPT_SGD:
+      noisy_step_kernel<TP, TG, DPK_OPT_SGD, Noise><<<grid, block, 0, stream>>>(a, noise);
       break;
-    case DPK_OPT_ADAMW: noisy_step_kernel<TP, TG, DPK_OPT_ADAMW><<<grid, block, 0, stream>>>(a); break;
+    case DPK_OPT_SGD_MOMENTUM:
+      noisy_step_kernel<TP, TG, DPK_OPT_SGD_MOMENTUM, Noise><<<grid, block, 0, stream>>>(a, noise);
+      break;
+    case DPK_OPT_ADAMW:
+      noisy_step_kernel<TP, TG, DPK_OPT_ADAMW, Noise><<<grid, block, 0, stream>>>(a, noise);
+      break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -169,14 +194,45 @@ extern "C" cudaError_t dpk_philox_normals(const DpkPhiloxParams* p, cudaStream_t
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t dpk_noisy_step(const DpkNoisyStepParams* p, cudaStream_t stream) {
-  static_assert(sizeof(DpkNoiseTensor) == 64, "DpkNoiseTensor is part of the Python ABI");
-  if (p == nullptr || p->tensors == nullptr || p->chunk_tensor == nullptr || p->n_tensors <= 0 ||
-      p->n_chunks <= 0 || p->n_chunks > 0x7fffffffLL)
-    return cudaErrorInvalidValue;
+namespace {
+
+bool valid_step_params(const DpkNoisyStepParams* p) {
+  return p != nullptr && p->tensors != nullptr && p->chunk_tensor != nullptr && p->n_tensors > 0 &&
+         p->n_chunks > 0 && p->n_chunks <= 0x7fffffffLL;
+}
+
+template <typename Noise>
+cudaError_t dispatch_step(const DpkNoisyStepParams* p, const Noise& noise, cudaStream_t stream) {
   return dispatch_fp32_bf16(p->param_dtype, [&](auto ptag) {
     return dispatch_fp32_bf16(p->grad_dtype, [&](auto gtag) {
-      return launch_opt<decltype(ptag), decltype(gtag)>(*p, stream);
+      return launch_opt<decltype(ptag), decltype(gtag)>(*p, noise, stream);
     });
   });
+}
+
+// The layout lmo_ref.lmo_blocks defines: a mismatch would read other coordinates' counters.
+bool valid_lmo(const DpkLmoNoise* l) {
+  if (l == nullptr) return false;
+  switch (l->gamma_mode) {
+    case DPK_GAMMA_K1: return l->n_blocks == 1;
+    case DPK_GAMMA_K2:
+    case DPK_GAMMA_K05: return l->n_blocks == 2;
+    case DPK_GAMMA_MT:
+      return l->rounds >= 2 && l->rounds % 2 == 0 && l->n_blocks == 1 + l->rounds / 2;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+extern "C" cudaError_t dpk_noisy_step(const DpkNoisyStepParams* p, cudaStream_t stream) {
+  static_assert(sizeof(DpkNoiseTensor) == 64, "DpkNoiseTensor is part of the Python ABI");
+  if (!valid_step_params(p)) return cudaErrorInvalidValue;
+  return dispatch_step(p, GaussianNoise{}, stream);
+}
+
+extern "C" cudaError_t dpk_noisy_step_lmo(const DpkNoisyStepParams* p, const DpkLmoNoise* lmo,
+                                          cudaStream_t stream) {
+  if (!valid_step_params(p) || !valid_lmo(lmo)) return cudaErrorInvalidValue;
+  return dispatch_step(p, LmoNoise{*lmo}, stream);
 }

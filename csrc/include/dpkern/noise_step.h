@@ -1,6 +1,9 @@
-// Fused Gaussian noise + optimizer step over many tensors in one launch (multi-tensor apply).
-// Per element: g_noisy = (g + noise_std * z) * inv_b, z ~ N(0,1) from Philox4x32-10 in registers
-// (counter layout in philox.cuh), then SGD or AdamW; parameters and fp32 states are updated in place.
+// Fused noise + optimizer step over many tensors in one launch (multi-tensor apply).
+// Per element: g_noisy = (g + noise_std * z) * inv_b, z drawn in registers from Philox4x32-10 (counter
+// layout in philox.cuh), then SGD or AdamW; parameters and fp32 states are updated in place.
+//   dpk_noisy_step:      z ~ N(0, 1) (the Gaussian mechanism, stream 0 words)
+//   dpk_noisy_step_lmo:  z = LMO-DP noise of clip norm 1, Laplace(0, 1/u) (lmo.cuh; stream 1 words);
+//                        noise_std is then the clip norm C
 #pragma once
 #include "dpkern/common.h"
 
@@ -58,6 +61,37 @@ typedef struct {
 
 // Enqueues one launch on `stream`. Returns cudaSuccess or the launch error; never synchronizes.
 cudaError_t dpk_noisy_step(const DpkNoisyStepParams* params, cudaStream_t stream);
+
+// LMO-DP's Gamma paths; values are part of the ABI (kernels/lmo_noise.py GAMMA_MODES).
+typedef enum {
+  DPK_GAMMA_K1 = 0,   // k = 1:   -log U3                              (1 Philox call / coordinate)
+  DPK_GAMMA_K2 = 1,   // k = 2:   -log U3 - log U4                     (2)
+  DPK_GAMMA_K05 = 2,  // k = 0.5: -log U3 cos^2(2 pi U4)                (2)
+  DPK_GAMMA_MT = 3,   // other k: Marsaglia-Tsang, `rounds` candidates   (1 + rounds / 2)
+} DpkGammaMode;
+
+// The LMO-DP sampler's constants (dpkern/mechanisms/lmo_ref.py): per coordinate e,
+//   u = a1_theta * Gamma(k) + a3_over_lam * Exp(1) + a4 * (unif_a + unif_w * U),  z = Laplace(0, 1/u),
+// from Philox calls e * n_blocks + j (j < n_blocks), each word x -> ((x >> 9) * 2 + 1) / 2^24.
+typedef struct {
+  float a1_theta;     // a1 * theta
+  float a3_over_lam;  // a3 / lam (lam is a rate)
+  float a4;
+  float unif_a;       // a
+  float unif_w;       // b - a
+  float mt_d;         // Marsaglia-Tsang d = k' - 1/3, k' = k (+1 if k < 1); the fallback value
+  float mt_c;         // 1 / sqrt(9 d)
+  float inv_k;        // 1 / k (the U^(1/k) boost for k < 1)
+  int32_t gamma_mode;  // DpkGammaMode
+  int32_t rounds;      // DPK_GAMMA_MT: candidates, even, >= 2
+  int32_t boost;       // DPK_GAMMA_MT: 1 when k < 1
+  int32_t n_blocks;    // Philox calls per coordinate: 1, 2, 2, 1 + rounds / 2 by gamma_mode
+} DpkLmoNoise;
+
+// dpk_noisy_step with z from LMO-DP (params->key / ctr_hi: the stream-1 words). Same tensors,
+// chunks and optimizers; a separate instantiation, so the Gaussian kernel is unchanged.
+cudaError_t dpk_noisy_step_lmo(const DpkNoisyStepParams* params, const DpkLmoNoise* lmo,
+                               cudaStream_t stream);
 
 // The raw stream, for tests and other samplers: Philox words and normals of groups
 // first_group .. first_group + n_groups - 1 (element 4g + l of the global index space at l).
