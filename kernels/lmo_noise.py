@@ -18,7 +18,6 @@ import triton.language as tl
 
 from dpkern.kernels.philox import normals, philox4x32_10
 
-GAMMA_MODES = {"k1": 0, "k2": 1, "k05": 2, "mt": 3}
 _TWO_PI = tl.constexpr(6.283185307179586)  # jit globals must be constexpr objects
 
 
@@ -89,16 +88,13 @@ def _mt_candidate(z, ua, d, c, found, g):
     return found, g
 
 
-@triton.jit(do_not_specialize=["offset", "k0", "k1", "c2", "c3"])
-def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, c2, c3, scale,
-                          a1_theta, a3_over_lam, a4, unif_a, unif_w, mt_d, mt_c, inv_k,
-                          GAMMA_MODE: tl.constexpr, ROUNDS: tl.constexpr, BOOST: tl.constexpr,
-                          N_BLK: tl.constexpr, FROM_PTR: tl.constexpr, HAS_G: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    i_p = tl.program_id(0).to(tl.int64)
-    o_l = i_p * BLOCK + tl.arange(0, BLOCK)          # [B] local element index
-    m_l = o_l < n
-    o_i = o_l + offset                               # [B] global index: the RNG counter
+@triton.jit
+def lmo_laplace_u(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, a1_theta, a3_over_lam, a4, unif_a, unif_w,
+                  mt_d, mt_c, inv_k, GAMMA_MODE: tl.constexpr, ROUNDS: tl.constexpr,
+                  BOOST: tl.constexpr, N_BLK: tl.constexpr, FROM_PTR: tl.constexpr):
+    """(Laplace(0, 1), u) of LMO-DP for global indices o_i (int64 block): the noise of clip norm C
+    is C * lap / u. Shared by this file's sampler and kernels/noise_step.py (FROM_PTR=False there;
+    u_ptr, o_l and m_l are then unused)."""
     u_e, u_u, u_lap, u_g = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, 0, N_BLK, FROM_PTR)
     if GAMMA_MODE == 0:
         gam = -tl.log(u_g)
@@ -110,8 +106,8 @@ def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, c2, c3, scal
         cs = tl.cos(_TWO_PI * v0)
         gam = -tl.log(u_g) * cs * cs
     else:
-        gam = tl.zeros([BLOCK], dtype=tl.float32) + mt_d
-        found = tl.zeros([BLOCK], dtype=tl.int32)
+        gam = tl.zeros(u_g.shape, dtype=tl.float32) + mt_d
+        found = tl.zeros(u_g.shape, dtype=tl.int32)
         for r in tl.static_range(ROUNDS // 2):
             v0, v1, v2, v3 = _uniform_block(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, 1 + r, N_BLK,
                                             FROM_PTR)
@@ -121,7 +117,22 @@ def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, c2, c3, scal
         if BOOST:
             gam = gam * tl.exp(tl.log(u_g) * inv_k)
     u = a1_theta * gam + a3_over_lam * (-tl.log(u_e)) + a4 * (unif_a + unif_w * u_u)
-    noise = scale * _laplace_unit(u_lap) / u         # [B] fp32
+    return _laplace_unit(u_lap), u
+
+
+@triton.jit(do_not_specialize=["offset", "k0", "k1", "c2", "c3"])
+def _lmo_noise_fwd_kernel(g_ptr, out_ptr, u_ptr, n, offset, k0, k1, c2, c3, scale,
+                          a1_theta, a3_over_lam, a4, unif_a, unif_w, mt_d, mt_c, inv_k,
+                          GAMMA_MODE: tl.constexpr, ROUNDS: tl.constexpr, BOOST: tl.constexpr,
+                          N_BLK: tl.constexpr, FROM_PTR: tl.constexpr, HAS_G: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    i_p = tl.program_id(0).to(tl.int64)
+    o_l = i_p * BLOCK + tl.arange(0, BLOCK)          # [B] local element index
+    m_l = o_l < n
+    o_i = o_l + offset                               # [B] global index: the RNG counter
+    lap, u = lmo_laplace_u(u_ptr, o_l, m_l, o_i, k0, k1, c2, c3, a1_theta, a3_over_lam, a4, unif_a,
+                           unif_w, mt_d, mt_c, inv_k, GAMMA_MODE, ROUNDS, BOOST, N_BLK, FROM_PTR)
+    noise = scale * lap / u                          # [B] fp32
     if HAS_G:
         b_g = tl.load(g_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)
         noise = b_g + noise
@@ -140,11 +151,21 @@ def _gaussian_noise_fwd_kernel(g_ptr, out_ptr, n, offset, k0, k1, c2, c3, scale,
     tl.store(out_ptr + o_l, noise.to(out_ptr.dtype.element_ty), mask=m_l)
 
 
+def lmo_kernel_args(consts: dict) -> dict:
+    """lmo_laplace_u's float and constexpr arguments from dpkern.mechanisms.lmo_ref.kernel_constants
+    (GAMMA_MODE: 0 k=1, 1 k=2, 2 k=0.5, 3 Marsaglia-Tsang)."""
+    c = consts
+    return dict(a1_theta=c["a1_theta"], a3_over_lam=c["a3_over_lam"], a4=c["a4"],
+                unif_a=c["unif_a"], unif_w=c["unif_w"], mt_d=c["mt_d"], mt_c=c["mt_c"],
+                inv_k=c["inv_k"], GAMMA_MODE=c["gamma_mode"], ROUNDS=c["rounds"],
+                BOOST=bool(c["boost"]), N_BLK=c["n_blocks"])
+
+
 def lmo_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, words: dict, offset: int,
-                  scale: float, p, gamma_mode: str, rounds: int, n_blocks: int,
-                  mt_d: float, mt_c: float, uniforms: torch.Tensor | None = None,
+                  scale: float, consts: dict, uniforms: torch.Tensor | None = None,
                   config: NoiseConfig | None = None) -> None:
-    """Launch on flat contiguous out (n,) [and g (n,), may alias out]. Caller validates."""
+    """Launch on flat contiguous out (n,) [and g (n,), may alias out]. Caller validates; consts:
+    lmo_ref.kernel_constants(params, rounds)."""
     n = out.numel()
     if n == 0:
         return
@@ -152,9 +173,7 @@ def lmo_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, words: dict, off
     _lmo_noise_fwd_kernel[(triton.cdiv(n, cfg.BLOCK),)](
         g_ptr=g if g is not None else out, out_ptr=out,
         u_ptr=uniforms if uniforms is not None else out, n=n, offset=offset, scale=scale,
-        a1_theta=p.a1 * p.theta, a3_over_lam=p.a3 / p.lam, a4=p.a4, unif_a=p.a, unif_w=p.b - p.a, mt_d=mt_d, mt_c=mt_c, inv_k=1.0 / p.k,
-        GAMMA_MODE=GAMMA_MODES[gamma_mode], ROUNDS=rounds, BOOST=p.k < 1,
-        N_BLK=n_blocks, FROM_PTR=uniforms is not None, **words,
+        **lmo_kernel_args(consts), FROM_PTR=uniforms is not None, **words,
         HAS_G=g is not None, BLOCK=cfg.BLOCK, num_warps=cfg.num_warps)
 
 

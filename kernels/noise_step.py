@@ -1,7 +1,9 @@
-"""Fused Gaussian noise + optimizer step (the Triton twin of csrc/noise_step.cu).
+"""Fused noise + optimizer step (the Triton twin of csrc/noise_step.cu).
 
-Per element: g_noisy = (g + noise_std * z) * inv_b with z from Philox (kernels/philox.py), then SGD
-or AdamW, writing the parameter and the fp32 states in place. z never touches memory.
+Per element: g_noisy = (g + noise_std * z) * inv_b, then SGD or AdamW, writing the parameter and the
+fp32 states in place. z never touches memory. MECH (constexpr) picks z: 0 = N(0, 1) from Philox
+(kernels/philox.py, stream 0 words); 1 = LMO-DP noise of clip norm 1, Laplace(0, 1) / u, from
+kernels/lmo_noise.py's device code (stream 1 words; noise_std is then the clip norm C).
 
 A program covers BLOCK_G whole Philox groups of the *global* element index (4 elements each), so the
 counter of an element depends only on its global index: a shard that starts at any global offset
@@ -16,9 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkern.kernels.lmo_noise import lmo_kernel_args, lmo_laplace_u
 from dpkern.kernels.philox import normals4
 
 OPT_SGD, OPT_SGD_MOMENTUM, OPT_ADAMW = 0, 1, 2  # same codes as DpkOptimizer in noise_step.h
+MECH_GAUSSIAN, MECH_LMO = 0, 1
+# The LMO arguments of a Gaussian launch: unused (MECH = 0 compiles them out), fixed so the
+# Gaussian kernel is compiled once.
+_NO_LMO = dict(a1_theta=0.0, a3_over_lam=0.0, a4=0.0, unif_a=0.0, unif_w=0.0, mt_d=0.0, mt_c=0.0,
+               inv_k=0.0, GAMMA_MODE=0, ROUNDS=2, BOOST=False, N_BLK=1)
 
 
 @dataclass(frozen=True)
@@ -51,17 +59,26 @@ def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
                        k0, k1, c2, c3,
                        noise_std, inv_b, lr, weight_decay, decay, momentum, one_minus_damp,
                        beta1, beta2, one_minus_beta1, one_minus_beta2, eps, step_size,
-                       inv_sqrt_bc2, OPT: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
-                       ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr):
+                       inv_sqrt_bc2, a1_theta, a3_over_lam, a4, unif_a, unif_w, mt_d, mt_c, inv_k,
+                       OPT: tl.constexpr, NESTEROV: tl.constexpr, FIRST: tl.constexpr,
+                       ALIGNED: tl.constexpr, BLOCK_G: tl.constexpr, MECH: tl.constexpr,
+                       GAMMA_MODE: tl.constexpr, ROUNDS: tl.constexpr, BOOST: tl.constexpr,
+                       N_BLK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    o_g = (global_offset >> 2) + pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # [BG]
-    b_z = normals4(o_g, k0, k1, c2, c3)  # [4 BG]
+    if MECH == 0:
+        o_g = (global_offset >> 2) + pid * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)  # [BG]
+        b_z = normals4(o_g, k0, k1, c2, c3)  # [4 BG]
     if ALIGNED:  # global_offset % 4 == 0: local index = 4 * (group - offset / 4) + lane
         o_l = pid * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G).to(tl.int64)
     else:
         o_e = ((global_offset >> 2) + pid * BLOCK_G) * 4 + tl.arange(0, 4 * BLOCK_G).to(tl.int64)
         o_l = o_e - global_offset  # local element index, [4 BG]
     m_l = (o_l >= 0) & (o_l < numel)
+    if MECH == 1:  # LMO-DP: each element's own Philox calls at its global index
+        b_lap, b_u = lmo_laplace_u(p_ptr, o_l, m_l, o_l + global_offset, k0, k1, c2, c3, a1_theta,
+                                   a3_over_lam, a4, unif_a, unif_w, mt_d, mt_c, inv_k, GAMMA_MODE,
+                                   ROUNDS, BOOST, N_BLK, False)
+        b_z = b_lap / b_u  # [4 BG]
     b_p = tl.load(p_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)
     b_g = tl.load(g_ptr + o_l, mask=m_l, other=0.0).to(tl.float32)
     b_gn = (b_g + noise_std * b_z) * inv_b
@@ -96,9 +113,10 @@ def _noise_step_kernel(p_ptr, g_ptr, m_ptr, v_ptr, numel, global_offset,
 
 def noise_step_launch(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, v: torch.Tensor | None,
                       *, global_offset: int, scalars: dict, opt: int, nesterov: bool, first: bool,
-                      config: NoiseStepConfig | None = None) -> None:
+                      lmo: dict | None = None, config: NoiseStepConfig | None = None) -> None:
     """Update one contiguous tensor in place. The caller validated everything; `scalars` holds the
-    kernel's float and counter arguments (built once per step by dpkern.noise.step)."""
+    kernel's float and counter arguments (built once per step by dpkern.noise.step); `lmo`, the
+    LMO-DP constants (dpkern.mechanisms.lmo_ref.kernel_constants) or None for Gaussian noise."""
     n = p.numel()
     if n == 0:
         return
@@ -106,8 +124,10 @@ def noise_step_launch(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor | None, 
     first_group = global_offset >> 2
     last_group = (global_offset + n - 1) >> 2
     grid = (triton.cdiv(last_group - first_group + 1, cfg.BLOCK_G),)
+    mech = dict(_NO_LMO, MECH=MECH_GAUSSIAN) if lmo is None else dict(lmo_kernel_args(lmo),
+                                                                      MECH=MECH_LMO)
     _noise_step_kernel[grid](
         p_ptr=p, g_ptr=g, m_ptr=m if m is not None else p, v_ptr=v if v is not None else p,
-        numel=n, global_offset=global_offset, **scalars,
+        numel=n, global_offset=global_offset, **scalars, **mech,
         OPT=opt, NESTEROV=nesterov, FIRST=first, ALIGNED=global_offset % 4 == 0,
         BLOCK_G=cfg.BLOCK_G, num_warps=cfg.num_warps)

@@ -89,6 +89,12 @@ class LMOMechanism(Mechanism):
                                         clip_norm=self.clip_norm, offset=offset,
                                         rounds=self.rounds, backend=backend)
 
+    def fused_step_supported(self) -> bool:
+        """True when add_noise_ is LMOMechanism's own (not overridden, not patched): then
+        dpkern.noise.fused_noisy_step(mechanism=self) adds exactly the noise add_noise_ would, in
+        the fused noise + update kernel. DPOptimizer takes the fused path only then."""
+        return type(self).add_noise_ is _LMO_ADD_NOISE
+
     def sample(self, n, *, generator, step, offset=0, device="cpu", backend=None):
         z = noise_ops.lmo_noise_sample(n, self.params, words=self._words(generator, step),
                                        offset=offset,
@@ -114,3 +120,6 @@ class LMOMechanism(Mechanism):
     def __repr__(self):
         return (f"LMOMechanism({self.params}, clip_norm={self.clip_norm}, "
                 f"accounting={self.accounting!r})")
+
+
+_LMO_ADD_NOISE = LMOMechanism.add_noise_  # what fused_noisy_step's LMO kernels reproduce

@@ -83,6 +83,21 @@ def mt_constants(k: float) -> tuple[float, float]:
     return d, 1.0 / math.sqrt(9.0 * d)
 
 
+# Gamma path codes: the kernels' GAMMA_MODE (kernels/lmo_noise.py), csrc's DpkGammaMode.
+GAMMA_CODES = {"k1": 0, "k2": 1, "k05": 2, "mt": 3}
+
+
+def kernel_constants(p: LMOParams, rounds: int = DEFAULT_ROUNDS) -> dict:
+    """The sampler's constants as every kernel takes them (the fields of csrc's DpkLmoNoise;
+    kernels/lmo_noise.lmo_kernel_args maps them to Triton's arguments). Validates rounds."""
+    n_blocks = lmo_blocks(p, rounds)
+    d, c = mt_constants(p.k)
+    return dict(a1_theta=p.a1 * p.theta, a3_over_lam=p.a3 / p.lam, a4=p.a4, unif_a=p.a,
+                unif_w=p.b - p.a, mt_d=d, mt_c=c, inv_k=1.0 / p.k,
+                gamma_mode=GAMMA_CODES[gamma_mode(p.k)], rounds=int(rounds), boost=p.k < 1,
+                n_blocks=n_blocks)
+
+
 def gamma_from_uniforms(U: torch.Tensor, k: float, rounds: int = DEFAULT_ROUNDS) -> torch.Tensor:
     """Gamma(k, 1) from the (n, 4 * blocks) uniforms of the layout above. Returns (n,)."""
     mode = gamma_mode(k)

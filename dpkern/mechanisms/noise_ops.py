@@ -74,11 +74,9 @@ def lmo_noise_add_(grad: torch.Tensor, params: LMOParams, *, words: dict,
         return _torch_add_(grad, offset, float(clip_norm), lambda n, off, dev: lmo_ref.lmo_noise_ref(
             n, params, words=words, offset=off, rounds=rounds, device=dev))
     from dpkern.kernels.lmo_noise import lmo_noise_fwd
-    d, c = lmo_ref.mt_constants(params.k)
     flat = grad.view(-1)
-    lmo_noise_fwd(flat, flat, words=words, offset=offset, scale=float(clip_norm), p=params,
-                  gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds,
-                  n_blocks=lmo_ref.lmo_blocks(params, rounds), mt_d=d, mt_c=c)
+    lmo_noise_fwd(flat, flat, words=words, offset=offset, scale=float(clip_norm),
+                  consts=lmo_ref.kernel_constants(params, rounds))
     return grad
 
 
@@ -96,10 +94,8 @@ def lmo_noise_sample(n: int, params: LMOParams, *, words: dict, offset: int = 0,
                                      device=device).float()
     from dpkern.kernels.lmo_noise import lmo_noise_fwd
     out = _alloc.empty(n, dtype=torch.float32, device=device)
-    d, c = lmo_ref.mt_constants(params.k)
-    lmo_noise_fwd(out, None, words=words, offset=offset, scale=1.0, p=params,
-                  gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds,
-                  n_blocks=lmo_ref.lmo_blocks(params, rounds), mt_d=d, mt_c=c)
+    lmo_noise_fwd(out, None, words=words, offset=offset, scale=1.0,
+                  consts=lmo_ref.kernel_constants(params, rounds))
     return out
 
 
@@ -123,10 +119,8 @@ def lmo_noise_from_uniforms(U: torch.Tensor, params: LMOParams, *,
     from dpkern.kernels.lmo_noise import lmo_noise_fwd
     Uc = U.to(torch.float32).contiguous()
     out = _alloc.empty(U.shape[0], dtype=torch.float32, device=U.device)
-    d, c = lmo_ref.mt_constants(params.k)
     lmo_noise_fwd(out, None, words={"k0": 0, "k1": 0, "c2": 0, "c3": 0}, offset=0, scale=1.0,
-                  p=params, gamma_mode=lmo_ref.gamma_mode(params.k), rounds=rounds,
-                  n_blocks=need // 4, mt_d=d, mt_c=c, uniforms=Uc)
+                  consts=lmo_ref.kernel_constants(params, rounds), uniforms=Uc)
     return out
 
 

@@ -1,10 +1,12 @@
-"""fused_noisy_step: Gaussian noise + SGD/AdamW update for a list of tensors, in one pass per backend.
+"""fused_noisy_step: mechanism noise (Gaussian, or LMO-DP) + SGD/AdamW update for a list of tensors,
+in one pass per backend.
 
 Validation happens before anything is reserved or written: a refused call leaves every tensor and
 the noise counter as they were.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,11 +16,12 @@ import torch
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
 from dpkern.noise.keys import NoiseGenerator
-from dpkern.noise.reference import noisy_update_ref, tensor_normals
+from dpkern.noise.reference import RANGE_CHUNK, noisy_update_ref, tensor_normals
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 2}  # DpkDType
 _OPT_SGD, _OPT_SGD_MOMENTUM, _OPT_ADAMW = 0, 1, 2  # DpkOptimizer
+_MAX_COUNTER = 1 << 63  # LMO-DP's Philox call index e * n_blocks + j must not wrap (int64)
 
 
 @dataclass(frozen=True)
@@ -146,10 +149,33 @@ def kernel_scalars(hyper, *, noise_std: float, inv_b: float, t: int) -> tuple[di
     return s, _OPT_SGD, False
 
 
-def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper, noise_std: float,
-                     expected_batch_size: float, noise: NoiseGenerator, t: int = 1,
-                     counter_step: int | None = None, global_offsets=None,
-                     backend: str | None = None) -> int:
+def check_mechanism(mechanism, noise_std, params, offsets):
+    """None (Gaussian noise of std noise_std) or the LMO-DP sampler's kernel constants
+    (lmo_ref.kernel_constants) of an LMOMechanism, whose clip_norm scales its noise."""
+    if mechanism is None:
+        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        return None
+    from dpkern.mechanisms import lmo_ref
+    from dpkern.mechanisms.lmo import LMOMechanism
+    if not isinstance(mechanism, LMOMechanism):
+        raise TypeError("mechanism must be None (Gaussian noise of std noise_std) or a "
+                        f"dpkern.mechanisms.LMOMechanism, got {type(mechanism).__name__}")
+    if noise_std is not None:
+        raise ValueError("noise_std must be None with an LMO-DP mechanism: its noise is "
+                         f"Laplace(0, C / u) with C = mechanism.clip_norm, got noise_std={noise_std!r}")
+    consts = lmo_ref.kernel_constants(mechanism.params, mechanism.rounds)
+    end = max(o + p.numel() for o, p in zip(offsets, params))
+    if end * consts["n_blocks"] > _MAX_COUNTER:
+        raise ValueError(f"global_offsets: element {end - 1} times {consts['n_blocks']} Philox calls "
+                         "per coordinate passes 2**63; LMO-DP counters would wrap and repeat")
+    return consts
+
+
+def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper,
+                     noise_std: float | None = None, expected_batch_size: float,
+                     noise: NoiseGenerator, t: int = 1, counter_step: int | None = None,
+                     global_offsets=None, mechanism=None, backend: str | None = None) -> int:
     """In place, for every i: p_i <- update(p_i, (g_i + noise_std * z_i) / expected_batch_size).
 
     Args:
@@ -158,7 +184,7 @@ def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper, n
         exp_avgs: fp32 states (SGD momentum buffer, AdamW m), same shapes; unused for plain SGD.
         exp_avg_sqs: fp32 AdamW v, same shapes.
         hyper: SGDHyper | AdamWHyper.
-        noise_std: sigma * C (>= 0; 0 still runs the fused update).
+        noise_std: sigma * C (>= 0; 0 still runs the fused update); None with an LMO mechanism.
         expected_batch_size: B_expected (public), > 0; the update divides by it.
         noise: the NoiseGenerator (key + counter).
         t: optimizer step, 1-based (AdamW bias correction; SGD: t == 1 initialises momentum).
@@ -166,14 +192,25 @@ def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper, n
             releasing several groups in one logical step reserves one step and passes it to each.
         global_offsets: global index of each tensor's element 0 (default: laid end to end);
             a shard passes its own offsets so z matches the unsharded model.
+        mechanism: None (z ~ N(0, 1), Philox stream 0) or a dpkern.mechanisms.LMOMechanism:
+            z = its noise of clip norm 1, Laplace(0, 1/u) per coordinate (stream 1, the counter
+            layout of lmo_ref; the same values its add_noise_ adds), scaled by mechanism.clip_norm
+            in place of noise_std.
         backend: "auto" | "cuda" | "triton" | "torch".
     Returns: the counter step used.
+
+    Example (LMO-DP noise, AdamW)::
+
+        mech = LMOMechanism(PAPER_DEFAULT, clip_norm=1.0, accounting="certified")
+        fused_noisy_step(params, grad_sums, ms, vs, hyper=AdamWHyper(lr=1e-4),
+                         expected_batch_size=1024, noise=gen, t=t, mechanism=mech)
     """
     offs = validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets)
     if not isinstance(noise, NoiseGenerator):
         raise TypeError(f"noise must be a NoiseGenerator, got {type(noise).__name__}")
-    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    lmo = check_mechanism(mechanism, noise_std, params, offs)
+    if lmo is not None:
+        noise_std = mechanism.clip_norm
     if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
             and expected_batch_size > 0):
         raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
@@ -185,23 +222,40 @@ def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper, n
                                             inv_b=1.0 / expected_batch_size, t=t)
     first = opt == _OPT_SGD_MOMENTUM and t == 1
     step = noise.next_step() if counter_step is None else counter_step
-    words = noise.kernel_words(step)
+    words = noise.kernel_words(step, stream=0 if lmo is None else mechanism.stream)
     ms = exp_avgs if opt != _OPT_SGD else [None] * len(params)
     vs = exp_avg_sqs if opt == _OPT_ADAMW else [None] * len(params)
     if be == "cuda":
-        _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words)
+        _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words, lmo)
     elif be == "triton":
         from dpkern.kernels.noise_step import noise_step_launch
         scal = dict(scalars, **words)
         for p, g, m, v, o in zip(params, grads, ms, vs, offs):
             noise_step_launch(p, g, m, v, global_offset=o, scalars=scal, opt=opt,
-                              nesterov=nesterov, first=first)
+                              nesterov=nesterov, first=first, lmo=lmo)
     else:
-        _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words)
+        draw = tensor_normals if lmo is None else _lmo_draw(mechanism)
+        _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words, draw)
     return step
 
 
-def _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words):
+def _lmo_draw(mechanism):
+    """z for the torch backend: the float64 reference sampler (lmo_ref) in passes of RANGE_CHUNK
+    elements (its uniforms are (n, 4 * n_blocks) float64), rounded once to fp32."""
+    from dpkern.mechanisms import lmo_ref
+
+    def draw(numel, global_offset, words, device="cpu"):
+        out = torch.empty(numel, dtype=torch.float32, device=device)
+        for s in range(0, numel, RANGE_CHUNK):
+            n = min(RANGE_CHUNK, numel - s)
+            out[s:s + n] = lmo_ref.lmo_noise_ref(n, mechanism.params, words=words,
+                                                 offset=global_offset + s,
+                                                 rounds=mechanism.rounds, device=device)
+        return out
+    return draw
+
+
+def _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words, draw):
     name = "adamw" if opt == _OPT_ADAMW else "sgd"
     hd = {"lr": hyper.lr, "weight_decay": hyper.weight_decay, "first": first, "step": t}
     if opt == _OPT_ADAMW:
@@ -211,7 +265,7 @@ def _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words
     for p, g, m, v, o in zip(params, grads, ms, vs, offs):
         if p.numel() == 0:
             continue
-        z = tensor_normals(p.numel(), o, words, device=p.device).view(p.shape)
+        z = draw(p.numel(), o, words, device=p.device).view(p.shape)
         p_new, m_new, v_new = noisy_update_ref(p, g, z, m, v, optimizer=name, hyper=hd,
                                                noise_std=scalars["noise_std"],
                                                inv_b=scalars["inv_b"])
@@ -295,8 +349,11 @@ def _descriptors(ext, params, grads, ms, vs, offs, stream: int = 0):
     return entry.desc, entry.table, entry.n_tensors, entry.n_chunks
 
 
-def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words):
+def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words, lmo=None):
     ext = require_cuda_ext()
+    # Gaussian: ext.noisy_step, unchanged. LMO-DP: ext.noisy_step_lmo, the same arguments and the
+    # sampler's constants (DpkLmoNoise).
+    launch = ext.noisy_step if lmo is None else functools.partial(ext.noisy_step_lmo, **lmo)
     groups: dict = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         groups.setdefault((p.dtype, g.dtype), []).append(i)
@@ -309,7 +366,7 @@ def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, wor
                                                  sel(offs), stream)
             if n_c == 0:
                 continue
-            ext.noisy_step(tensors=desc.data_ptr(), chunk_tensor=table.data_ptr(), n_tensors=n_t,
+            launch(tensors=desc.data_ptr(), chunk_tensor=table.data_ptr(), n_tensors=n_t,
                            n_chunks=n_c, param_dtype=_DTYPE_CODE[pd], grad_dtype=_DTYPE_CODE[gd],
                            optimizer=opt, k0=words["k0"], k1=words["k1"], c2=words["c2"],
                            c3=words["c3"], noise_std=scalars["noise_std"], inv_b=scalars["inv_b"],

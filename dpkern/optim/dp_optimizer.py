@@ -10,9 +10,10 @@ runs the post-processors (e.g. RMT denoising) on these noisy gradients, hands th
 optimizer as p.grad and steps it, then calls the step hooks (the accountant). When the inner
 optimizer is SGD or AdamW (Adam with weight_decay=0) and there are no post-processors, noise and
 update run in one fused pass (dpkern.noise.fused_noisy_step) and the noisy gradient is never
-materialised (p.grad stays None). Both paths draw z from one NoiseGenerator at counter step =
-the release index (`noise_steps`) and each parameter's global element offset, so they add the
-same noise; the generator's state is in state_dict(). An empty logical batch
+materialised (p.grad stays None); an LMO-DP mechanism runs there too (its own noise, drawn in the
+same kernel). Both paths draw z from one NoiseGenerator at counter step = the release index
+(`noise_steps`), the mechanism's stream and each parameter's global element offset, so they add
+the same noise; the generator's state is in state_dict(). An empty logical batch
 (reported by the DP data loader, or `signal_empty_batch()`) may step without a backward: it
 releases noise only. Everything else without a new backward is refused.
 """
@@ -210,10 +211,19 @@ class DPOptimizer(Optimizer):
                               eps=group["eps"], weight_decay=group["weight_decay"])
         return None
 
+    def _fused_mechanism_ok(self) -> bool:
+        """No mechanism (Gaussian), or an LMO-DP one whose add_noise_ is LMOMechanism's own: the
+        kernel draws exactly that noise; an overridden add_noise_ could add something else."""
+        if self.mechanism is None:
+            return True
+        from dpkern.mechanisms.lmo import LMOMechanism
+        return isinstance(self.mechanism, LMOMechanism) and self.mechanism.fused_step_supported()
+
     def fused_available(self) -> bool:
         """True when step() runs the fused noise + update kernel (SGD / AdamW / Adam without
-        weight decay, no post-processors, add_noise_ not overridden, contiguous parameters)."""
-        if (not self.fused or self.grad_postprocessors or self.mechanism is not None
+        weight decay, no post-processors, add_noise_ not overridden, contiguous parameters;
+        Gaussian noise or an LMO-DP mechanism)."""
+        if (not self.fused or self.grad_postprocessors or not self._fused_mechanism_ok()
                 or type(self).add_noise_ is not _BASE_ADD_NOISE):
             return False
         if not all(p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)
@@ -252,9 +262,10 @@ class DPOptimizer(Optimizer):
                     if not (isinstance(hyper, SGDHyper) and hyper.momentum == 0) else None,
                     [self.state[p]["exp_avg_sq"] for p in ps]
                     if isinstance(hyper, AdamWHyper) else None,
-                    hyper=hyper, noise_std=std, expected_batch_size=norm, noise=self.noise_generator,
-                    t=t, counter_step=step, global_offsets=[self.global_offsets[p] for p in ps],
-                    backend=self.noise_backend)
+                    hyper=hyper, noise_std=std if self.mechanism is None else None,
+                    expected_batch_size=norm, noise=self.noise_generator, t=t, counter_step=step,
+                    global_offsets=[self.global_offsets[p] for p in ps],
+                    mechanism=self.mechanism, backend=self.noise_backend)
                 for p in ps:
                     if isinstance(hyper, AdamWHyper):
                         self.state[p]["step"] = torch.tensor(float(t))
