@@ -30,19 +30,23 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 def subspace_proj_config(bsz: int, n_tok: int, device: torch.device,
                          input_precision: str | None = None, rank: int = 64) -> SubspaceProjConfig:
-    """Heuristic: 32/64-token tiles, K-loop of 64; split the T tiles so that ≥ 2 programs per SM
-    run. Ranks above 64 hold [RU, RV] + [BT, RU] + [BT, RV] fp32 blocks on chip: smaller token
-    tiles and 8 warps keep them in registers."""
+    """Heuristic: 32-token tiles and a K-loop of 128 up to rank 64; the T tiles are split so that
+    about 4 programs per SM run (one tile each at B = 8, T = 512). On the H100 (B = 8, T = 512,
+    bf16, bench/results/subspace_probe_h100_4190e8a) this is the fastest or within 10% of it at
+    every 1B-model shape for r = 16 and 64 except q/k/v/o at r = 16 (0.15 vs 0.11 ms); the
+    former 64-token tiles with 2 programs per SM were up to 5.7x slower at r = 64. Ranks above 64
+    hold [RU, RV] + [BT, RU] + [BT, RV] fp32 blocks on chip: a K-loop of 32 and 8 warps keep them
+    in registers."""
     big = rank > 64
-    block_t = 32 if (n_tok <= 32 or big) else 64
+    block_t = 32
     n_tiles = triton.cdiv(max(n_tok, 1), block_t)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        split = min(n_tiles, max(1, triton.cdiv(2 * sms, max(bsz, 1))))
+        split = min(n_tiles, max(1, triton.cdiv(4 * sms, max(bsz, 1))))
         prec = input_precision or "tf32"
     else:  # interpreter: few programs, exact fp32 dots
         split, prec = 1, input_precision or "ieee"
-    return SubspaceProjConfig(BLOCK_T=block_t, BLOCK_K=32 if big else 64, n_split=split,
+    return SubspaceProjConfig(BLOCK_T=block_t, BLOCK_K=32 if big else 128, n_split=split,
                               num_warps=8 if big else 4, input_precision=prec)
 
 

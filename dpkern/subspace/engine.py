@@ -73,8 +73,38 @@ def check_basis(name: str, weight: torch.Tensor, u, v) -> tuple[torch.Tensor, to
     return out[0], out[1]
 
 
+def _project_groups(proj: dict, sub: list, uses: dict, names: dict, backend) -> list:
+    """Per-sample coordinates of the projected weights, layers of one (ru, rv) and device in one
+    buffer: [(params, S (L, B, ru, rv) fp32, N̂² (L, B) fp32)], in order of first appearance.
+    One projection launch per layer writes its slice; what follows runs once per group."""
+    groups: dict = {}
+    for p in sub:
+        lin = uses[p]
+        if not all(isinstance(u, LinearUse) for u in lin):
+            raise RuntimeError(f"projected weight {names[p]!r} has a non-Linear use "
+                               f"({', '.join(u.path for u in lin)}): only Linear / Conv1D "
+                               "weights can be projected")
+        u_b, v_b = proj[p]
+        groups.setdefault((u_b.shape[1], v_b.shape[1], u_b.device), []).append(p)
+    out = []
+    for (ru, rv, dev), ps in groups.items():
+        bsz = batch_size(uses[ps[0]][0])
+        s_all = torch.empty(len(ps), bsz, ru, rv, dtype=torch.float32, device=dev)
+        n_all = torch.empty(len(ps), bsz, dtype=torch.float32, device=dev)
+        for k, p in enumerate(ps):
+            lin = uses[p]
+            a = lin[0].a if len(lin) == 1 else torch.cat([u.a for u in lin], dim=1)
+            g = lin[0].g if len(lin) == 1 else torch.cat([u.g for u in lin], dim=1)
+            subspace_project(a, g, *proj[p], backend=backend, out=(s_all[k], n_all[k]))
+        out.append((ps, s_all, n_all))
+    return out
+
+
 class _SubspaceClipper(_Clipper):
-    """_Clipper with projected weights: their per-sample contribution is S_i on the r×r coordinates."""
+    """_Clipper with projected weights: their per-sample contribution is S_i on the r×r coordinates.
+    No host-GPU synchronisation (as the engine's flush): the count of non-finite samples stays on
+    the device until read, and the projected layers' norms, bounds and sums run per group of equal
+    rank (a handful of launches per group, not per layer)."""
 
     def __call__(self, uses: dict) -> None:
         opt = self.optimizer
@@ -99,54 +129,63 @@ class _SubspaceClipper(_Clipper):
         n_full = norms_sq(uses, full, backend=self.backend) if full else []
         b_full = ([u * s for u in release_bounds(uses, full, n_full, backend=self.backend)]
                   if full else [])
-        coords, n_sub, b_sub = {}, [], []
-        for p in sub:
-            lin = uses[p]
-            if not all(isinstance(u, LinearUse) for u in lin):
-                raise RuntimeError(f"projected weight {self.private[p]!r} has a non-Linear use "
-                                   f"({', '.join(u.path for u in lin)}): only Linear / Conv1D "
-                                   "weights can be projected")
-            a = lin[0].a if len(lin) == 1 else torch.cat([u.a for u in lin], dim=1)
-            g = lin[0].g if len(lin) == 1 else torch.cat([u.g for u in lin], dim=1)
-            u_b, v_b = proj[p]
-            s_i, n2 = subspace_project(a, g, u_b, v_b, backend=self.backend)
-            s64 = s_i.double()
-            nrm = s64.flatten(1).norm(dim=1) * (_S_MARGIN * s)
-            coords[p] = s64
-            n_sub.append(n2)
-            b_sub.append(torch.where(torch.isfinite(nrm), nrm, math.inf))
-        by_p = dict(zip(full, zip(n_full, b_full))) | dict(zip(sub, zip(n_sub, b_sub)))
+        by_p = dict(zip(full, zip(n_full, b_full)))
+        groups = _project_groups(proj, sub, uses, self.private, self.backend)
+        coords = []
+        for ps, s_all, n_all in groups:
+            s64 = s_all.double()  # (L, B, ru, rv): the bound is the fp64 norm of what is summed
+            nrm = torch.linalg.vector_norm(s64, dim=(2, 3)) * (_S_MARGIN * s)
+            nrm = torch.where(torch.isfinite(nrm), nrm, math.inf)
+            coords.append(s64)
+            by_p.update(zip(ps, zip(n_all.unbind(0), nrm.unbind(0))))
         bounds = [by_p[p][1] for p in params]
         per_param = [self.per_param[p] for p in params] if self.per_param else None
         factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
-        n_bad = int(bsz - finite.sum().item())
+        n_bad = bsz - finite.sum()  # stays on the device until read (no host sync)
         opt.last_clip = {self.private[p]: (by_p[p][0].double() * (s * s), by_p[p][1])
                          for p in params}
         scales, opt.last_scales = {}, {}
+        factor_of = dict(zip(params, factors))
         for p, c in zip(params, factors):
-            p_uses = uses.pop(p)
             sc = scales.get(id(c))
             if sc is None:  # c·s rounded down: the factor applied keeps c U ≤ C
                 sc = scales[id(c)] = round_down_f32(c * s)
-            if p in proj:
-                if p not in opt.bases:
-                    continue
-                s64 = torch.where(finite.view(-1, 1, 1), coords[p], 0.0)
-                opt.last_scales[self.private[p]] = sc
-                part = torch.einsum("b,brs->rs", sc.double(), s64)
-                acc = opt.sub_summed.get(p)
-                opt.sub_summed[p] = part if acc is None else acc.add_(part)
+            opt.last_scales[self.private[p]] = sc
+        for (ps, _, _), s64 in zip(groups, coords):
+            for p in ps:
+                uses.pop(p)
+            ps_kept = [p for p in ps if p in opt.bases]
+            if not ps_kept:
                 continue
+            sc = torch.stack([scales[id(factor_of[p])] for p in ps]).double()  # (L, B)
+            # a non-finite sample has factor 0, and 0·NaN = NaN: its coordinates are zeroed first
+            s64 = torch.where(finite.view(1, -1, 1, 1), s64, 0.0)
+            part = torch.einsum("lb,lbrs->lrs", sc, s64)  # (L, ru, rv) fp64
+            keep = [k for k, p in enumerate(ps) if p in opt.bases]
+            have = [p for p in ps_kept if p in opt.sub_summed]
+            if not have:
+                for k, p in zip(keep, ps_kept):
+                    opt.sub_summed[p] = part[k]
+            else:  # accumulation over backward passes: one multi-tensor add
+                torch._foreach_add_([opt.sub_summed[p] for p in have],
+                                    [part[k] for k, p in zip(keep, ps_kept) if p in opt.sub_summed])
+                for k, p in zip(keep, ps_kept):
+                    if p not in opt.sub_summed:
+                        opt.sub_summed[p] = part[k]
+        for p, c in zip(params, factors):
+            if p in proj:
+                continue
+            p_uses = uses.pop(p)
             if p not in opt.params:
                 continue
-            if n_bad:
-                p_uses = [u.zero_samples(finite) for u in p_uses]
+            # as the engine: book-keeping gives a scale-0 Linear sample nothing; other uses are
+            # zeroed (0·NaN = NaN), always, so the control flow does not depend on the data
+            p_uses = [u if isinstance(u, LinearUse) else u.zero_samples(finite) for u in p_uses]
             acc = opt.summed.get(p)
             if acc is None and not isinstance(p_uses[0], LinearUse):
                 acc = opt.accumulator(p)
-            opt.last_scales[self.private[p]] = sc
-            opt.summed[p] = bookkeep(p_uses, sc, acc, backend=self.backend)
+            opt.summed[p] = bookkeep(p_uses, scales[id(c)], acc, backend=self.backend)
         opt.note_backward(bsz, n_bad)
 
 
@@ -235,19 +274,26 @@ class SubspaceDPOptimizer(DPOptimizer):
         # as DPOptimizer.step: "mean", or "sum" with average_sum, divide by B_expected
         norm = (self.expected_batch_size
                 if self.loss_reduction == "mean" or getattr(self, "average_sum", False) else 1)
-        out = {}
         from dpkern.mechanisms.noise_ops import gaussian_noise_add_
+        groups: dict = {}  # layers of one (ru, rv, device): one buffer, a few launches per group
         for p in self._projected:
             u, v = self.bases[p]
-            acc = self.sub_summed.get(p)
-            if acc is None:
-                acc = torch.zeros(u.shape[1], v.shape[1], dtype=torch.float64, device=u.device)
-            z = torch.zeros(u.shape[1] * v.shape[1], dtype=torch.float32, device=u.device)
+            groups.setdefault((u.shape[1], v.shape[1], u.device), []).append(p)
+        out = {}
+        for (ru, rv, dev), ps in groups.items():
+            acc = torch.stack([self.sub_summed[p] if p in self.sub_summed else
+                               torch.zeros(ru, rv, dtype=torch.float64, device=dev) for p in ps])
+            n = ru * rv
+            z = torch.zeros(len(ps) * n, dtype=torch.float32, device=dev)
             if std > 0:
-                gaussian_noise_add_(z, std=std, words=self.noise_generator.kernel_words(step),
-                                    offset=int(self.global_offsets[p]), backend=self.noise_backend)
-            out[p] = ((acc + z.double().view_as(acc)) / norm).float()
-        return out
+                words = self.noise_generator.kernel_words(step)
+                for k, p in enumerate(ps):
+                    gaussian_noise_add_(z[k * n:(k + 1) * n], std=std, words=words,
+                                        offset=int(self.global_offsets[p]),
+                                        backend=self.noise_backend)
+            released = ((acc + z.double().view(len(ps), ru, rv)) / norm).float()
+            out.update(zip(ps, released.unbind(0)))
+        return {p: out[p] for p in self._projected}
 
     def step(self, closure=None):
         if not self._projected:

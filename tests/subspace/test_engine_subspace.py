@@ -422,3 +422,67 @@ def test_gpu_fused_torch_adamw_after_backprojection(dtype):
     for a, b in zip(m_s.parameters(), m_u.parameters()):
         torch.testing.assert_close(a.float(), b.float(), rtol=0,
                                    atol=2e-5 if dtype == torch.float32 else 2 * 4 * 2.0 ** -7)
+
+
+@pytest.mark.parametrize("ranks", [((2, 2), (2, 2)), ((2, 3), (1, 2))], ids=["one-group", "two-groups"])
+def test_several_projected_layers_and_accumulation(ranks):
+    """Both Linear weights projected (one buffer for equal ranks, two groups otherwise), the batch
+    split over two backward passes: the release equals the fp64 reference that forms every G_i,
+    with the engine's own factors; accumulating the second pass adds into the first pass's sums."""
+    g = torch.Generator().manual_seed(7)
+    (r0, s0), (r2, s2) = ranks
+    bases = {"0.weight": (orthonormalize(torch.randn(HID, r0, generator=g)),
+                          orthonormalize(torch.randn(D_IN, s0, generator=g))),
+             "2.weight": (orthonormalize(torch.randn(D_OUT, r2, generator=g)),
+                          orthonormalize(torch.randn(HID, s2, generator=g)))}
+    x = torch.randn(5, T, D_IN, generator=g) * 3
+    model = make_model(4)
+    plain = copy.deepcopy(model)
+    _, model, dp = private(SubspacePrivacyEngine, model, lambda ps: torch.optim.SGD(ps, lr=0.0),
+                           0.0, 0.4, subspace=bases, bsz=5, fused=False, backproj=False)
+    factors = []
+    for part in (x[:2], x[2:]):
+        batch_loss(model, part).mean().backward()
+        factors.append(next(iter(dp.last_scales.values())).double() / part.shape[0])
+    dp.step()
+    rel = {n: s.double() * 5 for n, s in dp.last_released.items()}
+    assert set(rel) == {"0.weight", "2.weight"}
+    ref, _ = dpsft_clipped_sum_ref(plain, x, loss_one, bases, 0.4, torch.cat(factors))
+    for n in rel:
+        assert rel[n].shape == ref[n].shape, n
+        torch.testing.assert_close(rel[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert all(float(f.min()) < 1 for f in factors)  # clipping active in both passes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_projected_step_does_not_synchronise(dtype):
+    """The projected backward (projection, bounds, clip factors, sums) and step (noise on the
+    r×r coordinates, fused back-projection) issue their GPU work without a host-GPU sync; the
+    guard raises on any. The third step runs under it (the first ones fill caches)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(),
+                                torch.nn.Linear(96, 32)).cuda()
+    bases = {"0": (orthonormalize(torch.randn(96, 8, device="cuda")),
+                   orthonormalize(torch.randn(64, 8, device="cuda"))),
+             "2": (orthonormalize(torch.randn(32, 4, device="cuda")),
+                   orthonormalize(torch.randn(96, 4, device="cuda")))}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, dp, _ = SubspacePrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=4, sample_rate=0.01, loss_reduction="sum", subspace=bases, seed=0)
+    x = torch.randn(4, 63, 64, device="cuda")
+    x[1] = float("nan")  # a dropped sample takes the same path
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    for step in range(3):
+        with amp:
+            loss = model(x).float().square().mean(dim=(1, 2)).nan_to_num().sum()
+        torch.cuda.set_sync_debug_mode("error" if step == 2 else "default")
+        try:
+            loss.backward()
+            dp.step()
+            dp.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert dp.last_backproj and dp.nonfinite_samples == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -65,6 +65,36 @@ def test_split_and_strided_inputs():
     _check(s, n, a, g, u, v)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_slices_of_one_buffer(backend):
+    """out=: two layers write their (S, ‖S‖²) into slices of one poisoned buffer (the engine's
+    per-rank groups): each slice equals that layer's own call, nothing else is written."""
+    shapes = [(3, 63, 60, 40, 5, 7), (3, 63, 24, 33, 5, 7)]
+    ins = [_inputs(sh, torch.float32, seed=k) for k, sh in enumerate(shapes)]
+    s_all = torch.full((3, 3, 5, 7), float("nan"), device=DEV)
+    n_all = torch.full((3, 3), float("nan"), device=DEV)
+    for k, x in enumerate(ins):
+        res = subspace_project(*x, backend=backend, out=(s_all[k], n_all[k]))
+        assert res[0].data_ptr() == s_all[k].data_ptr()
+        s, n = subspace_project(*x, backend=backend)
+        assert torch.equal(s_all[k], s) and torch.equal(n_all[k], n)
+    assert torch.isnan(s_all[2]).all() and torch.isnan(n_all[2]).all()
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda s, n: (s[:, :2], n), "out S must be"),
+    (lambda s, n: (s, n.double()), "out norms must be"),
+    (lambda s, n: (s.transpose(1, 2).contiguous().transpose(1, 2), n), "contiguous"),
+    (lambda s, n: s, "pair of tensors"),
+])
+def test_out_refused(bad, match):
+    a, g, u, v = _inputs((2, 5, 6, 4, 3, 3), torch.float32)
+    s, n = torch.zeros(2, 3, 3, device=DEV), torch.zeros(2, device=DEV)
+    with pytest.raises((TypeError, ValueError), match=match):
+        subspace_project(a, g, u, v, out=bad(s, n))
+    assert (s == 0).all() and (n == 0).all()
+
+
 def test_float64_inputs_exact():
     a, g, u, v = _inputs((2, 9, 12, 10, 3, 4), torch.float64)
     s, n = subspace_project(a, g, u.double(), v.double())
