@@ -1,5 +1,6 @@
 """fp32 per-sample kernels: sensitivity-exact TF32 ("tf32r": operands rounded in the kernel) vs
-operands rounded once in memory then plain TF32 dots (same products) vs cuBLAS TF32.
+operands rounded once in memory then plain TF32 dots (same products), T-strided or T-contiguous
+(kmajor_tf32_copy: rounded in the copy), vs cuBLAS TF32.
 
     python bench/tf32_probe.py [--out FILE]
 
@@ -45,6 +46,20 @@ def main():
         same_k = torch.equal(bk(a_k, g_k, "tf32r"), ref)
         res["bookkeeping tf32r, T-contiguous operands"] = triton.testing.do_bench(
             lambda: bk(a_k, g_k, "tf32r"))
+        from dpkern.kernels.bookkeeping import kmajor_tf32_copy
+        a_r, g_r = kmajor_tf32_copy(a), kmajor_tf32_copy(g)
+
+        def bk_pre(x, y):
+            bookkeeping_fwd(x, y, s, w, accumulate=False, fp32_mode="tf32r", pre_rounded=True)
+            return w.clone()
+        same_kr = torch.equal(bk_pre(a_r, g_r), ref)
+        res["bookkeeping T-contiguous pre-rounded + tf32"] = triton.testing.do_bench(
+            lambda: bk_pre(a_r, g_r))
+        res["T-contiguous rounding copies of a and g (kmajor_tf32_copy)"] = triton.testing.do_bench(
+            lambda: (kmajor_tf32_copy(a), kmajor_tf32_copy(g)))
+        from dpkern.ops.bookkeeping import bookkeeping_wgrad
+        res["bookkeeping_wgrad (op: copies + kernel)"] = triton.testing.do_bench(
+            lambda: bookkeeping_wgrad(a, g, s, out=w, backend="triton", fp32_mode="tf32r"))
         res["T-contiguous copies of a and g (torch)"] = triton.testing.do_bench(
             lambda: (a.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()))
         res["round_tf32(a) + round_tf32(g) (torch)"] = triton.testing.do_bench(
@@ -68,9 +83,10 @@ def main():
             print(f"B{bsz} T{seq} d{d} p{p}  {k:40s} {ms:8.4f} ms"
                   + (f"  {flops / ms / 1e9:6.1f} TFLOP/s" if rows[-1]["tflops"] else ""))
         print(f"  pre-rounded bookkeeping bit-identical to tf32r: {same}; ghost: {same_n}; "
-              f"T-contiguous: {same_k}")
+              f"T-contiguous: {same_k}; T-contiguous pre-rounded: {same_kr}")
         rows.append({"shape": [bsz, seq, d, p], "bit_identical_bookkeeping": same,
-                     "bit_identical_ghost": same_n, "bit_identical_t_contiguous": same_k})
+                     "bit_identical_ghost": same_n, "bit_identical_t_contiguous": same_k,
+                     "bit_identical_t_contiguous_pre_rounded": same_kr})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

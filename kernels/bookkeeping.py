@@ -111,11 +111,13 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
 
 def bookkeeping_fwd(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, w: torch.Tensor,
                     accumulate: bool, config: BookkeepingConfig | None = None,
-                    fp32_mode: str | None = None) -> None:
+                    fp32_mode: str | None = None, pre_rounded: bool = False) -> None:
     """a (B, T, d), g (B, T, p), scale (B,) fp32 -> w (p, d) = Σ scale_i g_iᵀ a_i (+ w if
     accumulate), in w's dtype. Caller validates; B·T > 0.
-    fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA)."""
-    _launch([a], [g], [scale], [w], accumulate, config, fp32_mode)
+    fp32_mode: "tf32r" | "ieee" | "tf32x3" (default: the config's, else tf32r on CUDA).
+    pre_rounded: a and g already hold TF32 values (kmajor_tf32_copy): "tf32r" then skips its
+    in-kernel rounding, which is the identity on them, so the sum is bit for bit the same."""
+    _launch([a], [g], [scale], [w], accumulate, config, fp32_mode, pre_rounded)
 
 
 def bookkeeping_grouped_fwd(as_: list, gs: list, scales: list, ws: list, accumulate: bool,
@@ -127,7 +129,7 @@ def bookkeeping_grouped_fwd(as_: list, gs: list, scales: list, ws: list, accumul
     _launch(as_, gs, scales, ws, accumulate, config, fp32_mode)
 
 
-def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode) -> None:
+def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded=False) -> None:
     a, g, w = as_[0], gs[0], ws[0]
     n_layers = len(as_)
     table = n_layers > 1
@@ -146,6 +148,34 @@ def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode) -> None:
         stride_wp=w.stride(0), stride_wd=w.stride(1),
         ACCUMULATE=accumulate, BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_T=cfg.BLOCK_T,
         GROUP_P=cfg.GROUP_P, UPCAST=a.device.type != "cuda" or a.dtype != g.dtype,
-        DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g), TABLE=table,
-        ELT=TL_DTYPE[a.dtype], W_ELT=TL_DTYPE[w.dtype],
+        DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g) and not pre_rounded,
+        TABLE=table, ELT=TL_DTYPE[a.dtype], W_ELT=TL_DTYPE[w.dtype],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@triton.jit
+def _kmajor_tf32_kernel(x_ptr, y_ptr, seq, n, stride_xb, stride_xt, stride_xn,
+                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[b, j, t] = round_tf32(x[b, t, j]): one [BT, BN] tile, read along n, written along t."""
+    i_b = tl.program_id(2).to(tl.int64)
+    o_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    o_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m = (o_t < seq)[:, None] & (o_n < n)[None, :]
+    b_x = tl.load(x_ptr + i_b * stride_xb + o_t[:, None] * stride_xt + o_n[None, :] * stride_xn,
+                  mask=m, other=0.0)
+    tl.store(y_ptr + i_b * seq * n + o_n[None, :] * seq + o_t[:, None], _round_tf32(b_x), mask=m)
+
+
+def kmajor_tf32_copy(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, n) fp32 -> a (B, T, n) view of a T-contiguous copy (strides (T·n, 1, T)) holding
+    round_tf32(x) (dpkern.ops._persample.round_tf32, bit for bit): the K-major TF32 operand of the
+    fp32 book-keeping, rounded once in memory instead of in every program that reads the tile.
+    out: optional contiguous (B, n, T) fp32 storage to write (tests poison it)."""
+    bsz, seq, n = x.shape
+    y = out if out is not None else torch.empty(bsz, n, seq, dtype=torch.float32, device=x.device)
+    assert y.shape == (bsz, n, seq) and y.is_contiguous() and y.dtype == torch.float32
+    if x.numel():
+        grid = (triton.cdiv(seq, 64), triton.cdiv(n, 64), bsz)
+        _kmajor_tf32_kernel[grid](x, y, seq, n, x.stride(0), x.stride(1), x.stride(2),
+                                  BLOCK_T=64, BLOCK_N=64, num_warps=4)
+    return y.transpose(1, 2)

@@ -24,20 +24,30 @@ _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookk
 KMAJOR_BYTES = int(os.environ.get("DPKERN_BK_KMAJOR_BYTES", str(512 << 20)))
 
 
+# fp32 "tf32r": the K-major copies also round to TF32 (DPKERN_BK_PREROUND=0: plain copies, the
+# kernel rounds each tile as it reads it). The sums are bit-identical either way.
+PREROUND = os.environ.get("DPKERN_BK_PREROUND", "1") != "0"
+
+
 def _k_major(a: torch.Tensor, g: torch.Tensor, mode: str):
     """fp32 on CUDA with TF32 dots: Hopper's TF32 wgmma reads K-major tiles, and a (B, T, d),
     g (B, T, p) are T-strided (the reduction runs over T). Views of T-contiguous copies give the
     kernel K-major tiles and about double its rate, with bit-identical sums (H100, 8x512x2048x5632:
-    1.76 -> 0.90 ms plus 0.26 ms for the copies; bench/results/tf32_probe_h100). The copy is
-    skipped when it would exceed KMAJOR_BYTES. Returns (a, g) to hand to the kernel."""
+    1.76 -> 0.90 ms plus 0.26 ms for the copies; bench/results/tf32_probe_h100). In "tf32r" the
+    copies hold round_tf32 of the values (PREROUND), so the kernel multiplies them as they are
+    instead of rounding every tile it reads in registers. The copy is skipped when it would exceed
+    KMAJOR_BYTES. Returns (a, g, pre_rounded) to hand to the kernel."""
     if not (a.is_cuda and a.dtype == g.dtype == torch.float32 and mode != "ieee"):
-        return a, g
+        return a, g, False
     if a.numel() + g.numel() == 0 or (a.numel() + g.numel()) * 4 > KMAJOR_BYTES:
-        return a, g
+        return a, g, False
+    if mode == "tf32r" and PREROUND:
+        from dpkern.kernels.bookkeeping import kmajor_tf32_copy
+        return kmajor_tf32_copy(a), kmajor_tf32_copy(g), True
     if a.stride(1) == 1 and g.stride(1) == 1:
-        return a, g
+        return a, g, False
     return (a.transpose(1, 2).contiguous().transpose(1, 2),
-            g.transpose(1, 2).contiguous().transpose(1, 2))
+            g.transpose(1, 2).contiguous().transpose(1, 2), False)
 
 
 def _check_scale(op, scale, bsz, ref):
@@ -110,10 +120,11 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
         from dpkern.kernels.bookkeeping import bookkeeping_fwd
         target = out if out is not None else _alloc.empty(p, d, dtype=torch.float32,
                                                           device=a.device)
-        a_k, g_k = _k_major(a, g, mode)
+        a_k, g_k, pre = _k_major(a, g, mode)
         # the kernel reads scale[i] at offset i: a strided view would give it other samples' factors
         bookkeeping_fwd(a_k, g_k, scale.contiguous(), target,
-                        accumulate=accumulate and out is not None, fp32_mode=mode)
+                        accumulate=accumulate and out is not None, fp32_mode=mode,
+                        pre_rounded=pre)
         return target
     acc = torch.zeros(p, d, dtype=torch.float32, device=a.device)
     with exact_fp32_matmul(a.device):

@@ -150,25 +150,49 @@ def test_bias_ops_validate_backend_name():
 @pytest.mark.parametrize("shape", [(8, 63, 96, 200), (3, 512, 256, 384), (1, 1, 64, 64)],
                          ids=lambda s: "B{}xT{}xd{}xp{}".format(*s))
 def test_fp32_k_major_copies_are_bit_identical(monkeypatch, shape):
-    """fp32 on CUDA hands the kernel T-contiguous copies (K-major TF32 tiles): the sum is bit for
-    bit the one the T-strided operands give, and the copies are really what the kernel gets."""
+    """fp32 on CUDA hands the kernel T-contiguous copies (K-major TF32 tiles), rounded to TF32 in
+    the copy (the kernel then skips its own rounding): the sum is bit for bit the one the plain
+    copies and the T-strided operands give, and the copies are really what the kernel gets."""
     if not HAS_GPU:
         pytest.skip("needs a CUDA device")
     import dpkern.kernels.bookkeeping as kb
     import dpkern.ops.bookkeeping as ob
     torch.manual_seed(5)
     a, g, scale = _inputs(shape, torch.float32, "cuda")
-    seen_strides = []
+    seen = []
     real = kb.bookkeeping_fwd
 
     def spy(a_, g_, *args, **kwargs):
-        seen_strides.append((a_.stride(1), g_.stride(1)))
+        seen.append((a_.stride(1), g_.stride(1), kwargs.get("pre_rounded", False)))
         return real(a_, g_, *args, **kwargs)
     monkeypatch.setattr(kb, "bookkeeping_fwd", spy)
+    rounded = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+    monkeypatch.setattr(ob, "PREROUND", False)
     k_major = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
     monkeypatch.setattr(ob, "KMAJOR_BYTES", 0)
     strided = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+    assert seen[0] == (1, 1, True)
     if shape[1] > 1:
-        assert seen_strides[0] == (1, 1)
-    assert seen_strides[1] == (a.stride(1), g.stride(1))
-    assert torch.equal(k_major, strided)
+        assert seen[1] == (1, 1, False)
+    assert seen[2] == (a.stride(1), g.stride(1), False)
+    assert torch.equal(k_major, strided) and torch.equal(rounded, strided)
+
+
+@pytest.mark.parametrize("shape", [(3, 63, 60), (1, 1, 5), (0, 4, 8), (2, 130, 70)],
+                         ids=lambda s: "B{}xT{}xn{}".format(*s))
+def test_kmajor_tf32_copy_matches_round_tf32(shape):
+    """The K-major rounding copy against the torch twin, bit for bit, into poisoned storage;
+    ties, NaN and a strided input included."""
+    from dpkern.kernels.bookkeeping import kmajor_tf32_copy
+    from dpkern.ops._persample import round_tf32
+    dev = "cuda" if HAS_GPU else "cpu"
+    torch.manual_seed(1)
+    x = torch.randn(shape[0], shape[2], shape[1], device=dev).transpose(1, 2)  # T-strided input
+    if x.numel():
+        x[0, 0, 0] = 1 + 2.0 ** -11  # a tie: to even (1.0)
+        x[-1, -1, -1] = float("nan")
+    out = torch.full((shape[0], shape[2], shape[1]), float("inf"), device=dev)
+    y = kmajor_tf32_copy(x, out=out)
+    assert y.shape == x.shape and y.stride(1) == 1 and y.data_ptr() == out.data_ptr()
+    ref = round_tf32(x.contiguous())
+    assert torch.equal(y.view(torch.int32), ref.view(torch.int32))
