@@ -58,12 +58,13 @@ def _backend_z(numels, offsets, device, backend, seed, n_steps):
     return out
 
 
-def _ref_steps(p, g, zs, m, v, hyper):
+def _ref_steps(p, g, zs, m, v, hyper, noise_std=SIGMA_C, inv_b=1 / B, e_zs=None):
     """The fp64 reference (noisy_update_ref) over N steps on one tensor, on the backend's own z, and
     a first-order bound on how far an fp32 evaluation may be from it: each operation adds OP times
     the magnitude of its terms, and errors in p, m, v carry into the next step. p is rounded to its
     dtype after every step (a bf16 rounding may go the other way: one bf16 ulp more).
-    Returns (p, m, v, e_p, e_m, e_v) as flat fp64 tensors (m, v None where unused)."""
+    e_zs: per step, a bound on |z_kernel - z| when zs are not the kernel's own (LMO-DP: zs from the
+    float64 sampler). Returns (p, m, v, e_p, e_m, e_v) as flat fp64 tensors (m, v None where unused)."""
     sgd = isinstance(hyper, SGDHyper)
     p64 = p.double().cpu().flatten()
     gf = g.double().cpu().flatten()
@@ -76,11 +77,13 @@ def _ref_steps(p, g, zs, m, v, hyper):
         hd.update(first=t == 1, step=t)
         new, m_new, v_new = noisy_update_ref(p64, gf, z.flatten(), m64, v64,
                                              optimizer="sgd" if sgd else "adamw", hyper=hd,
-                                             noise_std=SIGMA_C, inv_b=1 / B,
+                                             noise_std=noise_std, inv_b=inv_b,
                                              compute_dtype=torch.float64)
-        sz = SIGMA_C * z.flatten()
-        gn = (gf + sz) / B
-        e_gn = 3 * OP * (gf.abs() + sz.abs()) / B
+        sz = noise_std * z.flatten()
+        gn = (gf + sz) * inv_b
+        e_gn = 3 * OP * (gf.abs() + sz.abs()) * inv_b
+        if e_zs is not None:
+            e_gn = e_gn + noise_std * e_zs[t - 1].flatten() * inv_b
         if sgd:
             d = gn + wd * p64
             e_d = e_gn + wd * e_p + 2 * OP * (gn.abs() + wd * p64.abs())
