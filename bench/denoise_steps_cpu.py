@@ -75,16 +75,21 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--tol", type=float, default=None, help="RMTDenoiser tol (default: its own)")
     ap.add_argument("--min-iter", type=int, default=None)
+    ap.add_argument("--warm-passes", default=None,
+                    help="RMTDenoiser warm_passes (default: its own; 'none': the adaptive test)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "denoise_steps_cpu"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     warm_kw = {k: v for k, v in (("tol", args.tol), ("min_iter", args.min_iter)) if v is not None}
+    if args.warm_passes is not None:
+        warm_kw["warm_passes"] = None if args.warm_passes == "none" else int(args.warm_passes)
     cfg = RMTDenoiser(**warm_kw).kwargs
     results, lines = {}, []
     lines.append(f"# Warm-started vs cold RMT denoising over {args.steps} steps (CPU, counts only)"
                  "\n")
     lines.append(f"Shapes {list(SHAPES.values())}, sigma_e {SIGMA}, seeds {args.seeds}; warm: "
-                 f"tol={cfg['tol']}, min_iter={cfg['min_iter']}, carry={cfg['carry']}, "
+                 f"warm_passes={cfg['warm_passes']}, tol={cfg['tol']}, min_iter={cfg['min_iter']}, "
+                 f"carry={cfg['carry']}, resync_every={RMTDenoiser(**warm_kw).resync_every}, "
                  f"rank={cfg['rank']}, oversample={cfg['oversample']}, n_iter cap={cfg['n_iter']}. "
                  "Steps after the first (step 0 is cold on both paths). diff = max ||out - exact||"
                  " / ||exact - signal||; ratio = max ||out - signal|| / ||exact - signal|| (both "

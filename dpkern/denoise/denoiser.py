@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from dpkern.denoise.rsvd import ORTHS, adaptive_svd, exact_svd
+from dpkern.denoise.rsvd import ORTHS, adaptive_svd, exact_svd, warm_svd
 from dpkern.denoise.shrinkers import SHRINKERS, bulk_edge, shrink
 
 METHODS = ("randomized", "exact")
@@ -37,8 +37,11 @@ def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinke
                       max_batch_numel: int = 1 << 28,
                       warm_start: Sequence[torch.Tensor | None] | None = None,
                       tol: float | None = 0.05, min_iter: int = 1, carry: int = 4,
+                      warm_passes: int | None = 4, resync: bool = False,
                       info: dict | None = None) -> list[int]:
-    """Replace each noisy matrix G~ (m, n) by U diag(eta(s)) V^T, in place. Returns the ranks kept.
+    """Replace each noisy matrix G~ (m, n) by U diag(eta(s)) V^T, in place. Returns the ranks kept
+    (reading them back is this function's one host sync on the warm path; `RMTDenoiser` avoids
+    it).
 
     Matrices of equal shape up to transposition (e.g. (5504, 2048) and (2048, 5504)) on the same
     device are stacked, in chunks of at most `max_batch_numel` elements, and decomposed together.
@@ -54,15 +57,25 @@ def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinke
         rank, oversample, n_iter, max_rank, orth: see rsvd.adaptive_svd.
         generators: one per matrix for the random sketches (reproducible, batching-invariant).
         warm_start: per matrix, None or a (max(m, n), c) block of starting vectors along the
-            longer side (the previous step's `info["vectors"]`). A warm matrix starts at rank
-            max(rank, c), from these c vectors plus >= oversample random columns, and iterates
-            until the convergence test at `tol` passes (at least min_iter, at most n_iter
-            iterations); a matrix without one runs the fixed n_iter (the cold behaviour).
-        carry: how many vectors beyond the kept ones go into info["vectors"].
+            longer side (the previous step's `info["vectors"]`). A stack (chunk) whose matrices
+            all have one runs rsvd.warm_svd: width k = max(rank, c) over the stack, l = k +
+            oversample columns (>= oversample of them random), exactly `warm_passes` GEMM passes,
+            no rerun, no host sync; info["vectors"] is then each matrix's top k. A matrix
+            without one runs the fixed n_iter (the cold behaviour) with the rest of its stack.
+        warm_passes: the warm pass count, fixed on the host. None: the former adaptive warm
+            path (convergence test at `tol` after at least `min_iter` iterations, at most
+            n_iter; a host sync and a small SVD per pass).
+        resync: run warm stacks through rsvd.adaptive_svd (warm_passes passes, then a rerun at
+            twice the rank for a matrix whose kth value is above the threshold; a host sync per
+            round): the carried block becomes the kept vectors + `carry`.
+        carry: how many vectors beyond the kept ones go into info["vectors"] (synchronous paths).
         info: dict filled with "vectors" (per matrix, the next call's warm start, or None),
             "passes" (GEMM passes: sum over GEMMs of the matrices they read), "pass_bytes" (bytes
             of the fp32 stacks those GEMMs read), "numel" (elements denoised), "iters", "reruns",
-            "exact", "unconverged" (see rsvd.adaptive_svd), "warm" (matrices warm-started).
+            "exact", "unconverged" (see rsvd.adaptive_svd), "warm" (matrices warm-started),
+            "saturated" (warm_svd matrices whose kth value was above the threshold; a 0-d device
+            tensor once a warm stack ran: reading it is a host sync), "counts" (per chunk,
+            (matrix indices, device tensor of the ranks kept)).
     Returns:
         list of int: number of singular values kept per matrix.
 
@@ -73,6 +86,30 @@ def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinke
         >>> bool((g == 0).all())
         True
     """
+    st: dict = {} if info is None else info
+    _denoise_all(mats, noise_std, shrinker=shrinker, kappa=kappa,
+                 norm_correction=norm_correction, max_norm_gain=max_norm_gain, method=method,
+                 rank=rank, oversample=oversample, n_iter=n_iter, max_rank=max_rank, orth=orth,
+                 generators=generators, max_batch_numel=max_batch_numel, warm_start=warm_start,
+                 tol=tol, min_iter=min_iter, carry=carry, warm_passes=warm_passes,
+                 resync=resync, info=st)
+    if _check_noise_std(noise_std) == 0.0:
+        return [min(t.shape) for t in mats]
+    return ranks_of(st["counts"], len(mats))
+
+
+def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: str = "frobenius",
+                 kappa: float = 1.0, norm_correction: bool = False, max_norm_gain: float = 10.0,
+                 method: str = "randomized", rank: int = 8, oversample: int = 16,
+                 n_iter: int = 5, max_rank: int | None = None, orth: str = "cholqr2",
+                 generators: Sequence[torch.Generator] | None = None,
+                 max_batch_numel: int = 1 << 28,
+                 warm_start: Sequence[torch.Tensor | None] | None = None,
+                 tol: float | None = 0.05, min_iter: int = 1, carry: int = 4,
+                 warm_passes: int | None = 4, resync: bool = False,
+                 info: dict | None = None) -> None:
+    """denoise_matrices_ without reading the ranks back: they stay on the device in
+    info["counts"]."""
     if shrinker not in SHRINKERS:
         raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
     if method not in METHODS:
@@ -103,17 +140,18 @@ def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinke
         raise ValueError(f"tol must be None or finite and > 0, got {tol!r}")
     if int(min_iter) < 0 or int(carry) < 0:
         raise ValueError(f"min_iter and carry must be >= 0, got {min_iter!r}, {carry!r}")
+    if warm_passes is not None and int(warm_passes) < 1:
+        raise ValueError(f"warm_passes must be None or >= 1, got {warm_passes!r}")
     st = {"vectors": [None] * len(mats), "passes": 0, "pass_bytes": 0, "iters": 0, "reruns": 0,
-          "exact": 0, "unconverged": 0,
+          "exact": 0, "unconverged": 0, "saturated": 0, "counts": [],
           "warm": 0 if warm_start is None else sum(v is not None for v in warm_start),
           "numel": sum(t.numel() for t in mats) if sigma > 0 else 0}
     if info is not None:
         info.clear()
         info.update(st)
         st = info
-    ranks = [0] * len(mats)
     if sigma == 0.0:
-        return [min(t.shape) for t in mats]
+        return
     groups: dict = defaultdict(list)
     for i, t in enumerate(mats):
         if t.numel():
@@ -124,61 +162,105 @@ def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinke
             chunk = idx[c:c + per_chunk]
             svd_kw = dict(rank=rank, oversample=oversample, n_iter=n_iter, max_rank=max_rank,
                           orth=orth, tol=tol, min_iter=int(min_iter), carry=int(carry),
+                          warm_passes=None if warm_passes is None else int(warm_passes),
+                          resync=bool(resync),
                           generators=None if generators is None else [generators[i] for i in chunk],
                           v0=None if warm_start is None else [warm_start[i] for i in chunk])
-            kept, vecs = _denoise_stack([mats[i] for i in chunk], m, n, sigma, shrinker, kappa,
-                                        norm_correction, float(max_norm_gain), method, svd_kw, st)
+            counts, vecs = _denoise_stack([mats[i] for i in chunk], m, n, sigma, shrinker, kappa,
+                                          norm_correction, float(max_norm_gain), method, svd_kw,
+                                          st)
+            st["counts"].append((chunk, counts))
             for j, i in enumerate(chunk):
-                ranks[i], st["vectors"][i] = kept[j], vecs[j]
+                st["vectors"][i] = vecs[j]
+
+
+def ranks_of(counts: list, size: int) -> list[int]:
+    """info["counts"] (per chunk: matrix indices, device tensor of ranks) as a list of ints (a
+    host sync per chunk)."""
+    ranks = [0] * size
+    for chunk, c in counts:
+        for i, r in zip(chunk, c.tolist()):
+            ranks[i] = int(r)
     return ranks
 
 
 def _denoise_stack(ts, m, n, sigma, shrinker, kappa, norm_correction, max_norm_gain, method,
-                   svd_kw, st) -> tuple[list[int], list]:
+                   svd_kw, st) -> tuple[torch.Tensor, list]:
     """ts: tensors of shape (m, n) or (n, m), m <= n. Stacked as (b, m, n) fp32, written back.
-    Returns the ranks kept and the vectors to carry (None on the exact path)."""
+    Returns the ranks kept (a (b,) device tensor, not read here) and the vectors to carry (None
+    on the exact path)."""
     flip = [t.shape[0] != m for t in ts]
     a = torch.stack([(t.mT if f else t).float() for t, f in zip(ts, flip)])   # (b, m, n)
     thr = kappa * bulk_edge(m, n, sigma)
     vecs = [None] * len(ts)
+    v0, warm_passes = svd_kw.pop("v0"), svd_kw.pop("warm_passes")
+    resync = svd_kw.pop("resync")
+    core = None
     if method == "exact":
         u, s, vh = exact_svd(a, svd_kw["max_rank"])
-        trip = [(u[j], s[j], vh[j]) for j in range(len(ts))]
+        w = max(1, int((s > thr).sum(1).max()))          # the reference path: one host sync
+        u, s, vh = u[..., :w], s[..., :w], vh[..., :w, :]
+    elif v0 is not None and warm_passes is not None and not resync \
+            and all(v is not None for v in v0):           # the sync-free warm path
+        stats: dict = {}
+        u, s, vh, core, saturated = warm_svd(a, thr, v0, rank=svd_kw["rank"],
+                                       oversample=svd_kw["oversample"], passes=warm_passes,
+                                       generators=svd_kw["generators"], orth=svd_kw["orth"],
+                                       stats=stats)
+        k = min(max([svd_kw["rank"]] + [v.shape[1] for v in v0]), vh.shape[-2])
+        carried = vh[:, :k].mT.contiguous()                # (b, n, k): each matrix's top k
+        vecs = list(carried.unbind(0))
+        st["saturated"] = st["saturated"] + saturated.sum()
+        for key in ("passes", "exact"):
+            st[key] += stats.get(key, 0)
+        st["iters"] += stats.get("iters", 0)
+        st["pass_bytes"] += stats.get("passes", 0) * m * n * 4
     else:
-        v0 = svd_kw.pop("v0")
         start = [svd_kw["rank"]] * len(ts)
         if v0 is not None:                     # carry the last kept rank as the starting rank
             start = [max(r, v.shape[1]) if v is not None else r for r, v in zip(start, v0)]
-        stats: dict = {}
-        trip = adaptive_svd(a, thr, **(svd_kw | dict(rank=start)), v0=v0, stats=stats)
+        stats = {}
+        trip = adaptive_svd(a, thr, **(svd_kw | dict(rank=start)), v0=v0,
+                            warm_passes=warm_passes, stats=stats)
         vecs = stats.pop("carry")
         for key in ("passes", "iters", "reruns", "exact", "unconverged"):
             st[key] += stats[key]
         st["pass_bytes"] += stats["passes"] * m * n * 4
-    # All shrinkage of the chunk in one call (same m, n), then one host sync for the ranks.
-    s_all = torch.cat([s for _, s, _ in trip])
-    eta_all = shrink(s_all, sigma, m, n, shrinker, kappa)
-    counts = [s.numel() for _, s, _ in trip]
-    etas = torch.split(eta_all, counts)
-    ranks = [int(c) for c in torch.stack([(e > 0).sum() for e in etas]).tolist()] if trip else []
+        u, s, vh = _pad(trip, a)
+    # All shrinkage of the chunk at once (same m, n); values at or below the threshold (and the
+    # zero padding) shrink to 0, so the reconstruction needs no rank on the host.
+    eta = shrink(s, sigma, m, n, shrinker, kappa)                           # (b, w)
+    counts = (eta > 0).sum(1)
     if norm_correction:
         fro2 = a.square().sum((-2, -1)).double()                              # (b,)
         target = (fro2 - m * n * sigma**2).clamp_min(0.0).sqrt()
-        norms = torch.stack([e.double().norm() for e in etas])               # = ||G-hat||_F
-        gains = (target / norms.clamp_min(1e-300)).clamp_max(max_norm_gain).to(eta_all.dtype)
-    for j, (t, f, (u, _, vh)) in enumerate(zip(ts, flip, trip)):
-        k = ranks[j]                     # shrinkers are monotone: the kept values are a prefix
-        if k == 0:
-            t.zero_()
-            continue
-        eta = etas[j][:k] * gains[j] if norm_correction else etas[j][:k]
-        # G-hat = U diag(eta) V^T, in t's own layout; an fp32 t is written by the GEMM itself.
-        left, right = (vh[:k].mT * eta, u[:, :k].mT) if f else (u[:, :k] * eta, vh[:k])
+        norms = eta.double().norm(dim=1)                                      # = ||G-hat||_F
+        gains = (target / norms.clamp_min(1e-300)).clamp_max(max_norm_gain).to(eta.dtype)
+        eta = eta * gains[:, None]
+    if core is None:
+        left_all = u * eta[:, None, :]                                        # U diag(eta)
+    else:   # a ~= u core vh, core nearly diagonal (rsvd.small_svd): U core diag(eta / s)
+        gain = torch.where(s > 0, eta / s.clamp_min(1e-30), torch.zeros_like(eta))
+        left_all = torch.matmul(u, (core * gain.double()[:, None, :]).to(u.dtype))
+    for j, (t, f) in enumerate(zip(ts, flip)):
+        # G-hat = left V^T, in t's own layout; an fp32 t is written by the GEMM itself.
+        left, right = (vh[j].mT, left_all[j].mT) if f else (left_all[j], vh[j])
         if t.dtype == torch.float32 and t.is_contiguous():
             torch.matmul(left, right, out=t)
         else:
             t.copy_(torch.matmul(left, right))
-    return ranks, vecs
+    return counts, vecs
+
+
+def _pad(trip, a):
+    """adaptive_svd's per-matrix triplets (k_i columns) as zero-padded stacks of width max k_i."""
+    b, m, n = a.shape
+    w = max([1] + [s.numel() for _, s, _ in trip])
+    u, s, vh = a.new_zeros(b, m, w), a.new_zeros(b, w), a.new_zeros(b, w, n)
+    for j, (uj, sj, vhj) in enumerate(trip):
+        k = sj.numel()
+        u[j, :, :k], s[j, :k], vh[j, :k] = uj, sj, vhj
+    return u, s, vh
 
 
 class RMTDenoiser:
@@ -195,20 +277,28 @@ class RMTDenoiser:
     ``skip=()`` to denoise them too, or build with :meth:`for_model` to skip ``nn.Embedding``
     weights by module type instead of by name.
 
-    Warm start (``warm_start=True``, randomized method): the kept right singular vectors of each
-    matrix (plus ``carry`` more) are kept by parameter name and shape and start the next call's
-    subspace iteration, which then stops at the convergence test ``tol`` instead of running all
-    ``n_iter`` iterations. The vectors are computed from released gradients only (post-processing:
-    the privacy guarantee is unchanged). A matrix with no state (first call, new name, other
-    shape, after :meth:`reset`) runs the cold path, identical to ``warm_start=False``. The state is
-    a starting guess only: whatever it holds (stale, from another run), the fresh random columns
-    and the convergence test decide the result. :meth:`state_dict` / :meth:`load_state_dict`
-    checkpoint it with the call counter.
+    Warm start (``warm_start=True``, randomized method): a block of right singular vectors of
+    each matrix is kept by parameter name and shape and starts the next call's subspace
+    iteration, which then runs ``warm_passes`` GEMM passes (default 4) instead of the cold
+    ``2 n_iter + 2`` (12), with no host-GPU sync: the call only launches work (see
+    denoise/README.md). The block is the kept vectors plus ``carry`` more after a synchronous
+    call, and keeps its width across warm calls; every ``resync_every``-th call (default 16; 0:
+    never) is synchronous (one host sync per round): a matrix whose kept count reached the width
+    is rerun at twice the rank, and the widths are reset to kept + carry. ``warm_passes=None``
+    is the former adaptive warm path (convergence test ``tol`` after at least ``min_iter``
+    iterations; a sync per pass). The vectors are computed from released gradients only
+    (post-processing: the privacy guarantee is unchanged). A matrix with no state (first call,
+    new name, other shape, after :meth:`reset`) runs the cold path, identical to
+    ``warm_start=False``. The state is a starting guess only: whatever it holds (stale, from
+    another run), the fresh random columns decide what it misses. :meth:`state_dict` /
+    :meth:`load_state_dict` checkpoint it with the call counter.
 
     Other arguments: see :func:`denoise_matrices_`. ``seed`` seeds the random sketches (public
     randomness: it plays no part in the privacy guarantee). After each call ``last_ranks`` holds
-    the number of singular values kept per denoised name and ``last_stats`` the cost (GEMM passes,
-    bytes read, reruns, warm-started and unconverged matrices; see denoise_matrices_'s ``info``).
+    the number of singular values kept per denoised name (read back from the device when first
+    accessed: a host sync) and ``last_stats`` the cost (GEMM passes, bytes read, reruns,
+    warm-started, unconverged and saturated matrices, ``syncless`` whether the call made no host
+    sync; see denoise_matrices_'s ``info``; ``saturated`` is a 0-d device tensor).
 
     Example:
         >>> den = RMTDenoiser(kappa=1.2)
@@ -222,8 +312,8 @@ class RMTDenoiser:
                  norm_correction: bool = False, max_norm_gain: float = 10.0,
                  method: str = "randomized", rank: int = 8, oversample: int = 16, n_iter: int = 5,
                  max_rank: int | None = None, orth: str = "cholqr2",
-                 warm_start: bool = True, tol: float = 0.05, min_iter: int = 1, carry: int = 4,
-                 skip: Iterable[str] = ("embed",), skip_names: Iterable[str] = (),
+                 warm_start: bool = True, warm_passes: int | None = 4, resync_every: int = 16,
+                 tol: float = 0.05, min_iter: int = 1, carry: int = 4, skip: Iterable[str] = ("embed",), skip_names: Iterable[str] = (),
                  min_dim: int = 2, seed: int = 0, max_batch_numel: int = 1 << 28):
         if shrinker not in SHRINKERS:
             raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
@@ -239,20 +329,35 @@ class RMTDenoiser:
             raise ValueError(f"tol must be finite and > 0, got {tol!r}")
         if int(min_iter) < 0 or int(carry) < 0:
             raise ValueError(f"min_iter and carry must be >= 0, got {min_iter!r}, {carry!r}")
+        if warm_passes is not None and int(warm_passes) < 1:
+            raise ValueError(f"warm_passes must be None or >= 1, got {warm_passes!r}")
+        if int(resync_every) < 0:
+            raise ValueError(f"resync_every must be >= 0, got {resync_every!r}")
         self.kwargs = dict(shrinker=shrinker, kappa=float(kappa), norm_correction=bool(norm_correction),
                            max_norm_gain=float(max_norm_gain), method=method, rank=int(rank),
                            oversample=int(oversample), n_iter=int(n_iter), max_rank=max_rank,
                            orth=orth, max_batch_numel=int(max_batch_numel), tol=float(tol),
-                           min_iter=int(min_iter), carry=int(carry))
+                           min_iter=int(min_iter), carry=int(carry),
+                           warm_passes=None if warm_passes is None else int(warm_passes))
+        self.resync_every = int(resync_every)
         self.warm_start = bool(warm_start) and method == "randomized"
         self.skip = tuple(s.lower() for s in skip)
         self.skip_names = frozenset(skip_names)
         self.min_dim = int(min_dim)
         self.seed = int(seed)
         self.calls = 0
-        self.last_ranks: dict[str, int] = {}
         self.last_stats: dict = {}
+        self._ranks: tuple = ((), [])            # (names, info["counts"]) of the last call
+        self._last_ranks: dict[str, int] | None = {}
         self._state: dict[str, dict] = {}       # name -> {"shape", "v" (max dim, c), "kept"}
+
+    @property
+    def last_ranks(self) -> dict[str, int]:
+        """Singular values kept per denoised name on the last call (read back on first access)."""
+        if self._last_ranks is None:
+            names, counts = self._ranks
+            self._last_ranks = dict(zip(names, ranks_of(counts, len(names))))
+        return self._last_ranks
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **kwargs) -> "RMTDenoiser":
@@ -287,17 +392,28 @@ class RMTDenoiser:
             g.manual_seed(zlib.crc32(f"{self.seed}:{call}:{k}".encode()))
             gens.append(g)
         warm = [self._start(k, grads[k]) for k in names] if self.warm_start else None
+        resync = self.resync_every > 0 and call % self.resync_every == 0
         info: dict = {}
-        ranks = denoise_matrices_([grads[k] for k in names], noise_std, generators=gens,
-                                  warm_start=warm, info=info, **self.kwargs)
-        self.last_ranks = dict(zip(names, ranks))
-        vectors = info.pop("vectors")
+        mats = [grads[k] for k in names]
+        if noise_std > 0:
+            _denoise_all(mats, noise_std, generators=gens, warm_start=warm, resync=resync,
+                         info=info, **self.kwargs)
+            self._ranks, self._last_ranks = (names, info.pop("counts")), None
+        else:
+            info = {"passes": 0, "pass_bytes": 0, "numel": 0, "warm": 0}
+            self._ranks, self._last_ranks = ((), []), {k: min(grads[k].shape) for k in names}
+        vectors = info.pop("vectors", [None] * len(names))
+        kept = {}
+        for chunk, c in self._ranks[1]:
+            kept.update({names[i]: c[j] for j, i in enumerate(chunk)})   # 0-d device views
         if self.warm_start and noise_std > 0:
-            for k, v, r in zip(names, vectors, ranks):
+            for k, v in zip(names, vectors):
                 if v is None:
                     self._state.pop(k, None)
                 else:
-                    self._state[k] = {"shape": tuple(grads[k].shape), "v": v, "kept": int(r)}
+                    self._state[k] = {"shape": tuple(grads[k].shape), "v": v, "kept": kept[k]}
+        info["syncless"] = bool(warm) and not resync and self.kwargs["warm_passes"] is not None \
+            and info.get("warm", 0) == len(names) and self.kwargs["method"] == "randomized"
         info["passes_per_matrix"] = info["passes"] / max(len(names), 1)
         info["sweeps"] = info["pass_bytes"] / max(4 * info["numel"], 1)
         self.last_stats = info
@@ -311,7 +427,7 @@ class RMTDenoiser:
         the call counter (it seeds the sketches) and the warm-start vectors. Derived from released
         gradients only; torch.save / torch.load(weights_only=True) round-trip it."""
         return {"calls": self.calls,
-                "matrices": {k: {"shape": list(e["shape"]), "v": e["v"], "kept": e["kept"]}
+                "matrices": {k: {"shape": list(e["shape"]), "v": e["v"], "kept": int(e["kept"])}
                              for k, e in self._state.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -340,5 +456,6 @@ class RMTDenoiser:
 
     def __repr__(self) -> str:
         kw = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return (f"RMTDenoiser({kw}, warm_start={self.warm_start}, skip={self.skip!r}, "
+        return (f"RMTDenoiser({kw}, warm_start={self.warm_start}, "
+                f"resync_every={self.resync_every}, skip={self.skip!r}, "
                 f"min_dim={self.min_dim})")

@@ -21,38 +21,42 @@ import torch
 ORTHS = ("cholqr2", "qr")
 
 
-def _cholqr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One CholeskyQR pass: y (b, r, l) = q r, Gram factored in float64. Returns (q, r, ok[b])."""
-    gram = torch.matmul(y.mT, y).double()                             # (b, l, l)
-    # Shift by a few ulps of the largest diagonal so an exactly rank-deficient block still factors.
-    diag_max = gram.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    gram = gram + (1e-14 * diag_max)[:, None, None] * eye
-    l_fac, info = torch.linalg.cholesky_ex(gram)                       # gram = L L^T
-    r = l_fac.mT                                                       # upper triangular
-    q = torch.linalg.solve_triangular(r, y.double(), upper=True, left=False).to(y.dtype)
-    return q, r, info == 0
+def _cholqr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shifted CholeskyQR pass, Gram and solve in float64: y (b, r, l) = q r, r float64.
+
+    The shift s = 11 (r l + l (l + 1)) u ||y||_F^2 (u = 2^-53; shifted CholeskyQR, Fukaya et al.
+    2020, with ||y||_F >= ||y||_2) makes the shifted Gram positive definite in float64 for any
+    finite y, rank-deficient or zero included, so the factorisation never fails and no host check
+    is needed. y = q r holds to rounding whatever the shift; the shift only leaves q short of
+    orthonormal along directions of y below sqrt(s) (~1e-5 ||y|| at r = 5504, l = 24), which the
+    second pass of cholqr2 repairs. A non-finite y gives a non-finite q (as Householder QR would).
+    """
+    rows, l = y.shape[-2:]
+    y64 = y.double()
+    gram = torch.matmul(y64.mT, y64)                                   # (b, l, l)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    shift = trace * (11.0 * (rows * l + l * (l + 1)) * 2.0**-53) + 1e-300
+    gram.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+    r = torch.linalg.cholesky_ex(gram)[0].mT                           # gram = r^T r, upper
+    q = torch.linalg.solve_triangular(r, y64, upper=True, left=False).to(y.dtype)
+    return q, r
 
 
 def orthonormalize(y: torch.Tensor, orth: str = "cholqr2") -> tuple[torch.Tensor, torch.Tensor]:
-    """Thin QR of a stack of tall-skinny blocks: y (b, r, l) -> q (b, r, l), r (b, l, l) float64."""
+    """Thin QR of a stack of tall-skinny blocks: y (b, r, l) -> q (b, r, l), r (b, l, l) float64.
+
+    "cholqr2": two shifted CholeskyQR passes (`_cholqr`), GEMM-bound, no host decision (an
+    exactly rank-deficient block gets zero columns in q where Householder QR would complete an
+    orthonormal basis; the range and y = q r are the same). "qr": Householder (torch.linalg.qr).
+    """
     if orth == "qr":
         q, r = torch.linalg.qr(y, mode="reduced")
         return q, r.double()
     if orth != "cholqr2":
         raise ValueError(f"orth must be one of {ORTHS}, got {orth!r}")
-    q1, r1, ok1 = _cholqr(y)
-    q2, r2, ok2 = _cholqr(q1)
-    q, r = q2, torch.matmul(r2, r1)
-    bad = ~(ok1 & ok2) | ~torch.isfinite(q).flatten(1).all(1)
-    if bool(bad.any()):  # one host sync per call; only ill-conditioned blocks take the slow path
-        idx = bad.nonzero().flatten()
-        qh, rh = torch.linalg.qr(y[idx], mode="reduced")
-        q = q.clone()
-        q[idx] = qh
-        r = r.clone()
-        r[idx] = rh.double()
-    return q, r
+    q1, r1 = _cholqr(y)
+    q2, r2 = _cholqr(q1)
+    return q2, torch.matmul(r2, r1)
 
 
 def _converged(svd_prev, x_prev, y, s_now, thr, k, tol):
@@ -81,59 +85,107 @@ def _converged(svd_prev, x_prev, y, s_now, thr, k, tol):
     return (s_now[:, k - 1] > thr) | (same & resid_ok)
 
 
+def small_svd(r: torch.Tensor, steps: int = 8):
+    """r (b, l, l) float64 = w t z^T with w, z orthogonal and t nearly diagonal, its diagonal
+    descending: `steps` steps of the QR algorithm, each two CholeskyQR factorisations
+    (t^T = q1 r1, r1^T = q2 r2, t <- r2 = q2^T t q1), with no host sync (torch.linalg.svd and
+    eigh check their convergence on the host). The off-diagonal entries (i, j) shrink like
+    (s_j / s_i)^2 per step; what remains couples only values close to each other. Returns
+    (w, t, z), t's rows and columns ordered by its diagonal.
+    """
+    b, l, _ = r.shape
+    w = z = torch.eye(l, dtype=r.dtype, device=r.device).expand(b, l, l)
+    t = r
+    for _ in range(steps):
+        q1, r1 = _cholqr(t.mT)
+        q2, t = _cholqr(r1.mT)
+        z, w = torch.matmul(z, q1), torch.matmul(w, q2)
+    order = t.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)     # (b, l)
+    cols = order[:, None, :].expand(b, l, l)
+    t = t.gather(-1, cols).gather(-2, order[:, :, None].expand(b, l, l))
+    return w.gather(-1, cols), t, z.gather(-1, cols)
+
+
+def _ritz(x, x_new, r, right, svd_r=None, small_steps=None):
+    """Ritz triplets from the last pass op(a) x = x_new r: u (b, m, l), s (b, l) float64, vh,
+    and the core: None (a ~= u diag(s) vh) or, with `small_steps` (sync-free small_svd), a
+    nearly diagonal (b, l, l) float64 c with a ~= u c vh and s = diag(c)."""
+    dt = x.dtype
+    if small_steps is not None:
+        w, t, z = small_svd(r, small_steps)
+        if right:   # a x = x_new w t z^T
+            u, c, vh = torch.matmul(x_new, w.to(dt)), t, torch.matmul(z.mT.to(dt), x.mT)
+        else:       # a^T x = x_new w t z^T: a ~= (x z) t^T (x_new w)^T
+            u, c, vh = torch.matmul(x, z.to(dt)), t.mT, torch.matmul(w.mT.to(dt), x_new.mT)
+        return u, c.diagonal(dim1=-2, dim2=-1), vh, c
+    if right:   # a x = x_new r, r = W S Z^T: u = x_new W, v = x Z
+        w, s, zt = svd_r if svd_r is not None else torch.linalg.svd(r, full_matrices=False)
+        return torch.matmul(x_new, w.to(dt)), s, torch.matmul(zt.to(dt), x.mT), None
+    if svd_r is not None:   # a^T x = x_new r: a ~= x r^T x_new^T = (x Z) S (x_new W)^T
+        w, s, zt = svd_r
+        return torch.matmul(x, zt.mT.to(dt)), s, torch.matmul(w.mT.to(dt), x_new.mT), None
+    w, s, zt = torch.linalg.svd(r.mT, full_matrices=False)          # r^T = W S Z^T
+    return torch.matmul(x, w.to(dt)), s, torch.matmul(zt.to(dt), x_new.mT), None
+
+
 def subspace_iteration(a: torch.Tensor, omega: torch.Tensor, k: int, *, n_iter: int,
-                       orth: str = "cholqr2", tol: float | None = None,
-                       min_iter: torch.Tensor | int = 0, threshold: torch.Tensor | None = None,
-                       stats: dict | None = None):
+                       passes: int | None = None, orth: str = "cholqr2",
+                       tol: float | None = None, min_iter: torch.Tensor | int = 0,
+                       threshold: torch.Tensor | None = None, stats: dict | None = None,
+                       small_steps: int | None = None):
     """Ritz triplets of a (b, m, n) from the subspace iteration started at omega (b, n, l).
 
-    Passes alternate a @ x and a^T @ x. Without `tol`: exactly n_iter iterations, 2 n_iter + 2
-    passes (the cold path). With `tol` (and a (b,) `threshold`): after each pass from the
-    2 min_iter + 2nd on (min_iter: a scalar or per-matrix (b,) tensor), stops as soon as every
-    matrix passes `_converged`; at most 2 n_iter + 2 passes. Omega is then orthonormalised first.
-    Returns u (b, m, l), s (b, l) descending, vh (b, l, n), all l triplets, from the last pass;
+    Passes alternate a @ x and a^T @ x, each followed by `orthonormalize`; one float64 SVD of the
+    last (l, l) factor gives the triplets. The pass count:
+      - `passes` (>= 1): exactly that many, fixed on the host; nothing is read back from the
+        device (no host sync with orth="cholqr2"). The warm path.
+      - else, without `tol`: 2 n_iter + 2 passes (the cold path), also sync-free.
+      - else (`tol` and a (b,) `threshold`): omega is orthonormalised first; after each pass from
+        the 2 min_iter + 2nd on (min_iter: a scalar or per-matrix (b,) tensor), stops as soon as
+        every matrix passes `_converged`; at most 2 n_iter + 2 passes. Costs one (l, l) SVD and
+        one host sync per pass (the former warm path, kept as `warm_passes=None`).
+    Returns u (b, m, l), s (b, l) descending, vh (b, l, n), all l triplets, from the last pass
+    (with `small_steps`, the small SVD is rsvd.small_svd's, sync-free, and a 4th output, the
+    nearly diagonal core c (b, l, l) float64 with a ~= u c vh, s = diag(c));
     stats["passes"], stats["iters"] and stats["unconverged"] are incremented by the passes (x b),
     the full iterations (x b, a pass short of one counted as a half) and the matrices with
     min_iter < n_iter stopped by the cap without passing the test.
     """
     b = a.shape[0]
-    x = orthonormalize(omega, orth)[0] if tol is not None else omega    # right side, (b, n, l)
-    if tol is not None:
+    adaptive = tol is not None and passes is None
+    x = orthonormalize(omega, orth)[0] if adaptive else omega           # right side, (b, n, l)
+    if adaptive:
         min_iter = torch.as_tensor(min_iter, device=a.device).expand(b)
-    max_passes = 2 * n_iter + 2
-    passes, unconv, x_prev, svd_prev, svd_r = 0, 0, None, None, None
+    max_passes = passes if passes is not None else 2 * n_iter + 2
+    if max_passes < 1:
+        raise ValueError(f"passes must be >= 1, got {max_passes}")
+    done, unconv, x_prev, svd_prev, svd_r = 0, 0, None, None, None
     while True:
-        right = passes % 2 == 0                         # x holds right vectors: multiply by a
+        right = done % 2 == 0                           # x holds right vectors: multiply by a
         y = torch.matmul(a if right else a.mT, x)      # (b, m, l) or (b, n, l)
-        passes += 1
+        done += 1
         x_new, r = orthonormalize(y, orth)              # op(a) x = x_new r
-        if tol is not None:                             # one small SVD per pass, reused below
+        if adaptive:                                    # one small SVD per pass, reused below
             svd_r = torch.linalg.svd(r, full_matrices=False)
-        if passes == max_passes:
-            if tol is not None and x_prev is not None:  # the cap: who stopped unconverged
+        if done == max_passes:
+            if adaptive and x_prev is not None:         # the cap: who stopped unconverged
                 conv = _converged(svd_prev, x_prev, y, svd_r[1], threshold, k, tol)
                 unconv = int((~conv & (min_iter < n_iter)).sum())
             break
-        if tol is not None and x_prev is not None:
-            eligible = passes >= 2 * min_iter + 2
+        if adaptive and x_prev is not None:
+            eligible = done >= 2 * min_iter + 2
             if bool(eligible.any()):
                 conv = _converged(svd_prev, x_prev, y, svd_r[1], threshold, k, tol)
                 if bool((conv & eligible).all()):      # one host sync per pass
                     break
         x_prev, svd_prev, x = x, svd_r, x_new
-    if right:   # a x = x_new r, r = W S Z^T: u = x_new W, v = x Z
-        w, s, zt = svd_r if svd_r is not None else torch.linalg.svd(r, full_matrices=False)
-        u, vh = torch.matmul(x_new, w.to(a.dtype)), torch.matmul(zt.to(a.dtype), x.mT)
-    elif svd_r is not None:   # a^T x = x_new r: a ~= x r^T x_new^T = (x Z) S (x_new W)^T
-        w, s, zt = svd_r
-        u, vh = torch.matmul(x, zt.mT.to(a.dtype)), torch.matmul(w.mT.to(a.dtype), x_new.mT)
-    else:       # the cold path, as it always was: r^T = w s z^T
-        w, s, zt = torch.linalg.svd(r.mT, full_matrices=False)
-        u, vh = torch.matmul(x, w.to(a.dtype)), torch.matmul(zt.to(a.dtype), x_new.mT)
+    u, s, vh, core = _ritz(x, x_new, r, right, svd_r, small_steps)
     if stats is not None:
-        stats["passes"] = stats.get("passes", 0) + passes * b
-        stats["iters"] = stats.get("iters", 0) + (passes - 2) / 2 * b
+        stats["passes"] = stats.get("passes", 0) + done * b
+        stats["iters"] = stats.get("iters", 0) + (done - 2) / 2 * b
         stats["unconverged"] = stats.get("unconverged", 0) + unconv
+    if small_steps is not None:
+        return u, s.to(a.dtype), vh, core
     return u, s.to(a.dtype), vh
 
 
@@ -190,6 +242,7 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
                  generators: list[torch.Generator] | None = None, orth: str = "cholqr2",
                  exact_above: float = 0.5, v0: Sequence[torch.Tensor | None] | None = None,
                  tol: float | None = None, min_iter: int = 0, carry: int = 0,
+                 warm_passes: int | None = None,
                  stats: dict | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Every singular triplet above `threshold`, for each matrix of a stack, at the smallest rank.
 
@@ -201,9 +254,12 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
 
     Warm start: v0[i], a (n, c) block (e.g. the last step's kept right singular vectors), replaces
     the first c columns of matrix i's random start; the other l - c >= oversample columns stay
-    random (so new directions can still enter). Matrices with a v0 run with the convergence test
-    at `tol` from `min_iter` iterations (capped at n_iter); those without run exactly n_iter
-    iterations (the cold behaviour). tol=None: fixed n_iter for all.
+    random (so new directions can still enter). A round whose matrices all have a v0 (or were
+    rerun from one) runs exactly `warm_passes` passes; a round with a cold matrix runs the cold
+    2 n_iter + 2. warm_passes=None: matrices with a v0 run the convergence test at `tol` from
+    `min_iter` iterations (capped at n_iter; one host sync and one small SVD per pass) and those
+    without exactly n_iter iterations; tol=None too: fixed n_iter for all.
+    Host syncs: one per round (the rerun decision). `warm_svd` is the sync-free warm path.
 
     Args:
         a: (b, m, n) float32, m <= n.
@@ -221,7 +277,7 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
         (possibly 0), s descending.
     """
     b, m, n = a.shape
-    thr = torch.as_tensor(threshold, dtype=a.dtype, device=a.device).expand(b)
+    thr = _per_matrix(threshold, a)
     cap = m if max_rank is None else max(1, min(int(max_rank), m))
     st = stats if stats is not None else {}
     for key in ("passes", "iters", "reruns", "exact", "unconverged"):
@@ -229,7 +285,7 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
     carried: list = [None] * b
     out: list = [None] * b
     warm = [v0 is not None and v0[i] is not None for i in range(b)]
-    use_tol = tol is not None and any(warm)
+    use_tol = tol is not None and any(warm) and warm_passes is None
     todo = torch.arange(b, device=a.device)
     ranks = [rank] * b if isinstance(rank, int) else list(rank)
     k = max(1, min(max(int(r) for r in ranks), cap))
@@ -252,9 +308,11 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
                 if starts[i] is not None:                               # warm start
                     c = min(starts[i].shape[-1], k)
                     omega[j, :, :c] = starts[i][:, :c].to(device=a.device, dtype=a.dtype)
-            min_it = torch.tensor([min_iter if warm[i] else n_iter for i in idx_list],
-                                  device=a.device)
+            min_it = (torch.tensor([min_iter if warm[i] else n_iter for i in idx_list],
+                                   device=a.device) if use_tol else 0)
+            fixed = warm_passes if all(starts[i] is not None for i in idx_list) else None
             u, s, vh = subspace_iteration(sub, omega, k, n_iter=n_iter, orth=orth,
+                                          passes=None if use_tol else fixed,
                                           tol=tol if use_tol else None, min_iter=min_it,
                                           threshold=sub_thr, stats=st)
             more = (s[:, k - 1] > sub_thr) & (k < cap)
@@ -274,3 +332,53 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
         first = False
     st["carry"] = carried
     return out
+
+
+def _per_matrix(threshold, a: torch.Tensor) -> torch.Tensor:
+    """threshold (scalar or (b,) tensor) as a (b,) tensor on a's device, without a host copy."""
+    if isinstance(threshold, torch.Tensor):
+        return threshold.to(device=a.device, dtype=a.dtype).expand(a.shape[0])
+    return torch.full((a.shape[0],), float(threshold), dtype=a.dtype, device=a.device)
+
+
+def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torch.Tensor], *,
+             rank: int = 8, oversample: int = 8, passes: int = 4,
+             generators: list[torch.Generator] | None = None, orth: str = "cholqr2",
+             small_steps: int = 8, stats: dict | None = None):
+    """Warm-started truncated SVD of a stack with no host sync: fixed width, passes, no reruns.
+
+    Every matrix has a start block v0[i] (n, c_i). Width k = max(rank, max_i c_i) for the stack,
+    l = min(k + oversample, m); matrix i's start is its own random (n, l) block (generators[i],
+    as in adaptive_svd) with the first c_i columns replaced by v0[i]. Then exactly `passes`
+    passes (subspace_iteration) and a sync-free float64 SVD of the (l, l) factor (small_svd,
+    `small_steps` QR steps).
+
+    Returns u (b, m, l), s (b, l) descending, vh (b, l, n), core (b, l, l) float64 (a ~= u core
+    vh, nearly diagonal, s its diagonal; None from the exact SVD): all l Ritz triplets, for the caller
+    to keep those above its threshold (Ritz values are lower bounds of the true ones: none is
+    kept wrongly); and saturated (b,) bool, a device tensor never read here: the kth value is
+    above the threshold, i.e. the kept count reached the carried width, so the values past the
+    kth come from the less converged oversampling columns and those past the lth are lost (the
+    synchronous adaptive_svd would rerun at 2k). If l >= m, the exact SVD.
+    """
+    b, m, n = a.shape
+    if len(v0) != b or any(v is None for v in v0):
+        raise ValueError("warm_svd: every matrix needs a start block v0[i]")
+    k = min(max([rank] + [int(v.shape[-1]) for v in v0]), m)
+    l = min(k + oversample, m)
+    thr = _per_matrix(threshold, a)
+    if l >= m:
+        u, s, vh = exact_svd(a)
+        core = None
+        if stats is not None:
+            stats["exact"] = stats.get("exact", 0) + b
+    else:
+        omega = torch.empty(b, n, l, device=a.device, dtype=a.dtype)
+        for i, v in enumerate(v0):
+            g = generators[i] if generators is not None else None
+            omega[i] = torch.randn(n, l, device=a.device, dtype=a.dtype, generator=g)
+            c = min(v.shape[-1], k)
+            omega[i, :, :c] = v[:, :c].to(device=a.device, dtype=a.dtype)
+        u, s, vh, core = subspace_iteration(a, omega, k, n_iter=0, passes=passes, orth=orth,
+                                            stats=stats, small_steps=small_steps)
+    return u, s, vh, core, s[:, k - 1] > thr
