@@ -1,11 +1,14 @@
 """Fused noise + optimizer step on a 1B-parameter set: bytes/param over kernel time vs copy bandwidth,
-and the ratio to the unfused torch baseline (randn_like + add + torch.optim.AdamW(fused=True))."""
+and the ratio to the unfused torch baseline (randn_like + add + torch.optim.AdamW(fused=True));
+the same step with LMO-DP noise (each Gamma path) next to the Gaussian one."""
 import pytest
 import torch
 
 import dpkern
 from bench import registry
 from bench.conftest import HAS_GPU
+from dpkern.mechanisms import LMOMechanism, LMOParams
+from dpkern.mechanisms import lmo_ref as R
 from dpkern.noise import AdamWHyper, NoiseGenerator, SGDHyper, fused_noisy_step
 
 
@@ -107,6 +110,74 @@ def test_noise_step_bench(timed, opt, dtype, backend):
                 n_tensors=len(ps), bytes_per_param=bpp)
     if opt == "adamw" and dtype in _BASELINE_MS and "median_ms" in info:
         info["speedup_vs_unfused_adamw"] = _BASELINE_MS[dtype] / info["median_ms"]
+    del ps, gs, ms, vs
+    if HAS_GPU:
+        torch.cuda.empty_cache()
+
+
+# ---- LMO-DP noise in the same fused step (issue 9) -------------------------------------------
+# Each Gamma path of the sampler (Philox calls per coordinate: k1 1, k2 / k05 2, mt 5) next to the
+# fused Gaussian step, AdamW on the same tensor set; "gaussian" runs first in each (dtype, backend),
+# so every LMO case also reports its time over the Gaussian one's.
+LMO_CASES = {"k1": LMOParams(k=1.0), "k2": LMOParams(k=2.0), "k05": LMOParams(k=0.5),
+             "mt": LMOParams(k=3.7)}
+_GAUSSIAN_MS: dict = {}  # (dtype, backend) -> fused Gaussian AdamW median ms
+
+
+def _mech_kwargs(mech: str) -> dict:
+    if mech == "gaussian":
+        return dict(noise_std=SIGMA_C)
+    return dict(mechanism=LMOMechanism(LMO_CASES[mech], clip_norm=SIGMA_C, accounting="certified"))
+
+
+def _check_lmo_against_torch(backend, mech, pdt, gdt, dev):
+    """Small real-shaped tensors: the backend's fused step equals the torch reference's (lmo_ref
+    noise) before anything is timed."""
+    shapes = [(2048,), (257, 33), (1000,)]
+    out = []
+    for be in (backend, "torch"):
+        torch.manual_seed(1)
+        ps = [torch.randn(s, device=dev).to(pdt) for s in shapes]
+        gs = [torch.randn(s, device=dev).to(gdt) for s in shapes]
+        ms = [torch.zeros(s, device=dev) for s in shapes]
+        vs = [torch.zeros(s, device=dev) for s in shapes]
+        fused_noisy_step(ps, gs, ms, vs, hyper=HYPERS["adamw"], expected_batch_size=B,
+                         noise=NoiseGenerator(secure=False, seed=0), backend=be,
+                         **_mech_kwargs(mech))
+        out.append(ps)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2 if pdt == torch.bfloat16 else 1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("mech", ["gaussian"] + list(LMO_CASES))
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_noise_step_lmo_bench(timed, dtype, backend, mech):
+    """Fused LMO-DP noise + AdamW vs fused Gaussian noise + AdamW: GB/s of the bytes the update
+    must move (the noise itself is drawn in registers and moves none)."""
+    dev = "cuda" if HAS_GPU else "cpu"
+    pdt, gdt = DTYPES[dtype]
+    _check_lmo_against_torch(backend, mech, pdt, gdt, dev)  # a wrong kernel is never reported
+    ps, gs, ms, vs = _tensors(pdt, gdt, "adamw", dev)
+    gen = NoiseGenerator(secure=False, seed=0)
+    n = sum(p.numel() for p in ps)
+    kw = _mech_kwargs(mech)
+
+    def step():
+        fused_noisy_step(ps, gs, ms, vs, hyper=HYPERS["adamw"], expected_batch_size=B, noise=gen,
+                         t=1, backend=backend, **kw)
+
+    bpp = bytes_per_param("adamw", pdt, gdt)
+    info = timed(step, bytes_moved=bpp * n)
+    info.update(op="noise_step_lmo", backend=backend, optimizer="adamw", dtype=dtype,
+                mechanism=mech, n_params=n, n_tensors=len(ps), bytes_per_param=bpp,
+                philox_calls_per_coord=0.25 if mech == "gaussian" else R.lmo_blocks(LMO_CASES[mech]))
+    if "median_ms" in info:
+        if mech == "gaussian":
+            _GAUSSIAN_MS[(dtype, backend)] = info["median_ms"]
+        elif (dtype, backend) in _GAUSSIAN_MS:
+            info["time_over_gaussian"] = info["median_ms"] / _GAUSSIAN_MS[(dtype, backend)]
     del ps, gs, ms, vs
     if HAS_GPU:
         torch.cuda.empty_cache()
