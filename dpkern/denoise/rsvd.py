@@ -310,7 +310,7 @@ def adaptive_svd(a: torch.Tensor, threshold: torch.Tensor | float, *, rank: int 
                     omega[j, :, :c] = starts[i][:, :c].to(device=a.device, dtype=a.dtype)
             min_it = (torch.tensor([min_iter if warm[i] else n_iter for i in idx_list],
                                    device=a.device) if use_tol else 0)
-            fixed = warm_passes if all(starts[i] is not None for i in idx_list) else None
+            fixed = warm_passes if all(warm[i] for i in idx_list) else None
             u, s, vh = subspace_iteration(sub, omega, k, n_iter=n_iter, orth=orth,
                                           passes=None if use_tol else fixed,
                                           tol=tol if use_tol else None, min_iter=min_it,

@@ -3,6 +3,13 @@ changes of subspace are caught, far fewer GEMM passes than the cold path, and th
 checkpointable starting guess only (reset, unknown or garbage state = the cold behaviour or
 the same tolerance).
 
+Two warm paths: the default, a fixed `warm_passes` (4) with no host sync, and the adaptive one
+(`warm_passes=None`: convergence test, a sync per pass). A change the warm start cannot foresee
+(subspace replaced, a direction out of pure noise, another run's state) is caught the same
+step by the adaptive path only; the fixed path pays for it in accuracy at that step (measured
+error to signal up to 1.12x the exact's, held to 1.2x) and is back within the policy below the
+step after, once its state holds the new directions.
+
 Tolerance policy (random-matrix data, fixed seeds; numbers measured at these seeds and sizes):
   - error to the planted signal: within 2 % of the exact-SVD denoise's, per matrix and step
     (measured -0.7 % to +1.1 %; the warm start is often closer to the signal than the exact
@@ -74,10 +81,11 @@ def test_slow_drift_matches_exact_with_fewer_passes(xs, frac, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_abrupt_change_of_subspace_is_caught(seed):
     # At step 3 every matrix's signal moves to new random subspaces: the carried vectors are
-    # stale. The fresh random columns pick the new subspace up, the convergence test sees the
-    # kept values move and keeps iterating, and the result still matches the exact SVD.
+    # stale. The fresh random columns pick the new subspace up, the (adaptive path's)
+    # convergence test sees the kept values move and keeps iterating, and the result still
+    # matches the exact SVD.
     seq = drifting(5, SHAPES, STRONG, SIGMA, seed, abrupt_at=(3,))
-    den = RMTDenoiser(seed=seed)
+    den = RMTDenoiser(seed=seed, warm_passes=None)
     passes = []
     for t, (signal, noisy) in enumerate(seq):
         if t == 3:
@@ -88,14 +96,49 @@ def test_abrupt_change_of_subspace_is_caught(seed):
         passes.append(den.last_stats["passes_per_matrix"])
     assert passes[3] > max(passes[1], passes[2], passes[4])      # the change cost iterations
     # Sharpness of the check: the stale warm start with the test switched off and only its first
-    # two passes (n_iter=0: the stale subspace plus one crude random sketch) fails it.
+    # two passes (the stale subspace plus one crude random sketch) fails it, on either path.
     signal, noisy = seq[3]
     names = list(SHAPES)
-    mats = [noisy[k].clone() for k in names]
-    denoise_matrices_(mats, SIGMA, n_iter=0, warm_start=[stale["matrices"][k]["v"] for k in names])
     exact = _exact(noisy)
-    assert any(float((m - exact[k]).norm()) > 0.5 * float((exact[k] - signal[k]).norm())
-               for m, k in zip(mats, names))
+    for kw in (dict(n_iter=0, warm_passes=None), dict(warm_passes=2)):
+        mats = [noisy[k].clone() for k in names]
+        denoise_matrices_(mats, SIGMA, warm_start=[stale["matrices"][k]["v"] for k in names], **kw)
+        assert any(float((m - exact[k]).norm()) > 0.5 * float((exact[k] - signal[k]).norm())
+                   for m, k in zip(mats, names)), kw
+
+
+def _changes():
+    """(name, sequence, index of the unforeseen step, denoiser seed, prior state or None)."""
+    out = [(f"abrupt-{seed}", drifting(5, SHAPES, STRONG, SIGMA, seed, abrupt_at=(3,)), 3, seed,
+            None) for seed in (0, 1)]
+    out += [(f"appear-{x}", drifting(5, SHAPES, [x], SIGMA, seed=4, appear_at=3), 3, 2, None)
+            for x in (1.6, 3.0)]
+    out.append(("garbage", drifting(3, SHAPES, STRONG, SIGMA, seed=8)[1:], 0, 4,
+                drifting(2, SHAPES, STRONG, SIGMA, seed=7)[1][1]))
+    return out
+
+
+@pytest.mark.parametrize("name, seq, change, seed, prior", _changes(),
+                         ids=[c[0] for c in _changes()])
+def test_fixed_passes_pay_an_unforeseen_change_for_one_step(name, seq, change, seed, prior):
+    # The sync-free path cannot iterate longer when the start is stale: at the change its error
+    # to the signal is held to 1.2x the exact SVD's (measured <= 1.12x, at x = 1.6, a value
+    # just above the detection threshold), and from the next step on to the usual policy.
+    den = RMTDenoiser(seed=seed)
+    if prior is not None:
+        den(_clone(prior), SIGMA)
+    for t, (signal, noisy) in enumerate(seq):
+        out = _clone(noisy)
+        den(out, SIGMA)
+        assert den.last_stats["syncless"] == (t > 0 or prior is not None), t
+        if t < change or float(next(iter(signal.values())).norm()) == 0:
+            continue
+        exact = _exact(noisy)
+        if t == change:
+            for k in signal:
+                assert float((out[k] - signal[k]).norm()) <= 1.2 * float((exact[k] - signal[k]).norm())
+        else:
+            _check_close(out, exact, signal, 0.3, t)
 
 
 @pytest.mark.parametrize("x", [1.6, 3.0])
@@ -103,7 +146,7 @@ def test_new_direction_after_pure_noise_is_caught_the_same_step(x):
     # Pure noise for 3 steps (nothing kept: the carried vectors are noise directions), then a
     # rank-1 signal appears: the step it appears, the warm path keeps what the exact SVD keeps.
     seq = drifting(5, SHAPES, [x], SIGMA, seed=4, appear_at=3)
-    den = RMTDenoiser(seed=2)
+    den = RMTDenoiser(seed=2, warm_passes=None)                      # the adaptive path
     for t, (signal, noisy) in enumerate(seq):
         out, exact = _clone(noisy), _exact(noisy)
         den(out, SIGMA)
@@ -177,7 +220,7 @@ def test_garbage_state_is_only_a_starting_guess():
     # Vectors from an unrelated run (or anything finite) cost iterations, never accuracy.
     other = drifting(2, SHAPES, STRONG, SIGMA, seed=7)
     seq = drifting(2, SHAPES, STRONG, SIGMA, seed=8)
-    den = RMTDenoiser(seed=4)
+    den = RMTDenoiser(seed=4, warm_passes=None)    # the adaptive path (the fixed one: above)
     den(_clone(other[1][1]), SIGMA)                                 # state of another signal
     signal, noisy = seq[1]
     out = _clone(noisy)
