@@ -16,8 +16,12 @@ That case is one cold call (warm_start=False): each timed call sees the same gra
 Consecutive steps (test_denoise_steps, registry op rmt_denoise_steps): STEPS releases of the same
 model whose planted signal drifts by ~DRIFT radians per step (fresh noise each step), denoised in
 order, cycling 0, 1, .., STEPS-1, .., 1, 0, 1, .. so that every call follows a neighbouring step.
-Cold (warm_start=False) vs warm (RMTDenoiser's default: last step's vectors + convergence test).
-Recorded: denoise_ms (call minus the restore of the step's gradients), GEMM passes per matrix and
+Modes: cold (warm_start=False), warm (RMTDenoiser's default: last step's vectors, a fixed 4
+GEMM passes, no host sync), warm6 (6 passes), adaptive (warm_passes=None: the former warm path,
+convergence test with a small SVD and a host sync per pass). Every 16th call is a synchronous
+resync (resync_every), as in training. Recorded: denoise_ms (call minus the restore of the
+step's gradients), syncs (host-GPU syncs of one warm call, counted on the GPU by
+set_sync_debug_mode("warn"), on the CPU by the host reads of tensor values), GEMM passes per matrix and
 sweeps (bytes the GEMMs read / 4.4 GB) averaged over the timed calls, the effective GB/s of those
 reads, reruns and unconverged matrices, and, checked before timing, the error to the planted
 signal of layer 0 against the exact SVD's at every step. The expected time from the pass counts
@@ -25,6 +29,7 @@ is in dpkern/denoise/README.md; this case is what measures it.
 """
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -201,12 +206,51 @@ def drift_steps():
     return shapes, steps, exact
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu")
+
+
+@contextlib.contextmanager
+def count_syncs():
+    """Yields a list whose length, after the block, is the host syncs inside it: on the GPU the
+    warnings of set_sync_debug_mode("warn"); on the CPU the host reads of tensor values."""
+    seen: list = []
+    if HAS_GPU:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield seen
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        seen.extend(w for w in caught if "synchroniz" in str(w.message))
+        return
+    saved = {k: getattr(torch.Tensor, k) for k in HOST_READS}
+
+    def counting(name):
+        def f(self, *a, **kw):
+            seen.append(name)
+            return saved[name](self, *a, **kw)
+        return f
+    for k in HOST_READS:
+        setattr(torch.Tensor, k, counting(k))
+    try:
+        yield seen
+    finally:
+        for k, f in saved.items():
+            setattr(torch.Tensor, k, f)
+
+
+MODES = {"cold": dict(warm_start=False), "warm": {}, "warm6": dict(warm_passes=6),
+         "adaptive": dict(warm_passes=None)}
+
+
 @pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
-@pytest.mark.parametrize("mode", ["cold", "warm"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_denoise_steps(timed, drift_steps, mode, tf32):
     shapes, steps, exact = drift_steps
     with matmul_tf32(tf32):
-        den = RMTDenoiser(seed=1, warm_start=mode == "warm")
+        den = RMTDenoiser(seed=1, **MODES[mode])
         ratio = 0.0                                          # checked before timing
         for (signal0, noisy), ex in zip(steps, exact):
             grads = {k: v.clone() for k, v in noisy.items()}
@@ -219,6 +263,13 @@ def test_denoise_steps(timed, drift_steps, mode, tf32):
         # the last step's state is the start: continue from STEPS - 2 (a neighbour)
         order = order[STEPS - 2:] + order[:STEPS - 2] if STEPS > 1 else order
         grads = {k: v.clone() for k, v in steps[0][1].items()}
+        while den.calls % den.resync_every in (0, den.resync_every - 1):
+            den(grads, SIGMA_E)                # syncs counted on a plain (not resync) call
+        for k in grads:
+            grads[k].copy_(steps[order[0]][1][k])
+        with count_syncs() as syncs:
+            den(grads, SIGMA_E)
+        order = order[1:] + order[:1]
         calls, stats = [0], []
 
         def restore():
@@ -236,7 +287,9 @@ def test_denoise_steps(timed, drift_steps, mode, tf32):
         n_weights = sum(m * n for m, n in shapes.values())
         info.update(op="rmt_denoise_steps", model=MODEL, mode=mode, matrices=len(shapes),
                     weights=n_weights, tf32=tf32, sigma_e=SIGMA_E, steps=STEPS, drift=DRIFT,
-                    err_to_signal_ratio=ratio, timed_calls=len(stats),
+                    err_to_signal_ratio=ratio, timed_calls=len(stats), syncs=len(syncs),
+                    syncless_calls=mean("syncless"), saturated=float(sum(
+                        st.get("saturated", 0) for st in stats)) / len(stats),
                     passes_per_matrix=mean("passes_per_matrix"), sweeps=mean("sweeps"),
                     pass_gb=mean("pass_bytes") / 1e9, reruns=mean("reruns"),
                     unconverged=mean("unconverged"), warm_matrices=mean("warm"),

@@ -140,8 +140,8 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
         raise ValueError(f"tol must be None or finite and > 0, got {tol!r}")
     if int(min_iter) < 0 or int(carry) < 0:
         raise ValueError(f"min_iter and carry must be >= 0, got {min_iter!r}, {carry!r}")
-    if warm_passes is not None and int(warm_passes) < 1:
-        raise ValueError(f"warm_passes must be None or >= 1, got {warm_passes!r}")
+    if warm_passes is not None and int(warm_passes) < 2:
+        raise ValueError(f"warm_passes must be None or >= 2, got {warm_passes!r}")
     st = {"vectors": [None] * len(mats), "passes": 0, "pass_bytes": 0, "iters": 0, "reruns": 0,
           "exact": 0, "unconverged": 0, "saturated": 0, "counts": [],
           "warm": 0 if warm_start is None else sum(v is not None for v in warm_start),
@@ -329,8 +329,8 @@ class RMTDenoiser:
             raise ValueError(f"tol must be finite and > 0, got {tol!r}")
         if int(min_iter) < 0 or int(carry) < 0:
             raise ValueError(f"min_iter and carry must be >= 0, got {min_iter!r}, {carry!r}")
-        if warm_passes is not None and int(warm_passes) < 1:
-            raise ValueError(f"warm_passes must be None or >= 1, got {warm_passes!r}")
+        if warm_passes is not None and int(warm_passes) < 2:
+            raise ValueError(f"warm_passes must be None or >= 2, got {warm_passes!r}")
         if int(resync_every) < 0:
             raise ValueError(f"resync_every must be >= 0, got {resync_every!r}")
         self.kwargs = dict(shrinker=shrinker, kappa=float(kappa), norm_correction=bool(norm_correction),

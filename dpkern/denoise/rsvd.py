@@ -85,7 +85,7 @@ def _converged(svd_prev, x_prev, y, s_now, thr, k, tol):
     return (s_now[:, k - 1] > thr) | (same & resid_ok)
 
 
-def small_svd(r: torch.Tensor, steps: int = 8):
+def small_svd(r: torch.Tensor, steps: int = 4):
     """r (b, l, l) float64 = w t z^T with w, z orthogonal and t nearly diagonal, its diagonal
     descending: `steps` steps of the QR algorithm, each two CholeskyQR factorisations
     (t^T = q1 r1, r1^T = q2 r2, t <- r2 = q2^T t q1), with no host sync (torch.linalg.svd and
@@ -344,7 +344,7 @@ def _per_matrix(threshold, a: torch.Tensor) -> torch.Tensor:
 def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torch.Tensor], *,
              rank: int = 8, oversample: int = 8, passes: int = 4,
              generators: list[torch.Generator] | None = None, orth: str = "cholqr2",
-             small_steps: int = 8, stats: dict | None = None):
+             small_steps: int = 4, stats: dict | None = None):
     """Warm-started truncated SVD of a stack with no host sync: fixed width, passes, no reruns.
 
     Every matrix has a start block v0[i] (n, c_i). Width k = max(rank, max_i c_i) for the stack,
@@ -364,6 +364,8 @@ def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torc
     b, m, n = a.shape
     if len(v0) != b or any(v is None for v in v0):
         raise ValueError("warm_svd: every matrix needs a start block v0[i]")
+    if passes < 2:   # the right side of the output is the unorthonormalised start itself
+        raise ValueError(f"warm_svd: passes must be >= 2, got {passes}")
     k = min(max([rank] + [int(v.shape[-1]) for v in v0]), m)
     l = min(k + oversample, m)
     thr = _per_matrix(threshold, a)
