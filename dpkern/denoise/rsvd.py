@@ -85,7 +85,7 @@ def _converged(svd_prev, x_prev, y, s_now, thr, k, tol):
     return (s_now[:, k - 1] > thr) | (same & resid_ok)
 
 
-def small_svd(r: torch.Tensor, steps: int = 4):
+def small_svd(r: torch.Tensor, steps: int = 8):
     """r (b, l, l) float64 = w t z^T with w, z orthogonal and t nearly diagonal, its diagonal
     descending: `steps` steps of the QR algorithm, each two CholeskyQR factorisations
     (t^T = q1 r1, r1^T = q2 r2, t <- r2 = q2^T t q1), with no host sync (torch.linalg.svd and
@@ -344,7 +344,7 @@ def _per_matrix(threshold, a: torch.Tensor) -> torch.Tensor:
 def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torch.Tensor], *,
              rank: int = 8, oversample: int = 8, passes: int = 4,
              generators: list[torch.Generator] | None = None, orth: str = "cholqr2",
-             small_steps: int = 4, stats: dict | None = None):
+             small_steps: int = 8, stats: dict | None = None):
     """Warm-started truncated SVD of a stack with no host sync: fixed width, passes, no reruns.
 
     Every matrix has a start block v0[i] (n, c_i). Width k = max(rank, max_i c_i) for the stack,
