@@ -236,7 +236,7 @@ def _engine_run(opt, fused, backend, device, steps=3, seed=5):
     model, dp, _ = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=ENGINE_OPTS[opt](model.parameters()), data_loader=None,
         noise_multiplier=None, max_grad_norm=0.7, expected_batch_size=4, sample_rate=0.1,
-        seed=seed, mechanism=mech)
+        seed=seed, mechanism=mech, loss_reduction="sum", average_sum=True)  # "sum": GPU tf32r
     assert dp.fused_available()
     dp.fused, dp.noise_backend = fused, None if backend == "auto" else backend
     g = torch.Generator().manual_seed(0)
@@ -245,7 +245,7 @@ def _engine_run(opt, fused, backend, device, steps=3, seed=5):
         if k == 1:
             dp.signal_empty_batch()  # an empty batch still releases LMO-DP noise
         else:
-            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device), reduction="sum").backward()
         dp.step()
         if fused:
             assert all(p.grad is None for p in model.parameters())  # nothing materialised
