@@ -282,9 +282,11 @@ class PrivacyEngine:
                 batch size rounded into the gradients (required under bf16 / GPU tf32r).
             mechanism: a dpkern.mechanisms.Mechanism with clip_norm = C (default: Gaussian with
                 noise_multiplier). A GaussianMechanism is the default path (fused step, the
-                engine's accountant). An LMOMechanism adds its own noise (materialised path) and
-                is accounted by its own epsilon(); it can only be built with its explicit opt-in
-                for the uncertified reported epsilon, and get_epsilon_report() carries its label.
+                engine's accountant). An LMOMechanism draws its noise inside the same fused
+                noise + update step where that step runs (SGD / AdamW; else its own noise launch
+                and the inner optimizer) and is accounted by its own epsilon(): certified with
+                accounting="certified", or LMO-DP's reported, uncertified number only with its
+                explicit opt-in; get_epsilon_report() carries the label.
         """
         mechanism = self._check_mechanism(mechanism, noise_multiplier, max_grad_norm)
         if mechanism is not None and mechanism.name == "gaussian":
