@@ -151,6 +151,16 @@ def _gaussian_noise_fwd_kernel(g_ptr, out_ptr, n, offset, k0, k1, c2, c3, scale,
     tl.store(out_ptr + o_l, noise.to(out_ptr.dtype.element_ty), mask=m_l)
 
 
+@triton.jit(do_not_specialize=["n", "k0", "k1", "c2", "c3"])
+def _gaussian_segments_kernel(out_ptr, off_ptr, n, k0, k1, c2, c3, scale, BLOCK: tl.constexpr):
+    """out[k, j] = scale * N(0, 1) of global element off[k] + j: L segments of n, one launch."""
+    i_k = tl.program_id(1).to(tl.int64)
+    o_l = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m_l = o_l < n
+    off = tl.load(off_ptr + i_k)
+    tl.store(out_ptr + i_k * n + o_l, scale * normals(o_l + off, k0, k1, c2, c3), mask=m_l)
+
+
 def lmo_kernel_args(consts: dict) -> dict:
     """lmo_laplace_u's float and constexpr arguments from dpkern.mechanisms.lmo_ref.kernel_constants
     (GAMMA_MODE: 0 k=1, 1 k=2, 2 k=0.5, 3 Marsaglia-Tsang)."""
@@ -187,3 +197,17 @@ def gaussian_noise_fwd(out: torch.Tensor, g: torch.Tensor | None, *, words: dict
     _gaussian_noise_fwd_kernel[(triton.cdiv(n, cfg.BLOCK),)](
         g_ptr=g if g is not None else out, out_ptr=out, n=n, offset=offset, scale=scale, **words,
         HAS_G=g is not None, BLOCK=cfg.BLOCK, num_warps=cfg.num_warps)
+
+
+def gaussian_segments_fwd(out: torch.Tensor, offsets: torch.Tensor, *, words: dict,
+                          scale: float, config: NoiseConfig | None = None) -> None:
+    """out (L, n) fp32 contiguous = scale * N(0, 1) at global elements offsets[k] + j, offsets (L,)
+    int64 on out's device: the same values gaussian_noise_fwd gives each segment. Caller
+    validates."""
+    n_seg, n = out.shape
+    if n_seg == 0 or n == 0:
+        return
+    cfg = config or noise_config(n)
+    _gaussian_segments_kernel[(triton.cdiv(n, cfg.BLOCK), n_seg)](
+        out_ptr=out, off_ptr=offsets, n=n, scale=scale, **words, BLOCK=cfg.BLOCK,
+        num_warps=cfg.num_warps)

@@ -139,3 +139,56 @@ def gaussian_noise_add_(grad: torch.Tensor, *, std: float, words: dict, offset: 
     flat = grad.view(-1)
     gaussian_noise_fwd(flat, flat, words=words, offset=offset, scale=float(std))
     return grad
+
+
+# Segment offsets as device tensors, by value, uploaded without a host-GPU synchronisation.
+_OFFSETS_CACHE: dict = {}
+_OFFSETS_CACHE_SIZE = 16
+
+
+def _device_offsets(offsets: tuple, device: torch.device) -> torch.Tensor:
+    key = (offsets, str(device))
+    hit = _OFFSETS_CACHE.get(key)
+    if hit is not None:
+        return hit
+    host = torch.tensor(offsets, dtype=torch.int64)
+    out = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
+        else host.to(device)
+    if len(_OFFSETS_CACHE) >= _OFFSETS_CACHE_SIZE:
+        _OFFSETS_CACHE.pop(next(iter(_OFFSETS_CACHE)))
+    _OFFSETS_CACHE[key] = out
+    return out
+
+
+def gaussian_noise_segments(n: int, offsets, *, std: float, words: dict, device="cpu",
+                            backend: str | None = None) -> torch.Tensor:
+    """(L, n) float32: row k is std * z(words, offsets[k] + j), j < n, the values
+    gaussian_noise_add_ adds to a zero buffer of n elements at global offset offsets[k]; all rows
+    in one launch (the projected layers' noise in dpkern.subspace, one segment per layer).
+
+    Example::
+
+        z = gaussian_noise_segments(16, [0, 4096], std=1.0, words=gen.kernel_words(step))
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    offsets = tuple(offsets)
+    for off in offsets:
+        _check_common(words, off)
+        if off + n >= 2**62:
+            raise ValueError(f"offset {off} + n {n} is past the counter space")
+    device = torch.device(device)
+    be = resolve_backend(backend, device, op="gaussian_noise_segments",
+                         implemented=("triton", "torch"), auto_order=("triton",))
+    if be == "torch":
+        if not offsets or n == 0:
+            return torch.zeros(len(offsets), n, dtype=torch.float32, device=device)
+        e = (torch.tensor(offsets, dtype=torch.int64)[:, None] + torch.arange(n)).reshape(-1)
+        z = lmo_ref.normals(e.to(device), words).double()
+        return (float(std) * z).float().view(len(offsets), n)
+    from dpkern.kernels.lmo_noise import gaussian_segments_fwd
+    out = _alloc.empty(len(offsets), n, dtype=torch.float32, device=device)
+    if offsets and n:
+        gaussian_segments_fwd(out, _device_offsets(offsets, device), words=words,
+                              scale=float(std))
+    return out

@@ -274,7 +274,7 @@ class SubspaceDPOptimizer(DPOptimizer):
         # as DPOptimizer.step: "mean", or "sum" with average_sum, divide by B_expected
         norm = (self.expected_batch_size
                 if self.loss_reduction == "mean" or getattr(self, "average_sum", False) else 1)
-        from dpkern.mechanisms.noise_ops import gaussian_noise_add_
+        from dpkern.mechanisms.noise_ops import gaussian_noise_segments
         groups: dict = {}  # layers of one (ru, rv, device): one buffer, a few launches per group
         for p in self._projected:
             u, v = self.bases[p]
@@ -283,15 +283,12 @@ class SubspaceDPOptimizer(DPOptimizer):
         for (ru, rv, dev), ps in groups.items():
             acc = torch.stack([self.sub_summed[p] if p in self.sub_summed else
                                torch.zeros(ru, rv, dtype=torch.float64, device=dev) for p in ps])
-            n = ru * rv
-            z = torch.zeros(len(ps) * n, dtype=torch.float32, device=dev)
-            if std > 0:
-                words = self.noise_generator.kernel_words(step)
-                for k, p in enumerate(ps):
-                    gaussian_noise_add_(z[k * n:(k + 1) * n], std=std, words=words,
-                                        offset=int(self.global_offsets[p]),
-                                        backend=self.noise_backend)
-            released = ((acc + z.double().view(len(ps), ru, rv)) / norm).float()
+            if std > 0:  # layer k's z: the normals at its weight's global offset (one launch)
+                z = gaussian_noise_segments(ru * rv, [int(self.global_offsets[p]) for p in ps],
+                                            std=std, words=self.noise_generator.kernel_words(step),
+                                            device=dev, backend=self.noise_backend)
+                acc = acc + z.double().view(len(ps), ru, rv)
+            released = (acc / norm).float()
             out.update(zip(ps, released.unbind(0)))
         return {p: out[p] for p in self._projected}
 

@@ -193,3 +193,30 @@ def test_full_size_kernel_matches_reference_gpu(name):
         ref = R.lmo_noise_ref(chunk, p, words=W(123), offset=off + s, device="cuda")
         bad += int((~torch.isclose(grad[s:s + chunk].double(), ref, rtol=RTOL, atol=ATOL)).sum())
     assert bad <= (n // 1_000_000 if name.startswith("mt") else 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("n,offsets", [(6, [0, 4099, 7]), (1, [3]), (63, [8, 1 << 33]),
+                                       (5, []), (0, [2, 9])], ids=str)
+def test_gaussian_segments_equal_one_add_per_segment(backend, n, offsets):
+    """gaussian_noise_segments (one launch for L segments, DP-SFT's per-layer noise) gives row k
+    exactly what gaussian_noise_add_ adds to n zeros at global offset offsets[k], on each backend."""
+    device = kernel_devices()[0]
+    words = W(9, stream=0)
+    z = N.gaussian_noise_segments(n, offsets, std=0.7, words=words, device=device, backend=backend)
+    assert z.shape == (len(offsets), n) and z.dtype == torch.float32
+    for k, off in enumerate(offsets):
+        one = torch.zeros(n, device=device)
+        N.gaussian_noise_add_(one, std=0.7, words=words, offset=off, backend=backend)
+        assert torch.equal(z[k], one), (k, off)
+    if len(offsets) > 1 and n > 1:
+        assert not torch.equal(z[0], z[1])  # distinct offsets, distinct noise
+
+
+def test_gaussian_segments_refused():
+    with pytest.raises(ValueError, match="offset"):
+        N.gaussian_noise_segments(4, [0, -1], std=1.0, words=W(1, stream=0))
+    with pytest.raises(ValueError, match="counter space"):
+        N.gaussian_noise_segments(4, [2**62 - 2], std=1.0, words=W(1, stream=0))
+    with pytest.raises(ValueError, match="n must be"):
+        N.gaussian_noise_segments(-1, [0], std=1.0, words=W(1, stream=0))
