@@ -146,8 +146,10 @@ def probe_steps(bsz, seq, steps):
                  for e in kern[:25]],
             top_cpu=[dict(name=e.key[:90], self_cpu_ms=e.self_cpu_time_total / 1e3, calls=e.count)
                      for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]])
+        del model, opt, step  # the closure holds the model: without it the next mode's peak
+        gc.collect()          # would include this model and its AdamW states
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        del model, opt
     return out
 
 
