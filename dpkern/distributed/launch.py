@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -48,6 +49,7 @@ def _child(rank: int, world: int, backend: str, port: int, fn: Callable, args: t
                                 timeout=datetime.timedelta(seconds=coll_timeout_s), **kw)
         try:
             out = fn(rank, world, *args)
+            dist.barrier()  # no rank tears the group down while a peer still talks to it
         finally:
             dist.destroy_process_group()
         torch.save(out, os.path.join(folder, f"out{rank}.pt"))
@@ -55,6 +57,12 @@ def _child(rank: int, world: int, backend: str, port: int, fn: Callable, args: t
         with open(os.path.join(folder, f"err{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise SystemExit(1)
+    # Done and saved: leave without the interpreter's teardown, where a collective library's
+    # background thread destroyed while joinable aborts the process ("terminate called without
+    # an active exception", exit code -6 seen under CPU contention) after the work succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable, nprocs: int, *, backend: str = "gloo", args: tuple = (),
