@@ -5,6 +5,7 @@
 * Every output dpkern allocates is poisoned with NaN, so an element a kernel forgets to write fails.
 * Tolerances: tests/tolerance.py is the written policy.
 """
+import contextlib
 import os
 
 import torch
@@ -41,3 +42,14 @@ def pytest_report_header(config):
 def kernel_devices():
     """Devices a kernel backend test runs on: the GPU when present, else the CPU (interpreter)."""
     return ["cuda"] if HAS_GPU else ["cpu"]
+
+
+@contextlib.contextmanager
+def sync_is_an_error():
+    """Inside: any host-GPU synchronisation raises (torch.cuda.set_sync_debug_mode("error")), for
+    the GPU tests that a DP backward / step / post-processing issues its work without waiting."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

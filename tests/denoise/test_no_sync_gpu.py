@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dpkern.denoise import RMTDenoiser
+from tests.conftest import sync_is_an_error
 from tests.denoise.planted import drifting
 from tests.denoise.test_warm_start import SIGMA, STRONG, _check_close, _exact
 
@@ -17,29 +18,20 @@ SHAPES = {"l0.q.weight": (256, 640), "l0.o.weight": (256, 256), "l0.down.weight"
           "l1.q.weight": (256, 640)}
 
 
-@contextlib.contextmanager
-def _sync_is_an_error():
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
 def _steps(den, steps, guarded):
     seq = drifting(steps, SHAPES, STRONG, SIGMA, seed=0)
     outs = []
     for t, (_, noisy) in enumerate(seq):
         grads = {k: v.cuda() for k, v in noisy.items()}
         torch.cuda.synchronize()
-        with _sync_is_an_error() if t in guarded else contextlib.nullcontext():
+        with sync_is_an_error() if t in guarded else contextlib.nullcontext():
             den(grads, SIGMA)
         outs.append({k: v.cpu() for k, v in grads.items()})
     return seq, outs
 
 
 def test_the_guard_catches_a_small_svd():
-    with pytest.raises(RuntimeError, match="synchroniz"), _sync_is_an_error():
+    with pytest.raises(RuntimeError, match="synchroniz"), sync_is_an_error():
         torch.linalg.svd(torch.randn(2, 8, 8, device="cuda", dtype=torch.float64))
 
 

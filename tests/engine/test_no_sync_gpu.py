@@ -9,24 +9,16 @@ import torch
 
 from dpkern import PrivacyEngine
 from dpkern.losses import per_sample_losses
+from tests.conftest import sync_is_an_error
 from tests.engine import _models
 
 pytestmark = pytest.mark.gpu
 
 
-@contextlib.contextmanager
-def _sync_is_an_error():
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
 def test_the_check_catches_a_blocking_copy():
     """The guard itself: a pageable host-to-device copy (what torch.tensor(..., device="cuda")
     does) raises inside it."""
-    with pytest.raises(RuntimeError, match="synchroniz"), _sync_is_an_error():
+    with pytest.raises(RuntimeError, match="synchroniz"), sync_is_an_error():
         torch.tensor([1.0, 2.0], device="cuda")
 
 
@@ -47,7 +39,7 @@ def _three_steps(name, dtype, clipping):
     for step in range(3):  # the first steps fill caches (compiled kernels, descriptor tables)
         with amp:
             loss = per_sample_losses(model, batch).sum()
-        with _sync_is_an_error() if step == 2 else contextlib.nullcontext():
+        with sync_is_an_error() if step == 2 else contextlib.nullcontext():
             loss.backward()
             opt.step()
             opt.zero_grad()

@@ -1,5 +1,6 @@
 """SubspacePrivacyEngine: full rank = plain DP-SGD, sensitivity ≤ C on the released coordinates,
 fp64 reference of the projected clipped sum, noise on r×r coordinates only, stages charged."""
+import contextlib
 import copy
 
 import pytest
@@ -9,6 +10,7 @@ from dpkern.engine import PrivacyEngine
 from dpkern.noise.reference import normals
 from dpkern.subspace import SubspacePrivacyEngine, orthonormalize
 from dpkern.subspace.reference import dpsft_clipped_sum_ref
+from tests.conftest import sync_is_an_error
 
 T, D_IN, HID, D_OUT = 7, 6, 5, 3
 
@@ -477,12 +479,9 @@ def test_gpu_projected_step_does_not_synchronise(dtype):
     for step in range(3):
         with amp:
             loss = model(x).float().square().mean(dim=(1, 2)).nan_to_num().sum()
-        torch.cuda.set_sync_debug_mode("error" if step == 2 else "default")
-        try:
+        with sync_is_an_error() if step == 2 else contextlib.nullcontext():
             loss.backward()
             dp.step()
             dp.zero_grad()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
     assert dp.last_backproj and dp.nonfinite_samples == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
