@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from dpkern import _alloc
 from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse, input_key
 from dpkern.ops._persample import fp32_mode
 from dpkern.ops.rownorm import row_norm_dots_grouped
@@ -75,29 +76,10 @@ def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
     return out
 
 
-# Host-computed per-parameter constants as device tensors, by value: a plain torch.tensor(...,
-# device="cuda") is a blocking copy (the host waits for the GPU's whole queue), once per backward.
-_CONST_CACHE: dict = {}
-_CONST_CACHE_SIZE = 64
-
-
 def _device_constants(values: list, device) -> torch.Tensor:
-    """(len(values),) float64 on device, without a host-GPU synchronisation."""
-    key = (tuple(values), str(device))
-    hit = _CONST_CACHE.get(key)
-    if hit is not None:
-        return hit
-    host = torch.tensor(values, dtype=torch.float64)
-    if torch.device(device).type == "cuda":
-        # pinned + non_blocking: the caching host allocator keeps the pinned block alive until
-        # the copy has run
-        out = host.pin_memory().to(device, non_blocking=True)
-    else:
-        out = host.to(device)
-    if len(_CONST_CACHE) >= _CONST_CACHE_SIZE:
-        _CONST_CACHE.pop(next(iter(_CONST_CACHE)))
-    _CONST_CACHE[key] = out
-    return out
+    """(len(values),) float64 on device, without a host-GPU synchronisation (once per backward:
+    a blocking upload here made the host wait for the GPU's whole queue)."""
+    return _alloc.device_constants(values, device, torch.float64)
 
 
 def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,

@@ -141,25 +141,6 @@ def gaussian_noise_add_(grad: torch.Tensor, *, std: float, words: dict, offset: 
     return grad
 
 
-# Segment offsets as device tensors, by value, uploaded without a host-GPU synchronisation.
-_OFFSETS_CACHE: dict = {}
-_OFFSETS_CACHE_SIZE = 16
-
-
-def _device_offsets(offsets: tuple, device: torch.device) -> torch.Tensor:
-    key = (offsets, str(device))
-    hit = _OFFSETS_CACHE.get(key)
-    if hit is not None:
-        return hit
-    host = torch.tensor(offsets, dtype=torch.int64)
-    out = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" \
-        else host.to(device)
-    if len(_OFFSETS_CACHE) >= _OFFSETS_CACHE_SIZE:
-        _OFFSETS_CACHE.pop(next(iter(_OFFSETS_CACHE)))
-    _OFFSETS_CACHE[key] = out
-    return out
-
-
 def gaussian_noise_segments(n: int, offsets, *, std: float, words: dict, device="cpu",
                             backend: str | None = None) -> torch.Tensor:
     """(L, n) float32: row k is std * z(words, offsets[k] + j), j < n, the values
@@ -189,6 +170,7 @@ def gaussian_noise_segments(n: int, offsets, *, std: float, words: dict, device=
     from dpkern.kernels.lmo_noise import gaussian_segments_fwd
     out = _alloc.empty(len(offsets), n, dtype=torch.float32, device=device)
     if offsets and n:
-        gaussian_segments_fwd(out, _device_offsets(offsets, device), words=words,
-                              scale=float(std))
+        # offsets uploaded once per bases set (cached, pinned): no host-GPU sync per step
+        offs = _alloc.device_constants(offsets, device, torch.int64)
+        gaussian_segments_fwd(out, offs, words=words, scale=float(std))
     return out
