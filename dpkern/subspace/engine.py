@@ -73,21 +73,28 @@ def check_basis(name: str, weight: torch.Tensor, u, v) -> tuple[torch.Tensor, to
     return out[0], out[1]
 
 
+def _rank_groups(params, bases: dict) -> dict:
+    """{(ru, rv, device): [params]} in order of first appearance: the projected layers that share
+    one buffer (and a few launches) in the backward and in the release."""
+    groups: dict = {}
+    for p in params:
+        u, v = bases[p]
+        groups.setdefault((u.shape[1], v.shape[1], u.device), []).append(p)
+    return groups
+
+
 def _project_groups(proj: dict, sub: list, uses: dict, names: dict, backend) -> list:
     """Per-sample coordinates of the projected weights, layers of one (ru, rv) and device in one
     buffer: [(params, S (L, B, ru, rv) fp32, N̂² (L, B) fp32)], in order of first appearance.
     One projection launch per layer writes its slice; what follows runs once per group."""
-    groups: dict = {}
     for p in sub:
         lin = uses[p]
         if not all(isinstance(u, LinearUse) for u in lin):
             raise RuntimeError(f"projected weight {names[p]!r} has a non-Linear use "
                                f"({', '.join(u.path for u in lin)}): only Linear / Conv1D "
                                "weights can be projected")
-        u_b, v_b = proj[p]
-        groups.setdefault((u_b.shape[1], v_b.shape[1], u_b.device), []).append(p)
     out = []
-    for (ru, rv, dev), ps in groups.items():
+    for (ru, rv, dev), ps in _rank_groups(sub, proj).items():
         bsz = batch_size(uses[ps[0]][0])
         s_all = torch.empty(len(ps), bsz, ru, rv, dtype=torch.float32, device=dev)
         n_all = torch.empty(len(ps), bsz, dtype=torch.float32, device=dev)
@@ -275,12 +282,8 @@ class SubspaceDPOptimizer(DPOptimizer):
         norm = (self.expected_batch_size
                 if self.loss_reduction == "mean" or getattr(self, "average_sum", False) else 1)
         from dpkern.mechanisms.noise_ops import gaussian_noise_segments
-        groups: dict = {}  # layers of one (ru, rv, device): one buffer, a few launches per group
-        for p in self._projected:
-            u, v = self.bases[p]
-            groups.setdefault((u.shape[1], v.shape[1], u.device), []).append(p)
         out = {}
-        for (ru, rv, dev), ps in groups.items():
+        for (ru, rv, dev), ps in _rank_groups(self._projected, self.bases).items():
             acc = torch.stack([self.sub_summed[p] if p in self.sub_summed else
                                torch.zeros(ru, rv, dtype=torch.float64, device=dev) for p in ps])
             if std > 0:  # layer k's z: the normals at its weight's global offset (one launch)
