@@ -74,17 +74,13 @@ def _bases(model, rank):
     return out
 
 
-@pytest.mark.parametrize("mode", STEP_MODES)
-def test_llama_step_bench(timed, mode):
-    import gc
-
+def llama_dp_step(mode: str, bsz: int, seq: int):
+    """The Llama model made private for `mode` ("full", or "subspace-<r>": every decoder Linear
+    and lm_head projected at rank r), AdamW, and one DP training step on random tokens (bf16
+    autocast on the GPU). Returns (model, optimizer, cfg, step); step() returns the loss."""
     from dpkern.engine import PrivacyEngine
     from dpkern.subspace import SubspacePrivacyEngine
-    gc.collect()  # the previous mode's model and optimizer states
-    if HAS_GPU:
-        torch.cuda.empty_cache()
     model, cfg = _llama()
-    bsz, seq = BATCH
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     common = dict(module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0,
                   max_grad_norm=1.0, expected_batch_size=bsz, sample_rate=1e-3,
@@ -95,10 +91,9 @@ def test_llama_step_bench(timed, mode):
         model, opt, _ = SubspacePrivacyEngine(accountant="rdp").make_private(
             subspace=_bases(model, int(mode.split("-")[1])), **common)
     ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=DEV)
-    use_bf16 = HAS_GPU
 
     def step():
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=HAS_GPU):
             logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1),
@@ -108,6 +103,16 @@ def test_llama_step_bench(timed, mode):
         opt.zero_grad()
         return loss
 
+    return model, opt, cfg, step
+
+
+@pytest.mark.parametrize("mode", STEP_MODES)
+def test_llama_step_bench(timed, mode):
+    import gc
+    gc.collect()  # the previous mode's model and optimizer states
+    if HAS_GPU:
+        torch.cuda.empty_cache()
+    model, opt, cfg, step = llama_dp_step(mode, *BATCH)
     loss = step()  # correctness before timing: finite loss, the projected weights moved
     assert torch.isfinite(loss)
     n_proj = len(getattr(opt, "bases", {}))

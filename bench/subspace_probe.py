@@ -91,36 +91,14 @@ def probe_proj(bsz, seq, ranks):
 
 
 def probe_steps(bsz, seq, steps):
-    from bench.bench_subspace import _bases, _llama
-    from dpkern.engine import PrivacyEngine
-    from dpkern.subspace import SubspacePrivacyEngine
+    import gc
+
+    from bench.bench_subspace import llama_dp_step
     out = {}
     for mode in ("full", "subspace-16", "subspace-64"):
-        import gc
         gc.collect()
         torch.cuda.empty_cache()
-        model, cfg = _llama()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        common = dict(module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0,
-                      max_grad_norm=1.0, expected_batch_size=bsz, sample_rate=1e-3,
-                      loss_reduction="sum")
-        if mode == "full":
-            model, opt, _ = PrivacyEngine(accountant="rdp").make_private(**common)
-        else:
-            model, opt, _ = SubspacePrivacyEngine(accountant="rdp").make_private(
-                subspace=_bases(model, int(mode.split("-")[1])), **common)
-        ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1),
-                reduction="none").view(bsz, -1).mean(1).sum()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-
+        model, opt, _, step = llama_dp_step(mode, bsz, seq)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
