@@ -159,27 +159,18 @@ class _SubspaceClipper(_Clipper):
             if sc is None:  # c·s rounded down: the factor applied keeps c U ≤ C
                 sc = scales[id(c)] = round_down_f32(c * s)
             opt.last_scales[self.private[p]] = sc
-        for (ps, _, _), s64 in zip(groups, coords):
+        for (ps, _, _), s64 in zip(groups, coords):  # ps ⊆ proj = opt.bases
             for p in ps:
                 uses.pop(p)
-            ps_kept = [p for p in ps if p in opt.bases]
-            if not ps_kept:
-                continue
             sc = torch.stack([scales[id(factor_of[p])] for p in ps]).double()  # (L, B)
             # a non-finite sample has factor 0, and 0·NaN = NaN: its coordinates are zeroed first
             s64 = torch.where(finite.view(1, -1, 1, 1), s64, 0.0)
-            part = torch.einsum("lb,lbrs->lrs", sc, s64)  # (L, ru, rv) fp64
-            keep = [k for k, p in enumerate(ps) if p in opt.bases]
-            have = [p for p in ps_kept if p in opt.sub_summed]
-            if not have:
-                for k, p in zip(keep, ps_kept):
-                    opt.sub_summed[p] = part[k]
-            else:  # accumulation over backward passes: one multi-tensor add
-                torch._foreach_add_([opt.sub_summed[p] for p in have],
-                                    [part[k] for k, p in zip(keep, ps_kept) if p in opt.sub_summed])
-                for k, p in zip(keep, ps_kept):
-                    if p not in opt.sub_summed:
-                        opt.sub_summed[p] = part[k]
+            part = dict(zip(ps, torch.einsum("lb,lbrs->lrs", sc, s64).unbind(0)))  # fp64 (ru, rv)
+            old = [p for p in ps if p in opt.sub_summed]
+            if old:  # accumulation over backward passes: one multi-tensor add
+                torch._foreach_add_([opt.sub_summed[p] for p in old], [part[p] for p in old])
+            for p in ps:
+                opt.sub_summed.setdefault(p, part[p])
         for p, c in zip(params, factors):
             if p in proj:
                 continue
