@@ -57,5 +57,7 @@ def shared_input_args(as_: list, gss: list, max_g: int):
 def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
     """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of table x."""
     if TABLE:
-        x = tl.multiple_of(tl.load(x + i_l), 16).to(tl.pointer_type(ELT))  # ALIGN
+        # The hint goes on the pointer itself: Triton's alignment analysis does not carry a hint
+        # on the int64 through the int-to-pointer cast, and without it every load is scalar.
+        x = tl.multiple_of(tl.load(x + i_l).to(tl.pointer_type(ELT)), 16)  # ALIGN
     return x
