@@ -56,18 +56,75 @@ def subspace_proj_search_space():
             for w in (4, 8)]
 
 
+# Layers of one launch (a third grid axis) reach their tensors through a table of int64 data
+# pointers, one row per operand and one column per layer. The kernels are told every tabled
+# pointer is a multiple of ALIGN bytes (as Triton assumes of an aligned pointer argument): without
+# the hint their loads are not vectorised; pointer_table refuses a misaligned one.
+ALIGN = 16
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TABLES: dict = {}  # pointer values -> device table: the same layers' table is uploaded once
+_TABLES_MAX = 256
+
+
+def aligned(*xs: torch.Tensor) -> bool:
+    """Whether every tensor starts on an ALIGN-byte boundary (may go in a pointer table)."""
+    return all(x.data_ptr() % ALIGN == 0 for x in xs)
+
+
+def pointer_table(rows: list, device: torch.device, ints: list | None = None) -> torch.Tensor:
+    """rows: R lists of L tensors -> (R (+1), L) int64 on `device`: their data pointers, then, when
+    given, one row of plain integers `ints` (L of them). Cached by value (the weights', bases' and
+    states' tables are the same every step; the activations' often are): no upload on a hit, and
+    on a miss a pinned, non-blocking one (no host-GPU synchronisation)."""
+    vals = [tuple(x.data_ptr() for x in row) for row in rows]
+    if any(v % ALIGN for row in vals for v in row):
+        raise ValueError(f"pointer_table: every tensor must start on a {ALIGN}-byte boundary")
+    if ints is not None:
+        vals.append(tuple(int(i) for i in ints))
+    key = (tuple(vals), str(device))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    host = torch.tensor(vals, dtype=torch.int64)
+    tab = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = tab
+    return tab
+
+
 @triton.jit
-def _subspace_proj_fwd_kernel(a_ptr, g_ptr, u_ptr, v_ptr, part_ptr,
+def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
+    """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of the table row x."""
+    if TABLE:
+        x = tl.multiple_of(tl.load(x + i_l), 16).to(tl.pointer_type(ELT))  # ALIGN
+    return x
+
+
+@triton.jit
+def _subspace_proj_fwd_kernel(a_ptr, g_ptr, u_ptr, v_ptr, row_ptr, part_ptr,
                               n_tok, d, p, ru, rv, tiles_per_split,
                               stride_ab, stride_at, stride_ad,
                               stride_gb, stride_gt, stride_gp,
                               stride_up, stride_ur, stride_vd, stride_vr,
-                              stride_pb, stride_ps,
+                              stride_pl, stride_pb, stride_ps,
                               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                               BLOCK_RU: tl.constexpr, BLOCK_RV: tl.constexpr,
-                              PRECISION: tl.constexpr):
+                              PRECISION: tl.constexpr, TABLE: tl.constexpr,
+                              A_ELT: tl.constexpr, G_ELT: tl.constexpr, U_ELT: tl.constexpr,
+                              V_ELT: tl.constexpr):
+    # TABLE: a/g/u/v_ptr are rows of a pointer table over layers (axis 2 the layer) and row_ptr
+    # the row of each layer's partials in part (L_all, B, n_split, RU·RV); else one layer, row 0
     i_b = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    a_ptr = layer_ptr(a_ptr, i_l, TABLE, A_ELT)
+    g_ptr = layer_ptr(g_ptr, i_l, TABLE, G_ELT)
+    u_ptr = layer_ptr(u_ptr, i_l, TABLE, U_ELT)
+    v_ptr = layer_ptr(v_ptr, i_l, TABLE, V_ELT)
+    i_row = i_l * 0
+    if TABLE:
+        i_row = tl.load(row_ptr + i_l)
     o_ru = tl.arange(0, BLOCK_RU)
     o_rv = tl.arange(0, BLOCK_RV)
     o_k = tl.arange(0, BLOCK_K)
@@ -101,50 +158,83 @@ def _subspace_proj_fwd_kernel(a_ptr, g_ptr, u_ptr, v_ptr, part_ptr,
             b_v = tl.load(p_v, mask=m_k[:, None] & m_rv[None, :], other=0.0).to(tl.float32)
             b_av += tl.dot(b_a, b_v, input_precision=PRECISION)  # [BT, BK] @ [BK, RV]
         b_s += tl.dot(tl.trans(b_gu), b_av, input_precision=PRECISION)  # [RU, BT] @ [BT, RV]
-    p_part = part_ptr + i_b * stride_pb + i_s * stride_ps + o_ru[:, None] * rv + o_rv[None, :]
+    p_part = part_ptr + i_row * stride_pl + i_b * stride_pb + i_s * stride_ps \
+        + o_ru[:, None] * rv + o_rv[None, :]
     tl.store(p_part, b_s, mask=m_ru[:, None] & m_rv[None, :])
 
 
 @triton.jit
 def _subspace_proj_reduce_kernel(part_ptr, s_ptr, norm_ptr, n_split, n_el,
-                                 stride_pb, stride_ps, stride_sb,
+                                 stride_pl, stride_pb, stride_ps, stride_sl, stride_sb, stride_nl,
                                  BLOCK_N: tl.constexpr):
-    """S_i = Σ_split partials (fixed order: deterministic); ‖S_i‖² accumulated in fp32."""
+    """S_i = Σ_split partials (fixed order: deterministic); ‖S_i‖² accumulated in fp32. Axis 1:
+    the layer (row of part, S and the norms)."""
     i_b = tl.program_id(0).to(tl.int64)
+    i_l = tl.program_id(1).to(tl.int64)
+    part_ptr += i_l * stride_pl + i_b * stride_pb
+    s_ptr += i_l * stride_sl + i_b * stride_sb
     b_sq = tl.zeros([BLOCK_N], dtype=tl.float32)  # [BN]
     for n0 in range(0, n_el, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < n_el
         b_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for i_s in range(0, n_split):
-            b_acc += tl.load(part_ptr + i_b * stride_pb + i_s * stride_ps + o_n, mask=m_n, other=0.0)
-        tl.store(s_ptr + i_b * stride_sb + o_n, b_acc, mask=m_n)
+            b_acc += tl.load(part_ptr + i_s * stride_ps + o_n, mask=m_n, other=0.0)
+        tl.store(s_ptr + o_n, b_acc, mask=m_n)
         b_sq += b_acc * b_acc
-    tl.store(norm_ptr + i_b, tl.sum(b_sq, axis=0))
+    tl.store(norm_ptr + i_l * stride_nl + i_b, tl.sum(b_sq, axis=0))
+
+
+def subspace_proj_partials(layers: list, part: torch.Tensor, config: SubspaceProjConfig,
+                           rows: list | None = None) -> None:
+    """Launch the projection of layers of one layout (same B, T, d, p, RU, RV, dtypes and
+    strides): layers = [(a (B,T,d), g (B,T,p), u (p,RU), v (d,RV))], float32/16 or bfloat16.
+    One layer (rows None): part (B, n_split, RU·RV). Several: one launch over them (pointer
+    tables), rows[k] = layer k's row in part (L_all, B, n_split, RU·RV); every tensor
+    ALIGN-aligned (see `aligned`). part fp32 contiguous in its last dim. Nothing validated here."""
+    a, g, u, v = layers[0]
+    bsz, n_tok, d = a.shape
+    ru, rv = u.shape[1], v.shape[1]
+    cfg = config
+    n_tiles = triton.cdiv(max(n_tok, 1), cfg.BLOCK_T)
+    table = rows is not None
+    if table:
+        tab = pointer_table([[x[k] for x in layers] for k in range(4)], a.device, ints=rows)
+        ops = dict(a_ptr=tab[0], g_ptr=tab[1], u_ptr=tab[2], v_ptr=tab[3], row_ptr=tab[4])
+        stride_pl, (stride_pb, stride_ps) = part.stride(0), part.stride()[1:3]
+    else:
+        ops = dict(a_ptr=a, g_ptr=g, u_ptr=u, v_ptr=v, row_ptr=part)  # row_ptr: unread
+        stride_pl, (stride_pb, stride_ps) = 0, part.stride()[:2]
+    _subspace_proj_fwd_kernel[(bsz, cfg.n_split, len(layers))](
+        **ops, part_ptr=part,
+        n_tok=n_tok, d=d, p=g.shape[2], ru=ru, rv=rv,
+        tiles_per_split=triton.cdiv(n_tiles, cfg.n_split),
+        stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2),
+        stride_gb=g.stride(0), stride_gt=g.stride(1), stride_gp=g.stride(2),
+        stride_up=u.stride(0), stride_ur=u.stride(1), stride_vd=v.stride(0), stride_vr=v.stride(1),
+        stride_pl=stride_pl, stride_pb=stride_pb, stride_ps=stride_ps,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, BLOCK_RU=_pow2(ru), BLOCK_RV=_pow2(rv),
+        PRECISION=cfg.input_precision, TABLE=table, A_ELT=TL_DTYPE[a.dtype],
+        G_ELT=TL_DTYPE[g.dtype], U_ELT=TL_DTYPE[u.dtype], V_ELT=TL_DTYPE[v.dtype],
+        num_warps=cfg.num_warps)
+
+
+def subspace_proj_reduce(part: torch.Tensor, s_out: torch.Tensor, norm_out: torch.Tensor) -> None:
+    """S = Σ_split part and ‖S‖² for L layers in one launch: part (L, B, n_split, RU·RV) fp32,
+    s_out (L, B, RU, RV) fp32 with contiguous (RU, RV) matrices, norm_out (L, B) fp32."""
+    n_l, bsz, n_split, n_el = part.shape
+    _subspace_proj_reduce_kernel[(bsz, n_l)](
+        part_ptr=part, s_ptr=s_out, norm_ptr=norm_out, n_split=n_split, n_el=n_el,
+        stride_pl=part.stride(0), stride_pb=part.stride(1), stride_ps=part.stride(2),
+        stride_sl=s_out.stride(0), stride_sb=s_out.stride(1), stride_nl=norm_out.stride(0),
+        BLOCK_N=min(_pow2(n_el), 4096), num_warps=4)
 
 
 def subspace_proj_fwd(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
                       part: torch.Tensor, s_out: torch.Tensor, norm_out: torch.Tensor,
                       config: SubspaceProjConfig) -> None:
-    """Launch: a (B,T,d), g (B,T,p), u (p,RU), v (d,RV); part (B, n_split, RU·RV) fp32 scratch;
-    s_out (B, RU, RV) fp32 contiguous; norm_out (B,) fp32. The caller validates everything."""
-    bsz, n_tok, d = a.shape
-    p = g.shape[2]
-    ru, rv = u.shape[1], v.shape[1]
-    cfg = config
-    n_tiles = triton.cdiv(max(n_tok, 1), cfg.BLOCK_T)
-    tiles_per_split = triton.cdiv(n_tiles, cfg.n_split)
-    _subspace_proj_fwd_kernel[(bsz, cfg.n_split)](
-        a_ptr=a, g_ptr=g, u_ptr=u, v_ptr=v, part_ptr=part,
-        n_tok=n_tok, d=d, p=p, ru=ru, rv=rv, tiles_per_split=tiles_per_split,
-        stride_ab=a.stride(0), stride_at=a.stride(1), stride_ad=a.stride(2),
-        stride_gb=g.stride(0), stride_gt=g.stride(1), stride_gp=g.stride(2),
-        stride_up=u.stride(0), stride_ur=u.stride(1), stride_vd=v.stride(0), stride_vr=v.stride(1),
-        stride_pb=part.stride(0), stride_ps=part.stride(1),
-        BLOCK_T=cfg.BLOCK_T, BLOCK_K=cfg.BLOCK_K, BLOCK_RU=_pow2(ru), BLOCK_RV=_pow2(rv),
-        PRECISION=cfg.input_precision, num_warps=cfg.num_warps)
-    n_el = ru * rv
-    _subspace_proj_reduce_kernel[(bsz,)](
-        part_ptr=part, s_ptr=s_out, norm_ptr=norm_out, n_split=cfg.n_split, n_el=n_el,
-        stride_pb=part.stride(0), stride_ps=part.stride(1), stride_sb=s_out.stride(0),
-        BLOCK_N=min(_pow2(n_el), 4096), num_warps=4)
+    """One layer: a (B,T,d), g (B,T,p), u (p,RU), v (d,RV); part (B, n_split, RU·RV) fp32
+    scratch; s_out (B, RU, RV) fp32 contiguous; norm_out (B,) fp32. The caller validates
+    everything."""
+    subspace_proj_partials([(a, g, u, v)], part, config)
+    subspace_proj_reduce(part.unsqueeze(0), s_out.unsqueeze(0), norm_out.unsqueeze(0))

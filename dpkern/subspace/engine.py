@@ -37,7 +37,7 @@ from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_
-from dpkern.subspace.ops import subspace_project
+from dpkern.subspace.ops import subspace_project_grouped
 
 __all__ = ["SubspacePrivacyEngine", "SubspaceDPOptimizer", "check_basis"]
 
@@ -86,7 +86,7 @@ def _rank_groups(params, bases: dict) -> dict:
 def _project_groups(proj: dict, sub: list, uses: dict, names: dict, backend) -> list:
     """Per-sample coordinates of the projected weights, layers of one (ru, rv) and device in one
     buffer: [(params, S (L, B, ru, rv) fp32, N̂² (L, B) fp32)], in order of first appearance.
-    One projection launch per layer writes its slice; what follows runs once per group."""
+    One projection launch per layout of the group (subspace_project_grouped) and one reduce."""
     for p in sub:
         lin = uses[p]
         if not all(isinstance(u, LinearUse) for u in lin):
@@ -98,11 +98,13 @@ def _project_groups(proj: dict, sub: list, uses: dict, names: dict, backend) -> 
         bsz = batch_size(uses[ps[0]][0])
         s_all = torch.empty(len(ps), bsz, ru, rv, dtype=torch.float32, device=dev)
         n_all = torch.empty(len(ps), bsz, dtype=torch.float32, device=dev)
-        for k, p in enumerate(ps):
+        layers = []
+        for p in ps:
             lin = uses[p]
             a = lin[0].a if len(lin) == 1 else torch.cat([u.a for u in lin], dim=1)
             g = lin[0].g if len(lin) == 1 else torch.cat([u.g for u in lin], dim=1)
-            subspace_project(a, g, *proj[p], backend=backend, out=(s_all[k], n_all[k]))
+            layers.append((a, g) + proj[p])
+        subspace_project_grouped(layers, (s_all, n_all), backend=backend)
         out.append((ps, s_all, n_all))
     return out
 

@@ -98,3 +98,92 @@ def subspace_project(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch
     part = _alloc.empty(bsz, cfg.n_split, ru * rv, dtype=torch.float32, device=a.device)
     subspace_proj_fwd(a, g, u, v, part, s, norms, cfg)
     return s, norms
+
+
+def _layout(a, g, u, v) -> tuple:
+    """What layers projected in one launch agree on (kernels/subspace_proj.py)."""
+    return tuple((tuple(x.shape), x.stride(), x.dtype) for x in (a, g, u, v))
+
+
+def subspace_project_grouped(layers: list, out, *, backend: str | None = None, config=None):
+    """subspace_project for many layers of one rank (RU, RV) and batch size, into one buffer, in a
+    few launches: layers of one layout (same shapes, strides and dtypes of a, g, U, V: q/k/v/o,
+    gate/up, ... of a transformer) are projected by ONE launch (pointer tables), and one reduce
+    launch sums the split partials and writes the norms of all layers.
+
+    Args:
+        layers: [(a (B, T_k, d_k), g (B, T_k, p_k), u (p_k, RU), v (d_k, RV))], float32/16 or
+            bfloat16 (float64 anywhere: the torch path, as subspace_project).
+        out: (S (L, B, RU, RV), norms (L, B)) contiguous float32 (float64 for float64 inputs).
+        backend, config: as subspace_project (config: for every layer; default: the heuristic at
+            the group's largest T).
+    Returns:
+        out. out[k] equals subspace_project(*layers[k], out=...) bit for bit when every layer
+        has the same T (same token split); otherwise up to the order of the split partials.
+
+    Example:
+        >>> a, g = torch.randn(2, 5, 6), torch.randn(2, 5, 4)
+        >>> u, v = torch.eye(4)[:, :2], torch.eye(6)[:, :3]
+        >>> s, n = torch.empty(2, 2, 2, 3), torch.empty(2, 2)
+        >>> _ = subspace_project_grouped([(a, g, u, v), (2 * a, g, u, v)], (s, n))
+        >>> bool((s[1] == 2 * s[0]).all())
+        True
+    """
+    if not layers:
+        raise ValueError("subspace_project_grouped: no layers")
+    _check(*layers[0])
+    a0, _, u0, v0 = layers[0]
+    bsz, ru, rv, dev = a0.shape[0], u0.shape[1], v0.shape[1], a0.device
+    by_layout: dict = {}
+    f64 = False
+    for k, (a, g, u, v) in enumerate(layers):
+        try:
+            key = _layout(a, g, u, v) + (a.device, g.device, u.device, v.device)
+        except AttributeError:  # not a tensor: _check says which
+            _check(a, g, u, v)
+            raise
+        by_layout.setdefault(key, []).append(k)
+    for ks in by_layout.values():
+        a, g, u, v = layers[ks[0]]
+        _check(a, g, u, v)
+        if a.shape[0] != bsz or u.shape[1] != ru or v.shape[1] != rv or a.device != dev:
+            raise ValueError(f"subspace_project_grouped: layer {ks[0]} has B = {a.shape[0]}, "
+                             f"RU = {u.shape[1]}, RV = {v.shape[1]} on {a.device}; layer 0 has "
+                             f"{bsz}, {ru}, {rv} on {dev}")
+        f64 = f64 or any(x.dtype == torch.float64 for x in (a, g, u, v))
+    if f64 and backend == "triton":
+        raise TypeError("subspace_project_grouped: backend 'triton' takes float32/16 inputs, "
+                        "not float64")
+    be = resolve_backend(backend, dev, op="subspace_project", implemented=("triton", "torch"),
+                         auto_order=("triton",))
+    acc = torch.float64 if f64 else torch.float32
+    n_l = len(layers)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2
+            and all(isinstance(x, torch.Tensor) for x in out)):
+        raise TypeError("subspace_project_grouped: out must be a pair of tensors (S, norms)")
+    for name, x, want in (("S", out[0], (n_l, bsz, ru, rv)), ("norms", out[1], (n_l, bsz))):
+        if (tuple(x.shape) != want or x.dtype != acc or x.device != dev
+                or not x.is_contiguous()):
+            raise ValueError(f"subspace_project_grouped: out {name} must be {want} {acc} "
+                             f"contiguous on {dev}, got {tuple(x.shape)} {x.dtype} on {x.device}")
+    s_all, n_all = out
+    if be == "torch" or f64:
+        for k, x in enumerate(layers):
+            subspace_project(*x, backend="torch", out=(s_all[k], n_all[k]))
+        return s_all, n_all
+    if bsz == 0:
+        return s_all, n_all
+    from dpkern.kernels.subspace_proj import (aligned, subspace_proj_config,
+                                              subspace_proj_partials, subspace_proj_reduce)
+    cfg = config or subspace_proj_config(bsz, max(x[0].shape[1] for x in layers), dev,
+                                         rank=max(ru, rv))
+    part = _alloc.empty(n_l, bsz, cfg.n_split, ru * rv, dtype=torch.float32, device=dev)
+    for ks in by_layout.values():
+        table = [k for k in ks if aligned(*layers[k])] if len(ks) > 1 else []
+        if len(table) > 1:
+            subspace_proj_partials([layers[k] for k in table], part, cfg, rows=table)
+        for k in ks:  # a layer alone in its layout, or not aligned: its own launch
+            if len(table) < 2 or k not in table:
+                subspace_proj_partials([layers[k]], part[k], cfg)
+    subspace_proj_reduce(part, s_all, n_all)
+    return s_all, n_all
