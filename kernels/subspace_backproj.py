@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from dpkern.kernels.noise_step import _rne_bf16
+from dpkern.kernels.subspace_proj import TL_DTYPE, aligned, layer_ptr, pointer_table
 
 OPT_SGD, OPT_SGD_MOMENTUM, OPT_ADAM = 0, 1, 2
 
@@ -86,9 +87,20 @@ def _subspace_backproj_fwd_kernel(w_ptr, u_ptr, s_ptr, v_ptr, m_ptr, q_ptr,
                                   NESTEROV: tl.constexpr, FIRST: tl.constexpr,
                                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                                   BLOCK_K: tl.constexpr, BLOCK_RV: tl.constexpr,
-                                  PRECISION: tl.constexpr):
+                                  PRECISION: tl.constexpr, TABLE: tl.constexpr,
+                                  W_ELT: tl.constexpr, M_ELT: tl.constexpr, Q_ELT: tl.constexpr):
+    # TABLE: every *_ptr is a row of a pointer table over weights of one layout (axis 2 the
+    # weight); S̃ carries no alignment hint (rows of the released (L, RU, RV) buffer)
     i_p = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    w_ptr = layer_ptr(w_ptr, i_l, TABLE, W_ELT)
+    m_ptr = layer_ptr(m_ptr, i_l, TABLE, M_ELT)
+    q_ptr = layer_ptr(q_ptr, i_l, TABLE, Q_ELT)
+    u_ptr = layer_ptr(u_ptr, i_l, TABLE, tl.float32)
+    v_ptr = layer_ptr(v_ptr, i_l, TABLE, tl.float32)
+    if TABLE:
+        s_ptr = tl.load(s_ptr + i_l).to(tl.pointer_type(tl.float32))
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     m_p = o_p < p
     o_rv = tl.arange(0, BLOCK_RV)
@@ -156,6 +168,19 @@ def subspace_backproj_launch(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, 
     """In place on w (p, d) contiguous and the states m, q (contiguous, w's shape; None where the
     optimizer has none). u (p, RU), s (RU, RV), v (d, RV) fp32, any strides. The caller validated
     everything; `scalars` holds the kernel's float arguments (dpkern.subspace.backproj)."""
+    subspace_backproj_launch_grouped([(w, u, s, v, m, q)], scalars=scalars, opt=opt,
+                                     decoupled=decoupled, nesterov=nesterov, first=first,
+                                     config=config)
+
+
+def subspace_backproj_launch_grouped(weights: list, *, scalars: dict, opt: int, decoupled: bool,
+                                     nesterov: bool, first: bool,
+                                     config: SubspaceBackprojConfig) -> None:
+    """subspace_backproj_launch for L weights of one layout in ONE launch: weights = [(w, u, s,
+    v, m, q)] with equal shapes, strides and dtypes (m, q: all None or all tensors), one optimizer
+    rule at one step (`scalars`, `first`). Several weights go through pointer tables: w, u, v, m,
+    q must be ALIGN-aligned (`tabled`); s need not be."""
+    w, u, s, v, m, q = weights[0]
     p, d = w.shape
     ru, rv = u.shape[1], v.shape[1]
     if p == 0 or d == 0:
@@ -164,13 +189,27 @@ def subspace_backproj_launch(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, 
     col_tiles = triton.cdiv(d, cfg.BLOCK_D)
     tiles_per_split = triton.cdiv(col_tiles, cfg.n_split)
     n_split = triton.cdiv(col_tiles, tiles_per_split)  # no program without a tile
-    grid = (triton.cdiv(p, cfg.BLOCK_P), n_split)
+    grid = (triton.cdiv(p, cfg.BLOCK_P), n_split, len(weights))
+    table = len(weights) > 1
+    if table:
+        rows = [[x[k] if x[k] is not None else x[0] for x in weights] for k in (0, 1, 3, 4, 5)]
+        tab = pointer_table(rows, w.device, ints=[x[2].data_ptr() for x in weights])
+        ops = dict(w_ptr=tab[0], u_ptr=tab[1], v_ptr=tab[2], m_ptr=tab[3], q_ptr=tab[4],
+                   s_ptr=tab[5])
+    else:
+        ops = dict(w_ptr=w, u_ptr=u, s_ptr=s, v_ptr=v, m_ptr=m if m is not None else w,
+                   q_ptr=q if q is not None else w)
     _subspace_backproj_fwd_kernel[grid](
-        w_ptr=w, u_ptr=u, s_ptr=s, v_ptr=v,
-        m_ptr=m if m is not None else w, q_ptr=q if q is not None else w,
-        p=p, d=d, ru=ru, rv=rv, tiles_per_split=tiles_per_split,
+        **ops, p=p, d=d, ru=ru, rv=rv, tiles_per_split=tiles_per_split,
         stride_up=u.stride(0), stride_ur=u.stride(1), stride_sr=s.stride(0), stride_sc=s.stride(1),
         stride_vd=v.stride(0), stride_vr=v.stride(1), **scalars,
         OPT=opt, DECOUPLED=decoupled, NESTEROV=nesterov, FIRST=first,
         BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, BLOCK_RV=_pow2(rv),
-        PRECISION=cfg.input_precision, num_warps=cfg.num_warps)
+        PRECISION=cfg.input_precision, TABLE=table, W_ELT=TL_DTYPE[w.dtype],
+        M_ELT=TL_DTYPE[(m if m is not None else w).dtype],
+        Q_ELT=TL_DTYPE[(q if q is not None else w).dtype], num_warps=cfg.num_warps)
+
+
+def tabled(w, u, v, m, q) -> bool:
+    """Whether a weight may go in a grouped launch (its tensors ALIGN-aligned; s is exempt)."""
+    return aligned(*(x for x in (w, u, v, m, q) if x is not None))

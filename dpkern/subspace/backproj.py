@@ -17,7 +17,8 @@ from dpkern import _alloc
 from dpkern.backend import resolve_backend
 from dpkern.noise.step import SGDHyper, update_scalars
 
-__all__ = ["AdamHyper", "SGDHyper", "backproj_hyper", "subspace_backproj_step_"]
+__all__ = ["AdamHyper", "SGDHyper", "backproj_hyper", "subspace_backproj_step_",
+           "subspace_backproj_step_grouped_"]
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _OPT_SGD, _OPT_SGD_MOMENTUM, _OPT_ADAM = 0, 1, 2  # kernels/subspace_backproj.py
@@ -147,18 +148,80 @@ def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v
         >>> float(w[0, 0]), int(st["step"])
         (-0.09999998658895493, 1)
     """
-    _check(w, u, s, v)
+    subspace_backproj_step_grouped_([w], [u], [s], [v], hyper, [state], backend=backend,
+                                    config=config)
+
+
+@torch.no_grad()
+def subspace_backproj_step_grouped_(ws: list, us: list, ss: list, vs: list, hyper, states: list,
+                                    *, backend: str | None = None, config=None) -> None:
+    """subspace_backproj_step_ for many weights under one optimizer rule (one param group), in a
+    few launches: weights of one layout (shape, dtypes of W and its states, strides of U, S̃, V)
+    at one step count (Adam: equal "step"; fresh states together) are updated by ONE launch
+    (pointer tables); a weight whose step count or layout differs gets its own. Each weight's
+    result is bit for bit what subspace_backproj_step_ gives it alone (same kernel, same
+    arithmetic). Arguments are lists over weights, as subspace_backproj_step_'s; config (triton):
+    for every layout (default: the heuristic per layout).
+
+    Example:
+        >>> ws, sts = [torch.zeros(4, 6), torch.ones(4, 6)], [{}, {}]
+        >>> u, v = torch.eye(4)[:, :2], torch.eye(6)[:, :3]
+        >>> subspace_backproj_step_grouped_(ws, [u, u], [torch.ones(2, 3)] * 2, [v, v],
+        ...                                 AdamHyper(lr=0.1), sts)
+        >>> round(float(ws[1][0, 0]), 6), int(sts[1]["step"])
+        (0.9, 1)
+    """
+    n = len(ws)
+    if not (len(us) == len(ss) == len(vs) == len(states) == n):
+        raise ValueError("subspace_backproj_step_grouped_: ws, us, ss, vs and states must have "
+                         "one entry per weight")
+    if n == 0:
+        return
     _check_hyper(hyper)
+    be = resolve_backend(backend, ws[0].device, op="subspace_backproj_step_",
+                         implemented=("triton", "torch"), auto_order=("triton",))
+    preps = [_prepare(*x, hyper) for x in zip(ws, us, ss, vs, states)]
+    if be == "triton":
+        from dpkern.kernels.subspace_backproj import (subspace_backproj_config,
+                                                      subspace_backproj_launch_grouped, tabled)
+        groups: dict = {}
+        for w, (u, s, v, m, q, fresh, t, opt) in zip(ws, preps):
+            key = (tuple(w.shape), w.dtype, w.device, u.shape, u.stride(), s.shape, s.stride(),
+                   v.shape, v.stride(), None if m is None else m.dtype,
+                   None if q is None else q.dtype, fresh, t, opt)
+            groups.setdefault(key, []).append((w, u, s, v, m, q))
+        adam = isinstance(hyper, AdamHyper)
+        for (shape, *_, fresh, t, opt), members in groups.items():
+            cfg = config or subspace_backproj_config(shape[0], shape[1],
+                                                     max(members[0][1].shape[1],
+                                                         members[0][3].shape[1]), ws[0].device)
+            kw = dict(scalars=update_scalars(hyper, t), opt=opt, decoupled=adam and hyper.decoupled,
+                      nesterov=bool(getattr(hyper, "nesterov", False)), first=fresh, config=cfg)
+            table = [x for x in members if tabled(x[0], x[1], x[3], x[4], x[5])]
+            if len(table) < 2:
+                table = []
+            if table:
+                subspace_backproj_launch_grouped(table, **kw)
+            for x in members:  # alone in its layout or not aligned: its own launch
+                if not table or not any(x[0] is y[0] for y in table):
+                    subspace_backproj_launch_grouped([x], **kw)
+    else:
+        for w, (u, s, v, m, q, fresh, t, opt) in zip(ws, preps):
+            _torch_update(w, u, s, v, m, q, hyper, t, fresh, opt)
+    for state, (_, _, _, m, q, fresh, t, _) in zip(states, preps):
+        _finish(state, hyper, m, q, fresh, t)
+
+
+def _prepare(w, u, s, v, state, hyper) -> tuple:
+    """Checks of one weight; (u, s, v fp32, m, q, fresh, t, opt code)."""
+    _check(w, u, s, v)
     if not isinstance(state, dict):
         raise TypeError("state must be the optimizer's per-parameter dict, got "
                         f"{type(state).__name__}")
-    be = resolve_backend(backend, w.device, op="subspace_backproj_step_",
-                         implemented=("triton", "torch"), auto_order=("triton",))
     u, s, v = (x.to(torch.float32) for x in (u, s, v))
-    adam = isinstance(hyper, AdamHyper)
     m = q = None
     fresh = False
-    if adam:
+    if isinstance(hyper, AdamHyper):
         m, fresh = _state_tensor(state, "exp_avg", w)
         q, fresh_q = _state_tensor(state, "exp_avg_sq", w)
         if fresh != fresh_q or fresh != ("step" not in state):
@@ -171,34 +234,33 @@ def subspace_backproj_step_(w: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v
         t, opt = 1, _OPT_SGD_MOMENTUM
     else:
         t, opt = 1, _OPT_SGD
-    if be == "triton":
-        from dpkern.kernels.subspace_backproj import (subspace_backproj_config,
-                                                      subspace_backproj_launch)
-        cfg = config or subspace_backproj_config(w.shape[0], w.shape[1],
-                                                 max(u.shape[1], v.shape[1]), w.device)
-        subspace_backproj_launch(w, u, s, v, m, q, scalars=update_scalars(hyper, t), opt=opt,
-                                 decoupled=adam and hyper.decoupled,
-                                 nesterov=bool(getattr(hyper, "nesterov", False)), first=fresh,
-                                 config=cfg)
-    elif opt == _OPT_SGD:  # no state: one rank-r addmm (fp32 W: no p × d temporary)
+    return u, s, v, m, q, fresh, t, opt
+
+
+def _torch_update(w, u, s, v, m, q, hyper, t, fresh, opt) -> None:
+    if opt == _OPT_SGD:  # no state: one rank-r addmm (fp32 W: no p × d temporary)
         wf = w if w.dtype == torch.float32 else w.float()
         if hyper.weight_decay:
             wf.mul_(1.0 - hyper.lr * hyper.weight_decay)
         wf.addmm_(u @ s, v.T, alpha=-hyper.lr)
         if wf is not w:
             w.copy_(wf)
-    else:
-        from dpkern.subspace.reference import backproj_update_ref
-        if fresh:
-            m.zero_()
-            if q is not None:
-                q.zero_()
-        w_new, m_new, q_new = backproj_update_ref(w, u, s, v, m, q, hyper=hyper, t=t, first=fresh)
-        w.copy_(w_new)
-        m.copy_(m_new)
+        return
+    from dpkern.subspace.reference import backproj_update_ref
+    if fresh:
+        m.zero_()
         if q is not None:
-            q.copy_(q_new)
-    if adam:
+            q.zero_()
+    w_new, m_new, q_new = backproj_update_ref(w, u, s, v, m, q, hyper=hyper, t=t, first=fresh)
+    w.copy_(w_new)
+    m.copy_(m_new)
+    if q is not None:
+        q.copy_(q_new)
+
+
+def _finish(state: dict, hyper, m, q, fresh: bool, t: int) -> None:
+    """The states of the step just taken into the optimizer's state dict."""
+    if isinstance(hyper, AdamHyper):
         if fresh:
             state["exp_avg"], state["exp_avg_sq"] = m, q
             state["step"] = torch.tensor(float(t))

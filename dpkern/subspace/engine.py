@@ -36,7 +36,7 @@ from dpkern.layers.bounds import release_bounds
 from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
-from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_
+from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_grouped_
 from dpkern.subspace.ops import subspace_project_grouped
 
 __all__ = ["SubspacePrivacyEngine", "SubspaceDPOptimizer", "check_basis"]
@@ -317,17 +317,23 @@ class SubspaceDPOptimizer(DPOptimizer):
         self.last_backproj = hypers is not None
         with torch.no_grad():
             if hypers is not None:  # super() stepped the full parameters only
-                by_group = {id(p): g for g in self.param_groups for p in g["params"]}
-                for p, s_t in released.items():
-                    u, v = self.bases[p]
-                    grp, st = by_group[id(p)], self.state[p]
-                    subspace_backproj_step_(p, u, s_t, v, hypers[id(grp)], st,
-                                            backend=self.backproj_backend)
-                    step_t = st.get("step")
-                    if ((grp.get("fused") or grp.get("capturable"))
-                            and isinstance(step_t, torch.Tensor) and step_t.device != p.device):
-                        st["step"] = step_t.to(p.device)  # where torch's fused Adam keeps it
-                    p.grad = None
+                # one grouped back-projection per param group: a launch per layout and step count
+                mine = [(g, [p for p in g["params"] if p in released]) for g in self.param_groups]
+                for grp, ps in mine:
+                    if not ps:
+                        continue
+                    sts = [self.state[p] for p in ps]
+                    subspace_backproj_step_grouped_(
+                        ps, [self.bases[p][0] for p in ps], [released[p] for p in ps],
+                        [self.bases[p][1] for p in ps], hypers[id(grp)], sts,
+                        backend=self.backproj_backend)
+                    for p, st in zip(ps, sts):
+                        step_t = st.get("step")
+                        if ((grp.get("fused") or grp.get("capturable"))
+                                and isinstance(step_t, torch.Tensor)
+                                and step_t.device != p.device):
+                            st["step"] = step_t.to(p.device)  # where torch's fused Adam keeps it
+                        p.grad = None
             elif fused:  # super() ran the fused kernel on the full parameters only
                 for p, s_t in released.items():
                     u, v = self.bases[p]

@@ -356,7 +356,7 @@ def _backproj_run(opt_fn, backproj, dtype, xs, switch_at=None, device=None):
 @pytest.mark.parametrize("opt_name", list(BACKPROJ_OPTS))
 def test_fused_backprojection_taken_and_equals_unfused(opt_name, dtype, monkeypatch):
     """Adam / Adam-L2 / AdamW / Nesterov SGD: the engine updates projected weights with the Triton
-    back-projection kernel (spied: one launch per projected weight and step, empty batch
+    back-projection kernel (spied: every projected weight updated once per step, empty batch
     included), p.grad stays None, and the weights equal those of the unfused path (W.grad = U S̃
     Vᵀ, torch's step) — fp32: to 1e-5 of the update (measured ~2e-7; Adam's normalisation
     amplifies fp32 gradient differences where |g| is small); bf16: the unfused path rounds the
@@ -364,9 +364,9 @@ def test_fused_backprojection_taken_and_equals_unfused(opt_name, dtype, monkeypa
     all). States live in the inner optimizer's state dict (checkpoints carry them)."""
     import dpkern.kernels.subspace_backproj as kb
     calls = []
-    orig = kb.subspace_backproj_launch
-    monkeypatch.setattr(kb, "subspace_backproj_launch",
-                        lambda *a, **k: (calls.append(a[0].shape), orig(*a, **k)))
+    orig = kb.subspace_backproj_launch_grouped
+    monkeypatch.setattr(kb, "subspace_backproj_launch_grouped",
+                        lambda ws, **k: (calls.extend(x[0].shape for x in ws), orig(ws, **k)))
     xs = _xs(sizes=(4, 3, 0, 5))
     m_f, dp_f, taken_f = _backproj_run(BACKPROJ_OPTS[opt_name], True, dtype, xs)
     m_u, dp_u, taken_u = _backproj_run(BACKPROJ_OPTS[opt_name], False, dtype, xs)
