@@ -13,8 +13,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from dpkern.denoise.rsvd import ORTHS, adaptive_svd, exact_svd, warm_svd
-from dpkern.denoise.shrinkers import SHRINKERS, bulk_edge, shrink
+from dpkern.denoise.rsvd import (ORTHS, _per_row, adaptive_svd, as_batch, exact_svd, warm_svd,
+                                 warm_svd_stacks)
+from dpkern.denoise.shrinkers import SHRINKERS, bulk_edge, shrink, shrink_dims, shrink_rows
 
 METHODS = ("randomized", "exact")
 
@@ -107,9 +108,10 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
                  warm_start: Sequence[torch.Tensor | None] | None = None,
                  tol: float | None = 0.05, min_iter: int = 1, carry: int = 4,
                  warm_passes: int | None = 4, resync: bool = False,
-                 info: dict | None = None) -> None:
+                 info: dict | None = None, workspace: dict | None = None) -> None:
     """denoise_matrices_ without reading the ranks back: they stay on the device in
-    info["counts"]."""
+    info["counts"]. workspace: a dict the caller keeps across calls (RMTDenoiser does), holding
+    the warm path's padded buffers and per-row constants of the last layout per device."""
     if shrinker not in SHRINKERS:
         raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
     if method not in METHODS:
@@ -152,26 +154,130 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
         st = info
     if sigma == 0.0:
         return
+    # Stacks of one exact shape (a (5504, 2048) stack is used as its transpose view, not
+    # copied transposed), in chunks of at most max_batch_numel elements.
     groups: dict = defaultdict(list)
     for i, t in enumerate(mats):
         if t.numel():
-            groups[(min(t.shape), max(t.shape), t.device)].append(i)
-    for (m, n, _), idx in groups.items():
+            groups[(tuple(t.shape), t.device)].append(i)
+    warm_batch: dict = defaultdict(list)       # device -> chunks for the batched warm path
+    for (shape, dev), idx in groups.items():
+        m, n = min(shape), max(shape)
         per_chunk = max(1, max_batch_numel // (m * n))
         for c in range(0, len(idx), per_chunk):
             chunk = idx[c:c + per_chunk]
+            v0 = None if warm_start is None else [warm_start[i] for i in chunk]
+            if method == "randomized" and warm_passes is not None and not resync \
+                    and v0 is not None and all(v is not None for v in v0) \
+                    and min(max([rank] + [v.shape[1] for v in v0]), m) + oversample < m:
+                warm_batch[dev].append((chunk, m, n, shape[0] != m))
+                continue
             svd_kw = dict(rank=rank, oversample=oversample, n_iter=n_iter, max_rank=max_rank,
                           orth=orth, tol=tol, min_iter=int(min_iter), carry=int(carry),
                           warm_passes=None if warm_passes is None else int(warm_passes),
                           resync=bool(resync),
                           generators=None if generators is None else [generators[i] for i in chunk],
-                          v0=None if warm_start is None else [warm_start[i] for i in chunk])
+                          v0=v0)
             counts, vecs = _denoise_stack([mats[i] for i in chunk], m, n, sigma, shrinker, kappa,
                                           norm_correction, float(max_norm_gain), method, svd_kw,
                                           st)
             st["counts"].append((chunk, counts))
             for j, i in enumerate(chunk):
                 st["vectors"][i] = vecs[j]
+    for dev, chunks in warm_batch.items():
+        ws = workspace.setdefault(str(dev), {}) if workspace is not None else None
+        _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa,
+                      norm_correction, float(max_norm_gain), int(rank), int(oversample),
+                      int(warm_passes), orth, st, ws)
+
+
+def _stack(ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """Equal-shape matrices as one fp32 (b, r, c) stack, and whether it is a view of them: it
+    is when they already are equally spaced slices of one fp32 storage (no copy), else one
+    stacking copy."""
+    if ts[0].dtype == torch.float32:
+        view = as_batch(ts)
+        if view is not None:
+            return view, True
+    if all(t.dtype == ts[0].dtype for t in ts):
+        return torch.stack(ts).float(), False
+    return torch.stack([t.float() for t in ts]), False
+
+
+def _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa, norm_correction,
+                  max_norm_gain, rank, oversample, passes, orth, st, ws) -> None:
+    """The sync-free warm path for every warm chunk of one device at once: chunks = [(matrix
+    indices, m, n, flipped)], each stacked (a view or one copy), one rsvd.warm_svd_stacks call,
+    one shrinkage and one left-factor GEMM for all, then one output GEMM per matrix."""
+    stacks, views, v0, gens, key = [], [], [], [], []
+    for chunk, m, n, flip in chunks:
+        a, view = _stack([mats[i] for i in chunk])
+        stacks.append(a.mT if flip else a)                              # (b, m, n)
+        views.append(view)
+        v0.append([warm_start[i] for i in chunk])
+        gens.append(None if generators is None else [generators[i] for i in chunk])
+        key.append((len(chunk), m, n))
+    dev = stacks[0].device
+    # per-row constants (thresholds, shrinker dims), filled on the device: no host copy
+    consts = None if ws is None else ws.get("consts")
+    if consts is None or consts[0] != (tuple(key), sigma, kappa):
+        sizes = [b for b, _, _ in key]
+        thr = _per_row([kappa * bulk_edge(m, n, sigma) for _, m, n in key], sizes, dev,
+                       torch.float32)
+        dims = torch.stack([_per_row([shrink_dims(m, n)[c] for _, m, n in key], sizes, dev,
+                                     torch.float64) for c in (0, 1)], 1)          # (B, 2)
+        consts = ((tuple(key), sigma, kappa), thr, dims)
+        if ws is not None:
+            ws["consts"] = consts
+    _, thr, dims = consts
+    stats: dict = {}
+    res = warm_svd_stacks(stacks, thr, v0, rank=rank, oversample=oversample, passes=passes,
+                          generators=None if generators is None else gens, orth=orth,
+                          stats=stats, workspace=None if ws is None else ws.setdefault("svd", {}))
+    eta = shrink_rows(res.s, sigma, dims, shrinker, kappa)               # (B, L), 0 on padding
+    counts = (eta > 0).sum(1)
+    if norm_correction:
+        fro2 = torch.cat([a.square().sum((-2, -1)) for a in stacks]).double()      # (B,)
+        mn = _per_row([m * n * sigma**2 for _, m, n in key], [b for b, _, _ in key], dev,
+                      torch.float64)
+        eta = _norm_gain(eta, fro2, mn, max_norm_gain)
+    # a ~= u core vh, core nearly diagonal (rsvd.small_svd): G-hat = U core diag(eta / s) V^T
+    gain = torch.where(res.s > 0, eta / res.s.clamp_min(1e-30), torch.zeros_like(eta))
+    left_all = torch.matmul(res.u, (res.core * gain.double()[:, None, :]).to(res.u.dtype))
+    for j, (chunk, m, n, flip) in enumerate(chunks):
+        a0, a1, _, _, l, k = res.parts[j]
+        left, vh = left_all[a0:a1, :m, :l], res.vh[a0:a1, :l, :n]
+        if views[j]:        # the stack is the gradients themselves: one GEMM writes them all
+            torch.matmul(vh.mT, left.mT, out=stacks[j].mT) if flip else \
+                torch.matmul(left, vh, out=stacks[j])
+        else:
+            lt, vt = (vh.mT, left.mT) if flip else (left, vh)
+            for i, x, y in zip(chunk, lt.unbind(0), vt.unbind(0)):
+                _write(mats[i], x, y)
+        for i, v in zip(chunk, vh[:, :k].mT.unbind(0)):
+            st["vectors"][i] = v                                          # (n, k) view
+        st["pass_bytes"] += passes * len(chunk) * m * n * 4
+    st["counts"].append(([i for chunk, *_ in chunks for i in chunk], counts))
+    st["saturated"] = st["saturated"] + res.saturated.sum()
+    st["passes"] += stats.get("passes", 0)
+    st["iters"] += stats.get("iters", 0)
+
+
+def _write(t: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """t = left @ right; an fp32 contiguous t is written by the GEMM itself."""
+    if t.dtype == torch.float32 and t.is_contiguous():
+        torch.matmul(left, right, out=t)
+    else:
+        t.copy_(torch.matmul(left, right))
+
+
+def _norm_gain(eta, fro2, mn_sigma2, max_norm_gain):
+    """norm_correction: eta rescaled so ||G-hat||_F = sqrt(max(||G~||_F^2 - m n sigma^2, 0)),
+    by a gain of at most max_norm_gain. fro2, mn_sigma2: (b,) float64 (or scalars)."""
+    target = (fro2 - mn_sigma2).clamp_min(0.0).sqrt()
+    norms = eta.double().norm(dim=1)                                      # = ||G-hat||_F
+    gains = (target / norms.clamp_min(1e-300)).clamp_max(max_norm_gain).to(eta.dtype)
+    return eta * gains[:, None]
 
 
 def ranks_of(counts: list, size: int) -> list[int]:
@@ -186,11 +292,13 @@ def ranks_of(counts: list, size: int) -> list[int]:
 
 def _denoise_stack(ts, m, n, sigma, shrinker, kappa, norm_correction, max_norm_gain, method,
                    svd_kw, st) -> tuple[torch.Tensor, list]:
-    """ts: tensors of shape (m, n) or (n, m), m <= n. Stacked as (b, m, n) fp32, written back.
+    """ts: tensors of one shape, (m, n) or (n, m), m <= n. Stacked as (b, m, n) fp32 (a
+    transposed view for (n, m)), written back.
     Returns the ranks kept (a (b,) device tensor, not read here) and the vectors to carry (None
     on the exact path)."""
-    flip = [t.shape[0] != m for t in ts]
-    a = torch.stack([(t.mT if f else t).float() for t, f in zip(ts, flip)])   # (b, m, n)
+    flip = ts[0].shape[0] != m                         # one exact shape per stack
+    a = _stack(ts)[0]
+    a = a.mT if flip else a                                                   # (b, m, n)
     thr = kappa * bulk_edge(m, n, sigma)
     vecs = [None] * len(ts)
     v0, warm_passes = svd_kw.pop("v0"), svd_kw.pop("warm_passes")
@@ -232,23 +340,14 @@ def _denoise_stack(ts, m, n, sigma, shrinker, kappa, norm_correction, max_norm_g
     eta = shrink(s, sigma, m, n, shrinker, kappa)                           # (b, w)
     counts = (eta > 0).sum(1)
     if norm_correction:
-        fro2 = a.square().sum((-2, -1)).double()                              # (b,)
-        target = (fro2 - m * n * sigma**2).clamp_min(0.0).sqrt()
-        norms = eta.double().norm(dim=1)                                      # = ||G-hat||_F
-        gains = (target / norms.clamp_min(1e-300)).clamp_max(max_norm_gain).to(eta.dtype)
-        eta = eta * gains[:, None]
+        eta = _norm_gain(eta, a.square().sum((-2, -1)).double(), m * n * sigma**2, max_norm_gain)
     if core is None:
         left_all = u * eta[:, None, :]                                        # U diag(eta)
     else:   # a ~= u core vh, core nearly diagonal (rsvd.small_svd): U core diag(eta / s)
         gain = torch.where(s > 0, eta / s.clamp_min(1e-30), torch.zeros_like(eta))
         left_all = torch.matmul(u, (core * gain.double()[:, None, :]).to(u.dtype))
-    for j, (t, f) in enumerate(zip(ts, flip)):
-        # G-hat = left V^T, in t's own layout; an fp32 t is written by the GEMM itself.
-        left, right = (vh[j].mT, left_all[j].mT) if f else (left_all[j], vh[j])
-        if t.dtype == torch.float32 and t.is_contiguous():
-            torch.matmul(left, right, out=t)
-        else:
-            t.copy_(torch.matmul(left, right))
+    for j, t in enumerate(ts):          # G-hat = left V^T, in t's own layout
+        _write(t, vh[j].mT, left_all[j].mT) if flip else _write(t, left_all[j], vh[j])
     return counts, vecs
 
 
@@ -350,6 +449,8 @@ class RMTDenoiser:
         self._ranks: tuple = ((), [])            # (names, info["counts"]) of the last call
         self._last_ranks: dict[str, int] | None = {}
         self._state: dict[str, dict] = {}       # name -> {"shape", "v" (max dim, c), "kept"}
+        self._gens: dict = {}                   # (name, device) -> torch.Generator, re-seeded
+        self._workspace: dict = {}              # warm path's buffers of the last stack layout
 
     @property
     def last_ranks(self) -> dict[str, int]:
@@ -387,8 +488,11 @@ class RMTDenoiser:
         call = self.calls
         self.calls += 1
         gens = []
-        for k in names:
-            g = torch.Generator(device=grads[k].device)
+        for k in names:          # one generator per name, kept, re-seeded per (seed, call, name)
+            dev = grads[k].device
+            g = self._gens.get((k, dev))
+            if g is None:
+                g = self._gens[(k, dev)] = torch.Generator(device=dev)
             g.manual_seed(zlib.crc32(f"{self.seed}:{call}:{k}".encode()))
             gens.append(g)
         warm = [self._start(k, grads[k]) for k in names] if self.warm_start else None
@@ -397,7 +501,7 @@ class RMTDenoiser:
         mats = [grads[k] for k in names]
         if noise_std > 0:
             _denoise_all(mats, noise_std, generators=gens, warm_start=warm, resync=resync,
-                         info=info, **self.kwargs)
+                         info=info, workspace=self._workspace, **self.kwargs)
             self._ranks, self._last_ranks = (names, info.pop("counts")), None
         else:
             info = {"passes": 0, "pass_bytes": 0, "numel": 0, "warm": 0}
@@ -421,13 +525,18 @@ class RMTDenoiser:
     def reset(self) -> None:
         """Forget the warm-start state: the next call is cold (as with warm_start=False)."""
         self._state = {}
+        self._workspace = {}
 
     def state_dict(self) -> dict:
         """{"calls": int, "matrices": {name: {"shape": [rows, cols], "v": (max dim, c), "kept"}}}:
         the call counter (it seeds the sketches) and the warm-start vectors. Derived from released
         gradients only; torch.save / torch.load(weights_only=True) round-trip it."""
+        # v is a view into the last call's batched output: cloned, or torch.save would write
+        # the whole batch's storage with each view
         return {"calls": self.calls,
-                "matrices": {k: {"shape": list(e["shape"]), "v": e["v"], "kept": int(e["kept"])}
+                "matrices": {k: {"shape": list(e["shape"]),
+                                 "v": e["v"].clone(memory_format=torch.contiguous_format),
+                                 "kept": int(e["kept"])}
                              for k, e in self._state.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:

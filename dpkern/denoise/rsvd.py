@@ -14,14 +14,15 @@ at most `n_iter` iterations. Computation is float32 whatever the input dtype.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
 ORTHS = ("cholqr2", "qr")
 
 
-def _cholqr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cholqr(y: torch.Tensor, coef: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One shifted CholeskyQR pass, Gram and solve in float64: y (b, r, l) = q r, r float64.
 
     The shift s = 11 (r l + l (l + 1)) u ||y||_F^2 (u = 2^-53; shifted CholeskyQR, Fukaya et al.
@@ -30,32 +31,51 @@ def _cholqr(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     is needed. y = q r holds to rounding whatever the shift; the shift only leaves q short of
     orthonormal along directions of y below sqrt(s) (~1e-5 ||y|| at r = 5504, l = 24), which the
     second pass of cholqr2 repairs. A non-finite y gives a non-finite q (as Householder QR would).
+
+    Padded stacks (`warm_svd_stacks`): `coef` (b,) float64 is each matrix's own 11 (r l + l (l + 1))
+    u for its real rows and columns, and `mask` (b, l) float64 (1 = real column) keeps zero-padded
+    columns out of the trace, so each matrix's block is computed as if it were alone (its padding
+    columns get q = 0 and a diagonal sqrt(s) in r; the off-diagonal blocks stay exactly 0).
     """
     rows, l = y.shape[-2:]
     y64 = y.double()
     gram = torch.matmul(y64.mT, y64)                                   # (b, l, l)
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    shift = trace * (11.0 * (rows * l + l * (l + 1)) * 2.0**-53) + 1e-300
-    gram.diagonal(dim1=-2, dim2=-1).add_(shift[:, None])
+    diag = gram.diagonal(dim1=-2, dim2=-1)
+    trace = (diag if mask is None else diag * mask).sum(-1)
+    if coef is None:
+        shift = trace * (11.0 * (rows * l + l * (l + 1)) * 2.0**-53) + 1e-300
+    else:
+        shift = trace * coef + 1e-300
+    diag.add_(shift[:, None])
     r = torch.linalg.cholesky_ex(gram)[0].mT                           # gram = r^T r, upper
     q = torch.linalg.solve_triangular(r, y64, upper=True, left=False).to(y.dtype)
     return q, r
 
 
-def orthonormalize(y: torch.Tensor, orth: str = "cholqr2") -> tuple[torch.Tensor, torch.Tensor]:
+def shift_coef(rows: int, l: int) -> float:
+    """_cholqr's shift coefficient 11 (r l + l (l + 1)) 2^-53 for an (r, l) block."""
+    return 11.0 * (rows * l + l * (l + 1)) * 2.0**-53
+
+
+def orthonormalize(y: torch.Tensor, orth: str = "cholqr2", *, coef: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin QR of a stack of tall-skinny blocks: y (b, r, l) -> q (b, r, l), r (b, l, l) float64.
 
     "cholqr2": two shifted CholeskyQR passes (`_cholqr`), GEMM-bound, no host decision (an
     exactly rank-deficient block gets zero columns in q where Householder QR would complete an
     orthonormal basis; the range and y = q r are the same). "qr": Householder (torch.linalg.qr).
+    coef, mask: per-matrix shift coefficients and real columns of a zero-padded stack (see
+    `_cholqr`); with "qr", q's padding columns (Householder's completion) are zeroed by `mask`.
     """
     if orth == "qr":
         q, r = torch.linalg.qr(y, mode="reduced")
+        if mask is not None:
+            q = q * mask[:, None, :].to(q.dtype)
         return q, r.double()
     if orth != "cholqr2":
         raise ValueError(f"orth must be one of {ORTHS}, got {orth!r}")
-    q1, r1 = _cholqr(y)
-    q2, r2 = _cholqr(q1)
+    q1, r1 = _cholqr(y, coef)
+    q2, r2 = _cholqr(q1, coef)
     return q2, torch.matmul(r2, r1)
 
 
@@ -85,22 +105,35 @@ def _converged(svd_prev, x_prev, y, s_now, thr, k, tol):
     return (s_now[:, k - 1] > thr) | (same & resid_ok)
 
 
-def small_svd(r: torch.Tensor, steps: int = 8):
+def small_svd(r: torch.Tensor, steps: int = 8, *, coef: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None):
     """r (b, l, l) float64 = w t z^T with w, z orthogonal and t nearly diagonal, its diagonal
     descending: `steps` steps of the QR algorithm, each two CholeskyQR factorisations
     (t^T = q1 r1, r1^T = q2 r2, t <- r2 = q2^T t q1), with no host sync (torch.linalg.svd and
     eigh check their convergence on the host). The off-diagonal entries (i, j) shrink like
     (s_j / s_i)^2 per step; what remains couples only values close to each other. Returns
     (w, t, z), t's rows and columns ordered by its diagonal.
+
+    Stacks of different l in one call: zero-pad each r to the common l and pass `coef` (b,) (each
+    matrix's `shift_coef(l_i, l_i)`) and `mask` (b, l) float64 (1 on its l_i real columns). The
+    blocks stay block diagonal (padding and real part never mix), each real block is computed
+    as if alone, and the padding sorts last: w, t, z[i, :l_i, :l_i] are matrix i's results.
     """
     b, l, _ = r.shape
-    w = z = torch.eye(l, dtype=r.dtype, device=r.device).expand(b, l, l)
+    w = z = None
     t = r
     for _ in range(steps):
-        q1, r1 = _cholqr(t.mT)
-        q2, t = _cholqr(r1.mT)
-        z, w = torch.matmul(z, q1), torch.matmul(w, q2)
-    order = t.diagonal(dim1=-2, dim2=-1).argsort(dim=-1, descending=True)     # (b, l)
+        q1, r1 = _cholqr(t.mT, coef, mask)
+        q2, t = _cholqr(r1.mT, coef, mask)
+        # the first step's z = I q1 and w = I q2 exactly: no product needed
+        z = q1 if z is None else torch.matmul(z, q1)
+        w = q2 if w is None else torch.matmul(w, q2)
+    if z is None:
+        w = z = torch.eye(l, dtype=r.dtype, device=r.device).expand(b, l, l)
+    key = t.diagonal(dim1=-2, dim2=-1)
+    if mask is not None:                                  # padding sorts after every real value
+        key = torch.where(mask > 0, key, float("-inf"))
+    order = key.argsort(dim=-1, descending=True)                               # (b, l)
     cols = order[:, None, :].expand(b, l, l)
     t = t.gather(-1, cols).gather(-2, order[:, :, None].expand(b, l, l))
     return w.gather(-1, cols), t, z.gather(-1, cols)
@@ -341,6 +374,160 @@ def _per_matrix(threshold, a: torch.Tensor) -> torch.Tensor:
     return torch.full((a.shape[0],), float(threshold), dtype=a.dtype, device=a.device)
 
 
+def as_batch(ts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors as one (len(ts), *shape) view when they are equally spaced, non-overlapping
+    views of one storage with the same shape, strides and dtype (e.g. slices of a stack), else
+    None: a stack with no copy."""
+    t0 = ts[0]
+    if len(ts) == 1:
+        return t0[None]
+    shape, strides, size = t0.shape, t0.stride(), t0.element_size()
+    base = t0.data_ptr() - t0.storage_offset() * size
+    offs = [t0.storage_offset()]
+    for t in ts[1:]:
+        if (t.shape != shape or t.stride() != strides or t.dtype != t0.dtype
+                or t.device != t0.device or t.data_ptr() - t.storage_offset() * size != base):
+            return None
+        offs.append(t.storage_offset())
+    step = offs[1] - offs[0]
+    extent = 1 + sum((d - 1) * st for d, st in zip(shape, strides))
+    if step < extent or any(b - a != step for a, b in zip(offs, offs[1:])):
+        return None
+    return t0.as_strided((len(ts),) + tuple(shape), (step,) + tuple(strides), offs[0])
+
+
+class StackedSVD(NamedTuple):
+    """warm_svd_stacks' output: every stack's matrices in one zero-padded batch (B = sum of b_j).
+
+    u (B, max m, L), s (B, L) (0 past l_j), vh (B, L, max n), core (B, L, L) float64 (a ~= u core
+    vh, nearly diagonal, s its diagonal), saturated (B,) bool; `parts[j]` = (start, stop, m, n,
+    l, k) of stack j: its results are u[start:stop, :m, :l], s[start:stop, :l], vh[..., :l, :n],
+    core[..., :l, :l]. Outside those blocks everything is 0 (core's padding diagonal aside)."""
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    core: torch.Tensor
+    saturated: torch.Tensor
+    parts: list
+
+    def stack(self, j: int):
+        """Stack j's (u, s, vh, core, saturated) as views."""
+        a, b, m, n, l, _ = self.parts[j]
+        return (self.u[a:b, :m, :l], self.s[a:b, :l], self.vh[a:b, :l, :n],
+                self.core[a:b, :l, :l], self.saturated[a:b])
+
+
+def _per_row(vals: Sequence[float], sizes: Sequence[int], device, dtype) -> torch.Tensor:
+    """(sum sizes,) tensor repeating vals[j] sizes[j] times, filled on the device (no host copy,
+    so no host-GPU sync)."""
+    parts = [torch.full((b,), float(v), dtype=dtype, device=device) for v, b in zip(vals, sizes)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _workspace(layout: tuple, device, dtype, orth: str, workspace: dict | None) -> dict:
+    """Buffers and constants of one stack layout ((b, m, n, l, k) per stack), kept across calls
+    in `workspace` (one layout at a time): the zero-padded pass outputs (their padding is never
+    written, so it stays 0), the random-start blocks, the shift coefficients and column masks."""
+    if workspace is not None and workspace.get("layout") == (layout, device, dtype, orth):
+        return workspace
+    sizes = [p[0] for p in layout]
+    big_b, big_l = sum(sizes), max(p[3] for p in layout)
+    ws = {"layout": (layout, device, dtype, orth),
+          "y_m": torch.zeros(big_b, max(p[1] for p in layout), big_l, dtype=dtype, device=device),
+          "y_n": torch.zeros(big_b, max(p[2] for p in layout), big_l, dtype=dtype, device=device),
+          "omega": [torch.empty(b, n, l, dtype=dtype, device=device) for b, _, n, l, _ in layout],
+          "coef_m": _per_row([shift_coef(m, l) for _, m, _, l, _ in layout], sizes, device,
+                             torch.float64),
+          "coef_n": _per_row([shift_coef(n, l) for _, _, n, l, _ in layout], sizes, device,
+                             torch.float64),
+          "coef_l": _per_row([shift_coef(l, l) for *_, l, _ in layout], sizes, device,
+                             torch.float64),
+          "kth": _per_row([k - 1 for *_, k in layout], sizes, device, torch.int64)[:, None]}
+    cols = torch.arange(big_l, device=device)
+    ws["mask"] = (cols < _per_row([p[3] for p in layout], sizes, device, torch.int64)[:, None]
+                  ).double()                                                     # (B, L)
+    if workspace is not None:
+        workspace.clear()
+        workspace.update(ws)
+    return ws
+
+
+def warm_svd_stacks(stacks: Sequence[torch.Tensor], thresholds: torch.Tensor,
+                    v0: Sequence[Sequence[torch.Tensor]], *, rank: int = 8, oversample: int = 8,
+                    passes: int = 4, generators: Sequence[Sequence[torch.Generator] | None] | None
+                    = None, orth: str = "cholqr2", small_steps: int = 8,
+                    stats: dict | None = None, workspace: dict | None = None) -> StackedSVD:
+    """warm_svd of several stacks of different shapes at once: one GEMM per stack and pass, and
+    everything else (the orthonormalisation of every pass, the small SVD, the Ritz vectors) one
+    batched call over all stacks, zero-padded to common sizes.
+
+    stacks[j]: (b_j, m_j, n_j), m_j <= n_j (any strides, e.g. a transposed view); l_j =
+    min(k_j + oversample, m_j) < m_j, k_j = min(max(rank, widths of v0[j]), m_j). thresholds:
+    (sum b_j,) on the device, in stack order. generators[j]: None or one per matrix of stack j.
+    Each matrix's result is the one warm_svd gives for it alone, up to the rounding of GEMMs of
+    other sizes: padding rows and columns are exact zeros, and _cholqr / small_svd keep each
+    matrix's own shift (`coef`, `mask`), so padding never mixes with a real block.
+    workspace: a dict kept by the caller across calls (the padded buffers of the last layout);
+    None allocates them for this call.
+    """
+    if passes < 2:   # the right side of the output is the unorthonormalised start itself
+        raise ValueError(f"warm_svd: passes must be >= 2, got {passes}")
+    if len(v0) != len(stacks):
+        raise ValueError("warm_svd_stacks: one list of start blocks per stack")
+    dev, dt = stacks[0].device, stacks[0].dtype
+    layout = []
+    for a, starts in zip(stacks, v0):
+        b, m, n = a.shape
+        if len(starts) != b or any(v is None for v in starts):
+            raise ValueError("warm_svd: every matrix needs a start block v0[i]")
+        k = min(max([rank] + [int(v.shape[-1]) for v in starts]), m)
+        l = min(k + oversample, m)
+        if l >= m:
+            raise ValueError(f"warm_svd_stacks: l = {l} >= m = {m} (use warm_svd: exact SVD)")
+        layout.append((b, m, n, l, k))
+    ws = _workspace(tuple(layout), dev, dt, orth, workspace)
+    mask = ws["mask"]
+    parts, xs, start = [], [], 0
+    for j, (a, starts, (b, m, n, l, k)) in enumerate(zip(stacks, v0, layout)):
+        omega = ws["omega"][j]                                   # (b, n, l)
+        gens = generators[j] if generators is not None else None
+        for i in range(b):     # matrix i's own random block (batching-invariant sketches)
+            torch.randn(n, l, generator=None if gens is None else gens[i], out=omega[i])
+        widths = {min(int(v.shape[-1]), k) for v in starts}
+        c = widths.pop() if len(widths) == 1 else None
+        batch = as_batch([v[:, :c] for v in starts]) if c is not None else None
+        if batch is not None:                                    # one copy for the stack
+            omega[:, :, :c].copy_(batch)
+        else:
+            for i, v in enumerate(starts):
+                c = min(int(v.shape[-1]), k)
+                omega[i, :, :c].copy_(v[:, :c])
+        parts.append((start, start + b, m, n, l, k))
+        xs.append(omega)
+        start += b
+        if stats is not None:
+            stats["passes"] = stats.get("passes", 0) + passes * b
+            stats["iters"] = stats.get("iters", 0) + (passes - 2) / 2 * b
+    colmask = mask if orth == "qr" else None
+    q = q_prev = r = None
+    for p in range(passes):
+        right = p % 2 == 0                  # x holds right vectors: multiply by a
+        y = ws["y_m"] if right else ws["y_n"]
+        for (a0, a1, m, n, l, _), a, x in zip(parts, stacks, xs):
+            torch.bmm(a if right else a.mT, x, out=y[a0:a1, :m if right else n, :l])
+        q_prev, (q, r) = q, orthonormalize(y, orth, coef=ws["coef_m" if right else "coef_n"],
+                                           mask=colmask)
+        xs = [q[a0:a1, :m if right else n, :l] for a0, a1, m, n, l, _ in parts]
+    w, t, z = small_svd(r, small_steps, coef=ws["coef_l"], mask=mask)
+    if right:   # last pass a x = q w t z^T (x = q_prev): u = q w, vh = z^T x^T
+        u, core, vh = torch.matmul(q, w.to(dt)), t, torch.matmul(z.mT.to(dt), q_prev.mT)
+    else:       # a^T x = q w t z^T: a ~= (x z) t^T (q w)^T
+        u, core, vh = torch.matmul(q_prev, z.to(dt)), t.mT, torch.matmul(w.mT.to(dt), q.mT)
+    s = (core.diagonal(dim1=-2, dim2=-1) * mask).to(dt)          # (B, L), 0 on the padding
+    saturated = s.gather(1, ws["kth"])[:, 0] > thresholds
+    return StackedSVD(u, s, vh, core, saturated, parts)
+
+
 def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torch.Tensor], *,
              rank: int = 8, oversample: int = 8, passes: int = 4,
              generators: list[torch.Generator] | None = None, orth: str = "cholqr2",
@@ -371,16 +558,10 @@ def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torc
     thr = _per_matrix(threshold, a)
     if l >= m:
         u, s, vh = exact_svd(a)
-        core = None
         if stats is not None:
             stats["exact"] = stats.get("exact", 0) + b
-    else:
-        omega = torch.empty(b, n, l, device=a.device, dtype=a.dtype)
-        for i, v in enumerate(v0):
-            g = generators[i] if generators is not None else None
-            omega[i] = torch.randn(n, l, device=a.device, dtype=a.dtype, generator=g)
-            c = min(v.shape[-1], k)
-            omega[i, :, :c] = v[:, :c].to(device=a.device, dtype=a.dtype)
-        u, s, vh, core = subspace_iteration(a, omega, k, n_iter=0, passes=passes, orth=orth,
-                                            stats=stats, small_steps=small_steps)
-    return u, s, vh, core, s[:, k - 1] > thr
+        return u, s, vh, None, s[:, k - 1] > thr
+    res = warm_svd_stacks([a], thr, [v0], rank=rank, oversample=oversample, passes=passes,
+                          generators=None if generators is None else [generators], orth=orth,
+                          small_steps=small_steps, stats=stats)
+    return res.stack(0)

@@ -64,16 +64,21 @@ def _y_units(s: torch.Tensor, sigma: float, big: int) -> torch.Tensor:
     return s.double() / (sigma * math.sqrt(big))
 
 
-def _signal_x(y: torch.Tensor, beta: float) -> torch.Tensor:
+def _sqrt(x):
+    return x.sqrt() if isinstance(x, torch.Tensor) else math.sqrt(x)
+
+
+def _signal_x(y: torch.Tensor, beta) -> torch.Tensor:
     """Inverse outlier map x(y) in noise units; 0 inside the bulk."""
     a = y * y - beta - 1.0
     disc = (a * a - 4.0 * beta).clamp_min(0.0)
     x2 = 0.5 * (a + disc.sqrt())
-    return torch.where(y > 1.0 + math.sqrt(beta), x2.clamp_min(0.0).sqrt(), torch.zeros_like(y))
+    return torch.where(y > 1.0 + _sqrt(beta), x2.clamp_min(0.0).sqrt(), torch.zeros_like(y))
 
 
-def shrink_noise_units(y: torch.Tensor, beta: float, kind: str) -> torch.Tensor:
-    """The shrinkers in noise units (no threshold applied): eta(y) for aspect ratio beta <= 1."""
+def shrink_noise_units(y: torch.Tensor, beta, kind: str) -> torch.Tensor:
+    """The shrinkers in noise units (no threshold applied): eta(y) for aspect ratio beta <= 1
+    (a float, or a float64 tensor broadcasting against y: one ratio per row of a stack)."""
     if kind == "hard":
         return y
     if kind == "frobenius":
@@ -84,7 +89,7 @@ def shrink_noise_units(y: torch.Tensor, beta: float, kind: str) -> torch.Tensor:
         return x
     if kind == "nuclear":
         x2 = x * x
-        num = x2 * x2 - beta - math.sqrt(beta) * x * y
+        num = x2 * x2 - beta - _sqrt(beta) * x * y
         return (num / (x2 * y).clamp_min(1e-300)).clamp_min(0.0)
     raise ValueError(f"kind must be one of {SHRINKERS}, got {kind!r}")
 
@@ -119,6 +124,32 @@ def shrink(s: torch.Tensor, sigma: float, m: int, n: int, kind: str = "frobenius
     keep = y > kappa * (1.0 + math.sqrt(beta))
     eta = torch.where(keep, eta_y, torch.zeros_like(eta_y)) * (sigma * math.sqrt(big))
     return eta.to(s.dtype)
+
+
+def shrink_rows(s: torch.Tensor, sigma: float, dims: torch.Tensor, kind: str = "frobenius",
+                kappa: float = 1.0) -> torch.Tensor:
+    """`shrink` of a (b, w) stack whose rows belong to matrices of different shapes, in one set
+    of launches: row i as shrink(s[i], sigma, small_i, big_i, kind, kappa).
+
+    dims: (b, 2) float64 on s's device, row i = (small_i / big_i, sqrt(big_i)) (`shrink_dims`).
+    The same formulas as `shrink`, with the per-row constants as tensors (same roundings).
+    """
+    if kind not in SHRINKERS:
+        raise ValueError(f"kind must be one of {SHRINKERS}, got {kind!r}")
+    sigma = _check_sigma(sigma)
+    kappa = _check_kappa(kappa)
+    beta, scale = dims[:, :1], dims[:, 1:] * sigma           # (b, 1): beta, sigma sqrt(big)
+    y = s.double() / scale
+    eta_y = shrink_noise_units(y, beta, kind)
+    keep = y > kappa * (1.0 + beta.sqrt())
+    eta = torch.where(keep, eta_y, torch.zeros_like(eta_y)) * scale
+    return eta.to(s.dtype)
+
+
+def shrink_dims(m: int, n: int) -> tuple[float, float]:
+    """(beta, sqrt(big)) of an (m, n) matrix: a row of shrink_rows' `dims`."""
+    small, big = _check_dims(m, n)
+    return small / big, math.sqrt(big)
 
 
 def signal_estimate(s: torch.Tensor, sigma: float, m: int, n: int, kappa: float = 1.0) -> torch.Tensor:

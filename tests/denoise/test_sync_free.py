@@ -76,7 +76,7 @@ def _worst(seq, den):
     return ratio, diff
 
 
-def _no_orth(y, orth="cholqr2"):
+def _no_orth(y, orth="cholqr2", **padding):
     # the mutation: the block is left as it is (its columns are not orthonormalised)
     b, _, l = y.shape
     return y, torch.eye(l, dtype=torch.float64).expand(b, l, l)
