@@ -33,7 +33,7 @@ from dpkern import engine as _engine_mod
 from dpkern.engine import PrivacyEngine, _Clipper
 from dpkern.layers import unwrap_model
 from dpkern.layers.bounds import release_bounds
-from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
+from dpkern.layers.uses import LinearUse, PerSampleUse, batch_size, bookkeep, norms_sq
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_grouped_
@@ -136,8 +136,9 @@ class _SubspaceClipper(_Clipper):
         full = [p for p in params if p not in proj]
         sub = [p for p in params if p in proj]
         n_full = norms_sq(uses, full, backend=self.backend) if full else []
-        b_full = ([u * s for u in release_bounds(uses, full, n_full, backend=self.backend)]
-                  if full else [])
+        b_full = release_bounds(uses, full, n_full, backend=self.backend) if full else []
+        if s != 1.0:
+            b_full = [u * s for u in b_full]
         by_p = dict(zip(full, zip(n_full, b_full)))
         groups = _project_groups(proj, sub, uses, self.private, self.backend)
         coords = []
@@ -152,8 +153,7 @@ class _SubspaceClipper(_Clipper):
         factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
         n_bad = bsz - finite.sum()  # stays on the device until read (no host sync)
-        opt.last_clip = {self.private[p]: (by_p[p][0].double() * (s * s), by_p[p][1])
-                         for p in params}
+        opt.last_clip = _LazyClip({self.private[p]: by_p[p] for p in params}, s * s)
         scales, opt.last_scales = {}, {}
         factor_of = dict(zip(params, factors))
         for p, c in zip(params, factors):
@@ -164,20 +164,21 @@ class _SubspaceClipper(_Clipper):
         for (ps, _, _), s64 in zip(groups, coords):  # ps ⊆ proj = opt.bases
             for p in ps:
                 uses.pop(p)
-            sc = torch.stack([scales[id(factor_of[p])] for p in ps]).double()  # (L, B)
+            sc = _stacked([scales[id(factor_of[p])] for p in ps], torch.float64)  # (L, B)
             # a non-finite sample has factor 0, and 0·NaN = NaN: its coordinates are zeroed first
             s64 = torch.where(finite.view(1, -1, 1, 1), s64, 0.0)
-            part = dict(zip(ps, torch.einsum("lb,lbrs->lrs", sc, s64).unbind(0)))  # fp64 (ru, rv)
-            old = [p for p in ps if p in opt.sub_summed]
-            if old:  # accumulation over backward passes: one multi-tensor add
-                torch._foreach_add_([opt.sub_summed[p] for p in old], [part[p] for p in old])
-            for p in ps:
-                opt.sub_summed.setdefault(p, part[p])
+            opt.add_sub_sums(ps, torch.einsum("lb,lbrs->lrs", sc, s64))  # fp64 (L, ru, rv)
+        per_sample: dict = {}  # first sums of one-per-sample-use parameters: grouped by size
         for p, c in zip(params, factors):
             if p in proj:
                 continue
             p_uses = uses.pop(p)
             if p not in opt.params:
+                continue
+            if (len(p_uses) == 1 and isinstance(p_uses[0], PerSampleUse) and p not in opt.summed
+                    and p.dtype != torch.float64 and p_uses[0].grads.dtype == torch.float32):
+                g = p_uses[0].grads
+                per_sample.setdefault((g[0].numel(), g.device), []).append((p, g, scales[id(c)]))
                 continue
             # as the engine: book-keeping gives a scale-0 Linear sample nothing; other uses are
             # zeroed (0·NaN = NaN), always, so the control flow does not depend on the data
@@ -186,7 +187,46 @@ class _SubspaceClipper(_Clipper):
             if acc is None and not isinstance(p_uses[0], LinearUse):
                 acc = opt.accumulator(p)
             opt.summed[p] = bookkeep(p_uses, scales[id(c)], acc, backend=self.backend)
+        for (n, _), items in per_sample.items():
+            # Σ_i c_i g_i of L parameters at once: (L, 1, B) @ (L, B, n), fp32 as bookkeep's
+            # (B,) @ (B, n); non-finite samples zeroed first (0·NaN = NaN)
+            g = torch.stack([x[1].reshape(bsz, n) for x in items])
+            g = torch.where(finite.view(1, -1, 1), g, 0.0)
+            sums = torch.bmm(_stacked([x[2] for x in items], torch.float32).unsqueeze(1), g)
+            for (p, _, _), acc in zip(items, sums.unbind(0)):
+                opt.summed[p] = acc.view(p.shape)
         opt.note_backward(bsz, n_bad)
+
+
+def _stacked(xs: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.stack(xs).to(dtype), or a view when every entry is one tensor (flat clipping: one
+    factor for all)."""
+    x0 = xs[0]
+    if all(x is x0 for x in xs):
+        return x0.to(dtype or x0.dtype).unsqueeze(0).expand(len(xs), *x0.shape)
+    return torch.stack(xs).to(dtype or x0.dtype)
+
+
+class _LazyClip(dict):
+    """{parameter name: (N̂² fp64, U)} of the last backward, the loss scaling applied on read (the
+    fp64 copies are made only when someone looks, not two launches per parameter and step)."""
+
+    def __init__(self, raw: dict, s2: float):
+        super().__init__(raw)
+        self._s2 = s2
+
+    def __getitem__(self, key):
+        n, u = super().__getitem__(key)
+        return n.double() * self._s2, u
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
 
 
 class SubspaceDPOptimizer(DPOptimizer):
@@ -207,6 +247,9 @@ class SubspaceDPOptimizer(DPOptimizer):
         super().__init__(*args, **kwargs)
         self.bases: dict = {}
         self.sub_summed: dict = {}
+        # {ids of a rank group's params: (sums (L, ru, rv), its rows)}: the buffer whose rows are
+        # sub_summed's entries, so the release adds into and reads it whole (no stack per step)
+        self._sub_stacks: dict = {}
         self.last_released: dict = {}
         self.fused_backprojection = True
         self.backproj_backend: str | None = None
@@ -215,6 +258,33 @@ class SubspaceDPOptimizer(DPOptimizer):
         self._sub_grads: dict = {}
         # Run at the very end of step(), after the projected weights moved (refreshers).
         self.post_step_hooks: list = []
+
+    def add_sub_sums(self, ps: list, sums: torch.Tensor) -> None:
+        """Add one backward pass's Σ_i c_i S_i of the projected weights ps (sums (L, ru, rv)
+        fp64, row k for ps[k]) to sub_summed: the first pass keeps `sums` (its rows are the
+        entries), a later one adds into it with one launch."""
+        key = tuple(id(p) for p in ps)
+        prev = self._sub_stacks.get(key)
+        if prev is not None and all(self.sub_summed.get(p) is x for p, x in zip(ps, prev[1])):
+            prev[0].add_(sums)
+            return
+        rows = sums.unbind(0)
+        old = [k for k, p in enumerate(ps) if p in self.sub_summed]
+        if old:  # another grouping than the last pass's: one multi-tensor add
+            torch._foreach_add_([self.sub_summed[ps[k]] for k in old], [rows[k] for k in old])
+        for p, x in zip(ps, rows):
+            self.sub_summed.setdefault(p, x)
+        if not old:
+            self._sub_stacks[key] = (sums, rows)
+
+    def _sub_sums(self, ps: list, ru: int, rv: int, dev) -> torch.Tensor:
+        """(L, ru, rv) fp64: sub_summed of ps stacked (zeros where none), the buffer itself when
+        its rows are the entries."""
+        hit = self._sub_stacks.get(tuple(id(p) for p in ps))
+        if hit is not None and all(self.sub_summed.get(p) is x for p, x in zip(ps, hit[1])):
+            return hit[0]
+        return torch.stack([self.sub_summed[p] if p in self.sub_summed else
+                            torch.zeros(ru, rv, dtype=torch.float64, device=dev) for p in ps])
 
     def set_bases(self, bases: dict) -> None:
         """{param: (U, V)}: project these private weights from the next backward on (between steps
@@ -277,8 +347,7 @@ class SubspaceDPOptimizer(DPOptimizer):
         from dpkern.mechanisms.noise_ops import gaussian_noise_segments
         out = {}
         for (ru, rv, dev), ps in _rank_groups(self._projected, self.bases).items():
-            acc = torch.stack([self.sub_summed[p] if p in self.sub_summed else
-                               torch.zeros(ru, rv, dtype=torch.float64, device=dev) for p in ps])
+            acc = self._sub_sums(ps, ru, rv, dev)
             if std > 0:  # layer k's z: the normals at its weight's global offset (one launch)
                 z = gaussian_noise_segments(ru * rv, [int(self.global_offsets[p]) for p in ps],
                                             std=std, words=self.noise_generator.kernel_words(step),
@@ -341,7 +410,7 @@ class SubspaceDPOptimizer(DPOptimizer):
                 self.original_optimizer.step()  # only projected params hold a grad now
         self._sub_grads = {p: (p.grad, p.grad._version) for p in self._projected
                            if p.grad is not None}
-        self.sub_summed = {}
+        self.sub_summed, self._sub_stacks = {}, {}
         for hook in self.post_step_hooks:
             hook(self)
         return loss
@@ -350,7 +419,7 @@ class SubspaceDPOptimizer(DPOptimizer):
         super().zero_grad(set_to_none)
         for p in self._projected:
             p.grad = None
-        self.sub_summed, self._sub_grads = {}, {}
+        self.sub_summed, self._sub_grads, self._sub_stacks = {}, {}, {}
 
 
 class SubspacePrivacyEngine(PrivacyEngine):
