@@ -80,28 +80,33 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
     m_p = o_p < p
     m_d = o_d < d
     b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] running Σ_i scale_i G_i
-    for i in range(0, batch):
+    b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] sample i's G_i tile
+    # One flat loop over (sample, token tile): the compiler pipelines it across sample boundaries,
+    # where a loop per sample drained the pipeline every sample (short sequences: T = 128 is two
+    # token tiles per sample). Each sample's partial is still summed alone, in the same order.
+    n_tt = tl.cdiv(seq, BLOCK_T)
+    for k in range(0, batch * n_tt):
+        i = k // n_tt
+        j = k - i * n_tt
         i64 = tl.cast(i, tl.int64)
-        p_g0 = g_ptr + i64 * stride_gb
-        p_a0 = a_ptr + i64 * stride_ab
-        b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] sample i's G_i tile
-        for t0 in range(0, seq, BLOCK_T):
-            o_tt = (t0 + o_t).to(tl.int64)
-            m_t = o_tt < seq
-            b_g = tl.load(p_g0 + o_p[:, None] * stride_gp + o_tt[None, :] * stride_gt,
-                          mask=m_p[:, None] & m_t[None, :], other=0.0)  # [BP, BT]
-            b_a = tl.load(p_a0 + o_tt[:, None] * stride_at + o_d[None, :] * stride_ad,
-                          mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
-            if UPCAST:
-                b_g = b_g.to(tl.float32)
-                b_a = b_a.to(tl.float32)
-            if ROUND:  # the same TF32 operands as the norm kernels
-                b_g = _round_tf32(b_g.to(tl.float32))
-                b_a = _round_tf32(b_a.to(tl.float32))
-            b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
-        # a dropped sample (scale 0) contributes exactly nothing, even if its grads are non-finite
-        scale_i = tl.load(scale_ptr + i)
-        b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
+        o_tt = (j * BLOCK_T + o_t).to(tl.int64)
+        m_t = o_tt < seq
+        b_g = tl.load(g_ptr + i64 * stride_gb + o_p[:, None] * stride_gp + o_tt[None, :] * stride_gt,
+                      mask=m_p[:, None] & m_t[None, :], other=0.0)  # [BP, BT]
+        b_a = tl.load(a_ptr + i64 * stride_ab + o_tt[:, None] * stride_at + o_d[None, :] * stride_ad,
+                      mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
+        if UPCAST:
+            b_g = b_g.to(tl.float32)
+            b_a = b_a.to(tl.float32)
+        if ROUND:  # the same TF32 operands as the norm kernels
+            b_g = _round_tf32(b_g.to(tl.float32))
+            b_a = _round_tf32(b_a.to(tl.float32))
+        b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
+        if j == n_tt - 1:  # sample i's last token tile: scale its partial, start the next one
+            # a dropped sample (scale 0) contributes exactly nothing, even with non-finite grads
+            scale_i = tl.load(scale_ptr + i)
+            b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
+            b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     p_w = w_ptr + o_p[:, None] * stride_wp + o_d[None, :] * stride_wd
     m_w = m_p[:, None] & m_d[None, :]
     if ACCUMULATE:

@@ -18,12 +18,14 @@ def layout_key(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.stride(), x.dtype, x.device
 
 
-# Largest B·T whose layers are launched together (kernels/_tables.py). Tabled pointers cost the
-# kernels speed: H100, 16 layers of 2048 x 2048 in bf16, grouped book-keeping 1.38 ms against
-# 1.73 ms for 16 launches at 8 x 128 tokens, but 5.2 ms against 1.8 ms at 16 x 256 (~105 against
-# ~300 TFLOP/s): grouping pays where the launches, not the GEMMs, set the time
-# (bench/bench_grouped.py; bench/results/grouped_h100).
-GROUP_MAX_TOKENS = int(os.environ.get("DPKERN_GROUP_MAX_TOKENS", "1024"))
+# Largest B·T whose layers are launched together (kernels/_tables.py; DPKERN_GROUP_MAX_TOKENS, 0:
+# never group). No limit by default: once the tabled pointers carried their 16-byte alignment
+# (kernels/_tables.layer_ptr), a tabled book-keeping ran at the rate of its own launch (H100, 16
+# layers of 2048 x 2048 in bf16: 222 against 114 TFLOP/s at 8 x 128 tokens, 295 against 300 at
+# 16 x 256, 291 against 353 at 8 x 512), and grouping every layer made the 1B Llama's DP step
+# faster in all six cases tried (bf16 and fp32-TF32 at 8x512, 16x256, 32x128; fewer launches, less
+# host time; bench/results/grouping_h100_7a22981).
+GROUP_MAX_TOKENS = int(os.environ.get("DPKERN_GROUP_MAX_TOKENS", str(1 << 62)))
 
 
 def groupable(a: torch.Tensor, *xs: torch.Tensor) -> bool:
