@@ -1,0 +1,296 @@
+"""Grouped launches of the projected step: the projection of all layers of one rank and layout in
+one launch (subspace_project_grouped), the back-projection + update of all weights of one
+layout and step count in one launch (subspace_backproj_step_grouped_), each equal bit for bit to
+the per-layer call (same kernel, same arithmetic; exact fp32 dots in the interpreter), and the
+number of launches of a projected backward + step pinned so that a return to per-layer launches
+fails.
+
+Unwritten outputs fail: the output buffers are NaN-filled and dpkern's own allocations are
+poisoned (tests/conftest.py); fresh optimizer states are poisoned and must not be read.
+"""
+import pytest
+import torch
+
+from dpkern import _alloc
+from dpkern.noise.step import SGDHyper
+from dpkern.subspace import orthonormalize, subspace_project, subspace_project_grouped
+from dpkern.subspace.backproj import (AdamHyper, subspace_backproj_step_,
+                                      subspace_backproj_step_grouped_)
+from tests.conftest import HAS_GPU
+from tests.subspace.launches import count_launches
+
+DEV = "cuda" if HAS_GPU else "cpu"
+
+
+def _orth(n, r, gen):
+    return orthonormalize(torch.randn(n, r, generator=gen)).to(DEV)
+
+
+def _misaligned(x):
+    """x's values in a tensor that starts 4 bytes past a 16-byte boundary (not tabled)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    if buf.data_ptr() % 16 == 0 and x.element_size() < 16:
+        y = buf[1:].view(x.shape)
+    else:
+        y = buf[:-1].view(x.shape)
+    y.copy_(x)
+    return y
+
+
+# (B, T, ru, rv, [(d, p)...] per layer): layouts interleaved as in a transformer block (q/k/v/o
+# share d = p, gate/up, down), p/d off the tiles, r = 1, B = 1, T = 63
+PROJ_CASES = {
+    "B2_T63_r5x3": (2, 63, 5, 3, [(24, 24), (24, 24), (24, 40), (40, 24), (24, 24), (24, 40)]),
+    "B1_T9_r1x1": (1, 9, 1, 1, [(17, 33), (17, 33), (33, 17), (17, 33)]),
+    "B3_T1_r16x16": (3, 1, 16, 16, [(70, 70), (70, 130), (70, 70)]),
+}
+
+
+def _proj_layers(case, dtype, seed=0, shared_a=True, misalign=None):
+    bsz, seq, ru, rv, dims = PROJ_CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    acts = {}
+    layers = []
+    for k, (d, p) in enumerate(dims):
+        if not shared_a or d not in acts:  # q/k/v read one input tensor, as in the engine
+            acts[d] = torch.randn(bsz, seq, d, generator=gen).to(DEV, dtype)
+        a = acts[d]
+        g = torch.randn(bsz, seq, p, generator=gen).to(DEV, dtype)
+        if k == misalign:
+            g = _misaligned(g)
+        layers.append((a, g, _orth(p, ru, gen), _orth(d, rv, gen)))
+    return layers
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(PROJ_CASES))
+def test_projection_grouped_equals_per_layer(case, dtype, backend):
+    """Every layer's S and ‖S‖² from the grouped call equal its own subspace_project call bit for
+    bit; one launch per layout plus one reduce (triton)."""
+    bsz, seq, ru, rv, dims = PROJ_CASES[case]
+    layers = _proj_layers(case, dtype)
+    n_l = len(layers)
+    s_all = torch.full((n_l, bsz, ru, rv), float("nan"), device=DEV)
+    n_all = torch.full((n_l, bsz), float("nan"), device=DEV)
+    with count_launches() as c:
+        subspace_project_grouped(layers, (s_all, n_all), backend=backend)
+    for k, x in enumerate(layers):
+        s, n = subspace_project(*x, backend=backend)
+        assert torch.equal(s_all[k], s), k
+        assert torch.equal(n_all[k], n), k
+    if backend == "triton":
+        assert c.by_name["triton:_subspace_proj_fwd_kernel"] == len(set(dims))
+        assert c.by_name["triton:_subspace_proj_reduce_kernel"] == 1
+        assert c.triton == len(set(dims)) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_projection_misaligned_and_separate_inputs(dtype):
+    """A layer whose g is not 16-byte aligned leaves its layout's table for a launch of its own;
+    layers with separate (not shared) inputs; results unchanged."""
+    layers = _proj_layers("B2_T63_r5x3", dtype, seed=3, shared_a=False, misalign=1)
+    bsz, _, ru, rv, dims = PROJ_CASES["B2_T63_r5x3"]
+    s_all = torch.full((len(layers), bsz, ru, rv), float("nan"), device=DEV)
+    n_all = torch.full((len(layers), bsz), float("nan"), device=DEV)
+    with count_launches() as c:
+        subspace_project_grouped(layers, (s_all, n_all), backend="triton")
+    for k, x in enumerate(layers):
+        s, n = subspace_project(*x, backend="triton")
+        assert torch.equal(s_all[k], s) and torch.equal(n_all[k], n), k
+    assert c.by_name["triton:_subspace_proj_fwd_kernel"] == len(set(dims)) + 1
+
+
+def test_projection_grouped_refuses():
+    layers = _proj_layers("B1_T9_r1x1", torch.float32)
+    s, n = torch.zeros(4, 1, 1, 1, device=DEV), torch.zeros(4, 1, device=DEV)
+    with pytest.raises(ValueError, match="out S must be"):
+        subspace_project_grouped(layers, (s[:3], n[:3]))
+    bad = layers[:1] + [(layers[1][0], layers[1][1], layers[1][2], torch.zeros(17, 2, device=DEV))]
+    with pytest.raises(ValueError, match="RV = 2"):
+        subspace_project_grouped(bad, (s[:2], n[:2]))
+    with pytest.raises(ValueError, match="no layers"):
+        subspace_project_grouped([], (s, n))
+    assert (s == 0).all() and (n == 0).all()
+
+
+BACKPROJ_HYPERS = {
+    "adamw": AdamHyper(lr=1e-2, weight_decay=0.1, eps=1e-6, decoupled=True),
+    "adam-l2": AdamHyper(lr=1e-2, beta1=0.8, beta2=0.99, weight_decay=0.1),
+    "sgd": SGDHyper(lr=0.1, weight_decay=0.01),
+    "sgd-momentum": SGDHyper(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "sgd-nesterov": SGDHyper(lr=0.1, momentum=0.9, nesterov=True),
+}
+# (p, d, ru, rv) per weight: two layouts interleaved, off the 64 x 64 tile; r = 1; p = 1
+BACKPROJ_CASES = {
+    "p70_d130_r5x3": [(70, 130, 5, 3), (37, 70, 5, 3), (70, 130, 5, 3), (70, 130, 5, 3)],
+    "r1": [(1, 200, 1, 1), (130, 3, 1, 1), (1, 200, 1, 1)],
+}
+
+
+def _backproj_inputs(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ws, us, vs = [], [], []
+    for p, d, ru, rv in shapes:
+        ws.append((torch.randn(p, d, generator=gen) * 0.1).to(DEV, dtype))
+        us.append(_orth(p, ru, gen))
+        vs.append(_orth(d, rv, gen))
+    # the released rows of one (L, ru, rv) buffer per rank, as the engine hands them over
+    ss = [torch.randn(ru, rv, generator=gen).to(DEV) * 3 for _, _, ru, rv in shapes]
+    return ws, us, ss, vs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("opt", list(BACKPROJ_HYPERS))
+@pytest.mark.parametrize("case", list(BACKPROJ_CASES))
+def test_backproj_grouped_equals_per_weight(case, opt, dtype):
+    """Three steps (fresh poisoned states, then existing ones): W and every state equal the
+    per-weight op's bit for bit; one launch per layout (and step count)."""
+    hyper = BACKPROJ_HYPERS[opt]
+    shapes = BACKPROJ_CASES[case]
+    ws, us, _, vs = _backproj_inputs(shapes, dtype, 0)
+    ws1 = [w.clone() for w in ws]
+    sts, sts1 = [{} for _ in ws], [{} for _ in ws]
+    for step in range(3):
+        _, _, ss, _ = _backproj_inputs(shapes, dtype, 10 + step)
+        with count_launches() as c:
+            subspace_backproj_step_grouped_(ws, us, ss, vs, hyper, sts, backend="triton")
+        for w, u, s, v, st in zip(ws1, us, ss, vs, sts1):
+            subspace_backproj_step_(w, u, s, v, hyper, st, backend="triton")
+        assert c.triton == len({sh[:2] for sh in shapes})
+        for k in range(len(ws)):
+            assert torch.equal(ws[k], ws1[k]), (step, k)
+            assert sts[k].keys() == sts1[k].keys()
+            for key, x in sts[k].items():
+                assert torch.equal(x, sts1[k][key]), (step, k, key)
+                if key != "step":
+                    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backproj_mixed_step_counts_and_misaligned(dtype):
+    """Adam weights of one layout at different step counts (one joined later) get one launch per
+    step count; a misaligned weight its own launch; every result equals the per-weight op's."""
+    hyper = BACKPROJ_HYPERS["adamw"]
+    shapes = [(70, 130, 5, 3)] * 4
+    ws, us, ss, vs = _backproj_inputs(shapes, dtype, 1)
+    ws[3] = _misaligned(ws[3])
+    sts = [{} for _ in ws]
+    subspace_backproj_step_(ws[0], us[0], ss[0], vs[0], hyper, sts[0], backend="triton")
+    subspace_backproj_step_(ws[1], us[1], ss[1], vs[1], hyper, sts[1], backend="triton")
+    ws1 = [w.clone() for w in ws]
+    sts1 = [{k: x.clone() for k, x in st.items()} for st in sts]
+    with count_launches() as c:  # steps 2, 2, 1 (fresh), 1 (fresh, misaligned)
+        subspace_backproj_step_grouped_(ws, us, ss, vs, hyper, sts, backend="triton")
+    for w, u, s, v, st in zip(ws1, us, ss, vs, sts1):
+        subspace_backproj_step_(w, u, s, v, hyper, st, backend="triton")
+    assert c.triton == 3
+    assert [int(st["step"]) for st in sts] == [2, 2, 1, 1]
+    for k in range(4):
+        assert torch.equal(ws[k], ws1[k]), k
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(sts[k][key], sts1[k][key]), (k, key)
+
+
+def test_backproj_grouped_refuses_ragged_lists():
+    ws, us, ss, vs = _backproj_inputs([(5, 6, 2, 3)] * 2, torch.float32, 0)
+    with pytest.raises(ValueError, match="one entry per weight"):
+        subspace_backproj_step_grouped_(ws, us[:1], ss, vs, BACKPROJ_HYPERS["sgd"], [{}, {}])
+
+
+# ---- the projected step of a model with a transformer's layer structure -------------------------
+
+class _Block(torch.nn.Module):
+    """q, k, v, o (h x h), gate / up (m x h), down (h x m), two RMSNorms: the layouts of a Llama
+    decoder layer (the mixing between tokens does not matter here)."""
+
+    def __init__(self, h, m):
+        super().__init__()
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+        self.n1, self.n2 = torch.nn.RMSNorm(h), torch.nn.RMSNorm(h)
+        self.q, self.k, self.v, self.o = lin(h, h), lin(h, h), lin(h, h), lin(h, h)
+        self.gate, self.up, self.down = lin(h, m), lin(h, m), lin(m, h)
+
+    def forward(self, x):
+        y = self.n1(x)
+        x = x + self.o(torch.tanh(self.q(y)) * torch.sigmoid(self.k(y)) + self.v(y))
+        y = self.n2(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(y)) * self.up(y))
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, layers, h=16, m=24, vocab=20):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, h)
+        self.blocks = torch.nn.ModuleList(_Block(h, m) for _ in range(layers))
+        self.norm = torch.nn.RMSNorm(h)
+        self.head = torch.nn.Linear(h, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.norm(x))
+
+
+def _projected_step_launches(layers, rank=2, steps=2):
+    """Launches of the DP part (end-of-backward clipper + optimizer step) of the last of `steps`
+    projected steps, every Linear projected at `rank`, AdamW, Triton kernels."""
+    import dpkern.subspace.engine as eng_mod
+    from dpkern.subspace import SubspacePrivacyEngine
+    torch.manual_seed(0)
+    model = _TinyLM(layers).to(DEV)
+    gen = torch.Generator().manual_seed(1)
+    bases = {n: (_orth(m.weight.shape[0], rank, gen), _orth(m.weight.shape[1], rank, gen))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    model, dp, _ = SubspacePrivacyEngine(accountant="rdp", backend="triton").make_private(
+        module=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+        data_loader=None, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=2,
+        sample_rate=0.01, loss_reduction="sum", subspace=bases, seed=0)
+    dp.backproj_backend = dp.noise_backend = "triton"
+    ids = torch.randint(0, 20, (2, 7), generator=gen).to(DEV)
+    counted = {}
+    clip = eng_mod._SubspaceClipper.__call__
+
+    def counting(self, uses):
+        with count_launches() as c:
+            clip(self, uses)
+        counted["backward"] = c
+    eng_mod._SubspaceClipper.__call__ = counting
+    _alloc.set_poison(False)  # its NaN fills are launches of the tests, not of the step
+    try:
+        for _ in range(steps):
+            logits = model(ids)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 20), ids.reshape(-1),
+                                                     reduction="none").view(2, -1).mean(1).sum()
+            loss.backward()
+            with count_launches() as c:
+                dp.step()
+            counted["step"] = c
+            dp.zero_grad()
+    finally:
+        eng_mod._SubspaceClipper.__call__ = clip
+        _alloc.set_poison(True)
+    assert dp.last_backproj and len(dp.bases) == 7 * layers + 1
+    return counted["backward"], counted["step"]
+
+
+def test_launches_per_projected_step_pinned():
+    """7 projected Linear weights per layer + the head, in 4 layouts of one rank: the projection
+    is 4 launches + 1 reduce, the back-projection 4 launches, whatever the number of layers; a
+    further layer adds only its two norm weights' own launches (norm, bound, noise + update:
+    3 per weight), not one per projected weight. Measured (CPU, no poisoning): backward 76 + 4
+    per layer, step 11 + 2 per layer; per-layer projection and back-projection launches were
+    2 + 1 more per projected weight (21 per layer), plus 18 for last_clip and 8 for the norm
+    weights' sums. The fixed part's pin leaves a little slack for the engine's share."""
+    b1, s1 = _projected_step_launches(1)
+    b3, s3 = _projected_step_launches(3)
+    for b in (b1, b3):
+        assert b.by_name["triton:_subspace_proj_fwd_kernel"] == 4
+        assert b.by_name["triton:_subspace_proj_reduce_kernel"] == 1
+    for s in (s1, s3):
+        assert s.by_name["triton:_subspace_backproj_fwd_kernel"] == 4
+        assert s.by_name["triton:_gaussian_segments_kernel"] == 1
+    per_layer = (b3.total + s3.total - b1.total - s1.total) / 2
+    assert per_layer <= 6, (b1, s1, b3, s3)  # 7 projected weights per layer: per-layer launches fail
+    assert b1.total + s1.total <= 100, (b1, s1, b3, s3)
