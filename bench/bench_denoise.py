@@ -23,12 +23,16 @@ resync (resync_every), as in training. Recorded: denoise_ms (call minus the rest
 step's gradients), syncs (host-GPU syncs of one warm call, counted on the GPU by
 set_sync_debug_mode("warn"), on the CPU by the host reads of tensor values), GEMM passes per matrix and
 sweeps (bytes the GEMMs read / 4.4 GB) averaged over the timed calls, the effective GB/s of those
-reads, reruns and unconverged matrices, and, checked before timing, the error to the planted
-signal of layer 0 against the exact SVD's at every step. The expected time from the pass counts
+reads, reruns and unconverged matrices, the ops of one call (ops_per_call: aten ops that launch a
+kernel, counted by tests/denoise/opcount.py on any device; on the GPU also kernels_per_call from
+torch.profiler), on the GPU host_ms (the host time to issue one call: near denoise_ms when the
+call is host-bound), and, checked before timing, the error to the planted signal of layer 0
+against the exact SVD's at every step. The expected time from the pass counts
 is in dpkern/denoise/README.md; this case is what measures it.
 """
 import contextlib
 import math
+import time
 import warnings
 
 import pytest
@@ -39,6 +43,7 @@ from bench.conftest import HAS_GPU, _median_ms
 from dpkern.denoise import RMTDenoiser
 from dpkern.denoise.rsvd import exact_svd
 from dpkern.denoise.shrinkers import bulk_edge, shrink
+from tests.denoise.opcount import count_kernels, count_ops
 
 MODELS = {name: dict(zip(("hidden", "intermediate", "layers"), registry.shapes("rmt_denoise", q)[0]))
           for name, q in (("llama-1b", False), ("tiny", True))}
@@ -241,6 +246,48 @@ def count_syncs():
             setattr(torch.Tensor, k, f)
 
 
+def count_launches(den, grads, src):
+    """Ops of one call that is not a resync, on src's gradients: aten ops that launch a kernel
+    (ops_per_call; views_per_call apart) and, on the GPU, the CUDA kernels the profiler sees
+    (kernels_per_call; copies_per_call: memcpy / memset). Extra calls, not timed."""
+    def restore():
+        for k in grads:
+            grads[k].copy_(src[k])
+    out = {}
+    while den.calls % den.resync_every == 0:
+        restore()
+        den(grads, SIGMA_E)
+    restore()
+    with count_ops() as ops:
+        den(grads, SIGMA_E)
+    out.update(ops_per_call=ops.launching, views_per_call=ops.views, ops_top=ops.top(12))
+    if HAS_GPU:
+        while den.calls % den.resync_every == 0:
+            restore()
+            den(grads, SIGMA_E)
+        restore()
+        try:
+            with count_kernels() as kern:
+                den(grads, SIGMA_E)
+            out.update(kernels_per_call=kern["kernels"], copies_per_call=kern["copies"])
+        except Exception as exc:          # a profiler problem must not lose the timing
+            out["kernels_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return out
+
+
+def host_ms(run, calls=7):
+    """Median host time to issue one call (GPU idle at its start, not waited for at its end):
+    close to denoise_ms when the call is host-bound (launch and Python overhead)."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 MODES = {"cold": dict(warm_start=False), "warm": {}, "warm6": dict(warm_passes=6),
          "adaptive": dict(warm_passes=None)}
 
@@ -269,6 +316,7 @@ def test_denoise_steps(timed, drift_steps, mode, tf32):
             grads[k].copy_(steps[order[0]][1][k])
         with count_syncs() as syncs:
             den(grads, SIGMA_E)
+        launches = count_launches(den, grads, steps[order[0]][1])
         order = order[1:] + order[:1]
         calls, stats = [0], []
 
@@ -293,8 +341,9 @@ def test_denoise_steps(timed, drift_steps, mode, tf32):
                     passes_per_matrix=mean("passes_per_matrix"), sweeps=mean("sweeps"),
                     pass_gb=mean("pass_bytes") / 1e9, reruns=mean("reruns"),
                     unconverged=mean("unconverged"), warm_matrices=mean("warm"),
-                    config={k: v for k, v in den.kwargs.items()})
+                    config={k: v for k, v in den.kwargs.items()}, **launches)
         if HAS_GPU:
             info["restore_ms"] = _median_ms(restore)
             info["denoise_ms"] = info["median_ms"] - info["restore_ms"]
             info["gemm_read_gbps"] = info["pass_gb"] / (info["denoise_ms"] * 1e-3)
+            info["host_ms"] = host_ms(run)
