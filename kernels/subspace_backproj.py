@@ -88,9 +88,10 @@ def _subspace_backproj_fwd_kernel(w_ptr, u_ptr, s_ptr, v_ptr, m_ptr, q_ptr,
                                   BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                                   BLOCK_K: tl.constexpr, BLOCK_RV: tl.constexpr,
                                   PRECISION: tl.constexpr, TABLE: tl.constexpr,
-                                  W_ELT: tl.constexpr, M_ELT: tl.constexpr, Q_ELT: tl.constexpr):
+                                  W_ELT: tl.constexpr, M_ELT: tl.constexpr, Q_ELT: tl.constexpr,
+                                  S_ALIGNED: tl.constexpr):
     # TABLE: every *_ptr is a row of a pointer table over weights of one layout (axis 2 the
-    # weight); S̃ carries no alignment hint (rows of the released (L, RU, RV) buffer)
+    # weight); S̃ (rows of the released (L, RU, RV) buffer) need not be aligned: S_ALIGNED says
     i_p = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
     i_l = tl.program_id(2).to(tl.int64)
@@ -101,6 +102,8 @@ def _subspace_backproj_fwd_kernel(w_ptr, u_ptr, s_ptr, v_ptr, m_ptr, q_ptr,
     v_ptr = layer_ptr(v_ptr, i_l, TABLE, tl.float32)
     if TABLE:
         s_ptr = tl.load(s_ptr + i_l).to(tl.pointer_type(tl.float32))
+        if S_ALIGNED:  # every S̃ row 16-byte aligned (RU·RV a multiple of 4)
+            s_ptr = tl.multiple_of(s_ptr, 16)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     m_p = o_p < p
     o_rv = tl.arange(0, BLOCK_RV)
@@ -207,7 +210,8 @@ def subspace_backproj_launch_grouped(weights: list, *, scalars: dict, opt: int, 
         BLOCK_P=cfg.BLOCK_P, BLOCK_D=cfg.BLOCK_D, BLOCK_K=cfg.BLOCK_K, BLOCK_RV=_pow2(rv),
         PRECISION=cfg.input_precision, TABLE=table, W_ELT=TL_DTYPE[w.dtype],
         M_ELT=TL_DTYPE[(m if m is not None else w).dtype],
-        Q_ELT=TL_DTYPE[(q if q is not None else w).dtype], num_warps=cfg.num_warps)
+        Q_ELT=TL_DTYPE[(q if q is not None else w).dtype],
+        S_ALIGNED=table and aligned(*(x[2] for x in weights)), num_warps=cfg.num_warps)
 
 
 def tabled(w, u, v, m, q) -> bool:

@@ -97,7 +97,9 @@ def pointer_table(rows: list, device: torch.device, ints: list | None = None) ->
 def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
     """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of the table row x."""
     if TABLE:
-        x = tl.multiple_of(tl.load(x + i_l), 16).to(tl.pointer_type(ELT))  # ALIGN
+        # the hint on the pointer itself: Triton 3.6 does not carry one on the int64 through the
+        # int-to-pointer cast, and without it every load is scalar (kernels/_tables.py, 7a22981)
+        x = tl.multiple_of(tl.load(x + i_l).to(tl.pointer_type(ELT)), 16)  # ALIGN
     return x
 
 

@@ -144,14 +144,14 @@ def _backproj_inputs(shapes, dtype, seed):
 @pytest.mark.parametrize("opt", list(BACKPROJ_HYPERS))
 @pytest.mark.parametrize("case", list(BACKPROJ_CASES))
 def test_backproj_grouped_equals_per_weight(case, opt, dtype):
-    """Three steps (fresh poisoned states, then existing ones): W and every state equal the
+    """Two steps (fresh poisoned states, then existing ones): W and every state equal the
     per-weight op's bit for bit; one launch per layout (and step count)."""
     hyper = BACKPROJ_HYPERS[opt]
     shapes = BACKPROJ_CASES[case]
     ws, us, _, vs = _backproj_inputs(shapes, dtype, 0)
     ws1 = [w.clone() for w in ws]
     sts, sts1 = [{} for _ in ws], [{} for _ in ws]
-    for step in range(3):
+    for step in range(2):
         _, _, ss, _ = _backproj_inputs(shapes, dtype, 10 + step)
         with count_launches() as c:
             subspace_backproj_step_grouped_(ws, us, ss, vs, hyper, sts, backend="triton")
@@ -294,3 +294,25 @@ def test_launches_per_projected_step_pinned():
     per_layer = (b3.total + s3.total - b1.total - s1.total) / 2
     assert per_layer <= 6, (b1, s1, b3, s3)  # 7 projected weights per layer: per-layer launches fail
     assert b1.total + s1.total <= 100, (b1, s1, b3, s3)
+
+
+def test_tabled_kernels_load_as_wide_as_single_layer():
+    """sm_90 PTX (compiled on any machine): the tabled projection and back-projection read their
+    operands with the single-layer kernels' instructions, plus the table reads (ld.v1.b64)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "tests/subspace/sm90_ptx.py"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(counts) == {"proj", "backproj"}
+    for name, c in counts.items():
+        single, table = dict(c["single"]), dict(c["table"])
+        assert 1 <= table.pop("ld.v1.b64", 0) - single.pop("ld.v1.b64", 0) <= 6, (name, c)
+        assert table == single, (name, c)
+        assert single.get("cp.async.16", 0) > 0, (name, c)
