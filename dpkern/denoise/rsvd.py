@@ -443,9 +443,11 @@ def _workspace(layout: tuple, device, dtype, orth: str, workspace: dict | None) 
           "coef_l": _per_row([shift_coef(l, l) for *_, l, _ in layout], sizes, device,
                              torch.float64),
           "kth": _per_row([k - 1 for *_, k in layout], sizes, device, torch.int64)[:, None]}
-    cols = torch.arange(big_l, device=device)
-    ws["mask"] = (cols < _per_row([p[3] for p in layout], sizes, device, torch.int64)[:, None]
-                  ).double()                                                     # (B, L)
+    ws["mask"] = None                   # every stack has the same l: nothing is padded there
+    if any(p[3] != big_l for p in layout):
+        cols = torch.arange(big_l, device=device)
+        ws["mask"] = (cols < _per_row([p[3] for p in layout], sizes, device, torch.int64)[:, None]
+                      ).double()                                                 # (B, L)
     if workspace is not None:
         workspace.clear()
         workspace.update(ws)
@@ -523,7 +525,8 @@ def warm_svd_stacks(stacks: Sequence[torch.Tensor], thresholds: torch.Tensor,
         u, core, vh = torch.matmul(q, w.to(dt)), t, torch.matmul(z.mT.to(dt), q_prev.mT)
     else:       # a^T x = q w t z^T: a ~= (x z) t^T (q w)^T
         u, core, vh = torch.matmul(q_prev, z.to(dt)), t.mT, torch.matmul(w.mT.to(dt), q.mT)
-    s = (core.diagonal(dim1=-2, dim2=-1) * mask).to(dt)          # (B, L), 0 on the padding
+    s = core.diagonal(dim1=-2, dim2=-1)
+    s = (s if mask is None else s * mask).to(dt)                 # (B, L), 0 on the padding
     saturated = s.gather(1, ws["kth"])[:, 0] > thresholds
     return StackedSVD(u, s, vh, core, saturated, parts)
 
