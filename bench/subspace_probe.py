@@ -1,6 +1,9 @@
 """Where the DP-SFT projected step's time goes on the GPU, and what the projection could cost.
 
     python bench/subspace_probe.py --out /tmp/probe            # GPU (1B Llama, bf16 8x512)
+    python bench/subspace_probe.py --out /tmp/probe --parts steps \
+        --modes full,subspace-16,subspace-16:per-layer,subspace-64,subspace-64:per-layer
+    TRITON_INTERPRET=1 python bench/subspace_probe.py --out /tmp/probe --parts launches  # CPU
 
 Writes probe.json and probe.txt under --out:
 
@@ -8,13 +11,22 @@ Writes probe.json and probe.txt under --out:
   Triton kernel at its heuristic config and at other token tiles / splits, and a cuBLAS form
   ((g U), (a V) as two GEMMs with fp32 output, then a batched r×r product), each in ms and in GB/s
   of the a and g bytes it must read (the floor is one read of each);
-* steps: full DP step vs subspace-16 / subspace-64, median ms over --steps, host time to issue a
-  step (perf_counter until the last launch returns) and the top CUDA kernels of one profiled step.
+* steps: full DP step vs subspace-16 / subspace-64 (--modes; a ":per-layer" suffix runs the
+  projected step with DPKERN_SUBSPACE_GROUPED=0, one projection and back-projection launch per
+  layer, against the default grouped launches), median ms over --steps, host time to issue a
+  step (perf_counter until the last launch returns), kernel launches of one profiled step and
+  its top CUDA kernels;
+* launches: kernel launches (Triton + aten ops that launch) of the DP part of a projected step
+  (end-of-backward clipper + optimizer step) of a small Llama of the same layer structure at
+  --layers layers (tests/subspace/launches.py), grouped and per layer; runs on the CPU under
+  TRITON_INTERPRET=1 too.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -90,35 +102,56 @@ def probe_proj(bsz, seq, ranks):
     return rows
 
 
-def probe_steps(bsz, seq, steps):
+@contextlib.contextmanager
+def _per_layer(mode: str):
+    """mode "<m>:per-layer": DPKERN_SUBSPACE_GROUPED=0 inside (per-layer launches)."""
+    old = os.environ.get("DPKERN_SUBSPACE_GROUPED")
+    if mode.endswith(":per-layer"):
+        os.environ["DPKERN_SUBSPACE_GROUPED"] = "0"
+    try:
+        yield mode.split(":")[0]
+    finally:
+        if old is None:
+            os.environ.pop("DPKERN_SUBSPACE_GROUPED", None)
+        else:
+            os.environ["DPKERN_SUBSPACE_GROUPED"] = old
+
+
+_LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cuLaunchKernel")
+
+
+def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
     import gc
 
     from bench.bench_subspace import llama_dp_step
     out = {}
-    for mode in ("full", "subspace-16", "subspace-64"):
+    for mode in modes:
         gc.collect()
         torch.cuda.empty_cache()
-        model, opt, _, step = llama_dp_step(mode, bsz, seq)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        wall, host = [], []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            host.append(time.perf_counter() - t0)
+        with _per_layer(mode) as base:
+            model, opt, _, step = llama_dp_step(base, bsz, seq)
+            for _ in range(3):
+                step()
             torch.cuda.synchronize()
-            wall.append(time.perf_counter() - t0)
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
+            wall, host = [], []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step()
+                host.append(time.perf_counter() - t0)
+                torch.cuda.synchronize()
+                wall.append(time.perf_counter() - t0)
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
         ka = prof.key_averages()
         kern = sorted((e for e in ka if e.device_time_total > 0 and e.device_type.name == "CUDA"),
                       key=lambda e: -e.self_device_time_total)
         out[mode] = dict(
             wall_ms=1e3 * statistics.median(wall), host_ms=1e3 * statistics.median(host),
+            wall_ms_all=[1e3 * x for x in wall],
             gpu_kernel_ms=sum(e.self_device_time_total for e in kern) / 1e3,
+            launches=sum(e.count for e in ka if e.key in _LAUNCH_CALLS),
             peak_gib=torch.cuda.max_memory_allocated() / 2**30,
             top=[dict(name=e.key[:90], ms=e.self_device_time_total / 1e3, calls=e.count)
                  for e in kern[:25]],
@@ -131,6 +164,54 @@ def probe_steps(bsz, seq, steps):
     return out
 
 
+def probe_launches(layers_list=(2, 16), rank=4):
+    """Launches of the DP part (clipper + step, 3rd step) of a projected step of a small Llama
+    with the 1B model's layer structure, grouped and per layer, on this machine's device."""
+    import dpkern.subspace.engine as eng_mod
+    from dpkern.subspace import SubspacePrivacyEngine
+    from tests.subspace.launches import count_launches, llama_bases, tiny_llama
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = []
+    for layers in layers_list:
+        for mode in ("grouped", "grouped:per-layer"):
+            with _per_layer(mode):
+                model, cfg = tiny_llama(layers, device=dev)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                model, dp, _ = SubspacePrivacyEngine(accountant="rdp", backend="triton").make_private(
+                    module=model, optimizer=opt, data_loader=None, noise_multiplier=1.0,
+                    max_grad_norm=1.0, expected_batch_size=2, sample_rate=0.01,
+                    loss_reduction="sum", subspace=llama_bases(model, rank, dev), seed=0)
+                dp.backproj_backend = dp.noise_backend = "triton"
+                ids = torch.randint(0, cfg.vocab_size, (2, 9), device=dev)
+                got = {}
+                clip = eng_mod._SubspaceClipper.__call__
+
+                def counting(self, uses, _clip=clip, _got=got):
+                    with count_launches() as c:
+                        _clip(self, uses)
+                    _got["backward"] = c
+                eng_mod._SubspaceClipper.__call__ = counting
+                try:
+                    for _ in range(3):
+                        logits = model(input_ids=ids).logits
+                        loss = torch.nn.functional.cross_entropy(
+                            logits[:, :-1].float().reshape(-1, cfg.vocab_size),
+                            ids[:, 1:].reshape(-1), reduction="none").view(2, -1).mean(1).sum()
+                        loss.backward()
+                        with count_launches() as c:
+                            dp.step()
+                        got["step"] = c
+                        dp.zero_grad()
+                finally:
+                    eng_mod._SubspaceClipper.__call__ = clip
+            b, st = got["backward"], got["step"]
+            out.append(dict(layers=layers, projected=len(dp.bases), mode=mode.replace("grouped:", ""),
+                            backward=b.total, step=st.total, triton=b.triton + st.triton,
+                            by_name=dict(sorted((b.by_name + st.by_name).items(),
+                                                key=lambda kv: -kv[1]))))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -138,23 +219,35 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--parts", default="proj,steps")
+    ap.add_argument("--modes", default="full,subspace-16,subspace-64")
+    ap.add_argument("--layers", default="2,16", help="launches: model depths to count")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = dict(device=torch.cuda.get_device_name(), batch=args.batch, seq=args.seq)
+    gpu = torch.cuda.is_available()
+    res = dict(device=torch.cuda.get_device_name() if gpu else "cpu", batch=args.batch,
+               seq=args.seq)
     parts = args.parts.split(",")
+    if "launches" in parts:
+        res["launches"] = probe_launches(tuple(int(x) for x in args.layers.split(",")))
+        (out / "probe.json").write_text(json.dumps(res, indent=1))
     if "proj" in parts:
         res["proj"] = probe_proj(args.batch, args.seq, (16, 64))
         (out / "probe.json").write_text(json.dumps(res, indent=1))
     if "steps" in parts:
-        res["steps"] = probe_steps(args.batch, args.seq, args.steps)
+        res["steps"] = probe_steps(args.batch, args.seq, args.steps, args.modes.split(","))
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     lines = [f"{res['device']}  B={args.batch} T={args.seq}"]
+    for row in res.get("launches", []):
+        lines.append(f"launches, {row['layers']} layers ({row['projected']} projected), "
+                     f"{row['mode']}: backward {row['backward']}, step {row['step']} "
+                     f"(Triton {row['triton']})")
     for row in res.get("proj", []):
         lines.append(json.dumps(row))
     for mode, st in res.get("steps", {}).items():
         lines.append(f"\n{mode}: wall {st['wall_ms']:.1f} ms, host {st['host_ms']:.1f} ms, "
-                     f"kernels {st['gpu_kernel_ms']:.1f} ms, peak {st['peak_gib']:.1f} GiB")
+                     f"kernels {st['gpu_kernel_ms']:.1f} ms, launches {st['launches']}, "
+                     f"peak {st['peak_gib']:.1f} GiB")
         lines += [f"  {t['ms']:8.2f} ms {t['calls']:5d}x {t['name']}" for t in st["top"]]
         lines.append("  -- self CPU --")
         lines += [f"  {t['self_cpu_ms']:8.2f} ms {t['calls']:5d}x {t['name']}" for t in st["top_cpu"]]

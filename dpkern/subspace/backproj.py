@@ -184,6 +184,8 @@ def subspace_backproj_step_grouped_(ws: list, us: list, ss: list, vs: list, hype
     if be == "triton":
         from dpkern.kernels.subspace_backproj import (subspace_backproj_config,
                                                       subspace_backproj_launch_grouped, tabled)
+        from dpkern.subspace.ops import grouped_launches
+        grouped = grouped_launches()
         groups: dict = {}
         for w, (u, s, v, m, q, fresh, t, opt) in zip(ws, preps):
             key = (tuple(w.shape), w.dtype, w.device, u.shape, u.stride(), s.shape, s.stride(),
@@ -197,13 +199,13 @@ def subspace_backproj_step_grouped_(ws: list, us: list, ss: list, vs: list, hype
                                                          members[0][3].shape[1]), ws[0].device)
             kw = dict(scalars=update_scalars(hyper, t), opt=opt, decoupled=adam and hyper.decoupled,
                       nesterov=bool(getattr(hyper, "nesterov", False)), first=fresh, config=cfg)
-            table = [x for x in members if tabled(x[0], x[1], x[3], x[4], x[5])]
-            if len(table) < 2:
-                table = []
-            if table:
+            ok = [grouped and len(members) > 1 and tabled(x[0], x[1], x[3], x[4], x[5])
+                  for x in members]
+            table = [x for x, t in zip(members, ok) if t]
+            if len(table) > 1:
                 subspace_backproj_launch_grouped(table, **kw)
-            for x in members:  # alone in its layout or not aligned: its own launch
-                if not table or not any(x[0] is y[0] for y in table):
+            for x, t in zip(members, ok):  # alone in its layout or not aligned: its own launch
+                if not t or len(table) < 2:
                     subspace_backproj_launch_grouped([x], **kw)
     else:
         for w, (u, s, v, m, q, fresh, t, opt) in zip(ws, preps):
@@ -218,7 +220,7 @@ def _prepare(w, u, s, v, state, hyper) -> tuple:
     if not isinstance(state, dict):
         raise TypeError("state must be the optimizer's per-parameter dict, got "
                         f"{type(state).__name__}")
-    u, s, v = (x.to(torch.float32) for x in (u, s, v))
+    u, s, v = (x if x.dtype == torch.float32 else x.float() for x in (u, s, v))
     m = q = None
     fresh = False
     if isinstance(hyper, AdamHyper):

@@ -1,6 +1,8 @@
 """Launcher of the fused subspace projection (kernels/subspace_proj.py) with a torch backend."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dpkern import _alloc
@@ -100,6 +102,12 @@ def subspace_project(a: torch.Tensor, g: torch.Tensor, u: torch.Tensor, v: torch
     return s, norms
 
 
+def grouped_launches() -> bool:
+    """False when DPKERN_SUBSPACE_GROUPED=0: every projected layer gets its own projection and
+    back-projection launch (the per-layer path, for timing the two against each other)."""
+    return os.environ.get("DPKERN_SUBSPACE_GROUPED", "1") != "0"
+
+
 def _layout(a, g, u, v) -> tuple:
     """What layers projected in one launch agree on (kernels/subspace_proj.py)."""
     return tuple((tuple(x.shape), x.stride(), x.dtype) for x in (a, g, u, v))
@@ -178,12 +186,14 @@ def subspace_project_grouped(layers: list, out, *, backend: str | None = None, c
     cfg = config or subspace_proj_config(bsz, max(x[0].shape[1] for x in layers), dev,
                                          rank=max(ru, rv))
     part = _alloc.empty(n_l, bsz, cfg.n_split, ru * rv, dtype=torch.float32, device=dev)
+    grouped = grouped_launches()
     for ks in by_layout.values():
-        table = [k for k in ks if aligned(*layers[k])] if len(ks) > 1 else []
+        ok = [grouped and len(ks) > 1 and aligned(*layers[k]) for k in ks]
+        table = [k for k, t in zip(ks, ok) if t]
         if len(table) > 1:
             subspace_proj_partials([layers[k] for k in table], part, cfg, rows=table)
-        for k in ks:  # a layer alone in its layout, or not aligned: its own launch
-            if len(table) < 2 or k not in table:
+        for k, t in zip(ks, ok):  # a layer alone in its layout, or not aligned: its own launch
+            if not t or len(table) < 2:
                 subspace_proj_partials([layers[k]], part[k], cfg)
     subspace_proj_reduce(part, s_all, n_all)
     return s_all, n_all

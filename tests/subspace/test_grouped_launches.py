@@ -101,6 +101,27 @@ def test_projection_misaligned_and_separate_inputs(dtype):
     assert c.by_name["triton:_subspace_proj_fwd_kernel"] == len(set(dims)) + 1
 
 
+def test_per_layer_switch(monkeypatch):
+    """DPKERN_SUBSPACE_GROUPED=0 (for timing the two paths against each other): one launch per
+    layer and weight, the same results."""
+    layers = _proj_layers("B1_T9_r1x1", torch.float32)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DPKERN_SUBSPACE_GROUPED", flag)
+        s_all, n_all = torch.empty(4, 1, 1, 1, device=DEV), torch.empty(4, 1, device=DEV)
+        ws, us, ss, vs = _backproj_inputs(BACKPROJ_CASES["r1"], torch.float32, 2)
+        with count_launches() as c:
+            subspace_project_grouped(layers, (s_all, n_all), backend="triton")
+            subspace_backproj_step_grouped_(ws, us, ss, vs, BACKPROJ_HYPERS["adamw"],
+                                            [{} for _ in ws], backend="triton")
+        outs.append((s_all, n_all, ws))
+        per_layer = flag == "0"
+        assert c.by_name["triton:_subspace_proj_fwd_kernel"] == (4 if per_layer else 2)
+        assert c.by_name["triton:_subspace_backproj_fwd_kernel"] == (3 if per_layer else 2)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+
+
 def test_projection_grouped_refuses():
     layers = _proj_layers("B1_T9_r1x1", torch.float32)
     s, n = torch.zeros(4, 1, 1, 1, device=DEV), torch.zeros(4, 1, device=DEV)
