@@ -6,8 +6,8 @@ BLOCK_P rows of W, forms [BP, RV] = U[rows] S̃ on chip once, then walks its sha
 tiles, each time forming the [BP, BD] tile of G = (U S̃) Vᵀ in registers and applying the optimizer
 in the epilogue (SGD, SGD with momentum, Adam with L2 or decoupled (AdamW) weight decay), reading
 and writing W and the optimizer's states in place. Traffic per element: W and the states, read and
-written once; FLOPs 2·RV per element plus 2·RU·RV per row and program. Math and update rules:
-dpkern/subspace/README.md.
+written once; FLOPs 2·RV per element plus 2·RU·RV per row and program. Weights of one layout go
+in one launch (a third grid axis, pointer tables). Math and update rules: dpkern/subspace/README.md.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ a (B, T, d), g (B, T, p), U (p, RU), V (d, RV). G_i = g_iᵀ a_i (p × d) is nev
 program projects a tile of tokens of one sample onto the bases on chip ([BT, RU] and [BT, RV]) and
 accumulates their product (RU × RV). The T tiles of a sample may be split over N_SPLIT programs
 (partials, summed deterministically by the reduce kernel, which also writes ‖S_i‖²). FLOPs per
-sample: 2T(p·RU + d·RV + RU·RV). Math: dpkern/subspace/README.md.
+sample: 2T(p·RU + d·RV + RU·RV). Layers of one layout go in one launch (a third grid axis over
+layers, their tensors through a pointer table), and one reduce launch serves a whole rank group.
+Math: dpkern/subspace/README.md.
 """
 from __future__ import annotations
 
