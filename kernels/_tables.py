@@ -16,19 +16,37 @@ TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16
 # The kernels are told that every tabled pointer is a multiple of this many bytes (as Triton
 # assumes of a 16-byte aligned pointer argument): without it their loads are not vectorised.
 ALIGN = 16
+_TABLES: dict = {}  # pointer values -> device table: the same layers' table is uploaded once
+_TABLES_MAX = 256
 
 
-def pointer_table(rows: list, device: torch.device) -> torch.Tensor:
-    """rows: R lists of L tensors -> (R, L) int64 data pointers on `device`; uploaded from pinned
-    memory without a host-GPU synchronisation on CUDA. Every pointer must be ALIGN-aligned (the
-    ops send other tensors through single-layer launches)."""
-    ptrs = [[x.data_ptr() for x in row] for row in rows]
-    if any(v % ALIGN for row in ptrs for v in row):
+def aligned(*xs: torch.Tensor) -> bool:
+    """Whether every tensor starts on an ALIGN-byte boundary (may go in a pointer table)."""
+    return all(x.data_ptr() % ALIGN == 0 for x in xs)
+
+
+def pointer_table(rows: list, device: torch.device, ints: list | None = None) -> torch.Tensor:
+    """rows: R lists of L tensors -> (R (+1), L) int64 on `device`: their data pointers, then, when
+    given, one row of plain integers `ints` (L of them). Every pointer must be ALIGN-aligned (the
+    ops send other tensors through single-layer launches). Cached by value (weights', states' and
+    often activations' tables are the same every step): no upload on a hit, and on a miss a
+    pinned, non-blocking one (no host-GPU synchronisation). A table holds addresses only, so a
+    hit is right whatever tensors now live there."""
+    vals = [tuple(x.data_ptr() for x in row) for row in rows]
+    if any(v % ALIGN for row in vals for v in row):
         raise ValueError(f"pointer_table: every tensor must start on a {ALIGN}-byte boundary")
-    host = torch.tensor(ptrs, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+    if ints is not None:
+        vals.append(tuple(int(i) for i in ints))
+    key = (tuple(vals), str(device))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    host = torch.tensor(vals, dtype=torch.int64)
+    tab = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = tab
+    return tab
 
 
 def shared_input_args(as_: list, gss: list, max_g: int):

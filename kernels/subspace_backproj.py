@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from dpkern.kernels.noise_step import _rne_bf16
-from dpkern.kernels.subspace_proj import TL_DTYPE, aligned, layer_ptr, pointer_table
+from dpkern.kernels._tables import TL_DTYPE, aligned, layer_ptr, pointer_table
 
 OPT_SGD, OPT_SGD_MOMENTUM, OPT_ADAM = 0, 1, 2
 

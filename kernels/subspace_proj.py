@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dpkern.kernels._tables import TL_DTYPE, aligned, layer_ptr, pointer_table
+
 
 @dataclass(frozen=True)
 class SubspaceProjConfig:
@@ -58,51 +60,8 @@ def subspace_proj_search_space():
             for w in (4, 8)]
 
 
-# Layers of one launch (a third grid axis) reach their tensors through a table of int64 data
-# pointers, one row per operand and one column per layer. The kernels are told every tabled
-# pointer is a multiple of ALIGN bytes (as Triton assumes of an aligned pointer argument): without
-# the hint their loads are not vectorised; pointer_table refuses a misaligned one.
-ALIGN = 16
-TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_TABLES: dict = {}  # pointer values -> device table: the same layers' table is uploaded once
-_TABLES_MAX = 256
-
-
-def aligned(*xs: torch.Tensor) -> bool:
-    """Whether every tensor starts on an ALIGN-byte boundary (may go in a pointer table)."""
-    return all(x.data_ptr() % ALIGN == 0 for x in xs)
-
-
-def pointer_table(rows: list, device: torch.device, ints: list | None = None) -> torch.Tensor:
-    """rows: R lists of L tensors -> (R (+1), L) int64 on `device`: their data pointers, then, when
-    given, one row of plain integers `ints` (L of them). Cached by value (the weights', bases' and
-    states' tables are the same every step; the activations' often are): no upload on a hit, and
-    on a miss a pinned, non-blocking one (no host-GPU synchronisation)."""
-    vals = [tuple(x.data_ptr() for x in row) for row in rows]
-    if any(v % ALIGN for row in vals for v in row):
-        raise ValueError(f"pointer_table: every tensor must start on a {ALIGN}-byte boundary")
-    if ints is not None:
-        vals.append(tuple(int(i) for i in ints))
-    key = (tuple(vals), str(device))
-    hit = _TABLES.get(key)
-    if hit is not None:
-        return hit
-    host = torch.tensor(vals, dtype=torch.int64)
-    tab = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    if len(_TABLES) >= _TABLES_MAX:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = tab
-    return tab
-
-
-@triton.jit
-def layer_ptr(x, i_l, TABLE: tl.constexpr, ELT: tl.constexpr):
-    """x itself (one layer), or with TABLE the pointer to ELT held in entry i_l of the table row x."""
-    if TABLE:
-        # the hint on the pointer itself: Triton 3.6 does not carry one on the int64 through the
-        # int-to-pointer cast, and without it every load is scalar (kernels/_tables.py, 7a22981)
-        x = tl.multiple_of(tl.load(x + i_l).to(tl.pointer_type(ELT)), 16)  # ALIGN
-    return x
+# Layers of one launch (a third grid axis) reach their tensors through pointer tables
+# (kernels/_tables.py), with one extra row of integers: each layer's row of the output.
 
 
 @triton.jit

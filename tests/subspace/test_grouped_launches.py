@@ -320,17 +320,8 @@ def test_launches_per_projected_step_pinned():
 def test_tabled_kernels_load_as_wide_as_single_layer():
     """sm_90 PTX (compiled on any machine): the tabled projection and back-projection read their
     operands with the single-layer kernels' instructions, plus the table reads (ld.v1.b64)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "tests/subspace/sm90_ptx.py"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    from tests.sm90_ptx import tabled_load_counts
+    counts = tabled_load_counts(["proj", "backproj"])
     assert set(counts) == {"proj", "backproj"}
     for name, c in counts.items():
         single, table = dict(c["single"]), dict(c["table"])
@@ -346,7 +337,7 @@ def test_gpu_grouped_step_does_not_synchronise(dtype, monkeypatch):
     runs under the sync guard with the pointer-table cache emptied (the tables are uploaded
     again, pinned and non-blocking); the weights then match the per-layer path's (the same
     kernels without tables) to fp32 rounding of the update."""
-    from dpkern.kernels import subspace_proj as ksp
+    from dpkern.kernels import _tables as tables
     from dpkern.subspace import SubspacePrivacyEngine
     from tests.conftest import sync_is_an_error
 
@@ -369,7 +360,7 @@ def test_gpu_grouped_step_does_not_synchronise(dtype, monkeypatch):
             with amp:
                 loss = model(x).float().square().mean(dim=(1, 2)).nan_to_num().sum()
             if step == 2 and grouped:
-                ksp._TABLES.clear()
+                tables._TABLES.clear()
             with sync_is_an_error() if step == 2 else contextlib.nullcontext():
                 loss.backward()
                 dp.step()
