@@ -42,9 +42,11 @@ def subspace_backproj_config(p: int, d: int, rank: int, device: torch.device,
     """64 × 64 tiles (32 × 64 above rank 64; 8 warps above rank 32: [BP, RV] + [BD, RV] and the
     [BP, BD] gradient, W and state tiles stay in registers); the column tiles of a row block are
     split until ≥ 2 programs per SM run, keeping ≥ 4 tiles per program so the U S̃ product
-    (RU/BD of the tile FLOPs) is amortised. Dots default to IEEE fp32: the update must match the
-    fp32 materialised path (TF32 would move it by ~1e-3 relative); the kernel should be bound by
-    W / state traffic up to RV ≈ 128 anyway (to be measured: bench_subspace -k backproj)."""
+    (RU/BD of the tile FLOPs) is amortised. Dots: the update must match the fp32 materialised
+    path (plain TF32 would move it by ~1e-3 relative), so IEEE fp32 up to rank 16, where W / state
+    traffic bounds the kernel, and three TF32 products ("tf32x3", held to the same fp32 policy in
+    the tests) from rank 32: at r = 64 the IEEE dots made the 1B model's 113 back-projections
+    18.9 ms against 7.7 ms at r = 16 (H100, bench/results/subspace_h100_f65b551)."""
     big = rank > 64
     block_p, block_d = (32, 64) if big else (64, 64)
     row_blocks = triton.cdiv(max(p, 1), block_p)
@@ -53,7 +55,7 @@ def subspace_backproj_config(p: int, d: int, rank: int, device: torch.device,
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         want = triton.cdiv(2 * sms, row_blocks)
         split = max(1, min(want, col_tiles // 4))
-        prec = input_precision or "ieee"
+        prec = input_precision or ("tf32x3" if rank >= 32 else "ieee")
     else:  # interpreter: exact fp32 dots whatever is asked; split anyway to exercise it
         split, prec = max(1, min(2, col_tiles)), input_precision or "ieee"
     return SubspaceBackprojConfig(BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=32, n_split=split,
