@@ -43,6 +43,7 @@ from bench.conftest import HAS_GPU, _median_ms
 from dpkern.denoise import RMTDenoiser
 from dpkern.denoise.rsvd import exact_svd
 from dpkern.denoise.shrinkers import bulk_edge, shrink
+from dpkern._matmul import fp32_matmul
 from tests.denoise.opcount import count_kernels, count_ops
 
 MODELS = {name: dict(zip(("hidden", "intermediate", "layers"), registry.shapes("rmt_denoise", q)[0]))
@@ -113,12 +114,8 @@ def matmul_tf32(on: bool):
     """TF32 matmuls on or off inside (a GPU setting: skipped on CPU when on); restored after."""
     if on and not HAS_GPU:
         pytest.skip("TF32 is a GPU setting")
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
-    try:
+    with fp32_matmul("cuda" if HAS_GPU else "cpu", "tf32" if on else "ieee"):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
@@ -126,7 +123,7 @@ def matmul_tf32(on: bool):
 def test_denoise_all_matrices(timed, llama_grads, orth, tf32):
     shapes, signal0, noisy = llama_grads
     with matmul_tf32(tf32):
-        den = RMTDenoiser(orth=orth, seed=1, warm_start=False)
+        den = RMTDenoiser(orth=orth, seed=1, warm_start=False, tf32=None)
         acc = _accuracy(den, signal0, noisy)                 # checked before timing
         assert acc["err_to_signal_ratio"] < 1.05, acc
         grads = {k: v.clone() for k, v in noisy.items()}
@@ -297,7 +294,7 @@ MODES = {"cold": dict(warm_start=False), "warm": {}, "warm6": dict(warm_passes=6
 def test_denoise_steps(timed, drift_steps, mode, tf32):
     shapes, steps, exact = drift_steps
     with matmul_tf32(tf32):
-        den = RMTDenoiser(seed=1, **MODES[mode])
+        den = RMTDenoiser(seed=1, tf32=None, **MODES[mode])   # the case sets TF32
         ratio = 0.0                                          # checked before timing
         for (signal0, noisy), ex in zip(steps, exact):
             grads = {k: v.clone() for k, v in noisy.items()}

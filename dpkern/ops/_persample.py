@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from dpkern._matmul import fp32_matmul
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The torch backend keeps its per-chunk intermediates below this many bytes.
 CHUNK_BYTES = 256 << 20
@@ -75,27 +77,9 @@ def check_shared_input(op: str, a, gs) -> None:
         check_device(op, {"a": a, name: g})
 
 
-@contextlib.contextmanager
 def exact_fp32_matmul(device: torch.device):
     """fp32 matmuls in IEEE fp32 (no TF32) inside the block: norms must not be under-estimated."""
-    if device.type != "cuda":
-        yield
-        return
-    mm = torch.backends.cuda.matmul
-    if hasattr(mm, "fp32_precision"):
-        old = mm.fp32_precision
-        mm.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            mm.fp32_precision = old
-    else:  # older torch
-        old = mm.allow_tf32
-        mm.allow_tf32 = False
-        try:
-            yield
-        finally:
-            mm.allow_tf32 = old
+    return fp32_matmul(device, "ieee")
 
 
 def sample_chunks(batch: int, bytes_per_sample: int):
