@@ -98,9 +98,9 @@ def test_grouped_norms_torch_backend_and_empty(device):
 @pytest.mark.parametrize("why", ["unaligned", "many-tokens"])
 @pytest.mark.parametrize("device", kernel_devices())
 def test_ungroupable_layers_launch_alone(device, why, monkeypatch):
-    """Tables promise the kernels 16-byte aligned pointers (vectorised loads), and grouping only
-    pays for small layers (GROUP_MAX_TOKENS): other layers of one layout are launched one by one,
-    with the same results."""
+    """Tables promise the kernels 16-byte aligned pointers (vectorised loads), and layers above
+    GROUP_MAX_TOKENS rows (DPKERN_GROUP_MAX_TOKENS; no limit by default) are not grouped: such
+    layers of one layout are launched one by one, with the same results."""
     import dpkern.ops._persample as persample
     torch.manual_seed(4)
     bufs = [torch.randn(2, 9, 25, device=device).to(torch.bfloat16) for _ in range(3)]
