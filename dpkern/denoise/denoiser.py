@@ -14,8 +14,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from dpkern.denoise.rsvd import (ORTHS, _per_row, adaptive_svd, as_batch, exact_svd, warm_svd,
-                                 warm_svd_stacks)
+from dpkern.denoise.rsvd import (ORTHS, _per_row, adaptive_svd, adaptive_svd_stacks, as_batch,
+                                 exact_svd, warm_svd, warm_svd_stacks)
 from dpkern.denoise.shrinkers import SHRINKERS, bulk_edge, shrink, shrink_dims, shrink_rows
 from dpkern._matmul import fp32_matmul
 
@@ -70,7 +70,9 @@ def denoise_matrices_(mats: Sequence[torch.Tensor], noise_std: float, *, shrinke
             n_iter; a host sync and a small SVD per pass).
         resync: run warm stacks through rsvd.adaptive_svd (warm_passes passes, then a rerun at
             twice the rank for a matrix whose kth value is above the threshold; a host sync per
-            round): the carried block becomes the kept vectors + `carry`.
+            round): the carried block becomes the kept vectors + `carry`. Synchronous stacks
+            (cold, resync) of one device run batched (rsvd.adaptive_svd_stacks) unless
+            warm_passes=None with a warm start (the adaptive path) or method="exact".
         carry: how many vectors beyond the kept ones go into info["vectors"] (synchronous paths).
         info: dict filled with "vectors" (per matrix, the next call's warm start, or None),
             "passes" (GEMM passes: sum over GEMMs of the matrices they read), "pass_bytes" (bytes
@@ -163,6 +165,7 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
         if t.numel():
             groups[(tuple(t.shape), t.device)].append(i)
     warm_batch: dict = defaultdict(list)       # device -> chunks for the batched warm path
+    sync_batch: dict = defaultdict(list)       # device -> chunks for the batched cold / resync path
     for (shape, dev), idx in groups.items():
         m, n = min(shape), max(shape)
         per_chunk = max(1, max_batch_numel // (m * n))
@@ -173,6 +176,10 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
                     and v0 is not None and all(v is not None for v in v0) \
                     and min(max([rank] + [v.shape[1] for v in v0]), m) + oversample < m:
                 warm_batch[dev].append((chunk, m, n, shape[0] != m))
+                continue
+            if method == "randomized" and not (warm_passes is None and tol is not None and
+                                               v0 is not None and any(v is not None for v in v0)):
+                sync_batch[dev].append((chunk, m, n, shape[0] != m))   # fixed passes: batched
                 continue
             svd_kw = dict(rank=rank, oversample=oversample, n_iter=n_iter, max_rank=max_rank,
                           orth=orth, tol=tol, min_iter=int(min_iter), carry=int(carry),
@@ -186,6 +193,14 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
             st["counts"].append((chunk, counts))
             for j, i in enumerate(chunk):
                 st["vectors"][i] = vecs[j]
+    for dev, chunks in sync_batch.items():
+        ws = workspace.setdefault(str(dev), {}) if workspace is not None else None
+        _denoise_sync(chunks, mats, warm_start, generators, sigma, shrinker, kappa,
+                      norm_correction, float(max_norm_gain),
+                      dict(rank=int(rank), oversample=int(oversample), n_iter=int(n_iter),
+                           max_rank=max_rank, orth=orth, carry=int(carry),
+                           warm_passes=None if warm_passes is None else int(warm_passes)),
+                      st, ws)
     for dev, chunks in warm_batch.items():
         ws = workspace.setdefault(str(dev), {}) if workspace is not None else None
         _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa,
@@ -206,21 +221,24 @@ def _stack(ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     return torch.stack([t.float() for t in ts]), False
 
 
-def _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa, norm_correction,
-                  max_norm_gain, rank, oversample, passes, orth, st, ws) -> None:
-    """The sync-free warm path for every warm chunk of one device at once: chunks = [(matrix
-    indices, m, n, flipped)], each stacked (a view or one copy), one rsvd.warm_svd_stacks call,
-    one shrinkage and one left-factor GEMM for all, then one output GEMM per matrix."""
+def _chunk_stacks(chunks, mats, warm_start, generators):
+    """The chunks [(matrix indices, m, n, flipped)] as (b, m, n) fp32 stacks (a view of the
+    gradients or one stacking copy each), whether each is a view, and their starts, generators
+    and (b, m, n) keys."""
     stacks, views, v0, gens, key = [], [], [], [], []
     for chunk, m, n, flip in chunks:
         a, view = _stack([mats[i] for i in chunk])
         stacks.append(a.mT if flip else a)                              # (b, m, n)
         views.append(view)
-        v0.append([warm_start[i] for i in chunk])
+        v0.append(None if warm_start is None else [warm_start[i] for i in chunk])
         gens.append(None if generators is None else [generators[i] for i in chunk])
         key.append((len(chunk), m, n))
-    dev = stacks[0].device
-    # per-row constants (thresholds, shrinker dims), filled on the device: no host copy
+    return stacks, views, v0, gens, key
+
+
+def _row_consts(key, sigma, kappa, dev, ws):
+    """Per-row thresholds (B,) float32 and shrinker dims (B, 2) float64 of the stacks `key`
+    [(b, m, n)], filled on the device (no host copy), kept in ws for the next call."""
     consts = None if ws is None else ws.get("consts")
     if consts is None or consts[0] != (tuple(key), sigma, kappa):
         sizes = [b for b, _, _ in key]
@@ -231,7 +249,87 @@ def _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa, 
         consts = ((tuple(key), sigma, kappa), thr, dims)
         if ws is not None:
             ws["consts"] = consts
-    _, thr, dims = consts
+    return consts[1], consts[2]
+
+
+def _denoise_sync(chunks, mats, warm_start, generators, sigma, shrinker, kappa, norm_correction,
+                  max_norm_gain, kw, st, ws) -> None:
+    """The synchronous path (cold matrices, resync calls) for every chunk of one device at once:
+    rsvd.adaptive_svd_stacks (per round one set of passes over all stacks, one host sync), then
+    per round one shrinkage and one left-factor product for all its matrices, and one output
+    GEMM per matrix (per stack when the stack is a view of the gradients and none of it reran).
+    Each matrix's result is _denoise_stack's (adaptive_svd per chunk) up to GEMM rounding."""
+    stacks, views, v0, gens, key = _chunk_stacks(chunks, mats, warm_start, generators)
+    dev = stacks[0].device
+    thr, dims = _row_consts(key, sigma, kappa, dev, ws)
+    stats: dict = {}
+    rounds, carried = adaptive_svd_stacks(
+        stacks, thr, v0, generators=None if generators is None else gens, stats=stats,
+        workspace=None if ws is None else ws.setdefault("svd", {}), **kw)
+    offs = [0]
+    for b, _, _ in key:
+        offs.append(offs[-1] + b)
+    if norm_correction:
+        fro2 = torch.cat([a.square().sum((-2, -1)) for a in stacks]).double()      # (B,)
+        mn = _per_row([m * n * sigma**2 for _, m, n in key], [b for b, _, _ in key], dev,
+                      torch.float64)
+    max_rank = kw["max_rank"]
+    for rnd_no, rnd in enumerate(rounds):
+        for (u, s, vh, rows), done in zip(rnd.blocks, rnd.done):
+            gidx = [offs[j] + i for j, i in rows]
+            whole = gidx == list(range(offs[-1]))
+            sel = None if whole else torch.tensor(gidx, device=dev)
+            eta = shrink_rows(s, sigma, dims if whole else dims[sel], shrinker, kappa)
+            if max_rank is not None:        # adaptive_svd keeps at most cap values
+                caps = [max(1, min(int(max_rank), key[j][1])) for j, _ in rows]
+                if min(caps) < eta.shape[1]:
+                    cols = torch.arange(eta.shape[1], device=dev)
+                    eta = eta * (cols < torch.tensor(caps, device=dev)[:, None])
+            counts = (eta > 0).sum(1)
+            if norm_correction:
+                eta = _norm_gain(eta, fro2 if whole else fro2[sel], mn if whole else mn[sel],
+                                 max_norm_gain)
+            left = u * eta[:, None, :]                                   # U diag(eta)
+            r = 0
+            while r < len(rows):                 # the block's rows, one stack at a time
+                j = rows[r][0]
+                r1 = r
+                while r1 < len(rows) and rows[r1][0] == j:
+                    r1 += 1
+                chunk, m, n, flip = chunks[j]
+                lj, vj = left[r:r1, :m], vh[r:r1, :, :n]
+                if views[j] and rnd_no == 0 and r1 - r == key[j][0] and all(done[r:r1]):
+                    torch.matmul(vj.mT, lj.mT, out=stacks[j].mT) if flip else \
+                        torch.matmul(lj, vj, out=stacks[j])
+                else:
+                    for t in range(r, r1):
+                        if done[t]:
+                            i = chunk[rows[t][1]]
+                            _write(mats[i], vh[t, :, :n].mT, left[t, :m].mT) if flip else \
+                                _write(mats[i], left[t, :m], vh[t, :, :n])
+                r = r1
+            fin = [t for t, d in enumerate(done) if d]
+            ids = [chunks[rows[t][0]][0][rows[t][1]] for t in fin]
+            if ids:
+                st["counts"].append((ids, counts if len(fin) == len(rows) else
+                                     counts[torch.tensor(fin, device=dev)]))
+    for (chunk, *_), vs in zip(chunks, carried):
+        for i, v in zip(chunk, vs):
+            st["vectors"][i] = v
+    for k in ("passes", "iters", "reruns", "exact"):
+        st[k] += stats.get(k, 0)
+    st["pass_bytes"] += 4 * stats.get("pass_numel", 0)
+
+
+def _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa, norm_correction,
+                  max_norm_gain, rank, oversample, passes, orth, st, ws) -> None:
+    """The sync-free warm path for every warm chunk of one device at once: chunks = [(matrix
+    indices, m, n, flipped)], each stacked (a view or one copy), one rsvd.warm_svd_stacks call,
+    one shrinkage and one left-factor GEMM for all, then one output GEMM per matrix."""
+    stacks, views, v0, gens, key = _chunk_stacks(chunks, mats, warm_start, generators)
+    dev = stacks[0].device
+    # per-row constants (thresholds, shrinker dims), filled on the device: no host copy
+    thr, dims = _row_consts(key, sigma, kappa, dev, ws)
     stats: dict = {}
     res = warm_svd_stacks(stacks, thr, v0, rank=rank, oversample=oversample, passes=passes,
                           generators=None if generators is None else gens, orth=orth,

@@ -14,6 +14,7 @@ at most `n_iter` iterations. Computation is float32 whatever the input dtype.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import NamedTuple, Sequence
 
 import torch
@@ -454,6 +455,48 @@ def _workspace(layout: tuple, device, dtype, orth: str, workspace: dict | None) 
     return ws
 
 
+def _fill_start(omega: torch.Tensor, starts: Sequence[torch.Tensor | None] | None, k: int,
+                gens: Sequence[torch.Generator] | None) -> None:
+    """omega (b, n, l) <- matrix i's own random (n, l) block (gens[i]: batching-invariant
+    sketches), its first min(c_i, k) columns replaced by starts[i] (n, c_i) (None: all random).
+    Starts of one width that are equally spaced views of one storage go in one copy."""
+    b, n, l = omega.shape
+    for i in range(b):
+        torch.randn(n, l, generator=None if gens is None else gens[i], out=omega[i])
+    if starts is None or all(v is None for v in starts):
+        return
+    widths = {min(int(v.shape[-1]), k) for v in starts if v is not None}
+    c = widths.pop() if len(widths) == 1 and all(v is not None for v in starts) else None
+    batch = as_batch([v[:, :c] for v in starts]) if c is not None else None
+    if batch is not None:
+        omega[:, :, :c].copy_(batch)                             # one copy for the stack
+        return
+    for i, v in enumerate(starts):
+        if v is not None:
+            c = min(int(v.shape[-1]), k)
+            omega[i, :, :c].copy_(v[:, :c])
+
+
+def _stacked_passes(stacks, xs, parts, passes: int, ws: dict, orth: str):
+    """`passes` (>= 2) subspace-iteration passes over every stack at once: per pass one GEMM per
+    stack into the zero-padded buffer ws["y_m"] / ws["y_n"], then one orthonormalisation of the
+    whole buffer. xs[j]: stack j's start (b_j, n_j, l_j). Returns the last q, the one before
+    (the last pass was op(a) q_prev = q r), r (B, L, L) float64, and whether the last pass
+    multiplied by a (right=True) or a^T."""
+    colmask = ws["mask"] if orth == "qr" else None
+    q = q_prev = r = None
+    right = True
+    for p in range(passes):
+        right = p % 2 == 0                  # x holds right vectors: multiply by a
+        y = ws["y_m"] if right else ws["y_n"]
+        for (a0, a1, m, n, l, _), a, x in zip(parts, stacks, xs):
+            torch.bmm(a if right else a.mT, x, out=y[a0:a1, :m if right else n, :l])
+        q_prev, (q, r) = q, orthonormalize(y, orth, coef=ws["coef_m" if right else "coef_n"],
+                                           mask=colmask)
+        xs = [q[a0:a1, :m if right else n, :l] for a0, a1, m, n, l, _ in parts]
+    return q, q_prev, r, right
+
+
 def warm_svd_stacks(stacks: Sequence[torch.Tensor], thresholds: torch.Tensor,
                     v0: Sequence[Sequence[torch.Tensor]], *, rank: int = 8, oversample: int = 8,
                     passes: int = 4, generators: Sequence[Sequence[torch.Generator] | None] | None
@@ -492,34 +535,14 @@ def warm_svd_stacks(stacks: Sequence[torch.Tensor], thresholds: torch.Tensor,
     parts, xs, start = [], [], 0
     for j, (a, starts, (b, m, n, l, k)) in enumerate(zip(stacks, v0, layout)):
         omega = ws["omega"][j]                                   # (b, n, l)
-        gens = generators[j] if generators is not None else None
-        for i in range(b):     # matrix i's own random block (batching-invariant sketches)
-            torch.randn(n, l, generator=None if gens is None else gens[i], out=omega[i])
-        widths = {min(int(v.shape[-1]), k) for v in starts}
-        c = widths.pop() if len(widths) == 1 else None
-        batch = as_batch([v[:, :c] for v in starts]) if c is not None else None
-        if batch is not None:                                    # one copy for the stack
-            omega[:, :, :c].copy_(batch)
-        else:
-            for i, v in enumerate(starts):
-                c = min(int(v.shape[-1]), k)
-                omega[i, :, :c].copy_(v[:, :c])
+        _fill_start(omega, starts, k, generators[j] if generators is not None else None)
         parts.append((start, start + b, m, n, l, k))
         xs.append(omega)
         start += b
         if stats is not None:
             stats["passes"] = stats.get("passes", 0) + passes * b
             stats["iters"] = stats.get("iters", 0) + (passes - 2) / 2 * b
-    colmask = mask if orth == "qr" else None
-    q = q_prev = r = None
-    for p in range(passes):
-        right = p % 2 == 0                  # x holds right vectors: multiply by a
-        y = ws["y_m"] if right else ws["y_n"]
-        for (a0, a1, m, n, l, _), a, x in zip(parts, stacks, xs):
-            torch.bmm(a if right else a.mT, x, out=y[a0:a1, :m if right else n, :l])
-        q_prev, (q, r) = q, orthonormalize(y, orth, coef=ws["coef_m" if right else "coef_n"],
-                                           mask=colmask)
-        xs = [q[a0:a1, :m if right else n, :l] for a0, a1, m, n, l, _ in parts]
+    q, q_prev, r, right = _stacked_passes(stacks, xs, parts, passes, ws, orth)
     w, t, z = small_svd(r, small_steps, coef=ws["coef_l"], mask=mask)
     if right:   # last pass a x = q w t z^T (x = q_prev): u = q w, vh = z^T x^T
         u, core, vh = torch.matmul(q, w.to(dt)), t, torch.matmul(z.mT.to(dt), q_prev.mT)
@@ -568,3 +591,190 @@ def warm_svd(a: torch.Tensor, threshold: torch.Tensor | float, v0: Sequence[torc
                           generators=None if generators is None else [generators], orth=orth,
                           small_steps=small_steps, stats=stats)
     return res.stack(0)
+
+
+class SyncRound(NamedTuple):
+    """One round of `adaptive_svd_stacks`: blocks of results and, per block row, what became of
+    the matrix. blocks: list of (u (b, M, W), s (b, W), vh (b, W, N), rows) with rows[r] =
+    (stack j, matrix i of stack j) for block row r; zero-padded past each matrix's (m, n, width);
+    the rows of one stack are consecutive.
+    done[t] (host list per block) whether the row's matrix is finished (kept values below its
+    width), keeps[t] the count above the threshold (host ints)."""
+    blocks: list
+    done: list
+    keeps: list
+
+
+def _sync_svd_stacks(stacks, starts, ks, *, oversample: int, passes: int, generators,
+                     orth: str, workspace: dict | None):
+    """One synchronous round over several stacks at once: the `passes` passes of
+    `subspace_iteration` (start = each matrix's random block with its start columns, not
+    orthonormalised), then torch.linalg.svd of the last (l, l) factors, one call per run of
+    stacks of equal l (no padding enters an SVD). Returns u (B, M, L), s (B, L) (0 past l_j), vh
+    (B, L, N), parts [(start, stop, m, n, l, k)], and (B, 1) the index k - 1 of each row;
+    zero outside each matrix's block."""
+    dev, dt = stacks[0].device, stacks[0].dtype
+    layout = tuple((a.shape[0], a.shape[1], a.shape[2], k + oversample, k)
+                   for a, k in zip(stacks, ks))
+    ws = _workspace(layout, dev, dt, orth, workspace)
+    parts, xs, start = [], [], 0
+    for j, (a, (b, m, n, l, k)) in enumerate(zip(stacks, layout)):
+        omega = ws["omega"][j]
+        _fill_start(omega, starts[j], k, generators[j] if generators is not None else None)
+        parts.append((start, start + b, m, n, l, k))
+        xs.append(omega)
+        start += b
+    q, q_prev, r, right = _stacked_passes(stacks, xs, parts, passes, ws, orth)
+    big_b, big_l = r.shape[0], r.shape[-1]
+    if right:   # a x = q r, r = W S Z^T: u = q W, vh = Z^T x^T (x = q_prev)
+        left, rt = q, r
+    else:       # a^T x = q r: a ~= x r^T q^T, r^T = W S Z^T: u = x W, vh = Z^T q^T
+        left, rt = q_prev, r.mT
+    right_q = q_prev if right else q
+    if all(p[4] == big_l for p in parts):             # one l: one SVD, no column padding
+        w, sv, zt = torch.linalg.svd(rt, full_matrices=False)
+        return (torch.matmul(left, w.to(dt)), sv.to(dt), torch.matmul(zt.to(dt), right_q.mT),
+                parts, ws["kth"])
+    u = torch.zeros(big_b, left.shape[1], big_l, dtype=dt, device=dev)
+    vh = torch.zeros(big_b, big_l, right_q.shape[1], dtype=dt, device=dev)
+    s = torch.zeros(big_b, big_l, dtype=dt, device=dev)
+    runs: list = []                                   # maximal runs of stacks of equal l
+    for a0, a1, _, _, l, _ in parts:
+        if runs and runs[-1][2] == l:
+            runs[-1][1] = a1
+        else:
+            runs.append([a0, a1, l])
+    for a0, a1, l in runs:
+        w, sv, zt = torch.linalg.svd(rt[a0:a1, :l, :l], full_matrices=False)
+        torch.matmul(left[a0:a1, :, :l], w.to(dt), out=u[a0:a1, :, :l])
+        torch.matmul(zt.to(dt), right_q[a0:a1, :, :l].mT, out=vh[a0:a1, :l])
+        s[a0:a1, :l] = sv
+    return u, s, vh, parts, ws["kth"]
+
+
+def adaptive_svd_stacks(stacks: Sequence[torch.Tensor], thresholds: torch.Tensor,
+                        v0: Sequence[Sequence[torch.Tensor | None] | None], *, rank: int = 8,
+                        oversample: int = 8, n_iter: int = 4, max_rank: int | None = None,
+                        generators: Sequence[Sequence[torch.Generator] | None] | None = None,
+                        orth: str = "cholqr2", exact_above: float = 0.5, carry: int = 0,
+                        warm_passes: int | None = None, stats: dict | None = None,
+                        workspace: dict | None = None) -> tuple[list, list]:
+    """`adaptive_svd` of several stacks of different shapes at once, with the fixed pass count
+    (no convergence test): each round runs every stack (or the matrices of it still to rerun)
+    through one set of passes (one GEMM per stack and pass, one orthonormalisation of all per
+    pass), one torch.linalg.svd per run of equal l, and reads the rerun decision and the kept
+    counts of all stacks back in one host sync. Each matrix's result is adaptive_svd's for its
+    stack, up to GEMM rounding (the same random blocks from its generator, the same widths,
+    passes, reruns and exact fallback).
+
+    stacks[j] (b_j, m_j, n_j), m_j <= n_j; thresholds (sum b_j,) in stack order; v0[j]: None or
+    per matrix None or an (n_j, c) start. Stack j's width is min(max(rank, its start widths),
+    cap_j) (cap_j = m_j, or max_rank), a round of stack j runs `warm_passes` passes when every
+    matrix in it has a start (was warm) and warm_passes is set, else 2 n_iter + 2; a stack whose
+    width reaches exact_above * m_j (or width + oversample >= m_j) uses exact_svd. workspace:
+    the kept buffers for the first round's layout (shared with warm_svd_stacks when the layouts
+    agree).
+    Returns (rounds, carried): rounds, a list of SyncRound; carried[j][i], matrix i's top
+    (kept + carry) right vectors (n_j, c) (views; None when carry == 0).
+    """
+    st = stats if stats is not None else {}
+    for key in ("passes", "iters", "reruns", "exact"):
+        st.setdefault(key, 0)
+    nst = len(stacks)
+    dev, dt = stacks[0].device, stacks[0].dtype
+    shapes = [tuple(a.shape) for a in stacks]
+    caps = [m if max_rank is None else max(1, min(int(max_rank), m)) for _, m, _ in shapes]
+    v0 = [vs if vs is not None else [None] * b for vs, (b, _, _) in zip(v0, shapes)]
+    warm = [[v is not None for v in vs] for vs in v0]
+    starts = [list(vs) for vs in v0]
+    ks = [max(1, min(max([rank] + [int(v.shape[-1]) for v in vs if v is not None]), cap))
+          for vs, cap in zip(v0, caps)]
+    offs = [0]
+    for b, _, _ in shapes:
+        offs.append(offs[-1] + b)
+    todo = [list(range(b)) for b, _, _ in shapes]       # per stack, matrices still to do
+    carried = [[None] * b for b, _, _ in shapes]
+    rounds: list = []
+    first = True
+    while any(todo):
+        # this round's stacks: the full stacks first, then the subsets to rerun (copied)
+        jobs = []                                        # (j, idx, sub-stack)
+        for j in range(nst):
+            if todo[j]:
+                idx = todo[j]
+                a = stacks[j] if first else stacks[j][torch.tensor(idx, device=dev)]
+                jobs.append((j, idx, a))
+        groups: dict = defaultdict(list)                 # passes (or "exact") -> jobs
+        for job in jobs:
+            j, idx, a = job
+            m = shapes[j][1]
+            if ks[j] >= exact_above * m or ks[j] + oversample >= m:
+                groups["exact"].append(job)
+            else:
+                all_warm = all(warm[j][i] for i in idx)
+                groups[warm_passes if warm_passes is not None and all_warm
+                       else 2 * n_iter + 2].append(job)
+        blocks, flags = [], []
+        for key, gjobs in groups.items():
+            rows = [(j, i) for j, idx, _ in gjobs for i in idx]
+            gidx = [offs[j] + i for j, i in rows]
+            thr = thresholds if first and len(gjobs) == nst and key != "exact" and \
+                len(groups) == 1 else thresholds[torch.tensor(gidx, device=dev)]
+            if key == "exact":
+                for j, idx, a in gjobs:
+                    u, s, vh = exact_svd(a, caps[j])
+                    t = thr[[r for r, (jj, _) in enumerate(rows) if jj == j]] \
+                        if len(gjobs) > 1 else thr
+                    blocks.append((u, s, vh, [(j, i) for i in idx], t, None))
+                    st["exact"] += len(idx)
+                continue
+            ws = workspace if first and len(groups) == 1 else None
+            u, s, vh, parts, kth = _sync_svd_stacks(
+                [a for _, _, a in gjobs], [[starts[j][i] for i in idx] for j, idx, _ in gjobs],
+                [ks[j] for j, _, _ in gjobs], oversample=oversample, passes=key,
+                generators=None if generators is None else
+                [None if generators[j] is None else [generators[j][i] for i in idx]
+                 for j, idx, _ in gjobs], orth=orth, workspace=ws)
+            blocks.append((u, s, vh, rows, thr, kth))
+            st["passes"] += key * len(rows)
+            st["pass_numel"] = st.get("pass_numel", 0) + key * sum(
+                len(idx) * shapes[j][1] * shapes[j][2] for j, idx, _ in gjobs)
+            st["iters"] += (key - 2) / 2 * len(rows)
+        for u, s, vh, rows, thr, kth in blocks:
+            keeps = (s > thr[:, None]).sum(1)
+            if kth is None:
+                more = torch.zeros_like(keeps)
+            else:
+                more = s.gather(1, kth)[:, 0] > thr
+                if not all(ks[j] < caps[j] for j, _ in rows):   # at the cap: no rerun
+                    more = more & torch.tensor([ks[j] < caps[j] for j, _ in rows], device=dev)
+                more = more.long()
+            flags.append(torch.stack([keeps, more]))
+        host = torch.cat(flags, 1).tolist()              # one host sync per round
+        keeps_all, more_all = host
+        done_l, keeps_l, pos = [], [], 0
+        nxt = [[] for _ in range(nst)]
+        for u, s, vh, rows, thr, kth in blocks:
+            d, kp = [], []
+            for r, (j, i) in enumerate(rows):
+                keep, more = keeps_all[pos + r], more_all[pos + r]
+                d.append(not more)
+                kp.append(min(keep, caps[j]))
+                n = shapes[j][2]                                 # vh is padded to max n
+                if more:
+                    starts[j][i] = vh[r, :ks[j], :n].mT          # rerun from what was found
+                    nxt[j].append(i)
+                elif carry:
+                    width = s.shape[1] if kth is None else ks[j] + oversample
+                    carried[j][i] = vh[r, :min(keep + carry, width), :n].mT
+            pos += len(rows)
+            st["reruns"] += len(rows) - sum(d)
+            done_l.append(d)
+            keeps_l.append(kp)
+        rounds.append(SyncRound([b[:4] for b in blocks], done_l, keeps_l))
+        for j in range(nst):
+            if nxt[j]:
+                ks[j] = min(2 * ks[j], caps[j])
+        todo = nxt
+        first = False
+    return rounds, carried

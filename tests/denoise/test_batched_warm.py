@@ -205,7 +205,8 @@ def test_workspace_is_kept_and_rebuilt_on_a_new_layout():
         den({k: v.clone() for k, v in noisy.items()}, SIGMA)
         ws = den._workspace.get("cpu", {}).get("svd")
         ptrs.append(None if ws is None else ws["y_n"].data_ptr())
-    assert ptrs[0] is None and ptrs[1] == ptrs[2] == ptrs[3]         # kept across warm calls
+    # the cold call (batched too) fills it for its own layout; the warm calls keep theirs
+    assert ptrs[0] is not None and ptrs[1] == ptrs[2] == ptrs[3]
     # the same computation without a kept workspace (fresh buffers): the same output
     state = [den._state[k]["v"].clone() for k in SHAPES]
     a = [seq[-1][1][k].clone() for k in SHAPES]
