@@ -71,6 +71,9 @@ class _LastClip(dict):
         n, u = super().__getitem__(key)
         return n.double() * self._s2, u
 
+    def get(self, key, default=None):  # dict.get would bypass __getitem__ (unscaled fp32)
+        return self[key] if key in self else default
+
     def items(self):
         return [(k, self[k]) for k in self]
 

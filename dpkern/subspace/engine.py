@@ -30,7 +30,7 @@ import math
 import torch
 
 from dpkern import engine as _engine_mod
-from dpkern.engine import PrivacyEngine, _Clipper
+from dpkern.engine import PrivacyEngine, _Clipper, _LastClip
 from dpkern.layers import unwrap_model
 from dpkern.layers.bounds import release_bounds
 from dpkern.layers.uses import LinearUse, PerSampleUse, batch_size, bookkeep, norms_sq
@@ -153,7 +153,7 @@ class _SubspaceClipper(_Clipper):
         factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
         n_bad = bsz - finite.sum()  # stays on the device until read (no host sync)
-        opt.last_clip = _LazyClip({self.private[p]: by_p[p] for p in params}, s * s)
+        opt.last_clip = _LastClip({self.private[p]: by_p[p] for p in params}, s * s)
         scales, opt.last_scales = {}, {}
         factor_of = dict(zip(params, factors))
         for p, c in zip(params, factors):
@@ -205,28 +205,6 @@ def _stacked(xs: list, dtype: torch.dtype | None = None) -> torch.Tensor:
     if all(x is x0 for x in xs):
         return x0.to(dtype or x0.dtype).unsqueeze(0).expand(len(xs), *x0.shape)
     return torch.stack(xs).to(dtype or x0.dtype)
-
-
-class _LazyClip(dict):
-    """{parameter name: (N̂² fp64, U)} of the last backward, the loss scaling applied on read (the
-    fp64 copies are made only when someone looks, not two launches per parameter and step)."""
-
-    def __init__(self, raw: dict, s2: float):
-        super().__init__(raw)
-        self._s2 = s2
-
-    def __getitem__(self, key):
-        n, u = super().__getitem__(key)
-        return n.double() * self._s2, u
-
-    def get(self, key, default=None):
-        return self[key] if key in self else default
-
-    def items(self):
-        return [(k, self[k]) for k in self]
-
-    def values(self):
-        return [self[k] for k in self]
 
 
 class SubspaceDPOptimizer(DPOptimizer):
