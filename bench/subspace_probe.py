@@ -167,9 +167,8 @@ def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
 def probe_launches(layers_list=(2, 16), rank=4):
     """Launches of the DP part (clipper + step, 3rd step) of a projected step of a small Llama
     with the 1B model's layer structure, grouped and per layer, on this machine's device."""
-    import dpkern.subspace.engine as eng_mod
     from dpkern.subspace import SubspacePrivacyEngine
-    from tests.subspace.launches import count_launches, llama_bases, tiny_llama
+    from tests.subspace.launches import dp_part_launches, llama_bases, tiny_llama
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = []
     for layers in layers_list:
@@ -183,28 +182,9 @@ def probe_launches(layers_list=(2, 16), rank=4):
                     loss_reduction="sum", subspace=llama_bases(model, rank, dev), seed=0)
                 dp.backproj_backend = dp.noise_backend = "triton"
                 ids = torch.randint(0, cfg.vocab_size, (2, 9), device=dev)
-                got = {}
-                clip = eng_mod._SubspaceClipper.__call__
-
-                def counting(self, uses, _clip=clip, _got=got):
-                    with count_launches() as c:
-                        _clip(self, uses)
-                    _got["backward"] = c
-                eng_mod._SubspaceClipper.__call__ = counting
-                try:
-                    for _ in range(3):
-                        logits = model(input_ids=ids).logits
-                        loss = torch.nn.functional.cross_entropy(
-                            logits[:, :-1].float().reshape(-1, cfg.vocab_size),
-                            ids[:, 1:].reshape(-1), reduction="none").view(2, -1).mean(1).sum()
-                        loss.backward()
-                        with count_launches() as c:
-                            dp.step()
-                        got["step"] = c
-                        dp.zero_grad()
-                finally:
-                    eng_mod._SubspaceClipper.__call__ = clip
-            b, st = got["backward"], got["step"]
+                b, st = dp_part_launches(dp, lambda: torch.nn.functional.cross_entropy(
+                    model(input_ids=ids).logits[:, :-1].float().reshape(-1, cfg.vocab_size),
+                    ids[:, 1:].reshape(-1), reduction="none").view(2, -1).mean(1).sum(), 3)
             out.append(dict(layers=layers, projected=len(dp.bases), mode=mode.replace("grouped:", ""),
                             backward=b.total, step=st.total, triton=b.triton + st.triton,
                             by_name=dict(sorted((b.by_name + st.by_name).items(),

@@ -121,3 +121,28 @@ def llama_bases(model, rank: int, device: str = "cpu") -> dict:
             out[name] = (orthonormalize(torch.randn(p, rank, generator=g)).to(device),
                          orthonormalize(torch.randn(d, rank, generator=g)).to(device))
     return out
+
+
+def dp_part_launches(dp, loss_fn, steps: int):
+    """(backward, step) Launches of the DP part of the last of `steps` projected training steps:
+    the end-of-backward clipper (_SubspaceClipper.__call__) and dp.step(). loss_fn() returns the
+    loss of one forward pass."""
+    import dpkern.subspace.engine as eng_mod
+    counted = {}
+    clip = eng_mod._SubspaceClipper.__call__
+
+    def counting(self, uses):
+        with count_launches() as c:
+            clip(self, uses)
+        counted["backward"] = c
+    eng_mod._SubspaceClipper.__call__ = counting
+    try:
+        for _ in range(steps):
+            loss_fn().backward()
+            with count_launches() as c:
+                dp.step()
+            counted["step"] = c
+            dp.zero_grad()
+    finally:
+        eng_mod._SubspaceClipper.__call__ = clip
+    return counted["backward"], counted["step"]

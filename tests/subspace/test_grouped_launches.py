@@ -17,7 +17,7 @@ from dpkern.subspace import orthonormalize, subspace_project, subspace_project_g
 from dpkern.subspace.backproj import (AdamHyper, subspace_backproj_step_,
                                       subspace_backproj_step_grouped_)
 from tests.conftest import HAS_GPU
-from tests.subspace.launches import count_launches
+from tests.subspace.launches import count_launches, dp_part_launches
 
 DEV = "cuda" if HAS_GPU else "cpu"
 
@@ -257,7 +257,6 @@ class _TinyLM(torch.nn.Module):
 def _projected_step_launches(layers, rank=2, steps=2):
     """Launches of the DP part (end-of-backward clipper + optimizer step) of the last of `steps`
     projected steps, every Linear projected at `rank`, AdamW, Triton kernels."""
-    import dpkern.subspace.engine as eng_mod
     from dpkern.subspace import SubspacePrivacyEngine
     torch.manual_seed(0)
     model = _TinyLM(layers).to(DEV)
@@ -270,30 +269,15 @@ def _projected_step_launches(layers, rank=2, steps=2):
         sample_rate=0.01, loss_reduction="sum", subspace=bases, seed=0)
     dp.backproj_backend = dp.noise_backend = "triton"
     ids = torch.randint(0, 20, (2, 7), generator=gen).to(DEV)
-    counted = {}
-    clip = eng_mod._SubspaceClipper.__call__
-
-    def counting(self, uses):
-        with count_launches() as c:
-            clip(self, uses)
-        counted["backward"] = c
-    eng_mod._SubspaceClipper.__call__ = counting
     _alloc.set_poison(False)  # its NaN fills are launches of the tests, not of the step
     try:
-        for _ in range(steps):
-            logits = model(ids)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 20), ids.reshape(-1),
-                                                     reduction="none").view(2, -1).mean(1).sum()
-            loss.backward()
-            with count_launches() as c:
-                dp.step()
-            counted["step"] = c
-            dp.zero_grad()
+        counted = dp_part_launches(dp, lambda: torch.nn.functional.cross_entropy(
+            model(ids).reshape(-1, 20), ids.reshape(-1), reduction="none").view(2, -1).mean(1).sum(),
+            steps)
     finally:
-        eng_mod._SubspaceClipper.__call__ = clip
         _alloc.set_poison(True)
     assert dp.last_backproj and len(dp.bases) == 7 * layers + 1
-    return counted["backward"], counted["step"]
+    return counted
 
 
 def test_launches_per_projected_step_pinned():
