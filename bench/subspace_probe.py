@@ -16,6 +16,8 @@ Writes probe.json and probe.txt under --out:
   layer, against the default grouped launches), median ms over --steps, host time to issue a
   step (perf_counter until the last launch returns), kernel launches of one profiled step and
   its top CUDA kernels;
+* host: cProfile of --steps steps per mode (host_<mode>.txt: top functions by own and by
+  cumulative time), to find the host time a mode adds;
 * launches: kernel launches (Triton + aten ops that launch) of the DP part of a projected step
   (end-of-backward clipper + optimizer step) of a small Llama of the same layer structure at
   --layers layers (tests/subspace/launches.py), grouped and per layer; runs on the CPU under
@@ -164,6 +166,42 @@ def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
     return out
 
 
+def probe_host(bsz, seq, steps, modes=("full", "subspace-16"), top=40):
+    """cProfile of `steps` steps per mode after 3 warm-up steps: the functions with the most host
+    time (tottime and cumtime), to find what the projected step's host time adds."""
+    import cProfile
+    import gc
+    import io
+    import pstats
+
+    from bench.bench_subspace import llama_dp_step
+    out = {}
+    for mode in modes:
+        gc.collect()
+        torch.cuda.empty_cache()
+        with _per_layer(mode) as base:
+            model, opt, _, step = llama_dp_step(base, bsz, seq)
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(steps):
+                step()
+            prof.disable()
+            torch.cuda.synchronize()
+        text = {}
+        for key in ("tottime", "cumulative"):
+            buf = io.StringIO()
+            pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+            text[key] = buf.getvalue()
+        out[mode] = text
+        del model, opt, step
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
 def probe_launches(layers_list=(2, 16), rank=4):
     """Launches of the DP part (clipper + step, 3rd step) of a projected step of a small Llama
     with the 1B model's layer structure, grouped and per layer, on this machine's device."""
@@ -216,6 +254,10 @@ def main():
         (out / "probe.json").write_text(json.dumps(res, indent=1))
     if "steps" in parts:
         res["steps"] = probe_steps(args.batch, args.seq, args.steps, args.modes.split(","))
+    if "host" in parts:
+        host = probe_host(args.batch, args.seq, args.steps, args.modes.split(","))
+        for mode, text in host.items():
+            (out / f"host_{mode}.txt").write_text(text["tottime"] + "\n" + text["cumulative"])
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     lines = [f"{res['device']}  B={args.batch} T={args.seq}"]
     for row in res.get("launches", []):
