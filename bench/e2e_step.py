@@ -49,6 +49,9 @@ SWEEP_CASES = [(8, 128), (32, 128), (2, 512), (8, 512), (1, 2048), (2, 2048), (1
 TINY_CASES = [(2, 16), (4, 8), (1, 32)]
 PRECISIONS = ["fp32-tf32", "bf16"]
 MODES = ["nonprivate", "dpkern", "opacus-hooks", "opacus-ghost"]
+# on request only (--modes): dpkern with RMT denoising of every released weight-gradient matrix
+# (dpkern.denoise, the issue-8 overhead: noise materialised, denoised, then the optimizer step)
+EXTRA_MODES = ["dpkern-rmt"]
 
 
 def llama_config(tiny: bool):
@@ -113,8 +116,12 @@ class Runner:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         self.mode, self.vocab, self.dp_loss, self.loss_scale = mode, cfg.vocab_size, None, 1.0
         self.n_params = sum(p.numel() for p in model.parameters())
-        if mode == "dpkern":
+        if mode in ("dpkern", "dpkern-rmt"):
             import dpkern
+            post = None
+            if mode == "dpkern-rmt":
+                from dpkern.denoise import RMTDenoiser
+                post = [RMTDenoiser.for_model(model)]
             engine = dpkern.PrivacyEngine(accountant="rdp", backend=args.backend)
             # fixed-size batches for timing: no data loader, the public sampling rate given directly.
             # loss_reduction='sum' (the engine refuses 'mean' under bf16 autocast): the loss is the
@@ -122,7 +129,8 @@ class Runner:
             model, opt, _ = engine.make_private(module=model, optimizer=opt, data_loader=None,
                                                 noise_multiplier=args.sigma, max_grad_norm=args.clip,
                                                 expected_batch_size=expected_bsz, sample_rate=1e-3,
-                                                seed=0, loss_reduction="sum")
+                                                seed=0, loss_reduction="sum",
+                                                grad_postprocessors=post)
             self.loss_scale = float(expected_bsz)
         elif mode == "opacus-hooks":
             from opacus import GradSampleModule
@@ -205,7 +213,8 @@ def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
             loss = runner.step(ids, pos, amp)
             times.append((time.perf_counter() - t0) * 1e3)
             host.append(times[-1])
-    res = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+    res = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+           "min_ms": min(times), "max_ms": max(times),
            "times_ms": times, "host_ms": host, "gc": args.gc,
            "loss": float(loss.detach()), "n_params": runner.n_params, "status": "ok"}
     if cuda:
@@ -264,7 +273,8 @@ def write_csv(rows, path):
 
 def print_table(rows):
     """Compact: one line per case and precision, the time (memory) ratio of every private mode."""
-    private = [m for m in MODES if m != "nonprivate"]
+    present = {r["mode"] for r in rows}
+    private = [m for m in MODES + EXTRA_MODES if m != "nonprivate" and (m in MODES or m in present)]
     keys = sorted({(r["T"], r["B"], r["precision"]) for r in rows})
     head = f"{'case':>9} {'prec':>9} {'base ms':>8} {'floor':>6} " + " ".join(
         f"{m:>17}" for m in private)

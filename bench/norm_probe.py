@@ -52,7 +52,7 @@ def event_ms(fn, reps=5) -> float:
     return ev[0].elapsed_time(ev[1]) / reps
 
 
-def probe(cases, dtypes, layers, sweep):
+def probe(cases, dtypes, layers, sweep, kinds=tuple(KINDS), sweep_bt=None):
     from dpkern.kernels.ghost_norm import ghost_norm_grouped_fwd, ghost_norm_search_space
     from dpkern.kernels.instantiate_norm import instantiate_norm_fwd
     from dpkern.ops.linear_norm import choose_method, linear_norm_flops
@@ -60,7 +60,8 @@ def probe(cases, dtypes, layers, sweep):
     for bsz, seq in cases:
         for dtype in dtypes:
             mode = "tf32r" if dtype == torch.float32 else None
-            for kind, (d, ps) in KINDS.items():
+            for kind in kinds:
+                d, ps = KINDS[kind]
                 as_ = [torch.randn(bsz, seq, d, device="cuda").to(dtype) for _ in range(layers)]
                 gss = [[torch.randn(bsz, seq, p, device="cuda").to(dtype) for p in ps]
                        for _ in range(layers)]
@@ -94,6 +95,8 @@ def probe(cases, dtypes, layers, sweep):
                 if sweep:
                     cfgs = []
                     for cfg in ghost_norm_search_space():
+                        if sweep_bt and cfg.BLOCK_T not in sweep_bt:
+                            continue
                         try:
                             cfgs.append(dict(cfg=[cfg.BLOCK_T, cfg.BLOCK_K, cfg.num_warps,
                                                   cfg.num_stages], ms=event_ms(lambda: ghost(cfg))))
@@ -116,12 +119,15 @@ def main():
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--sweep-bt", default="", help="sweep only these BLOCK_T (e.g. 128)")
     args = ap.parse_args()
     cases = [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
     dtypes = [{"bf16": torch.bfloat16, "fp32": torch.float32}[x] for x in args.dtypes.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = probe(cases, dtypes, args.layers, args.sweep)
+    rows = probe(cases, dtypes, args.layers, args.sweep, tuple(args.kinds.split(",")),
+                 tuple(int(x) for x in args.sweep_bt.split(",") if x))
     res = dict(device=torch.cuda.get_device_name(), rows=rows)
     (out / "norm_probe.json").write_text(json.dumps(res, indent=1))
     lines = [res["device"], f"{'case':>8} {'dtype':>5} {'kind':>7} {'choice':>11} "

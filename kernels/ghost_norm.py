@@ -43,10 +43,24 @@ class GhostNormConfig:
     fp32_dot: str | None = None  # fp32 mode (KERNEL_MODES); None: the launch's fp32_mode
 
 
-def ghost_norm_config(seq: int) -> GhostNormConfig:
-    """Heuristic: 64-row tiles for short sequences (more programs), 128 from T ≥ 1024."""
+# 128-row tiles need this many programs (tile pairs x samples x layers) to fill the GPU: two
+# waves of an H100's 132 SMs.
+_MIN_PROGRAMS_128 = 264
+
+
+def ghost_norm_config(seq: int, batch: int = 1, layers: int = 1,
+                      fp32: bool = False) -> GhostNormConfig:
+    """Heuristic: 128-row tiles from T ≥ 1024, and from T ≥ 256 when the launch has programs
+    enough for them (a grouped launch over a model's layers); else 64-row tiles (more programs).
+    H100, 16 layers of the 1B Llama (bench/results/norm_probe_h100_2b630f3): at 8x512 the
+    128-row tiles with 64-wide K steps, 8 warps take the q/k/v norms from 1.04 to 0.73 ms in bf16
+    and from 3.29 to 2.69 ms in fp32; at 16x256 0.64 -> 0.50 and 1.88 -> 1.68 ms; at 32x128
+    (one 128-row tile per sample) the 64-row tiles stay faster."""
     if seq >= 1024:
         return GhostNormConfig(BLOCK_T=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    pairs = (triton.cdiv(seq, 128) * (triton.cdiv(seq, 128) + 1)) // 2
+    if seq >= 256 and pairs * batch * layers >= _MIN_PROGRAMS_128:
+        return GhostNormConfig(BLOCK_T=128, BLOCK_K=64, num_warps=8, num_stages=3 if fp32 else 4)
     return GhostNormConfig(BLOCK_T=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
@@ -199,7 +213,8 @@ def _launch(as_, gss, out, config, empty, fp32_mode) -> None:
     a, gs = as_[0], gss[0]
     n_layers = len(as_)
     bsz, seq, _ = a.shape
-    cfg = config or ghost_norm_config(seq)
+    cfg = config or ghost_norm_config(seq, bsz, n_layers,
+                                      any(x.dtype == torch.float32 for x in [a, *gs]))
     mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     n_tiles = triton.cdiv(seq, cfg.BLOCK_T)
     pairs = tile_pairs(n_tiles, str(a.device))

@@ -91,6 +91,37 @@ def test_ghost_kernel_many_tile_pairs(block):
     assert_close_reduction(out, ref, n_reduce=n_reduce(63, 20, 24))
 
 
+def test_ghost_config_heuristic():
+    """128-row tiles only where the launch has programs enough for them (grouped launches over a
+    model's layers); the measured choice of bench/results/norm_probe_h100_2b630f3."""
+    from dpkern.kernels.ghost_norm import ghost_norm_config
+    assert ghost_norm_config(512, 8, 16).BLOCK_T == 128            # 10 pairs x 8 x 16 programs
+    assert ghost_norm_config(256, 16, 16).BLOCK_T == 128
+    assert ghost_norm_config(512, 8, 1).BLOCK_T == 64              # one layer: 80 programs
+    assert ghost_norm_config(128, 32, 16).BLOCK_T == 64            # one 128-row tile per sample
+    assert ghost_norm_config(512, 8, 16, fp32=True).num_stages == 3  # fp32 tiles: shared memory
+    assert ghost_norm_config(2048, 1, 1).BLOCK_T == 128
+
+
+def test_ghost_grouped_wide_tiles_awkward_t():
+    """The grouped launch with the 128 x 64 tiles the heuristic picks for long grouped launches,
+    at a T that leaves a ragged last tile, against the reference, into poisoned outputs."""
+    from dpkern import _alloc
+    from dpkern.kernels.ghost_norm import GhostNormConfig, ghost_norm_grouped_fwd
+    device = kernel_devices()[0]
+    torch.manual_seed(3)
+    as_ = [torch.randn(2, 131, 24, device=device).to(torch.bfloat16) for _ in range(3)]
+    gss = [[torch.randn(2, 131, p, device=device).to(torch.bfloat16) for p in (20, 8)]
+           for _ in range(3)]
+    out = torch.full((3, 2, 2), float("nan"), device=device)
+    ghost_norm_grouped_fwd(as_, gss, out, GhostNormConfig(128, 64, 8, 4), empty=_alloc.empty,
+                           fp32_mode=fp32_mode(device))
+    for l in range(3):
+        for k, g in enumerate(gss[l]):
+            ref = linear_norm_sq_ref(seen(as_[l]), seen(g))
+            assert_close_reduction(out[l, k], ref, n_reduce=n_reduce(131, 24, g.shape[2]))
+
+
 def test_method_choice_follows_flop_model():
     assert choose_method(512, 2048, 2048) == "ghost"  # T(d+p)/2 = 1M < dp = 4M
     assert choose_method(4096, 256, 256) == "instantiate"
