@@ -186,3 +186,39 @@ def test_autocast_shared_input_only_while_unchanged(monkeypatch, inplace):
     assert (a1 is a2) is not inplace
     torch.testing.assert_close(a1, x.to(torch.bfloat16), rtol=0, atol=0)
     torch.testing.assert_close(a2, (x * (3.0 if inplace else 1.0)).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_autocast_casts_each_weight_once():
+    """Under autocast every Linear weight is cast to bf16 once per step, in the forward, and the
+    backward's grad_input GEMM reuses that copy (as autograd does without dpkern): a backward that
+    casts the fp32 weight again fails this."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model, batch, _ = _case()
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    m, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=m, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=1.0,
+        expected_batch_size=4, sample_rate=0.1, seed=0, loss_reduction="sum")
+    shapes = {tuple(mod.weight.shape) for mod in m.modules() if isinstance(mod, torch.nn.Linear)}
+    n_linear = sum(isinstance(mod, torch.nn.Linear) for mod in m.modules())
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if (func.overloadpacket.__name__ == "_to_copy" and isinstance(x, torch.Tensor)
+                    and x.dtype == torch.float32 and tuple(x.shape) in shapes
+                    and (kwargs or {}).get("dtype") == torch.bfloat16):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with Casts() as fwd:
+            loss = per_sample_losses(m, batch).sum()
+    with Casts() as bwd:
+        loss.backward()
+    assert bwd.n == 0
+    assert 0 < fwd.n <= n_linear + 2  # each weight once (plus any fp32 activation of one shape)
