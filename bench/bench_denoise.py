@@ -24,7 +24,7 @@ step's gradients), syncs (host-GPU syncs of one warm call, counted on the GPU by
 set_sync_debug_mode("warn"), on the CPU by the host reads of tensor values), GEMM passes per matrix and
 sweeps (bytes the GEMMs read / 4.4 GB) averaged over the timed calls, the effective GB/s of those
 reads, reruns and unconverged matrices, the ops of one call (ops_per_call: aten ops that launch a
-kernel, counted by tests/denoise/opcount.py on any device; on the GPU also kernels_per_call from
+kernel, counted by tests/opcount.py on any device; on the GPU also kernels_per_call from
 torch.profiler), on the GPU host_ms (the host time to issue one call: near denoise_ms when the
 call is host-bound), and, checked before timing, the error to the planted signal of layer 0
 against the exact SVD's at every step. The expected time from the pass counts
@@ -44,7 +44,7 @@ from dpkern.denoise import RMTDenoiser
 from dpkern.denoise.rsvd import exact_svd
 from dpkern.denoise.shrinkers import bulk_edge, shrink
 from dpkern._matmul import fp32_matmul
-from tests.denoise.opcount import count_kernels, count_ops
+from tests import opcount
 
 MODELS = {name: dict(zip(("hidden", "intermediate", "layers"), registry.shapes("rmt_denoise", q)[0]))
           for name, q in (("llama-1b", False), ("tiny", True))}
@@ -255,16 +255,16 @@ def count_launches(den, grads, src):
         restore()
         den(grads, SIGMA_E)
     restore()
-    with count_ops() as ops:
+    with opcount.count_launches() as ops:
         den(grads, SIGMA_E)
-    out.update(ops_per_call=ops.launching, views_per_call=ops.views, ops_top=ops.top(12))
+    out.update(ops_per_call=ops.total, views_per_call=ops.views, ops_top=ops.top(12))
     if HAS_GPU:
         while den.calls % den.resync_every == 0:
             restore()
             den(grads, SIGMA_E)
         restore()
         try:
-            with count_kernels() as kern:
+            with opcount.count_kernels() as kern:
                 den(grads, SIGMA_E)
             out.update(kernels_per_call=kern["kernels"], copies_per_call=kern["copies"])
         except Exception as exc:          # a profiler problem must not lose the timing

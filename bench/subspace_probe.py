@@ -20,7 +20,8 @@ Writes probe.json and probe.txt under --out:
   cumulative time), to find the host time a mode adds;
 * launches: kernel launches (Triton + aten ops that launch) of the DP part of a projected step
   (end-of-backward clipper + optimizer step) of a small Llama of the same layer structure at
-  --layers layers (tests/subspace/launches.py), grouped and per layer; runs on the CPU under
+  --layers layers (tests/subspace/launches.py; counter: tests/opcount.py), grouped and per
+  layer; by_name keys "triton:<kernel>" and "aten.<op>.<overload>"; runs on the CPU under
   TRITON_INTERPRET=1 too.
 """
 from __future__ import annotations

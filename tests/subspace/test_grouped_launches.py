@@ -17,7 +17,8 @@ from dpkern.subspace import orthonormalize, subspace_project, subspace_project_g
 from dpkern.subspace.backproj import (AdamHyper, subspace_backproj_step_,
                                       subspace_backproj_step_grouped_)
 from tests.conftest import HAS_GPU
-from tests.subspace.launches import count_launches, dp_part_launches
+from tests.opcount import count_launches
+from tests.subspace.launches import dp_part_launches
 
 DEV = "cuda" if HAS_GPU else "cpu"
 
