@@ -1,6 +1,7 @@
 """Fused noise + optimizer step on a 1B-parameter set: bytes/param over kernel time vs copy bandwidth,
 and the ratio to the unfused torch baseline (randn_like + add + torch.optim.AdamW(fused=True));
-the same step with LMO-DP noise (each Gamma path) next to the Gaussian one."""
+the same step with LMO-DP noise (each Gamma path) next to the Gaussian one; the noisy release pass
+(fused_noisy_release_, GPU only) alone and followed by the noise-free update."""
 import pytest
 import torch
 
@@ -9,7 +10,8 @@ from bench import registry
 from bench.conftest import HAS_GPU
 from dpkern.mechanisms import LMOMechanism, LMOParams
 from dpkern.mechanisms import lmo_ref as R
-from dpkern.noise import AdamWHyper, NoiseGenerator, SGDHyper, fused_noisy_step
+from dpkern.noise import (AdamWHyper, NoiseGenerator, SGDHyper, fused_noisy_release_,
+                          fused_noisy_step)
 
 
 # A 1.0B-parameter decoder (d=2048, ffn=5632, 17 layers, vocab 32000, untied head): 156 tensors.
@@ -164,3 +166,107 @@ def test_noise_step_lmo_bench(timed, dtype, backend, mech):
     del ps, gs, ms, vs
     if HAS_GPU:
         torch.cuda.empty_cache()
+
+
+# ---- the noisy release pass (DPOptimizer with grad_postprocessors, issue 8) ---------------------
+# fused_noisy_release_ writes (g + σC z) / B into the fp32 gradient sums (the engine's accumulators;
+# 8 bytes per parameter: read + write), the post-processors run on them, then a noise-free fused
+# update reads them back. GPU only: at the 1B size, next to the one-pass fused step with the same
+# fp32 gradients, so each (dtype, backend) reports what materialising the noisy gradient costs.
+_ONE_PASS_FP32G_MS: dict = {}  # (dtype, backend) -> one-pass AdamW median ms, fp32 gradients
+
+
+def _gpu_only():
+    if not HAS_GPU:
+        pytest.skip("GPU only: the release pass at the 1B-parameter size")
+
+
+def _check_release(backend, dev, kw, pdt):
+    """Before timing, on a few small tensors: the release matches the torch backend, and release +
+    noise-free update gives the one-pass step's parameters bit for bit (its promise)."""
+    shapes = [(2048,), (257, 33), (1000,)]
+    out = []
+    for be in (backend, "torch"):
+        torch.manual_seed(1)
+        gs = [torch.randn(s, device=dev) for s in shapes]
+        fused_noisy_release_(gs, expected_batch_size=B, noise=NoiseGenerator(secure=False, seed=0),
+                             backend=be, **kw)
+        out.append(gs)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # LMO z: 64 ulps + 1e-5 (/ B)
+    runs = []
+    for two_pass in (False, True):
+        torch.manual_seed(2)
+        ps = [torch.randn(s, device=dev).to(pdt) for s in shapes]
+        gs = [torch.randn(s, device=dev) for s in shapes]
+        ms = [torch.zeros(s, device=dev) for s in shapes]
+        vs = [torch.zeros(s, device=dev) for s in shapes]
+        gen = NoiseGenerator(secure=False, seed=0)
+        step = dict(hyper=HYPERS["adamw"], noise=gen, t=1, backend=backend)
+        if two_pass:
+            k = fused_noisy_release_(gs, expected_batch_size=B, noise=gen, backend=backend, **kw)
+            fused_noisy_step(ps, gs, ms, vs, noise_std=0.0, expected_batch_size=1, counter_step=k,
+                             **step)
+        else:
+            fused_noisy_step(ps, gs, ms, vs, expected_batch_size=B, **step, **kw)
+        runs.append(ps + ms + vs)
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "release + update != one-pass step"
+
+
+@pytest.mark.parametrize("mech", ["gaussian", "k1"])
+@pytest.mark.parametrize("backend", _backends())
+def test_noise_release_bench(timed, backend, mech):
+    """The release pass alone over the 1B set's fp32 gradient sums (one launch on CUDA)."""
+    _gpu_only()
+    kw = _mech_kwargs(mech)
+    _check_release(backend, "cuda", kw, torch.float32)
+    torch.manual_seed(0)
+    gs = [torch.randn(s, device="cuda") for s in SHAPES]
+    gen = NoiseGenerator(secure=False, seed=0)
+    n = sum(g.numel() for g in gs)
+
+    def step():
+        fused_noisy_release_(gs, expected_batch_size=B, noise=gen, backend=backend, **kw)
+
+    info = timed(step, bytes_moved=8 * n)
+    info.update(op="noise_release", backend=backend, dtype="fp32", mechanism=mech, n_params=n,
+                n_tensors=len(gs), bytes_per_param=8)
+    del gs
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "release_update"])
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_noise_release_update_bench(timed, dtype, backend, mode):
+    """AdamW on fp32 gradient sums (params fp32 or bf16), as DPOptimizer runs it: "one_pass" (no
+    post-processors) vs "release_update" (release + noise-free update, the post-processors left
+    out); the latter reports time_over_one_pass."""
+    _gpu_only()
+    pdt = DTYPES[dtype][0]
+    _check_release(backend, "cuda", _mech_kwargs("gaussian"), pdt)
+    ps, _, ms, vs = _tensors(pdt, torch.float32, "adamw", "cuda")
+    gs = [torch.randn(s, device="cuda") for s in SHAPES]
+    gen = NoiseGenerator(secure=False, seed=0)
+    n = sum(p.numel() for p in ps)
+    kw = dict(hyper=HYPERS["adamw"], noise=gen, t=1, backend=backend)
+
+    def one_pass():
+        fused_noisy_step(ps, gs, ms, vs, noise_std=SIGMA_C, expected_batch_size=B, **kw)
+
+    def release_update():
+        k = fused_noisy_release_(gs, noise_std=SIGMA_C, expected_batch_size=B, noise=gen,
+                                 backend=backend)
+        fused_noisy_step(ps, gs, ms, vs, noise_std=0.0, expected_batch_size=1, counter_step=k, **kw)
+
+    bpp = bytes_per_param("adamw", pdt, torch.float32) + (8 if mode == "release_update" else 0)
+    info = timed(one_pass if mode == "one_pass" else release_update, bytes_moved=bpp * n)
+    info.update(op="noise_release_update", backend=backend, optimizer="adamw", dtype=dtype,
+                grad_dtype="fp32", mode=mode, n_params=n, n_tensors=len(ps), bytes_per_param=bpp)
+    if "median_ms" in info:
+        if mode == "one_pass":
+            _ONE_PASS_FP32G_MS[(dtype, backend)] = info["median_ms"]
+        elif (dtype, backend) in _ONE_PASS_FP32G_MS:
+            info["time_over_one_pass"] = info["median_ms"] / _ONE_PASS_FP32G_MS[(dtype, backend)]
+    del ps, gs, ms, vs
+    torch.cuda.empty_cache()

@@ -80,11 +80,13 @@ DpkNoisyStepParams step_params(uintptr_t tensors, uintptr_t chunk_tensor, int64_
   if (n_tensors <= 0) throw std::invalid_argument("dpkern: noisy_step: n_tensors must be > 0");
   if (n_chunks <= 0 || n_chunks > 0x7fffffffLL)
     throw std::invalid_argument("dpkern: noisy_step: n_chunks out of range");
-  if (optimizer < DPK_OPT_SGD || optimizer > DPK_OPT_ADAMW)
+  if (optimizer < DPK_OPT_SGD || optimizer > DPK_OPT_RELEASE)
     throw std::invalid_argument("dpkern: noisy_step: unknown optimizer code " + std::to_string(optimizer));
   const DpkDType pd = to_dtype(param_dtype), gd = to_dtype(grad_dtype);
   if (pd == DPK_FLOAT16 || gd == DPK_FLOAT16)
     throw std::invalid_argument("dpkern: noisy_step: params and grads must be float32 or bfloat16");
+  if (optimizer == DPK_OPT_RELEASE && (pd != DPK_FLOAT32 || gd != DPK_FLOAT32))
+    throw std::invalid_argument("dpkern: noisy_step: the release writes fp32 gradients only");
   const double scalars[] = {noise_std, inv_b, lr, weight_decay, decay, momentum,
                             one_minus_dampening, beta1, beta2, eps, step_size, inv_sqrt_bc2};
   const char* names[] = {"noise_std", "inv_b", "lr", "weight_decay", "decay", "momentum",

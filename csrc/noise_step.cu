@@ -2,8 +2,11 @@
 // Block b takes chunk b of tensor chunk_tensor[b]; a thread takes one octet (8 global indices =
 // 2 Philox groups) per iteration: 16-byte vector loads/stores where the tensor allows, else scalar.
 // z lives only in registers; nothing full-size is allocated. The noise source is a template
-// parameter (GaussianNoise, LmoNoise): the Gaussian instantiation is the code it always was.
+// parameter (GaussianNoise, LmoNoise; NoNoise when noise_std == 0: no z is drawn). The optimizer
+// DPK_OPT_RELEASE writes the noisy gradient back over the fp32 gradient and updates nothing.
 #include <cuda_bf16.h>
+
+#include <type_traits>
 
 #include "dpkern/lmo.cuh"
 #include "dpkern/noise_step.h"
@@ -52,6 +55,16 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float v[8]) {
   __stcs(reinterpret_cast<uint4*>(p), raw);
 }
 
+// The noisy, scaled gradient (g + noise_std * z) * inv_b: one fma, then a multiply the compiler
+// may not fuse into the update's adds (__fmul_rn). Every kernel here rounds it the same way, so a
+// gradient released by DPK_OPT_RELEASE and read back by a noise-free step (noise_std 0, inv_b 1:
+// __fmul_rn(g, 1) = g) is the very value a one-pass step forms in registers.
+template <typename Noise>
+__device__ __forceinline__ float noisy_grad(const DpkNoisyStepParams& a, float g, float z) {
+  if (!Noise::kDraws) return __fmul_rn(g, a.inv_b);
+  return __fmul_rn(__fmaf_rn(a.noise_std, z, g), a.inv_b);
+}
+
 // The optimizer on one element; `gn` is the noisy, scaled gradient. Matches torch.optim's formulas.
 template <int OPT>
 __device__ __forceinline__ void update(const DpkNoisyStepParams& a, float gn, float& p, float& m,
@@ -74,6 +87,7 @@ __device__ __forceinline__ void update(const DpkNoisyStepParams& a, float gn, fl
 
 // z of the octet's 8 global indices 8o .. 8o + 7. Gaussian: two Philox groups of 4 normals.
 struct GaussianNoise {
+  static constexpr bool kDraws = true;
   __device__ __forceinline__ void octet(const DpkNoisyStepParams& a, int64_t o, float z[8]) const {
     dpk::normals4(2 * o, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z);
     dpk::normals4(2 * o + 1, a.key[0], a.key[1], a.ctr_hi[0], a.ctr_hi[1], z + 4);
@@ -83,6 +97,7 @@ struct GaussianNoise {
 // LMO-DP: each element draws its own n_blocks Philox calls (lmo.cuh), so the octet is only the
 // unit of the loads; z = Laplace(0, 1) / u and noise_std carries the clip norm C.
 struct LmoNoise {
+  static constexpr bool kDraws = true;
   DpkLmoNoise l;
   __device__ __forceinline__ void octet(const DpkNoisyStepParams& a, int64_t o, float z[8]) const {
 #pragma unroll
@@ -91,13 +106,26 @@ struct LmoNoise {
   }
 };
 
+// noise_std == 0 (Gaussian): nothing to draw; gn = g * inv_b.
+struct NoNoise {
+  static constexpr bool kDraws = false;
+  __device__ __forceinline__ void octet(const DpkNoisyStepParams&, int64_t, float z[8]) const {
+#pragma unroll
+    for (int k = 0; k < kOctet; ++k) z[k] = 0.f;
+  }
+};
+
 template <typename TP, typename TG, int OPT, typename Noise>
 __global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStepParams a,
                                                               const Noise noise) {
-  constexpr bool kM = OPT != DPK_OPT_SGD, kV = OPT == DPK_OPT_ADAMW;
+  constexpr bool kRelease = OPT == DPK_OPT_RELEASE;  // gn written over g; p, m, v untouched
+  constexpr bool kM = OPT == DPK_OPT_SGD_MOMENTUM || OPT == DPK_OPT_ADAMW;
+  constexpr bool kV = OPT == DPK_OPT_ADAMW;
   const DpkNoiseTensor t = a.tensors[a.chunk_tensor[blockIdx.x]];
   TP* __restrict__ pp = static_cast<TP*>(t.param);
-  const TG* __restrict__ gp = static_cast<const TG*>(t.grad);
+  // Read-only for an update; the release writes the noisy gradient back.
+  using GradPtr = std::conditional_t<kRelease, TG*, const TG*>;
+  const GradPtr __restrict__ gp = static_cast<GradPtr>(const_cast<void*>(t.grad));
   float* __restrict__ mp = t.exp_avg;
   float* __restrict__ vp = t.exp_avg_sq;
   // Octets are numbered in the global frame, so counters depend on global indices only.
@@ -111,27 +139,38 @@ __global__ void __launch_bounds__(kThreads) noisy_step_kernel(const DpkNoisyStep
     const int64_t l0 = o * kOctet - t.global_offset;  // local index of the octet's first element
     float p[kOctet], g[kOctet], m[kOctet], v[kOctet];
     if (t.vec_ok && l0 >= 0 && l0 + kOctet <= t.numel) {
-      load8(pp + l0, p);
       load8(gp + l0, g);
-      if (kM && !(OPT == DPK_OPT_SGD_MOMENTUM && a.first_step)) load8(mp + l0, m);
-      if (kV) load8(vp + l0, v);
 #pragma unroll
-      for (int k = 0; k < kOctet; ++k) update<OPT>(a, (g[k] + a.noise_std * z[k]) * a.inv_b, p[k], m[k], v[k]);
-      store8(pp + l0, p);
-      if (kM) store8(mp + l0, m);
-      if (kV) store8(vp + l0, v);
+      for (int k = 0; k < kOctet; ++k) g[k] = noisy_grad<Noise>(a, g[k], z[k]);
+      if constexpr (kRelease) {
+        store8(gp + l0, g);
+      } else {
+        load8(pp + l0, p);
+        if (kM && !(OPT == DPK_OPT_SGD_MOMENTUM && a.first_step)) load8(mp + l0, m);
+        if (kV) load8(vp + l0, v);
+#pragma unroll
+        for (int k = 0; k < kOctet; ++k) update<OPT>(a, g[k], p[k], m[k], v[k]);
+        store8(pp + l0, p);
+        if (kM) store8(mp + l0, m);
+        if (kV) store8(vp + l0, v);
+      }
     } else {
 #pragma unroll
       for (int k = 0; k < kOctet; ++k) {
         const int64_t i = l0 + k;
         if (i < 0 || i >= t.numel) continue;
-        float pk = load1(pp, i), mk = 0.f, vk = 0.f;
-        if (kM && !(OPT == DPK_OPT_SGD_MOMENTUM && a.first_step)) mk = mp[i];
-        if (kV) vk = vp[i];
-        update<OPT>(a, (load1(gp, i) + a.noise_std * z[k]) * a.inv_b, pk, mk, vk);
-        store1(pp, i, pk);
-        if (kM) mp[i] = mk;
-        if (kV) vp[i] = vk;
+        const float gn = noisy_grad<Noise>(a, load1(gp, i), z[k]);
+        if constexpr (kRelease) {
+          store1(gp, i, gn);
+        } else {
+          float pk = load1(pp, i), mk = 0.f, vk = 0.f;
+          if (kM && !(OPT == DPK_OPT_SGD_MOMENTUM && a.first_step)) mk = mp[i];
+          if (kV) vk = vp[i];
+          update<OPT>(a, gn, pk, mk, vk);
+          store1(pp, i, pk);
+          if (kM) mp[i] = mk;
+          if (kV) vp[i] = vk;
+        }
       }
     }
   }
@@ -150,6 +189,14 @@ cudaError_t launch_opt(const DpkNoisyStepParams& a, const Noise& noise, cudaStre
     case DPK_OPT_ADAMW:
       noisy_step_kernel<TP, TG, DPK_OPT_ADAMW, Noise><<<grid, block, 0, stream>>>(a, noise);
       break;
+    case DPK_OPT_RELEASE:  // writes fp32 gradients; no parameter is read (its code: fp32)
+      if constexpr (std::is_same<TP, float>::value && std::is_same<TG, float>::value) {
+        noisy_step_kernel<float, float, DPK_OPT_RELEASE, Noise>
+            <<<grid, block, 0, stream>>>(a, noise);
+        break;
+      } else {
+        return cudaErrorInvalidValue;
+      }
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
@@ -228,6 +275,7 @@ bool valid_lmo(const DpkLmoNoise* l) {
 extern "C" cudaError_t dpk_noisy_step(const DpkNoisyStepParams* p, cudaStream_t stream) {
   static_assert(sizeof(DpkNoiseTensor) == 64, "DpkNoiseTensor is part of the Python ABI");
   if (!valid_step_params(p)) return cudaErrorInvalidValue;
+  if (p->noise_std == 0.f) return dispatch_step(p, NoNoise{}, stream);
   return dispatch_step(p, GaussianNoise{}, stream);
 }
 

@@ -122,18 +122,27 @@ def _range_normals(first: int, n: int, words: dict, device) -> torch.Tensor:
     return z[first - 4 * g0: first - 4 * g0 + n]
 
 
-def noisy_update_ref(p: torch.Tensor, g: torch.Tensor, z: torch.Tensor, m: torch.Tensor | None,
+def noisy_grad_ref(g: torch.Tensor, z: torch.Tensor | None, *, noise_std: float,
+                   inv_b: float) -> torch.Tensor:
+    """(g + noise_std * z) * inv_b in g's dtype; with noise_std == 0 z is not read (may be None):
+    g * inv_b, as the kernels, which then draw no z."""
+    if noise_std == 0:
+        return g * inv_b
+    return (g + noise_std * z) * inv_b
+
+
+def noisy_update_ref(p: torch.Tensor, g: torch.Tensor, z: torch.Tensor | None, m: torch.Tensor | None,
                      v: torch.Tensor | None, *, optimizer: str, hyper: dict, noise_std: float,
                      inv_b: float, compute_dtype=torch.float32):
     """One element-wise update on flat tensors, in `compute_dtype`; returns (p, m, v) new values.
 
-    g_noisy = (g + noise_std * z) * inv_b, then SGD (coupled weight decay, momentum with dampening,
+    g_noisy = noisy_grad_ref(g, z), then SGD (coupled weight decay, momentum with dampening,
     Nesterov; `first` initialises the buffer with the gradient as torch.optim.SGD does) or AdamW
     (decoupled decay, bias corrections for step `t`), as written in torch.optim.
     """
     c = compute_dtype
-    pf, gf, zf = p.to(c), g.to(c), z.to(c)
-    gn = (gf + noise_std * zf) * inv_b
+    pf = p.to(c)
+    gn = noisy_grad_ref(g.to(c), None if z is None else z.to(c), noise_std=noise_std, inv_b=inv_b)
     lr, wd = hyper["lr"], hyper.get("weight_decay", 0.0)
     if optimizer == "sgd":
         d = gn + wd * pf if wd != 0 else gn

@@ -1,5 +1,6 @@
 """fused_noisy_step: mechanism noise (Gaussian, or LMO-DP) + SGD/AdamW update for a list of tensors,
-in one pass per backend.
+in one pass per backend. fused_noisy_release_: the same noise written into the gradients instead
+(for post-processing between release and update; a noise-free fused_noisy_step then updates).
 
 Validation happens before anything is reserved or written: a refused call leaves every tensor and
 the noise counter as they were.
@@ -16,11 +17,12 @@ import torch
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
 from dpkern.noise.keys import NoiseGenerator
-from dpkern.noise.reference import RANGE_CHUNK, noisy_update_ref, tensor_normals
+from dpkern.noise.reference import (RANGE_CHUNK, noisy_grad_ref, noisy_update_ref,
+                                    tensor_normals)
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 2}  # DpkDType
-_OPT_SGD, _OPT_SGD_MOMENTUM, _OPT_ADAMW = 0, 1, 2  # DpkOptimizer
+_OPT_SGD, _OPT_SGD_MOMENTUM, _OPT_ADAMW, _OPT_RELEASE = 0, 1, 2, 3  # DpkOptimizer
 _MAX_COUNTER = 1 << 63  # LMO-DP's Philox call index e * n_blocks + j must not wrap (int64)
 
 
@@ -61,6 +63,10 @@ def _check_hyper(hyper) -> None:
             raise ValueError(f"hyper.{k} must be a finite number >= 0, got {v!r}")
 
 
+def _dtype_names(dtypes) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 def _check_list(name, xs, params, dtypes):
     if not isinstance(xs, (list, tuple)) or len(xs) != len(params):
         n = len(xs) if isinstance(xs, (list, tuple)) else type(xs).__name__
@@ -71,44 +77,42 @@ def _check_list(name, xs, params, dtypes):
         if x.shape != p.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(x.shape)}, params[{i}] has {tuple(p.shape)}")
         if x.dtype not in dtypes:
-            raise TypeError(f"{name}[{i}] must be {' or '.join(map(str, dtypes))}, got {x.dtype}")
+            raise TypeError(f"{name}[{i}] must be {_dtype_names(dtypes)}, got {x.dtype}")
         if x.device != p.device:
             raise ValueError(f"{name}[{i}] is on {x.device}, params[{i}] on {p.device}")
         if not x.is_contiguous():
             raise ValueError(f"{name}[{i}] must be contiguous")
 
 
-def validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets):
-    """Checks every argument; returns the global offsets (default: params laid end to end)."""
-    if not isinstance(params, (list, tuple)) or len(params) == 0:
-        raise ValueError("params must be a non-empty list of tensors")
+def _check_tensors(name, xs, dtypes) -> None:
+    """xs: a non-empty list of contiguous tensors of `dtypes`, all on one device."""
+    if not isinstance(xs, (list, tuple)) or len(xs) == 0:
+        raise ValueError(f"{name} must be a non-empty list of tensors")
     dev = None
-    for i, p in enumerate(params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-        if p.dtype not in _PARAM_DTYPES:
-            raise TypeError(f"params[{i}] must be float32 or bfloat16, got {p.dtype}")
-        if not p.is_contiguous():
-            raise ValueError(f"params[{i}] must be contiguous")
-        dev = dev or p.device
-        if p.device != dev:
-            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {dev}: one device per call")
-    _check_hyper(hyper)
-    _check_list("grads", grads, params, _PARAM_DTYPES)
-    if isinstance(hyper, AdamWHyper) or (isinstance(hyper, SGDHyper) and hyper.momentum != 0):
-        _check_list("exp_avgs", exp_avgs, params, (torch.float32,))
-    if isinstance(hyper, AdamWHyper):
-        _check_list("exp_avg_sqs", exp_avg_sqs, params, (torch.float32,))
+    for i, x in enumerate(xs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] must be {_dtype_names(dtypes)}, got {x.dtype}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous")
+        dev = dev or x.device
+        if x.device != dev:
+            raise ValueError(f"{name}[{i}] is on {x.device}, {name}[0] on {dev}: one device per call")
+
+
+def _global_offsets(tensors, global_offsets) -> list:
+    """The global index of each tensor's element 0 (default: laid end to end), checked."""
     if global_offsets is None:
         offs, o = [], 0
-        for p in params:
+        for p in tensors:
             offs.append(o)
             o += p.numel()
         return offs
-    if len(global_offsets) != len(params):
-        raise ValueError(f"global_offsets must have {len(params)} entries, got {len(global_offsets)}")
+    if len(global_offsets) != len(tensors):
+        raise ValueError(f"global_offsets must have {len(tensors)} entries, got {len(global_offsets)}")
     spans = []
-    for i, (o, p) in enumerate(zip(global_offsets, params)):
+    for i, (o, p) in enumerate(zip(global_offsets, tensors)):
         if not isinstance(o, int) or isinstance(o, bool) or o < 0 or o + p.numel() > 1 << 62:
             raise ValueError(f"global_offsets[{i}] must be an int in [0, 2**62 - numel), got {o!r}")
         spans.append((o, o + p.numel(), i))
@@ -118,6 +122,18 @@ def validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets):
             raise ValueError(f"global_offsets: params[{i}] and params[{j}] overlap in the global index "
                              "space; they would draw the same noise")
     return list(global_offsets)
+
+
+def validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets):
+    """Checks every argument; returns the global offsets (default: params laid end to end)."""
+    _check_tensors("params", params, _PARAM_DTYPES)
+    _check_hyper(hyper)
+    _check_list("grads", grads, params, _PARAM_DTYPES)
+    if isinstance(hyper, AdamWHyper) or (isinstance(hyper, SGDHyper) and hyper.momentum != 0):
+        _check_list("exp_avgs", exp_avgs, params, (torch.float32,))
+    if isinstance(hyper, AdamWHyper):
+        _check_list("exp_avg_sqs", exp_avg_sqs, params, (torch.float32,))
+    return _global_offsets(params, global_offsets)
 
 
 def update_scalars(hyper, t: int) -> dict:
@@ -184,7 +200,8 @@ def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper,
         exp_avgs: fp32 states (SGD momentum buffer, AdamW m), same shapes; unused for plain SGD.
         exp_avg_sqs: fp32 AdamW v, same shapes.
         hyper: SGDHyper | AdamWHyper.
-        noise_std: sigma * C (>= 0; 0 still runs the fused update); None with an LMO mechanism.
+        noise_std: sigma * C (>= 0; 0 runs the fused update, drawing no z); None with an LMO
+            mechanism.
         expected_batch_size: B_expected (public), > 0; the update divides by it.
         noise: the NoiseGenerator (key + counter).
         t: optimizer step, 1-based (AdamW bias correction; SGD: t == 1 initialises momentum).
@@ -206,18 +223,11 @@ def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper,
                          expected_batch_size=1024, noise=gen, t=t, mechanism=mech)
     """
     offs = validate(params, grads, exp_avgs, exp_avg_sqs, hyper, global_offsets)
-    if not isinstance(noise, NoiseGenerator):
-        raise TypeError(f"noise must be a NoiseGenerator, got {type(noise).__name__}")
-    lmo = check_mechanism(mechanism, noise_std, params, offs)
-    if lmo is not None:
-        noise_std = mechanism.clip_norm
-    if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
-            and expected_batch_size > 0):
-        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    lmo, noise_std = _check_noise(noise, noise_std, mechanism, expected_batch_size, params, offs)
     if not isinstance(t, int) or t < 1:
         raise ValueError(f"t (optimizer step) must be an int >= 1, got {t!r}")
-    device = params[0].device
-    be = resolve_backend(backend, device, op="fused_noisy_step", auto_order=("cuda", "triton"))
+    be = resolve_backend(backend, params[0].device, op="fused_noisy_step",
+                         auto_order=("cuda", "triton"))
     scalars, opt, nesterov = kernel_scalars(hyper, noise_std=noise_std,
                                             inv_b=1.0 / expected_batch_size, t=t)
     first = opt == _OPT_SGD_MOMENTUM and t == 1
@@ -225,18 +235,98 @@ def fused_noisy_step(params, grads, exp_avgs=None, exp_avg_sqs=None, *, hyper,
     words = noise.kernel_words(step, stream=0 if lmo is None else mechanism.stream)
     ms = exp_avgs if opt != _OPT_SGD else [None] * len(params)
     vs = exp_avg_sqs if opt == _OPT_ADAMW else [None] * len(params)
+    if be == "torch":
+        _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words,
+                   _torch_draw(mechanism))
+    else:
+        _launch_kernels(be, params, grads, ms, vs, offs, scalars, opt, nesterov, first, words, lmo)
+    return step
+
+
+def fused_noisy_release_(grads, *, noise_std: float | None = None, expected_batch_size: float,
+                         noise: NoiseGenerator, counter_step: int | None = None,
+                         global_offsets=None, mechanism=None, backend: str | None = None) -> int:
+    """In place, for every i: g_i <- (g_i + noise_std * z_i) / expected_batch_size: the noisy
+    release of fused_noisy_step written into the gradients, for post-processing (e.g. RMT
+    denoising) between release and update. One launch per call on CUDA (all tensors).
+
+    z_i are the values fused_noisy_step draws for the same counter step, global offsets and
+    mechanism, and the noisy gradient is rounded as its kernels round it (per backend), so
+
+        fused_noisy_release_(gs, noise_std=s, expected_batch_size=B, counter_step=k, ...)
+        fused_noisy_step(ps, gs, ..., noise_std=0.0, expected_batch_size=1, counter_step=k)
+
+    leaves ps and the states bit-identical to fused_noisy_step(ps, gs, ..., noise_std=s,
+    expected_batch_size=B, counter_step=k) on the original gs (noise_std = 0 draws no z).
+
+    Args:
+        grads: list of contiguous float32 tensors on one device (the clipped gradient sums),
+            overwritten with the noisy averaged gradients.
+        noise_std, expected_batch_size, noise, counter_step, global_offsets, mechanism, backend:
+            as fused_noisy_step (global offsets are those of the parameters the grads belong to).
+    Returns: the counter step used.
+
+    Example (one counter step for release and update; `denoise` edits gs in place)::
+
+        k = gen.next_step()
+        fused_noisy_release_(gs, noise_std=sigma * C, expected_batch_size=B, noise=gen,
+                             counter_step=k)
+        denoise(gs)
+        fused_noisy_step(ps, gs, ms, vs, hyper=AdamWHyper(lr=1e-4), noise_std=0.0,
+                         expected_batch_size=1, noise=gen, t=t, counter_step=k)
+    """
+    _check_tensors("grads", grads, (torch.float32,))
+    offs = _global_offsets(grads, global_offsets)
+    lmo, noise_std = _check_noise(noise, noise_std, mechanism, expected_batch_size, grads, offs)
+    be = resolve_backend(backend, grads[0].device, op="fused_noisy_release_",
+                         auto_order=("cuda", "triton"))
+    # The update's scalars ride along unused (one argument set for every optimizer code).
+    scalars, _, _ = kernel_scalars(SGDHyper(lr=0.0), noise_std=noise_std,
+                                   inv_b=1.0 / expected_batch_size, t=1)
+    step = noise.next_step() if counter_step is None else counter_step
+    words = noise.kernel_words(step, stream=0 if lmo is None else mechanism.stream)
+    if be == "torch":
+        draw = _torch_draw(mechanism)
+        for g, o in zip(grads, offs):
+            z = draw(g.numel(), o, words, device=g.device).view(g.shape) if noise_std else None
+            g.copy_(noisy_grad_ref(g, z, noise_std=scalars["noise_std"], inv_b=scalars["inv_b"]))
+    else:
+        none = [None] * len(grads)
+        _launch_kernels(be, none, grads, none, none, offs, scalars, _OPT_RELEASE, False, False,
+                        words, lmo)
+    return step
+
+
+def _check_noise(noise, noise_std, mechanism, expected_batch_size, tensors, offs):
+    """The noise arguments of fused_noisy_step / fused_noisy_release_: returns the LMO-DP kernel
+    constants (None: Gaussian) and the scale of z (noise_std, or the mechanism's clip norm)."""
+    if not isinstance(noise, NoiseGenerator):
+        raise TypeError(f"noise must be a NoiseGenerator, got {type(noise).__name__}")
+    lmo = check_mechanism(mechanism, noise_std, tensors, offs)
+    if lmo is not None:
+        noise_std = mechanism.clip_norm
+    if not (isinstance(expected_batch_size, (int, float)) and math.isfinite(expected_batch_size)
+            and expected_batch_size > 0):
+        raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    return lmo, noise_std
+
+
+def _launch_kernels(be, params, grads, ms, vs, offs, scalars, opt, nesterov, first, words, lmo):
+    """The CUDA kernel (one launch per dtype group) or its Triton twin (one per tensor); params,
+    ms, vs hold None where the optimizer code does not touch them (the release: all of them)."""
     if be == "cuda":
         _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, words, lmo)
-    elif be == "triton":
-        from dpkern.kernels.noise_step import noise_step_launch
-        scal = dict(scalars, **words)
-        for p, g, m, v, o in zip(params, grads, ms, vs, offs):
-            noise_step_launch(p, g, m, v, global_offset=o, scalars=scal, opt=opt,
-                              nesterov=nesterov, first=first, lmo=lmo)
-    else:
-        draw = tensor_normals if lmo is None else _lmo_draw(mechanism)
-        _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words, draw)
-    return step
+        return
+    from dpkern.kernels.noise_step import noise_step_launch
+    scal = dict(scalars, **words)
+    for p, g, m, v, o in zip(params, grads, ms, vs, offs):
+        noise_step_launch(p, g, m, v, global_offset=o, scalars=scal, opt=opt, nesterov=nesterov,
+                          first=first, lmo=lmo)
+
+
+def _torch_draw(mechanism):
+    """z(numel, global_offset, words, device) of the torch backend for this mechanism."""
+    return tensor_normals if mechanism is None else _lmo_draw(mechanism)
 
 
 def _lmo_draw(mechanism):
@@ -265,7 +355,8 @@ def _run_torch(params, grads, ms, vs, offs, hyper, scalars, opt, first, t, words
     for p, g, m, v, o in zip(params, grads, ms, vs, offs):
         if p.numel() == 0:
             continue
-        z = draw(p.numel(), o, words, device=p.device).view(p.shape)
+        z = draw(p.numel(), o, words, device=p.device).view(p.shape) \
+            if scalars["noise_std"] else None  # noise_std 0: no z, as the kernels
         p_new, m_new, v_new = noisy_update_ref(p, g, z, m, v, optimizer=name, hyper=hd,
                                                noise_std=scalars["noise_std"],
                                                inv_b=scalars["inv_b"])
@@ -329,17 +420,19 @@ class _Desc:
 
 
 def _descriptors(ext, params, grads, ms, vs, offs, stream: int = 0):
-    """(desc, table, n_tensors, n_chunks) for the kernel, on params[0]'s device. Tables are per
-    stream: a refresh is ordered after the previous step's kernel by running on its stream."""
-    live = [i for i, p in enumerate(params) if p.numel() > 0]
-    static = tuple((params[i].data_ptr(), 0 if ms[i] is None else ms[i].data_ptr(),
-                    0 if vs[i] is None else vs[i].data_ptr(), params[i].numel(), offs[i])
+    """(desc, table, n_tensors, n_chunks) for the kernel, on grads[0]'s device. Tables are per
+    stream: a refresh is ordered after the previous step's kernel by running on its stream. A
+    None in params, ms, vs is a null pointer (the release's tables: only the gradient column,
+    refreshed each step, so they stay cached)."""
+    ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+    live = [i for i, g in enumerate(grads) if g.numel() > 0]
+    static = tuple((ptr(params[i]), ptr(ms[i]), ptr(vs[i]), grads[i].numel(), offs[i])
                    for i in live)
     grad_ptrs = tuple(grads[i].data_ptr() for i in live)
-    key = (params[0].device, stream, static)
+    key = (grads[0].device, stream, static)
     entry = _DESC_CACHE.get(key)
     if entry is None:
-        entry = _DESC_CACHE[key] = _Desc(ext, static, grad_ptrs, params[0].device)
+        entry = _DESC_CACHE[key] = _Desc(ext, static, grad_ptrs, grads[0].device)
         while len(_DESC_CACHE) > _DESC_CACHE_SIZE:
             _DESC_CACHE.popitem(last=False)
     else:
@@ -355,9 +448,9 @@ def _launch_cuda(params, grads, ms, vs, offs, scalars, opt, nesterov, first, wor
     # sampler's constants (DpkLmoNoise).
     launch = ext.noisy_step if lmo is None else functools.partial(ext.noisy_step_lmo, **lmo)
     groups: dict = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        groups.setdefault((p.dtype, g.dtype), []).append(i)
-    dev = params[0].device
+    for i, (p, g) in enumerate(zip(params, grads)):  # the release (p None): fp32 codes
+        groups.setdefault((g.dtype if p is None else p.dtype, g.dtype), []).append(i)
+    dev = grads[0].device
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         for (pd, gd), idx in groups.items():

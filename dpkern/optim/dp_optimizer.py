@@ -8,12 +8,15 @@ Flow of one logical step: each backward pass ends in the engine, which adds Σ_i
 
 runs the post-processors (e.g. RMT denoising) on these noisy gradients, hands them to the inner
 optimizer as p.grad and steps it, then calls the step hooks (the accountant). When the inner
-optimizer is SGD or AdamW (Adam with weight_decay=0) and there are no post-processors, noise and
-update run in one fused pass (dpkern.noise.fused_noisy_step) and the noisy gradient is never
-materialised (p.grad stays None); an LMO-DP mechanism runs there too (its own noise, drawn in the
-same kernel). Both paths draw z from one NoiseGenerator at counter step = the release index
-(`noise_steps`), the mechanism's stream and each parameter's global element offset, so they add
-the same noise; the generator's state is in state_dict(). An empty logical batch
+optimizer is SGD or AdamW (Adam with weight_decay=0) (`fused_update_available()`), the update
+runs in the fused kernel instead (dpkern.noise.fused_noisy_step; p.grad stays None): with no
+post-processors noise and update are one pass and the noisy gradient is never materialised;
+with post-processors, one multi-tensor pass writes the noisy gradients into the accumulators
+(fused_noisy_release_), the post-processors run on them, and a noise-free fused update follows
+(`last_step_path`: "fused", "release" or "unfused"). An LMO-DP mechanism runs there too (its own
+noise, drawn in the same kernels). Every path draws z from one NoiseGenerator at counter step =
+the release index (`noise_steps`), the mechanism's stream and each parameter's global element
+offset, so they add the same noise; the generator's state is in state_dict(). An empty logical batch
 (reported by the DP data loader, or `signal_empty_batch()`) may step without a backward: it
 releases noise only. Everything else without a new backward is refused.
 """
@@ -26,7 +29,7 @@ import torch
 from torch.optim import Optimizer
 
 from dpkern.noise import NoiseGenerator
-from dpkern.noise.step import AdamWHyper, SGDHyper, fused_noisy_step
+from dpkern.noise.step import AdamWHyper, SGDHyper, fused_noisy_release_, fused_noisy_step
 
 Postprocessor = Callable[[dict, float], None]
 
@@ -41,7 +44,7 @@ class DPOptimizer(Optimizer):
         noise_multiplier: σ >= 0. max_grad_norm: the total clipping norm C (noise std is σC).
         expected_batch_size: B_expected, the public normaliser of loss_reduction="mean".
         grad_postprocessors: callables f(grads: {name: tensor}, noise_std) run in place on the
-            noisy averaged gradients before the inner step; noise_std = σC / B_expected.
+            noisy averaged gradients (fp32) before the update; noise_std = σC / B_expected.
         seed: fixed noise seed (tests only; refused when secure_mode).
     """
 
@@ -97,6 +100,7 @@ class DPOptimizer(Optimizer):
         self.last_clip: dict = {}
         self.last_scales: dict = {}
         self._released: dict = {}
+        self.last_step_path: str | None = None  # "fused" | "release" | "unfused" (see step())
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -219,11 +223,12 @@ class DPOptimizer(Optimizer):
         from dpkern.mechanisms.lmo import LMOMechanism
         return isinstance(self.mechanism, LMOMechanism) and self.mechanism.fused_step_supported()
 
-    def fused_available(self) -> bool:
-        """True when step() runs the fused noise + update kernel (SGD / AdamW / Adam without
-        weight decay, no post-processors, add_noise_ not overridden, contiguous parameters;
-        Gaussian noise or an LMO-DP mechanism)."""
-        if (not self.fused or self.grad_postprocessors or not self._fused_mechanism_ok()
+    def fused_update_available(self) -> bool:
+        """True when step() updates the private parameters with the fused kernel, with no torch
+        optimizer step (SGD / AdamW / Adam without weight decay, add_noise_ not overridden,
+        contiguous fp32 / bf16 parameters; Gaussian noise or an LMO-DP mechanism); with
+        post-processors, after the noisy release pass."""
+        if (not self.fused or not self._fused_mechanism_ok()
                 or type(self).add_noise_ is not _BASE_ADD_NOISE):
             return False
         if not all(p.is_contiguous() and p.dtype in (torch.float32, torch.bfloat16)
@@ -231,8 +236,35 @@ class DPOptimizer(Optimizer):
             return False
         return all(self._fused_hyper(g) is not None for g in self.param_groups)
 
+    def fused_available(self) -> bool:
+        """True when step() runs noise and update in one fused pass, the noisy gradient never
+        materialised: fused_update_available() and no post-processors."""
+        return not self.grad_postprocessors and self.fused_update_available()
+
     @torch.no_grad()
-    def _fused_step(self, std: float, norm: float, step: int) -> None:
+    def _release(self, std: float, norm: float, step: int) -> OrderedDict:
+        """The noisy release pass: acc <- (acc + std z) / norm for every private parameter, one
+        launch per device (the z of the fused step); returns {name: acc} for the post-processors."""
+        by_dev: dict = {}
+        for p in self.params:
+            by_dev.setdefault(p.device, []).append(p)
+        for ps in by_dev.values():
+            fused_noisy_release_([self.accumulator(p) for p in ps],
+                                 noise_std=std if self.mechanism is None else None,
+                                 expected_batch_size=norm, noise=self.noise_generator,
+                                 counter_step=step,
+                                 global_offsets=[self.global_offsets[p] for p in ps],
+                                 mechanism=self.mechanism, backend=self.noise_backend)
+        return OrderedDict((name, self.accumulator(p)) for p, name in self.params.items())
+
+    @torch.no_grad()
+    def _fused_step(self, std: float, norm: float, step: int, released: dict | None = None) -> None:
+        """The fused update of every private parameter from its accumulator with noise std (or the
+        mechanism's) and B = norm; or, given released {param: noisy gradient}, a noise-free update
+        from those (noise_std 0, B 1: what the one-pass step would have done, bit for bit)."""
+        if released is not None:
+            std, norm = 0.0, 1.0
+        mechanism = self.mechanism if released is None else None
         mine = set(self.params)
         for group in self.param_groups:
             hyper = self._fused_hyper(group)
@@ -257,15 +289,15 @@ class DPOptimizer(Optimizer):
                 by_t.setdefault(t, []).append(p)
             for t, ps in by_t.items():
                 fused_noisy_step(
-                    ps, [self.accumulator(p) for p in ps],
+                    ps, [self.accumulator(p) if released is None else released[p] for p in ps],
                     [self.state[p].get("exp_avg", self.state[p].get("momentum_buffer")) for p in ps]
                     if not (isinstance(hyper, SGDHyper) and hyper.momentum == 0) else None,
                     [self.state[p]["exp_avg_sq"] for p in ps]
                     if isinstance(hyper, AdamWHyper) else None,
-                    hyper=hyper, noise_std=std if self.mechanism is None else None,
+                    hyper=hyper, noise_std=std if mechanism is None else None,
                     expected_batch_size=norm, noise=self.noise_generator, t=t, counter_step=step,
                     global_offsets=[self.global_offsets[p] for p in ps],
-                    mechanism=self.mechanism, backend=self.noise_backend)
+                    mechanism=mechanism, backend=self.noise_backend)
                 for p in ps:
                     if isinstance(hyper, AdamWHyper):
                         self.state[p]["step"] = torch.tensor(float(t))
@@ -299,9 +331,18 @@ class DPOptimizer(Optimizer):
         norm = (self.expected_batch_size
                 if self.loss_reduction == "mean" or self.average_sum else 1)
         step = self.noise_generator.next_step()  # one counter step per release, all parameters
-        if self.fused_available():
-            self._fused_step(std, float(norm), step)
+        if self.fused_update_available():
+            released = None
+            if self.grad_postprocessors:  # noise into the accumulators, post-process, then update
+                grads = self._release(std, float(norm), step)
+                for post in self.grad_postprocessors:
+                    post(grads, std / norm)
+                # a post-processor may have replaced an entry: the kernel takes fp32, contiguous
+                released = {p: grads[name].to(torch.float32).contiguous()
+                            for p, name in self.params.items()}
+            self._fused_step(std, float(norm), step, released)
             self._released = {}
+            self.last_step_path = "fused" if released is None else "release"
         else:
             grads = OrderedDict()
             self._release_step = step
@@ -321,6 +362,7 @@ class DPOptimizer(Optimizer):
             self.original_optimizer.step()
             self._released = {p: (p.grad, p.grad._version) for p in self.params
                               if p.grad is not None}
+            self.last_step_path = "unfused"
         self.noise_steps += 1
         self.summed, self.backwards, self.samples, self._empty_batch = {}, 0, 0, False
         for hook in self.step_hooks:

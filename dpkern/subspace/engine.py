@@ -345,7 +345,7 @@ class SubspaceDPOptimizer(DPOptimizer):
         step = self.noise_generator.step  # the counter step super().step() is about to reserve
         released = self._released_coords(step)
         hypers = self._backproj_hypers()
-        fused = self.fused_available()
+        fused = self.fused_update_available()  # super() then runs no torch optimizer step
         if hypers is None:
             self._states_for_torch()
         if hypers is None and not fused:  # the inner optimizer's one step sees these grads

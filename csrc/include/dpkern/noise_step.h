@@ -1,7 +1,11 @@
 // Fused noise + optimizer step over many tensors in one launch (multi-tensor apply).
 // Per element: g_noisy = (g + noise_std * z) * inv_b, z drawn in registers from Philox4x32-10 (counter
 // layout in philox.cuh), then SGD or AdamW; parameters and fp32 states are updated in place.
-//   dpk_noisy_step:      z ~ N(0, 1) (the Gaussian mechanism, stream 0 words)
+// g_noisy is rounded as __fmul_rn(fmaf(noise_std, z, g), inv_b) by every instantiation, so
+// DPK_OPT_RELEASE followed by a step with noise_std = 0, inv_b = 1 on the released gradients gives
+// the parameters and states of one step, bit for bit.
+//   dpk_noisy_step:      z ~ N(0, 1) (the Gaussian mechanism, stream 0 words); noise_std == 0 draws
+//                        no z (g_noisy = g * inv_b)
 //   dpk_noisy_step_lmo:  z = LMO-DP noise of clip norm 1, Laplace(0, 1/u) (lmo.cuh; stream 1 words);
 //                        noise_std is then the clip norm C
 #pragma once
@@ -16,6 +20,8 @@ typedef enum {
   DPK_OPT_SGD = 0,           // p -= lr * (g + wd * p)
   DPK_OPT_SGD_MOMENTUM = 1,  // torch.optim.SGD with momentum, dampening, Nesterov
   DPK_OPT_ADAMW = 2,         // torch.optim.AdamW (decoupled decay, bias correction)
+  DPK_OPT_RELEASE = 3,       // no update: g <- g_noisy written over the (fp32) gradient; param,
+                             // exp_avg, exp_avg_sq are not touched (the noisy release pass)
 } DpkOptimizer;
 
 // Elements are processed in octets (8 consecutive *global* indices = 2 Philox groups); a chunk is
@@ -25,7 +31,8 @@ typedef enum {
 // One tensor, as it lives in the device descriptor array. Every field is 8 bytes (ABI: 64 bytes).
 typedef struct {
   void* param;            // [numel] element type param_dtype, updated in place
-  const void* grad;       // [numel] element type grad_dtype: the clipped gradient sum
+  const void* grad;       // [numel] element type grad_dtype: the clipped gradient sum (written
+                          // by DPK_OPT_RELEASE, which needs fp32)
   float* exp_avg;         // [numel] fp32: momentum buffer (SGD momentum) or m (AdamW); else unused
   float* exp_avg_sq;      // [numel] fp32: v (AdamW); else unused
   int64_t numel;          // > 0
@@ -39,12 +46,12 @@ typedef struct {
   const int32_t* chunk_tensor;    // device array [n_chunks]: tensor index of each chunk
   int64_t n_tensors;
   int64_t n_chunks;               // sum over tensors of ceil(octets / DPK_NOISE_CHUNK_OCTETS)
-  DpkDType param_dtype;           // DPK_FLOAT32 or DPK_BFLOAT16
-  DpkDType grad_dtype;            // DPK_FLOAT32 or DPK_BFLOAT16
+  DpkDType param_dtype;           // DPK_FLOAT32 or DPK_BFLOAT16 (DPK_FLOAT32 for DPK_OPT_RELEASE)
+  DpkDType grad_dtype;            // DPK_FLOAT32 or DPK_BFLOAT16 (DPK_FLOAT32 for DPK_OPT_RELEASE)
   DpkOptimizer optimizer;
   uint32_t key[2];                // Philox key = secret words s0, s1
   uint32_t ctr_hi[2];             // counter words c2, c3 = lo32(step) ^ s2, (stream<<24 | hi24(step)) ^ s3
-  float noise_std;                // sigma * C (0 still runs the update)
+  float noise_std;                // sigma * C (0 still runs the update, drawing no z)
   float inv_b;                    // 1 / expected batch size
   float lr;
   float weight_decay;             // SGD: coupled (added to the gradient)
