@@ -157,4 +157,7 @@ def noise_step_launch(p: torch.Tensor | None, g: torch.Tensor, m: torch.Tensor |
         p_ptr=p, g_ptr=g, m_ptr=m if m is not None else p, v_ptr=v if v is not None else p,
         numel=n, global_offset=global_offset, **scalars, **mech,
         OPT=opt, NESTEROV=nesterov, FIRST=first, ALIGNED=global_offset % 4 == 0,
-        BLOCK_G=cfg.BLOCK_G, num_warps=cfg.num_warps)
+        BLOCK_G=cfg.BLOCK_G, num_warps=cfg.num_warps,
+        # no fp contraction: the noisy gradient is rounded as written (fma, then mul), so the
+        # release + noise-free update equals the one-pass step bit for bit on the GPU too
+        enable_fp_fusion=False)
