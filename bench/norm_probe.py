@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.subspace_probe import event_ms  # noqa: E402
+
 KINDS = {"qkv": (2048, (2048, 2048, 2048)), "o": (2048, (2048,)), "gate_up": (2048, (5632, 5632)),
          "down": (5632, (2048,))}  # (d, output widths sharing the input)
 
@@ -36,20 +38,6 @@ def gpu_ms(fn, reps=10) -> float:
     total = sum(e.self_device_time_total for e in prof.key_averages()
                 if e.device_type.name == "CUDA")
     return total / 1e3 / reps
-
-
-def event_ms(fn, reps=5) -> float:
-    """Mean ms per call of reps back-to-back calls (CUDA events; the queue stays ahead of the GPU
-    when a call's GPU time exceeds its host time, as for 16 layers here)."""
-    fn()
-    torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ev[0].record()
-    for _ in range(reps):
-        fn()
-    ev[1].record()
-    torch.cuda.synchronize()
-    return ev[0].elapsed_time(ev[1]) / reps
 
 
 def probe(cases, dtypes, layers, sweep, kinds=tuple(KINDS), sweep_bt=None):
@@ -99,7 +87,7 @@ def probe(cases, dtypes, layers, sweep, kinds=tuple(KINDS), sweep_bt=None):
                             continue
                         try:
                             cfgs.append(dict(cfg=[cfg.BLOCK_T, cfg.BLOCK_K, cfg.num_warps,
-                                                  cfg.num_stages], ms=event_ms(lambda: ghost(cfg))))
+                                                  cfg.num_stages], ms=event_ms(lambda: ghost(cfg), 5)))
                         except Exception as e:  # a config the compiler refuses (shared memory)
                             cfgs.append(dict(cfg=[cfg.BLOCK_T, cfg.BLOCK_K, cfg.num_warps,
                                                   cfg.num_stages], error=repr(e)[:120]))

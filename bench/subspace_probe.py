@@ -43,7 +43,8 @@ SHAPES = {"qkvo": (2048, 2048), "gate_up": (2048, 5632), "down": (5632, 2048),
           "lm_head": (2048, 32000)}  # (d, p)
 
 
-def _time(fn, reps=20):
+def event_ms(fn, reps=20) -> float:
+    """Mean ms per call of `reps` back-to-back calls after one warm-up (CUDA events)."""
     fn()
     torch.cuda.synchronize()
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -90,7 +91,7 @@ def probe_proj(bsz, seq, ranks):
                                                                               "tf32")
             for cname, cfg in cands.items():
                 try:
-                    ms = _time(lambda: subspace_project(a, g, u, v, config=cfg))
+                    ms = event_ms(lambda: subspace_project(a, g, u, v, config=cfg))
                     s, _ = subspace_project(a, g, u, v, config=cfg)
                     err = float((s.double() - s_ref).norm() / s_ref.norm())
                 except Exception as e:  # a config the compiler refuses
@@ -98,7 +99,7 @@ def probe_proj(bsz, seq, ranks):
                     continue
                 rows.append(dict(shape=name, r=r, impl=cname, ms=ms, gbps=nbytes / ms / 1e6,
                                  rel_err=err))
-            ms = _time(lambda: _cublas_project(a, g, u, v))
+            ms = event_ms(lambda: _cublas_project(a, g, u, v))
             s, _ = _cublas_project(a, g, u, v)
             rows.append(dict(shape=name, r=r, impl="cublas", ms=ms, gbps=nbytes / ms / 1e6,
                              rel_err=float((s.double() - s_ref).norm() / s_ref.norm())))
@@ -123,19 +124,30 @@ def _per_layer(mode: str):
 _LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC", "cuLaunchKernel")
 
 
-def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
+@contextlib.contextmanager
+def _warm_step(mode: str, bsz: int, seq: int):
+    """One mode's DP training step (bench_subspace.llama_dp_step) after 3 warm-up steps, inside
+    the mode's launch setting. The previous mode's model and optimizer states are freed and the
+    peak memory reset first (the caller drops its `step`, whose closure holds the model), so this
+    mode's numbers do not include them."""
     import gc
 
     from bench.bench_subspace import llama_dp_step
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with _per_layer(mode) as base:
+        model, opt, _, step = llama_dp_step(base, bsz, seq)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        yield step
+
+
+def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
     out = {}
     for mode in modes:
-        gc.collect()
-        torch.cuda.empty_cache()
-        with _per_layer(mode) as base:
-            model, opt, _, step = llama_dp_step(base, bsz, seq)
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
+        with _warm_step(mode, bsz, seq) as step:
             wall, host = [], []
             for _ in range(steps):
                 t0 = time.perf_counter()
@@ -147,6 +159,7 @@ def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 step()
                 torch.cuda.synchronize()
+            peak_gib = torch.cuda.max_memory_allocated() / 2**30
         ka = prof.key_averages()
         kern = sorted((e for e in ka if e.device_time_total > 0 and e.device_type.name == "CUDA"),
                       key=lambda e: -e.self_device_time_total)
@@ -155,15 +168,12 @@ def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
             wall_ms_all=[1e3 * x for x in wall],
             gpu_kernel_ms=sum(e.self_device_time_total for e in kern) / 1e3,
             launches=sum(e.count for e in ka if e.key in _LAUNCH_CALLS),
-            peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+            peak_gib=peak_gib,
             top=[dict(name=e.key[:90], ms=e.self_device_time_total / 1e3, calls=e.count)
                  for e in kern[:25]],
             top_cpu=[dict(name=e.key[:90], self_cpu_ms=e.self_cpu_time_total / 1e3, calls=e.count)
                      for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:25]])
-        del model, opt, step  # the closure holds the model: without it the next mode's peak
-        gc.collect()          # would include this model and its AdamW states
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        del step  # frees the model before the next mode is built
     return out
 
 
@@ -171,20 +181,12 @@ def probe_host(bsz, seq, steps, modes=("full", "subspace-16"), top=40):
     """cProfile of `steps` steps per mode after 3 warm-up steps: the functions with the most host
     time (tottime and cumtime), to find what the projected step's host time adds."""
     import cProfile
-    import gc
     import io
     import pstats
 
-    from bench.bench_subspace import llama_dp_step
     out = {}
     for mode in modes:
-        gc.collect()
-        torch.cuda.empty_cache()
-        with _per_layer(mode) as base:
-            model, opt, _, step = llama_dp_step(base, bsz, seq)
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
+        with _warm_step(mode, bsz, seq) as step:
             prof = cProfile.Profile()
             prof.enable()
             for _ in range(steps):
@@ -197,9 +199,7 @@ def probe_host(bsz, seq, steps, modes=("full", "subspace-16"), top=40):
             pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
             text[key] = buf.getvalue()
         out[mode] = text
-        del model, opt, step
-        gc.collect()
-        torch.cuda.empty_cache()
+        del step  # frees the model before the next mode is built
     return out
 
 
