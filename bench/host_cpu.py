@@ -112,16 +112,6 @@ def run_mode(mode: str, *, steps: int, warmup: int, layers: int, batch: int, seq
     model, opt, ids, vocab = build(mode, layers=layers, batch=batch, seq=seq, rank=rank)
     timer = _clipper_timer(model)
     prof = cProfile.Profile() if profile else None
-    if profile == "dp" and timer is not None:
-        inner = timer.fn
-
-        def profiled(uses):
-            prof.enable()
-            try:
-                return inner(uses)
-            finally:
-                prof.disable()
-        timer.fn = profiled
 
     def one_step(profiling: bool) -> tuple:
         if timer is not None:
@@ -148,12 +138,18 @@ def run_mode(mode: str, *, steps: int, warmup: int, layers: int, batch: int, seq
 
     for _ in range(warmup):
         one_step(False)
-    if timer is not None and profile == "dp":
-        timer.fn = inner  # timed steps without the profiler in the clipper
     times = [one_step(False) for _ in range(steps)]
     row = {c: statistics.median(t[i] for t in times) * 1e3 for i, c in enumerate(COLUMNS)}
     if profile:
         if timer is not None and profile == "dp":
+            inner = timer.fn
+
+            def profiled(uses):
+                prof.enable()
+                try:
+                    return inner(uses)
+                finally:
+                    prof.disable()
             timer.fn = profiled
         for _ in range(max(3, steps // 2)):
             one_step(True)

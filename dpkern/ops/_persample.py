@@ -8,6 +8,7 @@ import os
 import torch
 
 from dpkern._matmul import fp32_matmul
+from dpkern.backend import resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The torch backend keeps its per-chunk intermediates below this many bytes.
@@ -35,6 +36,23 @@ def groupable(a: torch.Tensor, *xs: torch.Tensor) -> bool:
     GROUP_MAX_TOKENS rows, and every tensor 16-byte aligned (kernels/_tables.ALIGN)."""
     return (a.shape[0] * a.shape[1] <= GROUP_MAX_TOKENS
             and all(x.data_ptr() % 16 == 0 for x in (a,) + xs))
+
+
+def call_resolver(op: str, backend: str | None, explicit_mode: str | None = None,
+                  implemented: tuple = ("triton", "torch"), auto_order: tuple = ("triton",),
+                  with_mode: bool = True):
+    """device -> (backend, fp32 mode or None) for one call of a grouped op: resolved (environment
+    read, names checked) once per device and call, not once per layer."""
+    seen: dict = {}
+
+    def resolve(device) -> tuple[str, str | None]:
+        hit = seen.get(device)
+        if hit is None:
+            hit = seen[device] = (resolve_backend(backend, device, op=op, implemented=implemented,
+                                                  auto_order=auto_order),
+                                  fp32_mode(device, explicit_mode) if with_mode else None)
+        return hit
+    return resolve
 
 
 def check_tensor(op: str, name: str, x, rank: int, dtypes=FLOAT_DTYPES) -> None:
@@ -69,7 +87,13 @@ def check_shared_input(op: str, a, gs) -> None:
     if not isinstance(gs, (list, tuple)) or not gs:
         raise TypeError(f"{op}: gs must be a non-empty list of tensors")
     check_tensor(op, "a", a, 3)
+    # Every backward validates a few hundred of these: test the valid case in one pass and build
+    # the error messages only for a tensor that fails it.
+    bt, dev = a.shape[:2], a.device
     for k, g in enumerate(gs):
+        if (isinstance(g, torch.Tensor) and g.dim() == 3 and g.dtype in FLOAT_DTYPES
+                and g.shape[:2] == bt and g.device == dev):
+            continue
         name = "g" if len(gs) == 1 else f"gs[{k}]"
         check_tensor(op, name, g, 3)
         check_same(op, "batch and sequence sizes", {"a.shape[:2]": tuple(a.shape[:2]),

@@ -14,9 +14,9 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import (FLOAT_DTYPES, check_device, check_same, check_shared_input,
-                                   check_tensor, exact_fp32_matmul, fp32_mode, groupable,
-                                   layout_key, operand, sample_chunks)
+from dpkern.ops._persample import (FLOAT_DTYPES, call_resolver, check_device, check_same,
+                                   check_shared_input, check_tensor, exact_fp32_matmul, fp32_mode,
+                                   groupable, layout_key, operand, sample_chunks)
 
 _IMPLEMENTED = ("triton", "torch")
 _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
@@ -51,6 +51,9 @@ def _k_major(a: torch.Tensor, g: torch.Tensor, mode: str):
 
 
 def _check_scale(op, scale, bsz, ref):
+    if (isinstance(scale, torch.Tensor) and scale.dim() == 1 and scale.dtype == torch.float32
+            and scale.shape[0] == bsz and scale.device == ref.device):
+        return  # valid (the common case); the checks below name what is wrong
     check_tensor(op, "scale", scale, 1, dtypes=(torch.float32,))
     check_same(op, "batch sizes", {"scale.shape[0]": scale.shape[0], "g.shape[0]": bsz})
     check_device(op, {"g": ref, "scale": scale})
@@ -159,11 +162,10 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
     if not isinstance(items, list):
         raise TypeError(f"{op}: items must be a list of (a, g, scale, out, accumulate)")
     units: dict = {}  # key -> item indices; a key of ("one", i) runs item i alone
+    resolve = call_resolver(op, backend, fp32_mode, _IMPLEMENTED)
     for i, (a, g, scale, dst, acc) in enumerate(items):
         _check_wgrad(op, a, g, scale, dst)
-        mode = _fp32_mode(a.device, fp32_mode)
-        be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
-                             auto_order=("triton",))
+        be, mode = resolve(a.device)
         kmajor = a.is_cuda and a.dtype == torch.float32 and mode != "ieee"
         if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype or kmajor
                 or not groupable(a, g, scale, *([dst] if dst is not None else []))):

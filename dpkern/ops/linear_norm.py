@@ -15,14 +15,16 @@ the engine folds into the clip: c_i = min(1, C / (‖G_i‖ (1 + margin))).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import (check_shared_input, check_tensor, exact_fp32_matmul,
-                                   fp32_mode, groupable, layout_key, operand, sample_chunks)
+from dpkern.ops._persample import (call_resolver, check_shared_input, check_tensor,
+                                   exact_fp32_matmul, fp32_mode, groupable, layout_key, operand,
+                                   sample_chunks)
 
 METHODS = ("auto", "ghost", "instantiate")
 _IMPLEMENTED = ("triton", "torch")
@@ -149,15 +151,14 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
     items = [(a, list(gs)) for a, gs in items]
     out: list = [None] * len(items)
     buckets: dict = {}
+    resolve = call_resolver(op, backend, fp32_mode, _IMPLEMENTED)
     for i, (a, gs) in enumerate(items):
-        be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED,
-                             auto_order=("triton",))
+        be, mode = resolve(a.device)
         bsz, seq, d = a.shape
         if (be == "triton" and bsz * seq > 0 and all(g.dtype == a.dtype for g in gs)
                 and groupable(a, *gs)
                 and choose_method(seq, d, [g.shape[2] for g in gs], be) == "ghost"):
-            key = (layout_key(a), tuple(layout_key(g) for g in gs),
-                   _fp32_mode(a.device, fp32_mode))
+            key = (layout_key(a), tuple(layout_key(g) for g in gs), mode)
             buckets.setdefault(key, []).append(i)
             continue
         out[i] = linear_norm_sq_shared(a, gs, backend=backend, fp32_mode=fp32_mode)
@@ -236,6 +237,7 @@ def _chain(k: int, mode: str) -> int:
     raise ValueError(f"mode must be 'tf32r', 'ieee' or 'tf32x3', got {mode!r}")
 
 
+@functools.lru_cache(maxsize=4096)  # the engine asks for every parameter's bound every backward
 def norm_error_bound(seq: int, d: int, p: int, method: str = "auto", mode: str = "tf32r") -> float:
     """η with |N̂_i² − ‖G̃_i‖²| ≤ η · ‖|g̃_i|ᵀ|ã_i|‖²_F for the squared norm N̂_i² that linear_norm_sq
     returns (any backend), where G̃_i = g̃_iᵀ ã_i is formed exactly from the operands as the kernels
@@ -257,6 +259,7 @@ def norm_error_bound(seq: int, d: int, p: int, method: str = "auto", mode: str =
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+@functools.lru_cache(maxsize=4096)
 def bookkeeping_error_bound(seq: int, mode: str = "tf32r") -> float:
     """β with ‖fl(c_i Ĝ_i) − c_i G̃_i‖_F ≤ β · c_i ‖|g̃_i|ᵀ|ã_i|‖_F for the per-sample fp32 partial
     Ĝ_i of the book-keeping kernel (length-T dots, then one multiply by c_i): β = γ(chain(T) + 1)."""

@@ -6,7 +6,7 @@ import torch
 from dpkern import _alloc
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import check_shared_input, groupable, layout_key
+from dpkern.ops._persample import call_resolver, check_shared_input, groupable, layout_key
 from dpkern.reference.rownorm import rownorm_sq_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -100,10 +100,10 @@ def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
         raise TypeError(f"{op}: items must be a list of (a, gs) pairs")
     out: list = [None] * len(items)
     buckets: dict = {}
+    resolve = call_resolver(op, backend, with_mode=False)
     for i, (a, gs) in enumerate(items):
         check_shared_input(op, a, gs)
-        be = resolve_backend(backend, a.device, op=op, implemented=("triton", "torch"),
-                             auto_order=("triton",))
+        be = resolve(a.device)[0]
         if (be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs)
                 and groupable(a, *gs)):
             key = (layout_key(a), tuple(layout_key(g) for g in gs))
