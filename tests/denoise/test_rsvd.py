@@ -91,3 +91,24 @@ def test_bad_arguments(bad, match):
     a, rank = args.pop("a"), args.pop("rank")
     with pytest.raises(ValueError, match=match):
         randomized_svd(a, rank, **args)
+
+
+@pytest.mark.parametrize("rows", [24, 47, 49, 5504], ids=lambda r: f"rows{r}")
+def test_cholqr2_tall_and_square_blocks_ill_conditioned(rows):
+    """CholeskyQR2 on (b, rows, 24) blocks whose columns span 6 orders of magnitude: tall blocks
+    (rows > 2 l) take the inverse-triangle GEMM, the others the triangular solve. Either way q is
+    orthonormal to float32 rounding, spans y's range (Householder's q up to column signs) and
+    y = q r."""
+    l = 24
+    g = torch.Generator().manual_seed(rows)
+    basis = torch.linalg.qr(torch.randn(2, rows, l, generator=g, dtype=torch.float64))[0]
+    mix = torch.linalg.qr(torch.randn(2, l, l, generator=g, dtype=torch.float64))[0]
+    y = (basis * torch.logspace(0, -6, l, dtype=torch.float64)) @ mix           # cond 1e6
+    q, r = orthonormalize(y.float(), "cholqr2")
+    eye = torch.eye(l, dtype=torch.float64).expand(2, l, l)
+    torch.testing.assert_close(q.double().mT @ q.double(), eye, atol=2e-5, rtol=0)
+    torch.testing.assert_close(q.double() @ r, y.float().double(), atol=1e-5 * y.norm() / rows**0.5,
+                               rtol=0)
+    qh = torch.linalg.qr(y.float().double())[0]          # of the same (float32) input
+    # q spans what Householder's q spans, including the smallest directions of y
+    assert (q.double() @ q.double().mT - qh @ qh.mT).norm() < 1e-4 * l**0.5
