@@ -10,7 +10,7 @@ import contextlib
 import math
 import zlib
 from collections import defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, MutableMapping, Sequence
 
 import torch
 
@@ -112,10 +112,15 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
                  warm_start: Sequence[torch.Tensor | None] | None = None,
                  tol: float | None = 0.05, min_iter: int = 1, carry: int = 4,
                  warm_passes: int | None = 4, resync: bool = False,
-                 info: dict | None = None, workspace: dict | None = None) -> None:
+                 info: dict | None = None, workspace: dict | None = None,
+                 results: list | None = None) -> None:
     """denoise_matrices_ without reading the ranks back: they stay on the device in
     info["counts"]. workspace: a dict the caller keeps across calls (RMTDenoiser does), holding
-    the warm path's padded buffers and per-row constants of the last layout per device."""
+    the warm path's padded buffers and per-row constants of the last layout per device.
+    results: None (every matrix is overwritten), or a list of len(mats) Nones in which the warm
+    path may put, for a float32 matrix it had to stack by copying, a new tensor holding its
+    result (a view of that stack, written by one GEMM per stack) instead of writing it back
+    matrix by matrix; such a matrix is then left as it was."""
     if shrinker not in SHRINKERS:
         raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
     if method not in METHODS:
@@ -205,7 +210,7 @@ def _denoise_all(mats: Sequence[torch.Tensor], noise_std: float, *, shrinker: st
         ws = workspace.setdefault(str(dev), {}) if workspace is not None else None
         _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa,
                       norm_correction, float(max_norm_gain), int(rank), int(oversample),
-                      int(warm_passes), orth, st, ws)
+                      int(warm_passes), orth, st, ws, results)
 
 
 def _stack(ts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, bool]:
@@ -322,10 +327,12 @@ def _denoise_sync(chunks, mats, warm_start, generators, sigma, shrinker, kappa, 
 
 
 def _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa, norm_correction,
-                  max_norm_gain, rank, oversample, passes, orth, st, ws) -> None:
+                  max_norm_gain, rank, oversample, passes, orth, st, ws, results=None) -> None:
     """The sync-free warm path for every warm chunk of one device at once: chunks = [(matrix
     indices, m, n, flipped)], each stacked (a view or one copy), one rsvd.warm_svd_stacks call,
-    one shrinkage and one left-factor GEMM for all, then one output GEMM per matrix."""
+    one shrinkage and one left-factor GEMM for all, then one output GEMM per stack when the
+    stack is the matrices themselves or `results` takes float32 copies' results (see
+    _denoise_all), else one per matrix."""
     stacks, views, v0, gens, key = _chunk_stacks(chunks, mats, warm_start, generators)
     dev = stacks[0].device
     # per-row constants (thresholds, shrinker dims), filled on the device: no host copy
@@ -347,9 +354,16 @@ def _denoise_warm(chunks, mats, warm_start, generators, sigma, shrinker, kappa, 
     for j, (chunk, m, n, flip) in enumerate(chunks):
         a0, a1, _, _, l, k = res.parts[j]
         left, vh = left_all[a0:a1, :m, :l], res.vh[a0:a1, :l, :n]
-        if views[j]:        # the stack is the gradients themselves: one GEMM writes them all
+        # the stack is the gradients themselves, or a float32 copy of them whose results the
+        # caller takes as new tensors: one GEMM writes them all (the copy is not read again)
+        whole = views[j] or (results is not None
+                             and all(mats[i].dtype == torch.float32 for i in chunk))
+        if whole:
             torch.matmul(vh.mT, left.mT, out=stacks[j].mT) if flip else \
                 torch.matmul(left, vh, out=stacks[j])
+            if not views[j]:
+                for i, x in zip(chunk, (stacks[j].mT if flip else stacks[j]).unbind(0)):
+                    results[i] = x                                      # in mats[i]'s layout
         else:
             lt, vt = (vh.mT, left.mT) if flip else (left, vh)
             for i, x, y in zip(chunk, lt.unbind(0), vt.unbind(0)):
@@ -466,7 +480,13 @@ class RMTDenoiser:
     """Engine post-processor: denoise every 2-D weight-gradient matrix of the released gradient.
 
     Called as ``denoiser(grads, noise_std)`` with ``grads`` the noisy averaged gradients by
-    parameter name and ``noise_std`` = sigma * C / B_expected; modifies ``grads`` in place.
+    parameter name and ``noise_std`` = sigma * C / B_expected; modifies ``grads`` in place: each
+    denoised name holds its result afterwards. In a dict, a float32 gradient that the call had
+    to copy into a stack (separately allocated matrices of one shape, e.g. the engine's
+    accumulators) is replaced by a view of that stack, written by one GEMM per stack, and the
+    tensor it held is left as it was (the engine's optimizer takes the replaced entries); a
+    gradient that is a view of one storage with the others of its shape, a 16-bit gradient, or
+    one in a read-only mapping is overwritten.
 
     What is denoised: tensors with 2 dimensions and both dims >= ``min_dim``. Left as released:
     vectors (biases, norm weights: no matrix structure to exploit), tensors of other ranks (conv
@@ -610,11 +630,16 @@ class RMTDenoiser:
         resync = self.resync_every > 0 and call % self.resync_every == 0
         info: dict = {}
         mats = [grads[k] for k in names]
+        results = [None] * len(names) if isinstance(grads, MutableMapping) else None
         if noise_std > 0:
             with (contextlib.nullcontext() if self.tf32 is None or not mats else
                   fp32_matmul(mats[0].device, "tf32" if self.tf32 else "ieee")):
                 _denoise_all(mats, noise_std, generators=gens, warm_start=warm, resync=resync,
-                             info=info, workspace=self._workspace, **self.kwargs)
+                             info=info, workspace=self._workspace, results=results,
+                             **self.kwargs)
+            for k, r in zip(names, results or ()):
+                if r is not None:
+                    grads[k] = r
             self._ranks, self._last_ranks = (names, info.pop("counts")), None
         else:
             info = {"passes": 0, "pass_bytes": 0, "numel": 0, "warm": 0}
