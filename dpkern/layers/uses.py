@@ -23,7 +23,7 @@ from dpkern.ops._persample import layout_key
 from dpkern.ops.bookkeeping import bookkeeping_wgrad
 from dpkern.ops.embedding_norm import embedding_norm_sq, tied_cross_term
 from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_grouped
-from dpkern.ops.rownorm import rownorm_sq
+from dpkern.ops.rownorm import rownorm_sq, rownorm_sq_many
 
 
 @dataclass
@@ -81,12 +81,17 @@ def _cat_t(tensors):
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=1)
 
 
+def _per_sample_rows(per: list) -> torch.Tensor:
+    """(B, n) per-sample gradients of a parameter with PerSampleUses only, summed over its uses."""
+    total = per[0].grads if len(per) == 1 else sum(u.grads for u in per)
+    return total.reshape(total.shape[0], -1)
+
+
 def param_norm_sq(uses: list, *, backend: str | None = None) -> torch.Tensor:
     """Per-sample squared norm (B,) fp32 of a parameter's gradient summed over all its uses."""
     lin, emb, per = _split(uses)
     if per:
-        total = per[0].grads if len(per) == 1 else sum(u.grads for u in per)
-        flat = total.reshape(total.shape[0], -1)
+        flat = _per_sample_rows(per)
         if flat.dtype == torch.float64:  # rownorm_sq takes fp32 / half types
             return flat.square().sum(dim=1)
         return rownorm_sq(flat, backend=backend)
@@ -120,12 +125,17 @@ def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -
     (linear_norm_sq_grouped)."""
     out: dict = {}
     shared: dict = {}
+    rows, rows_params = [], []  # norm / bias weights: their rows' norms in one launch
     for p in params:
         uses = uses_by_param[p]
         if len(uses) == 1 and isinstance(uses[0], LinearUse):
             shared.setdefault(input_key(uses[0].a), []).append(p)
+        elif all(isinstance(u, PerSampleUse) and u.grads.dtype != torch.float64 for u in uses):
+            rows.append(_per_sample_rows(uses))
+            rows_params.append(p)
         else:
             out[p] = param_norm_sq(uses, backend=backend)
+    out.update(zip(rows_params, rownorm_sq_many(rows, backend=backend)))
     groups = list(shared.values())
     res = linear_norm_sq_grouped(
         [(uses_by_param[g[0]][0].a, [uses_by_param[p][0].g for p in g]) for g in groups],

@@ -52,6 +52,46 @@ def rownorm_sq(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     return out
 
 
+def rownorm_sq_many(xs: list, *, backend: str | None = None) -> list:
+    """rownorm_sq of several (B_k, N) tensors in one launch where that gives the same numbers: the
+    kernels reduce every row alone with a configuration set by N and the dtype, so tensors of one
+    N, dtype and device, contiguous and 16-byte aligned (as the concatenation is), run as their
+    rows concatenated. Others, and the torch backend, run one by one.
+
+    Args:
+        xs: list of (B_k, N_k) float32 / float16 / bfloat16 tensors.
+        backend: as rownorm_sq.
+    Returns:
+        [(B_k,) float32, ...] (views of one buffer where launched together).
+
+    Example:
+        >>> rownorm_sq_many([torch.ones(2, 3), torch.ones(1, 3)])
+        [tensor([3., 3.]), tensor([3.])]
+    """
+    if not isinstance(xs, (list, tuple)):
+        raise TypeError("rownorm_sq_many: xs must be a list of tensors")
+    out: list = [None] * len(xs)
+    buckets: dict = {}
+    resolve = call_resolver("rownorm_sq", backend, implemented=("triton", "cuda", "torch"),
+                            auto_order=("triton", "cuda"), with_mode=False)
+    for i, x in enumerate(xs):
+        if (isinstance(x, torch.Tensor) and x.dim() == 2 and x.dtype in _FLOAT_DTYPES
+                and x.is_contiguous() and x.data_ptr() % 16 == 0
+                and resolve(x.device)[0] != "torch"):
+            buckets.setdefault((x.shape[1], x.dtype, x.device), []).append(i)
+        else:
+            out[i] = rownorm_sq(x, backend=backend)
+    for idx in buckets.values():
+        if len(idx) == 1:
+            out[idx[0]] = rownorm_sq(xs[idx[0]], backend=backend)
+            continue
+        rows = torch.cat([xs[i] for i in idx])
+        out_rows = rownorm_sq(rows, backend=backend)
+        for i, o in zip(idx, out_rows.split([xs[i].shape[0] for i in idx])):
+            out[i] = o
+    return out
+
+
 def row_norm_dots(a: torch.Tensor, gs: list, *, backend: str | None = None) -> torch.Tensor:
     """out[k, b] = Σ_t ‖a_bt‖·‖g_kbt‖ for tensors g_k that share a (fp32 row norms and products,
     fp64 sums; the kernel's error is within the inflation that dpkern/layers/bounds.py applies).

@@ -98,3 +98,21 @@ def test_poisoning_is_active():
     """The harness must poison dpkern's outputs, or the tests above could not catch unwritten elements."""
     from dpkern import _alloc
     assert torch.isnan(_alloc.empty(4, dtype=torch.float32, device="cpu")).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("device", kernel_devices())
+def test_rownorm_many_equals_one_by_one(device, backend, dtype):
+    """Tensors launched together (one N, contiguous, aligned) and those that are not (another N, a
+    strided view, an empty one) give bit for bit what rownorm_sq gives each of them."""
+    if backend == "cuda" and device != "cuda":
+        pytest.skip("cuda backend needs a GPU")
+    torch.manual_seed(3)
+    xs = [torch.randn(b, n, device=device).to(dtype) for b, n in ((5, 63), (5, 63), (2, 63),
+                                                                  (5, 40), (0, 63), (5, 63))]
+    xs.append(torch.randn(5, 66, device=device).to(dtype)[:, 1:64])
+    outs = dpkern.ops.rownorm.rownorm_sq_many(xs, backend=backend)
+    assert len(outs) == len(xs)
+    for x, o in zip(xs, outs):
+        assert torch.equal(o, dpkern.rownorm_sq(x, backend=backend))
