@@ -91,8 +91,8 @@ def probe_mode(runner, ids, pos, amp, steps, warmup) -> dict:
     tot = lambda e: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))  # noqa: E731
     out["step_kernels"] = sum(tot(e) for e in evs) / 1e3
     out["step_launches"] = sum(e.count for e in evs)
-    out["top_kernels"] = [(e.key[:80], e.count, round(tot(e) / 1e3, 3))
-                          for e in sorted(evs, key=tot, reverse=True)[:12]]
+    out["top_kernels"] = [(e.key[:110], e.count, round(tot(e) / 1e3, 3))
+                          for e in sorted(evs, key=tot, reverse=True)[:40]]
     return out
 
 
