@@ -155,6 +155,24 @@ def update_scalars(hyper, t: int) -> dict:
     return s
 
 
+def new_step_tensors(t: int, olds: list) -> list:
+    """New 0-dim "step" states of value t, one per entry of `olds` (the previous step tensors,
+    whose dtype and device each new one keeps; anything else gives a float32 CPU one, as
+    torch.optim keeps them). Made with one op per (dtype, device): they are elements of one
+    buffer, and still one tensor per parameter (torch's optimizers increment them in place)."""
+    out: list = [None] * len(olds)
+    groups: dict = {}
+    cpu32 = (torch.float32, torch.device("cpu"))
+    for i, old in enumerate(olds):
+        groups.setdefault((old.dtype, old.device) if isinstance(old, torch.Tensor) else cpu32,
+                          []).append(i)
+    for (dtype, device), idx in groups.items():
+        for i, x in zip(idx, torch.full((len(idx),), float(t), dtype=dtype,
+                                        device=device).unbind(0)):
+            out[i] = x
+    return out
+
+
 def kernel_scalars(hyper, *, noise_std: float, inv_b: float, t: int) -> tuple[dict, int, bool]:
     """The float arguments shared by the Triton and CUDA kernels, the optimizer code, Nesterov flag."""
     s = dict(noise_std=float(noise_std), inv_b=float(inv_b), **update_scalars(hyper, t))

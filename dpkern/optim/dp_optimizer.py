@@ -29,7 +29,8 @@ import torch
 from torch.optim import Optimizer
 
 from dpkern.noise import NoiseGenerator
-from dpkern.noise.step import AdamWHyper, SGDHyper, fused_noisy_release_, fused_noisy_step
+from dpkern.noise.step import (AdamWHyper, SGDHyper, fused_noisy_release_, fused_noisy_step,
+                               new_step_tensors)
 
 Postprocessor = Callable[[dict, float], None]
 
@@ -97,6 +98,7 @@ class DPOptimizer(Optimizer):
         self._empty_batch = False
         self._release_step: int | None = None
         self._acc_offsets: dict = {}
+        self._private_ids: tuple | None = None  # (self.params, {id(p)}) for _private_of
         self.last_clip: dict = {}
         self.last_scales: dict = {}
         self._released: dict = {}
@@ -265,17 +267,18 @@ class DPOptimizer(Optimizer):
         if released is not None:
             std, norm = 0.0, 1.0
         mechanism = self.mechanism if released is None else None
-        mine = set(self.params)
+        state = self.state
         for group in self.param_groups:
             hyper = self._fused_hyper(group)
-            params = [p for p in group["params"] if p in mine]
-            by_t: dict = {}
-            for p in params:
-                st = self.state[p]
+            adam = isinstance(hyper, AdamWHyper)
+            by_t: dict = {}  # t -> ([params], [their states])
+            for p in self._private_of(group):
+                st = state[p]
                 for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):  # torch's bf16 states:
-                    if st.get(k) is not None and st[k].dtype != torch.float32:  # widened, exactly
-                        st[k] = st[k].float()
-                if isinstance(hyper, AdamWHyper):
+                    v = st.get(k)
+                    if v is not None and v.dtype != torch.float32:  # widened, exactly
+                        st[k] = v.float()
+                if adam:
                     if "exp_avg" not in st:
                         st["step"] = torch.tensor(0.0)
                         st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
@@ -286,22 +289,32 @@ class DPOptimizer(Optimizer):
                     if hyper.momentum != 0 and first:
                         st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                     t = 1 if first else 2
-                by_t.setdefault(t, []).append(p)
-            for t, ps in by_t.items():
+                ps, sts = by_t.setdefault(t, ([], []))
+                ps.append(p)
+                sts.append(st)
+            for t, (ps, sts) in by_t.items():
                 fused_noisy_step(
                     ps, [self.accumulator(p) if released is None else released[p] for p in ps],
-                    [self.state[p].get("exp_avg", self.state[p].get("momentum_buffer")) for p in ps]
+                    [st.get("exp_avg", st.get("momentum_buffer")) for st in sts]
                     if not (isinstance(hyper, SGDHyper) and hyper.momentum == 0) else None,
-                    [self.state[p]["exp_avg_sq"] for p in ps]
-                    if isinstance(hyper, AdamWHyper) else None,
+                    [st["exp_avg_sq"] for st in sts] if adam else None,
                     hyper=hyper, noise_std=std if mechanism is None else None,
                     expected_batch_size=norm, noise=self.noise_generator, t=t, counter_step=step,
                     global_offsets=[self.global_offsets[p] for p in ps],
                     mechanism=mechanism, backend=self.noise_backend)
+                if adam:  # float32 CPU step tensors, as torch.optim's
+                    for st, t_new in zip(sts, new_step_tensors(t, [None] * len(sts))):
+                        st["step"] = t_new
                 for p in ps:
-                    if isinstance(hyper, AdamWHyper):
-                        self.state[p]["step"] = torch.tensor(float(t))
                     p.grad = None
+
+    def _private_of(self, group) -> list:
+        """The private parameters of a param group, in the group's order (compared by identity,
+        against a set of ids kept while self.params stays the same object)."""
+        ids = self._private_ids
+        if ids is None or ids[0] is not self.params:
+            ids = self._private_ids = (self.params, {id(p) for p in self.params})
+        return [p for p in group["params"] if id(p) in ids[1]]
 
     # ---- the step ---------------------------------------------------------------------------
     def _check_grads(self) -> None:

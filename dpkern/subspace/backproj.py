@@ -15,7 +15,7 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.noise.step import SGDHyper, update_scalars
+from dpkern.noise.step import SGDHyper, new_step_tensors, update_scalars
 
 __all__ = ["AdamHyper", "SGDHyper", "backproj_hyper", "subspace_backproj_step_",
            "subspace_backproj_step_grouped_"]
@@ -210,8 +210,7 @@ def subspace_backproj_step_grouped_(ws: list, us: list, ss: list, vs: list, hype
     else:
         for w, (u, s, v, m, q, fresh, t, opt) in zip(ws, preps):
             _torch_update(w, u, s, v, m, q, hyper, t, fresh, opt)
-    for state, (_, _, _, m, q, fresh, t, _) in zip(states, preps):
-        _finish(state, hyper, m, q, fresh, t)
+    _finish(states, hyper, preps)
 
 
 def _prepare(w, u, s, v, state, hyper) -> tuple:
@@ -260,15 +259,18 @@ def _torch_update(w, u, s, v, m, q, hyper, t, fresh, opt) -> None:
         q.copy_(q_new)
 
 
-def _finish(state: dict, hyper, m, q, fresh: bool, t: int) -> None:
-    """The states of the step just taken into the optimizer's state dict."""
-    if isinstance(hyper, AdamHyper):
-        if fresh:
-            state["exp_avg"], state["exp_avg_sq"] = m, q
-            state["step"] = torch.tensor(float(t))
-        else:
-            state["step"] = torch.tensor(float(t), dtype=state["step"].dtype,
-                                         device=state["step"].device) \
-                if isinstance(state["step"], torch.Tensor) else torch.tensor(float(t))
-    elif m is not None and fresh:
-        state["momentum_buffer"] = m
+def _finish(states: list, hyper, preps: list) -> None:
+    """The states of the step just taken into the optimizer's state dicts (Adam's new step
+    tensors keep the previous ones' dtype and device; fresh ones are float32 on the CPU)."""
+    adam = isinstance(hyper, AdamHyper)
+    by_t: dict = {}
+    for state, (_, _, _, m, q, fresh, t, _) in zip(states, preps):
+        if adam:
+            if fresh:
+                state["exp_avg"], state["exp_avg_sq"] = m, q
+            by_t.setdefault(t, []).append(state)
+        elif m is not None and fresh:
+            state["momentum_buffer"] = m
+    for t, sts in by_t.items():
+        for state, x in zip(sts, new_step_tensors(t, [st.get("step") for st in sts])):
+            state["step"] = x
