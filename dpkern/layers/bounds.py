@@ -17,6 +17,7 @@ called twice) add their sqrt(Q) (the cross term's error is bounded by the same p
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,6 +77,15 @@ def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of distinct shapes, asked for every backward
+def _error_terms(seq: int, d: int, w: int, mode: str) -> tuple[float, float]:
+    """(η, β) of a parameter whose uses add up to T = seq, widths d and w, in fp32 mode `mode`.
+    Embedding norms and index_add book-keeping use IEEE fp32 dots even under "tf32r"."""
+    return (max(norm_error_bound(seq, d, w, "auto", mode),
+                norm_error_bound(seq, d, w, "auto", "ieee")),
+            max(bookkeeping_error_bound(seq, mode), bookkeeping_error_bound(seq, "ieee")))
+
+
 def _device_constants(values: list, device) -> torch.Tensor:
     """(len(values),) float64 on device, without a host-GPU synchronisation (once per backward:
     a blocking upload here made the host wait for the GPU's whole queue)."""
@@ -109,10 +119,9 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,
         else:  # several uses: their bounds add (rare: tied weights, a layer called twice)
             sqs.append(sum(s * f for s, f in parts))
             facs.append(1.0)
-        # Embedding norms and index_add book-keeping use IEEE fp32 dots even under "tf32r".
-        etas.append(max(norm_error_bound(seq, d, w, "auto", mode),
-                        norm_error_bound(seq, d, w, "auto", "ieee")))
-        betas.append(max(bookkeeping_error_bound(seq, mode), bookkeeping_error_bound(seq, "ieee")))
+        eta, beta = _error_terms(seq, d, w, mode)
+        etas.append(eta)
+        betas.append(beta)
     # One batched evaluation over all parameters (P, B): a handful of launches, not ~10 per layer.
     dev = norms_sq[0].device
     n2 = torch.stack(norms_sq).double().clamp_min(0)
