@@ -14,12 +14,42 @@ at most `n_iter` iterations. Computation is float32 whatever the input dtype.
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import NamedTuple, Sequence
 
 import torch
 
+from dpkern._alloc import device_constants, empty
+from dpkern.backend import triton_available
+
 ORTHS = ("cholqr2", "qr")
+
+
+def _cholqr_kernel(y: torch.Tensor) -> bool:
+    """Whether _cholqr's passes run as one Triton launch (kernels/cholqr.py): on CUDA unless
+    DPKERN_BACKEND=torch, on the CPU only with DPKERN_BACKEND=triton under TRITON_INTERPRET=1
+    (tests); for float32 / float64 blocks of 1 to MAX_L columns."""
+    from dpkern.kernels.cholqr import MAX_L
+    if not (y.dim() == 3 and y.dtype in (torch.float32, torch.float64)
+            and 1 <= y.shape[-1] <= MAX_L and y.shape[0] > 0 and y.shape[1] > 0):
+        return False
+    name = os.environ.get("DPKERN_BACKEND", "auto")
+    if name == "torch" or not triton_available(y.device):
+        return False
+    return y.device.type == "cuda" or name == "triton"
+
+
+def _cholqr_launch(y, passes, coef, rows=None, cols=None):
+    """kernels/cholqr.py on y -> (q, r); coef None: _cholqr's, of y's own (rows, l)."""
+    from dpkern.kernels.cholqr import cholqr_fwd
+    b, n, l = y.shape
+    if coef is None:
+        coef = device_constants([shift_coef(n, l)] * b, y.device, torch.float64)
+    q = empty(b, n, l, dtype=y.dtype, device=y.device)
+    r = empty(b, l, l, dtype=torch.float64, device=y.device)
+    cholqr_fwd(y, q, r, passes, coef, rows=rows, cols=cols)
+    return q, r
 
 
 def _cholqr(y: torch.Tensor, coef: torch.Tensor | None = None,
@@ -32,6 +62,8 @@ def _cholqr(y: torch.Tensor, coef: torch.Tensor | None = None,
     is needed. y = q r holds to rounding whatever the shift; the shift only leaves q short of
     orthonormal along directions of y below sqrt(s) (~1e-5 ||y|| at r = 5504, l = 24), which the
     second pass of cholqr2 repairs. A non-finite y gives a non-finite q (as Householder QR would).
+    This torch form is the reference of kernels/cholqr.py, which `orthonormalize` and `small_svd`
+    launch instead where `_cholqr_kernel` says so.
 
     Padded stacks (`warm_svd_stacks`): `coef` (b,) float64 is each matrix's own 11 (r l + l (l + 1))
     u for its real rows and columns, and `mask` (b, l) float64 (1 = real column) keeps zero-padded
@@ -68,7 +100,8 @@ def shift_coef(rows: int, l: int) -> float:
 
 
 def orthonormalize(y: torch.Tensor, orth: str = "cholqr2", *, coef: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   mask: torch.Tensor | None = None, rows: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin QR of a stack of tall-skinny blocks: y (b, r, l) -> q (b, r, l), r (b, l, l) float64.
 
     "cholqr2": two shifted CholeskyQR passes (`_cholqr`), GEMM-bound, no host decision (an
@@ -76,6 +109,8 @@ def orthonormalize(y: torch.Tensor, orth: str = "cholqr2", *, coef: torch.Tensor
     orthonormal basis; the range and y = q r are the same). "qr": Householder (torch.linalg.qr).
     coef, mask: per-matrix shift coefficients and real columns of a zero-padded stack (see
     `_cholqr`); with "qr", q's padding columns (Householder's completion) are zeroed by `mask`.
+    rows: (b,) int32 real rows per block of a zero-padded stack (the kernel skips the rest), or
+    None.
     """
     if orth == "qr":
         q, r = torch.linalg.qr(y, mode="reduced")
@@ -84,6 +119,8 @@ def orthonormalize(y: torch.Tensor, orth: str = "cholqr2", *, coef: torch.Tensor
         return q, r.double()
     if orth != "cholqr2":
         raise ValueError(f"orth must be one of {ORTHS}, got {orth!r}")
+    if _cholqr_kernel(y):
+        return _cholqr_launch(y, 2, coef, rows=rows)
     q1, r1 = _cholqr(y, coef)
     q2, r2 = _cholqr(q1, coef)
     return q2, torch.matmul(r2, r1)
@@ -132,9 +169,18 @@ def small_svd(r: torch.Tensor, steps: int = 8, *, coef: torch.Tensor | None = No
     b, l, _ = r.shape
     w = z = None
     t = r
+    kernel = _cholqr_kernel(r)
+    if kernel:              # one launch per factorisation; the coefficients and columns once
+        cols = None if mask is None else mask.sum(1).to(torch.int32)
+        if coef is None:
+            coef = device_constants([shift_coef(l, l)] * b, r.device, torch.float64)
     for _ in range(steps):
-        q1, r1 = _cholqr(t.mT, coef, mask)
-        q2, t = _cholqr(r1.mT, coef, mask)
+        if kernel:
+            q1, r1 = _cholqr_launch(t.mT, 1, coef, cols=cols)
+            q2, t = _cholqr_launch(r1.mT, 1, coef, cols=cols)
+        else:
+            q1, r1 = _cholqr(t.mT, coef, mask)
+            q2, t = _cholqr(r1.mT, coef, mask)
         # the first step's z = I q1 and w = I q2 exactly: no product needed
         z = q1 if z is None else torch.matmul(z, q1)
         w = q2 if w is None else torch.matmul(w, q2)
@@ -452,7 +498,10 @@ def _workspace(layout: tuple, device, dtype, orth: str, workspace: dict | None) 
                              torch.float64),
           "coef_l": _per_row([shift_coef(l, l) for *_, l, _ in layout], sizes, device,
                              torch.float64),
-          "kth": _per_row([k - 1 for *_, k in layout], sizes, device, torch.int64)[:, None]}
+          "kth": _per_row([k - 1 for *_, k in layout], sizes, device, torch.int64)[:, None],
+          # real rows per block of y_m / y_n: the CholeskyQR kernel skips the padding
+          "rows_m": _per_row([m for _, m, _, _, _ in layout], sizes, device, torch.int32),
+          "rows_n": _per_row([n for _, _, n, _, _ in layout], sizes, device, torch.int32)}
     ws["mask"] = None                   # every stack has the same l: nothing is padded there
     if any(p[3] != big_l for p in layout):
         cols = torch.arange(big_l, device=device)
@@ -501,7 +550,7 @@ def _stacked_passes(stacks, xs, parts, passes: int, ws: dict, orth: str):
         for (a0, a1, m, n, l, _), a, x in zip(parts, stacks, xs):
             torch.bmm(a if right else a.mT, x, out=y[a0:a1, :m if right else n, :l])
         q_prev, (q, r) = q, orthonormalize(y, orth, coef=ws["coef_m" if right else "coef_n"],
-                                           mask=colmask)
+                                           mask=colmask, rows=ws["rows_m" if right else "rows_n"])
         xs = [q[a0:a1, :m if right else n, :l] for a0, a1, m, n, l, _ in parts]
     return q, q_prev, r, right
 

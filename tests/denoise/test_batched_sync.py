@@ -166,7 +166,9 @@ def test_cold_call_op_count_is_bounded():
     # The 1B model's structure (22 layers x 7 matrices, 5 stacks: max_batch_numel scaled with
     # the matrix sizes, as in test_batched_warm) at hidden 32. Per matrix one random block and
     # one output GEMM; per stack a stacking copy and one GEMM per pass (12 passes); the rest
-    # once per call. Measured: 2463 launching ops stack by stack (a39fe03), 683 batched.
+    # once per call. Measured: 2463 launching ops stack by stack (a39fe03), 683 batched; 707
+    # with the tall blocks' inverse-triangle GEMM (an identity per factorisation), 719 with the
+    # workspace's per-block row counts for the CholeskyQR kernel (built once per layout).
     grads = _grads_1b()
     n = len(grads)
     ops = _count(RMTDenoiser(seed=0, max_batch_numel=1 << 16), grads)
@@ -174,7 +176,7 @@ def test_cold_call_op_count_is_bounded():
     assert ops.by_name["aten.bmm.out"] == 12 * 5                   # one GEMM per stack and pass
     assert ops.by_name["aten.linalg_cholesky_ex.default"] == 2 * 12          # once per pass
     assert ops.by_name["aten._linalg_svd.default"] == 1
-    assert ops.total <= 2 * n + 14 * 5 + 330, ops.top()           # measured 308 + 60 + 315
+    assert ops.total <= 2 * n + 14 * 5 + 345, ops.top()           # measured 308 + 70 + 341
 
 
 @pytest.mark.parametrize("reruns", [False, True], ids=["no-rerun", "reruns"])
