@@ -6,7 +6,8 @@
 #
 #   bash bench/gpu_all.sh                      # every stage
 #   STAGES="tests e2e" bash bench/gpu_all.sh   # a subset (build always runs)
-#   STAGES="subspace denoise" ...              # on request: projected vs full step, denoiser calls
+#   STAGES="subspace denoise rmt" ...          # on request: projected vs full step, denoiser calls,
+#                                              # the denoised step's host / GPU split
 # After a run, on CPU: python bench/history.py merge <run>/history.jsonl (bench/README.md).
 # Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, STAGE_TIMEOUT (s per stage),
 # BUDGET_S (s for the whole call, shared among the stages; `make bench-gpu` sets 560).
@@ -40,7 +41,7 @@ $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.c
 # remaining time times its weight over the weights of the stages still to run (capped by TMO); the
 # benchmark harness skips cases past its deadline (reported as skipped) and e2e_step.py drops the
 # cases past its --budget-s, so the call ends inside the budget.
-declare -A WEIGHT=([tests]=4 [bench]=9 [e2e]=8 [profile]=3 [audit]=3 [job]=2 [report]=1 [subspace]=2 [denoise]=1)
+declare -A WEIGHT=([tests]=4 [bench]=9 [e2e]=8 [profile]=3 [audit]=3 [job]=2 [report]=1 [subspace]=2 [denoise]=1 [rmt]=1)
 LEFT_STAGES=" $STAGES "
 limit_for() {  # limit_for NAME: this stage's seconds
   if [ -z "${BUDGET_S:-}" ]; then echo "$TMO"; return; fi
@@ -79,10 +80,12 @@ for s in $STAGES; do
     report) stage report "$OUT/readme_section.md" $PY bench/perf_report.py --run "$OUT" --out "$OUT/perf" ;;
     audit) stage audit "$OUT/audit_gpu.log" $PY bench/audit_gpu.py --device cuda --m 30000 --out "$OUT/audit" ;;
     job)   stage job "$OUT/finetune_gpu.log" $PY -m dpkern finetune --device cuda --output-dir "$OUT/finetune" ${JOB_ARGS:-} ;;
-    # on request (not in the default STAGES): the projected step against the full one (issue 7)
-    # and the denoiser's calls alone (issue 8)
+    # on request (not in the default STAGES): the projected step against the full one (issue 7),
+    # the denoiser's calls alone and the denoised step's host / GPU split (issue 8)
     subspace) stage subspace "$OUT/subspace_probe.log" $PY bench/subspace_probe.py --out "$OUT/subspace_probe" \
              --parts steps --modes ${SUBSPACE_MODES:-full,subspace-16,subspace-64} --steps 8 ;;
+    rmt)   stage rmt "$OUT/rmt_probe.log" $PY -m bench.rmt_step_probe --case ${RMT_CASE:-8x512} \
+             --precision ${RMT_PRECISION:-bf16} --out "$OUT/rmt_probe" ;;
     denoise) stage denoise "$OUT/denoise.log" $PY -m pytest bench/bench_denoise.py -q -p no:cacheprovider \
              -k "test_denoise_steps and not adaptive and not warm6" --benchmark-json="$OUT/denoise_steps.json" ;;
     *)     echo "unknown stage $s"; rc=1 ;;
