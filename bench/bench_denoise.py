@@ -32,6 +32,7 @@ is in dpkern/denoise/README.md; this case is what measures it.
 """
 import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -344,3 +345,35 @@ def test_denoise_steps(timed, drift_steps, mode, tf32):
             info["denoise_ms"] = info["median_ms"] - info["restore_ms"]
             info["gemm_read_gbps"] = info["pass_gb"] / (info["denoise_ms"] * 1e-3)
             info["host_ms"] = host_ms(run)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cholqr_stack(timed, backend, monkeypatch):
+    """One CholeskyQR2 of the warm path's padded y_n buffer: all 154 blocks of the 1B model at
+    max n = 5504 rows, l = 24 (88 blocks of 2048 real rows), kernels/cholqr.py against the torch
+    form (rsvd._cholqr twice). Tiny model on the CPU (interpreter for the kernel)."""
+    from dpkern.denoise.rsvd import _cholqr_kernel, orthonormalize, shift_coef
+    if backend == "triton" and not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton kernel runs on CUDA or under TRITON_INTERPRET=1")
+    monkeypatch.setenv("DPKERN_BACKEND", backend)
+    cfg = MODELS[MODEL]
+    b, rows, l = 7 * cfg["layers"], cfg["intermediate"], 24
+    short = 4 * cfg["layers"]
+    real = torch.tensor([cfg["hidden"]] * short + [rows] * (b - short), dtype=torch.int32,
+                        device=DEVICE)
+    y = torch.randn(b, rows, l, device=DEVICE)
+    y[:short, cfg["hidden"]:] = 0
+    coef = torch.tensor([shift_coef(int(n), l) for n in real.tolist()], dtype=torch.float64,
+                        device=DEVICE)
+    assert _cholqr_kernel(y) == (backend == "triton")
+
+    def run():
+        return orthonormalize(y, "cholqr2", coef=coef, rows=real)
+
+    def check():
+        q, r = run()
+        eye = torch.eye(l, device=DEVICE).expand(b, l, l)
+        torch.testing.assert_close(q.mT @ q, eye, atol=1e-4, rtol=0)
+
+    info = timed(run, bytes_moved=3 * y.numel() * 4, check=check)
+    info.update(op="cholqr_stack", model=MODEL, blocks=b, rows=rows, l=l, backend=backend)
