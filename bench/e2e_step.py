@@ -183,13 +183,21 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
+def case_inputs(cfg, bsz, seq, precision, device="cuda"):
+    """(ids, pos, amp) of one timed case: the fixed token batch (CPU generator, seed 1), per-sample
+    position ids (Opacus needs them), and the autocast context of `precision`; sets TF32 for
+    "fp32-tf32" (off otherwise). Every script timing Runner steps uses these."""
     set_tf32(precision == "fp32-tf32")
     gen = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (bsz, seq), generator=gen).to(device)
-    pos = torch.arange(seq, device=device).expand(bsz, seq).contiguous()  # per-sample (Opacus)
+    pos = torch.arange(seq, device=device).expand(bsz, seq).contiguous()
     amp = (torch.autocast(device_type=device, dtype=torch.bfloat16) if precision == "bf16"
            else contextlib.nullcontext())
+    return ids, pos, amp
+
+
+def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
+    ids, pos, amp = case_inputs(cfg, bsz, seq, precision, device)
     cuda = device == "cuda"
     for _ in range(args.warmup):
         runner.step(ids, pos, amp)

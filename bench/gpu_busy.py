@@ -8,14 +8,13 @@ the limit; well below 1 with host near step: the Python side (launches, hooks) i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
 
 import torch
 
-from bench.e2e_step import Runner, _parse_cases, free, llama_config, set_tf32
+from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
 
 
 def busy_ms(prof) -> float:
@@ -36,12 +35,7 @@ def busy_ms(prof) -> float:
 
 
 def measure(runner, cfg, precision, bsz, seq, steps, warmup) -> dict:
-    set_tf32(precision == "fp32-tf32")
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (bsz, seq), generator=gen).cuda()
-    pos = torch.arange(seq, device="cuda").expand(bsz, seq).contiguous()
-    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if precision == "bf16"
-           else contextlib.nullcontext())
+    ids, pos, amp = case_inputs(cfg, bsz, seq, precision)
     for _ in range(warmup):
         runner.step(ids, pos, amp)
     torch.cuda.synchronize()

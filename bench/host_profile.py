@@ -8,7 +8,6 @@ plus the host time of each phase (forward, backward, optimizer step) without the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import pstats
@@ -17,7 +16,7 @@ import time
 
 import torch
 
-from bench.e2e_step import Runner, _parse_cases, free, llama_config, set_tf32
+from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
 
 
 def phases(runner, ids, pos, amp, steps) -> dict:
@@ -84,12 +83,7 @@ def main(argv=None):
     args.backend, args.sigma, args.clip = "triton", 1.0, 1.0
     cfg = llama_config(False)
     (bsz, seq), = _parse_cases(args.case)
-    set_tf32(args.precision == "fp32-tf32")
-    ids = torch.randint(0, cfg.vocab_size, (bsz, seq),
-                        generator=torch.Generator().manual_seed(1)).cuda()
-    pos = torch.arange(seq, device="cuda").expand(bsz, seq).contiguous()
-    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if args.precision == "bf16"
-           else contextlib.nullcontext())
+    ids, pos, amp = case_inputs(cfg, bsz, seq, args.precision)
     report = io.StringIO()
     for mode in args.modes.split(","):
         runner = Runner(cfg, "cuda", mode, args, expected_bsz=bsz)

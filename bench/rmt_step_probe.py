@@ -17,7 +17,6 @@ host time, not its GPU time. Writes probe.json under --out and prints one line p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -25,7 +24,8 @@ import time
 
 import torch
 
-from bench.e2e_step import Runner, _parse_cases, free, llama_config, set_tf32
+from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
+from bench.subspace_probe import cuda_kernels
 
 ALLOC_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
@@ -87,12 +87,11 @@ def probe_mode(runner, ids, pos, amp, steps, warmup) -> dict:
         runner.opt.step()
         torch.cuda.synchronize()
     runner.opt.zero_grad(set_to_none=True)
-    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    tot = lambda e: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))  # noqa: E731
-    out["step_kernels"] = sum(tot(e) for e in evs) / 1e3
+    evs = cuda_kernels(prof)
+    out["step_kernels"] = sum(e.self_device_time_total for e in evs) / 1e3
     out["step_launches"] = sum(e.count for e in evs)
-    out["top_kernels"] = [(e.key[:110], e.count, round(tot(e) / 1e3, 3))
-                          for e in sorted(evs, key=tot, reverse=True)[:40]]
+    out["top_kernels"] = [(e.key[:110], e.count, round(e.self_device_time_total / 1e3, 3))
+                          for e in evs[:40]]
     return out
 
 
@@ -108,12 +107,7 @@ def main(argv=None):
     args.backend, args.sigma, args.clip = "triton", 1.0, 1.0
     cfg = llama_config(False)
     (bsz, seq), = _parse_cases(args.case)
-    set_tf32(args.precision == "fp32-tf32")
-    ids = torch.randint(0, cfg.vocab_size, (bsz, seq),
-                        generator=torch.Generator().manual_seed(1)).cuda()
-    pos = torch.arange(seq, device="cuda").expand(bsz, seq).contiguous()
-    amp = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if args.precision == "bf16"
-           else contextlib.nullcontext())
+    ids, pos, amp = case_inputs(cfg, bsz, seq, args.precision)
     os.makedirs(args.out, exist_ok=True)
     report = {"case": args.case, "precision": args.precision, "gpu": torch.cuda.get_device_name(),
               "commit": os.environ.get("DPKERN_COMMIT", "unknown"), "modes": {}}

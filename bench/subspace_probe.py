@@ -43,6 +43,13 @@ SHAPES = {"qkvo": (2048, 2048), "gate_up": (2048, 5632), "down": (5632, 2048),
           "lm_head": (2048, 32000)}  # (d, p)
 
 
+def cuda_kernels(prof) -> list:
+    """The CUDA-side events (kernels, copies) of a torch.profiler run, most device time first."""
+    return sorted((e for e in prof.key_averages()
+                   if e.device_type.name == "CUDA" and e.device_time_total > 0),
+                  key=lambda e: -e.self_device_time_total)
+
+
 def event_ms(fn, reps=20) -> float:
     """Mean ms per call of `reps` back-to-back calls after one warm-up (CUDA events)."""
     fn()
@@ -161,8 +168,7 @@ def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
                 torch.cuda.synchronize()
             peak_gib = torch.cuda.max_memory_allocated() / 2**30
         ka = prof.key_averages()
-        kern = sorted((e for e in ka if e.device_time_total > 0 and e.device_type.name == "CUDA"),
-                      key=lambda e: -e.self_device_time_total)
+        kern = cuda_kernels(prof)
         out[mode] = dict(
             wall_ms=1e3 * statistics.median(wall), host_ms=1e3 * statistics.median(host),
             wall_ms_all=[1e3 * x for x in wall],
