@@ -16,6 +16,8 @@ Writes probe.json and probe.txt under --out:
   layer, against the default grouped launches), median ms over --steps, host time to issue a
   step (perf_counter until the last launch returns), kernel launches of one profiled step and
   its top CUDA kernels;
+* ab: the same modes built side by side and timed in interleaved rounds (--steps rounds, order
+  rotated), so that the ratio to the full step does not depend on when each mode ran;
 * host: cProfile of --steps steps per mode (host_<mode>.txt: top functions by own and by
   cumulative time), to find the host time a mode adds;
 * launches: kernel launches (Triton + aten ops that launch) of the DP part of a projected step
@@ -183,6 +185,36 @@ def probe_steps(bsz, seq, steps, modes=("full", "subspace-16", "subspace-64")):
     return out
 
 
+def probe_ab(bsz, seq, rounds, modes=("full", "subspace-16", "subspace-64")):
+    """All modes' steps built side by side (one process, one host), then `rounds` rounds of one
+    step of each, the order rotated every round: a slow spell of the host falls on every mode
+    alike, where probe_steps times the modes one after another. Per mode: median / min wall and
+    median host ms; per projected mode: the median over rounds of its wall over the full step's
+    in the same round, and the share of rounds in which it was faster."""
+    with contextlib.ExitStack() as stack:
+        steps = {m: stack.enter_context(_warm_step(m, bsz, seq)) for m in modes}
+        wall = {m: [] for m in modes}
+        host = {m: [] for m in modes}
+        for r in range(rounds):
+            for m in modes[r % len(modes):] + modes[:r % len(modes)]:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                steps[m]()
+                host[m].append(time.perf_counter() - t0)
+                torch.cuda.synchronize()
+                wall[m].append(time.perf_counter() - t0)
+        del steps
+    out = {}
+    for m in modes:
+        ratios = [w / f for w, f in zip(wall[m], wall[modes[0]])]
+        out[m] = dict(wall_ms=1e3 * statistics.median(wall[m]), min_ms=1e3 * min(wall[m]),
+                      host_ms=1e3 * statistics.median(host[m]),
+                      wall_ms_all=[1e3 * x for x in wall[m]],
+                      ratio_median=statistics.median(ratios),
+                      faster_share=sum(x < 1 for x in ratios) / len(ratios))
+    return out
+
+
 def probe_host(bsz, seq, steps, modes=("full", "subspace-16"), top=40):
     """cProfile of `steps` steps per mode after 3 warm-up steps: the functions with the most host
     time (tottime and cumtime), to find what the projected step's host time adds."""
@@ -261,6 +293,9 @@ def main():
         (out / "probe.json").write_text(json.dumps(res, indent=1))
     if "steps" in parts:
         res["steps"] = probe_steps(args.batch, args.seq, args.steps, args.modes.split(","))
+    if "ab" in parts:
+        res["ab"] = probe_ab(args.batch, args.seq, args.steps, tuple(args.modes.split(",")))
+        (out / "probe.json").write_text(json.dumps(res, indent=1))
     if "host" in parts:
         host = probe_host(args.batch, args.seq, args.steps, args.modes.split(","))
         for mode, text in host.items():
@@ -273,6 +308,10 @@ def main():
                      f"(Triton {row['triton']})")
     for row in res.get("proj", []):
         lines.append(json.dumps(row))
+    for mode, st in res.get("ab", {}).items():
+        lines.append(f"ab {mode}: wall median {st['wall_ms']:.1f} ms (min {st['min_ms']:.1f}), "
+                     f"host {st['host_ms']:.1f} ms, / full in the same round: median "
+                     f"{st['ratio_median']:.3f}, faster in {st['faster_share']:.0%} of rounds")
     for mode, st in res.get("steps", {}).items():
         lines.append(f"\n{mode}: wall {st['wall_ms']:.1f} ms, host {st['host_ms']:.1f} ms, "
                      f"kernels {st['gpu_kernel_ms']:.1f} ms, launches {st['launches']}, "

@@ -29,25 +29,39 @@ KMAJOR_BYTES = int(os.environ.get("DPKERN_BK_KMAJOR_BYTES", str(512 << 20)))
 PREROUND = os.environ.get("DPKERN_BK_PREROUND", "1") != "0"
 
 
-def _k_major(a: torch.Tensor, g: torch.Tensor, mode: str):
+def _k_major(a: torch.Tensor, g: torch.Tensor, mode: str, shared: dict | None = None):
     """fp32 on CUDA with TF32 dots: Hopper's TF32 wgmma reads K-major tiles, and a (B, T, d),
     g (B, T, p) are T-strided (the reduction runs over T). Views of T-contiguous copies give the
     kernel K-major tiles and about double its rate, with bit-identical sums (H100, 8x512x2048x5632:
     1.76 -> 0.90 ms plus 0.26 ms for the copies; bench/results/tf32_probe_h100). In "tf32r" the
     copies hold round_tf32 of the values (PREROUND), so the kernel multiplies them as they are
     instead of rounding every tile it reads in registers. The copy is skipped when it would exceed
-    KMAJOR_BYTES. Returns (a, g, pre_rounded) to hand to the kernel."""
+    KMAJOR_BYTES. Returns (a, g, pre_rounded) to hand to the kernel.
+    shared: a one-slot cache across calls of one grouped book-keeping: layers that read the same
+    input (q/k/v, gate/up) reuse the copy of a made for the first of them. It holds the source
+    tensor as well, so that its storage cannot be reused while the slot matches on it."""
     if not (a.is_cuda and a.dtype == g.dtype == torch.float32 and mode != "ieee"):
         return a, g, False
     if a.numel() + g.numel() == 0 or (a.numel() + g.numel()) * 4 > KMAJOR_BYTES:
         return a, g, False
     if mode == "tf32r" and PREROUND:
         from dpkern.kernels.bookkeeping import kmajor_tf32_copy
-        return kmajor_tf32_copy(a), kmajor_tf32_copy(g), True
+        return _shared_copy(a, shared, kmajor_tf32_copy), kmajor_tf32_copy(g), True
     if a.stride(1) == 1 and g.stride(1) == 1:
         return a, g, False
-    return (a.transpose(1, 2).contiguous().transpose(1, 2),
+    return (_shared_copy(a, shared, lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)),
             g.transpose(1, 2).contiguous().transpose(1, 2), False)
+
+
+def _shared_copy(a: torch.Tensor, shared: dict | None, copy) -> torch.Tensor:
+    """copy(a), or the copy held in `shared` when it was made from the same tensor data."""
+    if shared is None:
+        return copy(a)
+    key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device, copy.__name__)
+    if shared.get("key") != key:
+        shared.clear()  # the previous copy goes before the next is made
+        shared.update(key=key, src=a, copy=copy(a))
+    return shared["copy"]
 
 
 def _check_scale(op, scale, bsz, ref):
@@ -115,15 +129,20 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
     """
     op = "bookkeeping_wgrad"
     _check_wgrad(op, a, g, scale, out)
-    bsz, seq, d = a.shape
-    p = g.shape[2]
     mode = _fp32_mode(a.device, fp32_mode)
     be = resolve_backend(backend, a.device, op=op, implemented=_IMPLEMENTED, auto_order=("triton",))
+    return _wgrad(a, g, scale, out, accumulate, be, mode)
+
+
+def _wgrad(a, g, scale, out, accumulate: bool, be: str, mode: str, shared=None) -> torch.Tensor:
+    """bookkeeping_wgrad after its checks, on backend `be` in fp32 mode `mode` (shared: _k_major's)."""
+    bsz, seq, d = a.shape
+    p = g.shape[2]
     if be == "triton" and bsz * seq > 0:
         from dpkern.kernels.bookkeeping import bookkeeping_fwd
         target = out if out is not None else _alloc.empty(p, d, dtype=torch.float32,
                                                           device=a.device)
-        a_k, g_k, pre = _k_major(a, g, mode)
+        a_k, g_k, pre = _k_major(a, g, mode, shared)
         # the kernel reads scale[i] at offset i: a strided view would give it other samples' factors
         bookkeeping_fwd(a_k, g_k, scale.contiguous(), target,
                         accumulate=accumulate and out is not None, fp32_mode=mode,
@@ -175,11 +194,12 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
         key = (layout_key(a), layout_key(g), res, bool(acc and dst is not None), mode)
         units.setdefault(key, []).append(i)
     out: list = [None] * len(items)
+    shared: dict = {}  # fp32 K-major copy of the last input, for the next layer that reads it
     for key, idx in units.items():  # in order of first appearance
         if key[0] == "one":
             a, g, scale, dst, acc = items[idx[0]]
-            out[idx[0]] = bookkeeping_wgrad(a, g, scale, out=dst, accumulate=acc,
-                                            backend=backend, fp32_mode=fp32_mode)
+            be, mode = resolve(a.device)
+            out[idx[0]] = _wgrad(a, g, scale, dst, acc, be, mode, shared)
         else:
             from dpkern.kernels.bookkeeping import bookkeeping_grouped_fwd
             for i in idx:

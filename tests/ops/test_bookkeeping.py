@@ -196,3 +196,59 @@ def test_kmajor_tf32_copy_matches_round_tf32(shape):
     assert y.shape == x.shape and y.stride(1) == 1 and y.data_ptr() == out.data_ptr()
     ref = round_tf32(x.contiguous())
     assert torch.equal(y.view(torch.int32), ref.view(torch.int32))
+
+
+def test_shared_copy_reuses_only_the_same_input():
+    """The one-slot cache of the fp32 K-major copies: a layer reading the same input as the layer
+    before (q/k/v, gate/up) gets the copy made for it; any other tensor, a view of the same storage
+    with another shape or offset included, gets its own, and only one copy is held at a time."""
+    from dpkern.ops.bookkeeping import _shared_copy
+    made = []
+
+    def copy(x):
+        made.append(x)
+        return x.clone() * 2
+    base = torch.randn(2, 6, 4)
+    shared: dict = {}
+    first = _shared_copy(base, shared, copy)
+    assert _shared_copy(base, shared, copy) is first
+    assert _shared_copy(base.view(2, 6, 4), shared, copy) is first  # same data, another object
+    other = torch.randn(2, 6, 4)
+    assert torch.equal(_shared_copy(other, shared, copy), other * 2)
+    assert torch.equal(_shared_copy(base[:1], shared, copy), base[:1] * 2)  # same start, fewer rows
+    assert torch.equal(_shared_copy(base[1:], shared, copy), base[1:] * 2)  # same storage, offset
+    assert len(made) == 4 and set(shared) == {"key", "src", "copy"}
+    assert torch.equal(_shared_copy(base, None, copy), base * 2) and len(made) == 5
+
+
+@pytest.mark.gpu
+def test_fp32_grouped_shares_the_input_copy(monkeypatch):
+    """Grouped fp32 book-keeping copies a shared input once for consecutive layers that read it
+    (q/k/v), again when another input came between, and each layer's sum is bit for bit the one
+    bookkeeping_wgrad gives alone."""
+    if not HAS_GPU:
+        pytest.skip("needs a CUDA device")
+    import dpkern.kernels.bookkeeping as kb
+    from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
+    torch.manual_seed(7)
+    b, t, d = 4, 63, 96
+    x, y = torch.randn(b, t, d, device="cuda"), torch.randn(b, t, d, device="cuda")
+    gs = [torch.randn(b, t, p, device="cuda") for p in (96, 40, 40, 200, 96)]
+    scale = torch.rand(b, device="cuda")
+    scale[1] = 0.0
+    inputs = [x, x, x, y, x]
+    alone = [bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+             for a, g in zip(inputs, gs)]
+    copied = []
+    real = kb.kmajor_tf32_copy
+
+    def spy(t_, out=None):
+        copied.append(t_.shape[2])
+        return real(t_, out=out)
+    monkeypatch.setattr(kb, "kmajor_tf32_copy", spy)
+    got = bookkeeping_wgrad_grouped([(a, g, scale, None, False) for a, g in zip(inputs, gs)],
+                                    backend="triton", fp32_mode="tf32r")
+    assert all(torch.equal(u, v) for u, v in zip(got, alone))
+    # copies of the inputs (width d) and of each g (width p): x, y, x again; all five g
+    n_input_copies = len(copied) - len(gs)
+    assert n_input_copies == 3, copied
