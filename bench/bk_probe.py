@@ -8,7 +8,8 @@ every config of `configs()` (the default heuristic first) and torch.matmul of th
 (bf16, or TF32 for fp32), and the K-major copy kernel with a few tile shapes (GB/s counting bytes
 read and written; each checked bit for bit against kmajor_tf32_copy). `bit_identical` says whether
 a config's sum equals the default config's (another token step sums in another order: equal up to
-fp32 rounding, not bit for bit). Prints a table; --out writes JSON.
+fp32 rounding, not bit for bit). --variants adds, in bf16, two diagnostic twins of the kernel:
+the plain GEMM (no per-sample scale) and the loop-per-sample form. Prints a table; --out: JSON.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 
 import torch
 import triton
+import triton.language as tl
 import triton.testing
 
 from dpkern.kernels import bookkeeping as kb
@@ -27,12 +29,66 @@ SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))
 def configs(quick: bool) -> list:
     """Default first, then larger tiles / deeper pipelines / longer token steps."""
     c = kb.BookkeepingConfig
-    out = [None, c(128, 256, 64, 8, 8, 3), c(256, 128, 64, 8, 8, 3), c(128, 128, 128, 8, 8, 3),
-           c(128, 128, 64, 8, 8, 4), c(128, 128, 32, 8, 4, 4)]
+    out = [None, c(128, 128, 64, 8, 8, 3), c(128, 256, 64, 8, 8, 3), c(128, 128, 128, 8, 4, 3),
+           c(128, 256, 128, 8, 8, 2), c(128, 128, 128, 8, 8, 2)]
     if not quick:
-        out += [c(128, 256, 32, 8, 8, 4), c(128, 128, 64, 8, 4, 3), c(128, 256, 64, 8, 8, 4),
-                c(64, 256, 64, 8, 4, 4), c(128, 128, 64, 4, 8, 3), c(128, 128, 64, 16, 8, 3)]
+        out += [c(256, 128, 64, 8, 8, 3), c(128, 128, 128, 8, 8, 3), c(128, 128, 64, 8, 8, 4),
+                c(128, 256, 32, 8, 8, 4), c(64, 256, 64, 8, 4, 4), c(128, 128, 128, 16, 8, 3)]
     return out
+
+
+@triton.jit
+def _variant_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p, s_ab, s_at, s_gb, s_gt,
+                    NESTED: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr):
+    """Diagnostic twins of kb._bookkeeping_fwd_kernel (16-bit, contiguous d / p, one layer):
+    NESTED=False: one accumulator, no per-sample scale (the plain GEMM over B·T: what this load
+    structure reaches); NESTED: a loop per sample with the scale after it (the pre-flat form)."""
+    pid = tl.program_id(0)
+    n_p = tl.cdiv(p, BLOCK_P)
+    n_d = tl.cdiv(d, BLOCK_D)
+    per_group = GROUP_P * n_d
+    first_p = (pid // per_group) * GROUP_P
+    group_size = tl.minimum(n_p - first_p, GROUP_P)
+    i_p = first_p + (pid % per_group) % group_size
+    i_d = (pid % per_group) // group_size
+    o_p = (i_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    o_t = tl.arange(0, BLOCK_T)
+    b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    n_tt = tl.cdiv(seq, BLOCK_T)
+    if NESTED:
+        for i in range(0, batch):
+            b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+            for j in range(0, n_tt):
+                o_tt = (j * BLOCK_T + o_t).to(tl.int64)
+                b_g = tl.load(g_ptr + i * s_gb + o_p[:, None] + o_tt[None, :] * s_gt)
+                b_a = tl.load(a_ptr + i * s_ab + o_tt[:, None] * s_at + o_d[None, :])
+                b_gi = tl.dot(b_g, b_a, b_gi)
+            b_w += tl.load(scale_ptr + i) * b_gi
+    else:
+        for k in range(0, batch * n_tt):
+            i = k // n_tt
+            j = k - i * n_tt
+            o_tt = (j * BLOCK_T + o_t).to(tl.int64)
+            b_g = tl.load(g_ptr + i * s_gb + o_p[:, None] + o_tt[None, :] * s_gt)
+            b_a = tl.load(a_ptr + i * s_ab + o_tt[:, None] * s_at + o_d[None, :])
+            b_w = tl.dot(b_g, b_a, b_w)
+    tl.store(w_ptr + o_p[:, None] * d + o_d[None, :], b_w)
+
+
+def time_variant(a, g, s, nested, bt, warps=8, stages=3):
+    bsz, seq, d = a.shape
+    p = g.shape[2]
+    w = torch.empty(p, d, device=a.device)
+    grid = (triton.cdiv(p, 128) * triton.cdiv(d, 128),)
+
+    def run():
+        _variant_kernel[grid](a, g, s, w, bsz, seq, d, p, a.stride(0), a.stride(1), g.stride(0),
+                              g.stride(1), NESTED=nested, BLOCK_P=128, BLOCK_D=128,
+                              BLOCK_T=bt, GROUP_P=8, num_warps=warps, num_stages=stages)
+    run()
+    return triton.testing.do_bench(run, warmup=10, rep=40)
 
 
 def copy_variants():
@@ -59,6 +115,8 @@ def main() -> None:
     ap.add_argument("--cases", default="16x256,8x512")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="bf16: the diagnostic twins too")
+    ap.add_argument("--no-copy", action="store_true", help="skip the K-major copy timings")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -99,7 +157,16 @@ def main() -> None:
                     print(f"{case} {d}->{p} {dt} {cfg}: {ms:.4f} ms "
                           f"{flops / ms / 1e9:.0f} TF/s ({mm / ms:.0%} of matmul {mm:.4f}) "
                           f"same={same}", flush=True)
-                if pre and d == 2048:  # the copy: once per width
+                if not pre and args.variants:
+                    for nested, bt in ((False, 64), (False, 128), (True, 64), (True, 128)):
+                        ms = time_variant(a, g, s, nested, bt)
+                        rows.append(dict(case=case, d=d, p=p, dtype=dt, ms=ms,
+                                         config=f"variant {'nested' if nested else 'plain'} "
+                                                f"BLOCK_T={bt}", tflops=flops / ms / 1e9,
+                                         matmul_ms=mm, of_matmul=mm / ms))
+                        print(f"{case} {d}->{p} {rows[-1]['config']}: {ms:.4f} ms "
+                              f"{flops / ms / 1e9:.0f} TF/s ({mm / ms:.0%} of matmul)", flush=True)
+                if pre and d == 2048 and not args.no_copy:  # the copy: once per width
                     for n, x in ((d, a), (p, g)):
                         for bt, bn, wp in copy_variants():
                             ms, gbs = time_copy(x, bt, bn, wp)

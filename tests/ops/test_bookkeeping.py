@@ -252,3 +252,33 @@ def test_fp32_grouped_shares_the_input_copy(monkeypatch):
     # copies of the inputs (width d) and of each g (width p): x, y, x again; all five g
     n_input_copies = len(copied) - len(gs)
     assert n_input_copies == 3, copied
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_16bit_wide_layers_take_a_token_step_of_128(device, monkeypatch):
+    """bf16 layers of width ≥ 512 run with a token step of 128 from T = 128 (fp32 and shorter
+    sequences keep 64): here T = 130 leaves a masked tail tile of 2 tokens, and a dropped sample
+    with a NaN gradient sits between two kept ones. Against the float64 reference."""
+    import dpkern.kernels.bookkeeping as kb
+    assert kb.bookkeeping_config(512, 2048, 2048, bits16=True).BLOCK_T == 128
+    assert kb.bookkeeping_config(512, 2048, 2048).BLOCK_T == 64
+    assert kb.bookkeeping_config(100, 2048, 2048, bits16=True).BLOCK_T == 64
+    assert kb.bookkeeping_config(512, 256, 2048, bits16=True).BLOCK_T == 64
+    used = []
+    real = kb.bookkeeping_config
+
+    def spy(*args, **kwargs):
+        used.append(real(*args, **kwargs))
+        return used[-1]
+    monkeypatch.setattr(kb, "bookkeeping_config", spy)
+    torch.manual_seed(11)
+    a, g, scale = _inputs((3, 130, 512, 512), torch.bfloat16, device)
+    scale[1] = 0.0
+    g[1, 7, 3] = float("nan")
+    out = torch.full((512, 512), float("nan"), device=device)
+    bookkeeping_wgrad(a, g, scale, out=out, backend="triton")
+    assert [c.BLOCK_T for c in used] == [128]
+    keep = torch.tensor([True, False, True], device=device)
+    ref = bookkeeping_wgrad_ref(seen(a[keep]), seen(g[keep]), scale[keep].double())
+    ref_abs = bookkeeping_wgrad_ref(seen(a[keep]).abs(), seen(g[keep]).abs(), scale[keep].double())
+    assert_close_signed(out, ref, ref_abs, n_reduce=3 * 130)
