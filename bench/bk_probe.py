@@ -29,11 +29,11 @@ SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))
 def configs(quick: bool) -> list:
     """Default first, then larger tiles / deeper pipelines / longer token steps."""
     c = kb.BookkeepingConfig
-    out = [None, c(128, 128, 64, 8, 8, 3), c(128, 256, 64, 8, 8, 3), c(128, 128, 128, 8, 4, 3),
-           c(128, 256, 128, 8, 8, 2), c(128, 128, 128, 8, 8, 2)]
+    out = [None, c(128, 128, 128, 8, 8, 3, tma=False), c(128, 128, 64, 8, 8, 3, tma=False),
+           c(128, 128, 64, 8, 8, 4), c(128, 128, 64, 8, 8, 3), c(128, 256, 64, 8, 8, 3)]
     if not quick:
-        out += [c(256, 128, 64, 8, 8, 3), c(128, 128, 128, 8, 8, 3), c(128, 128, 64, 8, 8, 4),
-                c(128, 256, 32, 8, 8, 4), c(64, 256, 64, 8, 4, 4), c(128, 128, 128, 16, 8, 3)]
+        out += [c(128, 256, 64, 8, 8, 3, tma=False), c(128, 128, 128, 8, 4, 3),
+                c(128, 256, 128, 8, 8, 2), c(128, 128, 128, 16, 8, 3), c(64, 256, 64, 8, 4, 4)]
     return out
 
 
@@ -91,6 +91,68 @@ def time_variant(a, g, s, nested, bt, warps=8, stages=3):
     return triton.testing.do_bench(run, warmup=10, rep=40)
 
 
+@triton.jit
+def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
+                SCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr, WS: tl.constexpr):
+    """TMA twin (16-bit, T a multiple of BLOCK_T, contiguous (B·T, n) operands, one layer): the
+    tiles come by tensor-memory-access descriptors instead of per-thread cp.async; SCALE=False is
+    the plain GEMM. WS asks Triton for warp specialisation (3.6 ignores it on sm_90)."""
+    pid = tl.program_id(0)
+    n_p = tl.cdiv(p, BLOCK_P)
+    n_d = tl.cdiv(d, BLOCK_D)
+    per_group = GROUP_P * n_d
+    first_p = (pid // per_group) * GROUP_P
+    group_size = tl.minimum(n_p - first_p, GROUP_P)
+    i_p = first_p + (pid % per_group) % group_size
+    i_d = (pid % per_group) // group_size
+    b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    n_tt = seq // BLOCK_T
+    for k in tl.range(0, batch * n_tt, warp_specialize=WS):
+        i = k // n_tt
+        j = k - i * n_tt
+        row = k * BLOCK_T
+        b_g = g_desc.load([row, i_p * BLOCK_P])  # [BT, BP]
+        b_a = a_desc.load([row, i_d * BLOCK_D])  # [BT, BD]
+        if SCALE:
+            b_gi = tl.dot(b_g.T, b_a, b_gi)
+            if j == n_tt - 1:
+                scale_i = tl.load(scale_ptr + i)
+                b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
+                b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        else:
+            b_w = tl.dot(b_g.T, b_a, b_w)
+    o_p = (i_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    tl.store(w_ptr + o_p[:, None] * d + o_d[None, :], b_w,
+             mask=(o_p < p)[:, None] & (o_d < d)[None, :])
+
+
+def time_tma(a, g, s, scale, bt, stages=3, ws=False):
+    """ms of the TMA twin, and whether its sum equals bookkeeping_fwd's at the same token step."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    bsz, seq, d = a.shape
+    p = g.shape[2]
+    a2, g2 = a.reshape(-1, d), g.reshape(-1, p)
+    a_desc = TensorDescriptor(a2, list(a2.shape), list(a2.stride()), [bt, 128])
+    g_desc = TensorDescriptor(g2, list(g2.shape), list(g2.stride()), [bt, 128])
+    w = torch.empty(p, d, device=a.device)
+    grid = (triton.cdiv(p, 128) * triton.cdiv(d, 128),)
+
+    def run():
+        _tma_kernel[grid](a_desc, g_desc, s, w, bsz, seq, d, p, SCALE=scale, BLOCK_P=128,
+                          BLOCK_D=128, BLOCK_T=bt, GROUP_P=8, WS=ws, num_warps=8,
+                          num_stages=stages)
+    run()
+    same = None
+    if scale:
+        ref = torch.empty_like(w)
+        kb.bookkeeping_fwd(a, g, s, ref, False, kb.BookkeepingConfig(128, 128, bt, 8, 8, stages))
+        same = bool(torch.equal(ref, w))
+    return triton.testing.do_bench(run, warmup=10, rep=40), same
+
+
 def copy_variants():
     return [(64, 64, 4), (32, 128, 4), (128, 32, 4), (64, 128, 8), (128, 64, 8), (32, 32, 2)]
 
@@ -117,6 +179,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true", help="bf16: the diagnostic twins too")
     ap.add_argument("--no-copy", action="store_true", help="skip the K-major copy timings")
+    ap.add_argument("--tma", action="store_true", help="bf16: the TMA twins too")
+    ap.add_argument("--no-configs", action="store_true", help="skip the config sweep")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -138,7 +202,7 @@ def main() -> None:
                 mm = triton.testing.do_bench(lambda: torch.matmul(g2.t(), a2), warmup=10, rep=40)
                 torch.backends.cuda.matmul.allow_tf32 = False
                 ref = None
-                for cfg in configs(args.quick):
+                for cfg in configs(args.quick)[:1 if args.no_configs else None]:
                     run = lambda: kb.bookkeeping_fwd(a_k, g_k, s, w, False, cfg,  # noqa: E731
                                                      fp32_mode="tf32r", pre_rounded=pre)
                     try:
@@ -166,6 +230,16 @@ def main() -> None:
                                          matmul_ms=mm, of_matmul=mm / ms))
                         print(f"{case} {d}->{p} {rows[-1]['config']}: {ms:.4f} ms "
                               f"{flops / ms / 1e9:.0f} TF/s ({mm / ms:.0%} of matmul)", flush=True)
+                if not pre and args.tma:
+                    for scale, bt, st in ((False, 64, 3), (False, 64, 4), (True, 64, 3),
+                                          (True, 64, 4), (True, 128, 3), (False, 128, 3)):
+                        ms, same = time_tma(a, g, s, scale, bt, st)
+                        name = f"tma {'scaled' if scale else 'plain'} BLOCK_T={bt} stages={st}"
+                        rows.append(dict(case=case, d=d, p=p, dtype=dt, ms=ms, config=name,
+                                         tflops=flops / ms / 1e9, matmul_ms=mm,
+                                         of_matmul=mm / ms, bit_identical=same))
+                        print(f"{case} {d}->{p} {name}: {ms:.4f} ms {flops / ms / 1e9:.0f} TF/s "
+                              f"({mm / ms:.0%} of matmul) same={same}", flush=True)
                 if pre and d == 2048 and not args.no_copy:  # the copy: once per width
                     for n, x in ((d, a), (p, g)):
                         for bt, bn, wp in copy_variants():

@@ -25,9 +25,15 @@ KERNELS = {
     "bookkeeping": (bookkeeping._bookkeeping_fwd_kernel,
                     dict(ACCUMULATE=False, BLOCK_P=128, BLOCK_D=128, BLOCK_T=64, GROUP_P=8,
                          UPCAST=False, DOT_PREC="ieee", ROUND=False, ELT=tl.bfloat16,
-                         W_ELT=tl.bfloat16),
+                         W_ELT=tl.bfloat16, TMA=False),
                     ("stride_ad", "stride_gp", "stride_wd"), {"scale_ptr": "*fp32"}, (),
                     dict(num_warps=8, num_stages=3)),
+    "bookkeeping_tma": (bookkeeping._bookkeeping_fwd_kernel,
+                        dict(ACCUMULATE=False, BLOCK_P=128, BLOCK_D=128, BLOCK_T=128, GROUP_P=8,
+                             UPCAST=False, DOT_PREC="ieee", ROUND=False, ELT=tl.bfloat16,
+                             W_ELT=tl.bfloat16, TMA=True),
+                        ("stride_ad", "stride_gp", "stride_wd"), {"scale_ptr": "*fp32"}, (),
+                        dict(num_warps=8, num_stages=3)),
     "ghost_norm": (ghost_norm._ghost_norm_fwd_kernel,
                    dict(NUM_G=3, BLOCK_T=64, BLOCK_K=64, UPCAST=False, DOT_PREC="ieee",
                         ROUND=False, ELT=tl.bfloat16),
@@ -93,6 +99,9 @@ def counts(name: str, table: bool) -> dict:
     out: dict = {}
     _count(r"ld\.global((?:\.[a-z0-9]+)*)\s", ptx, "ld", out)
     _count(r"st\.global((?:\.[a-z0-9]+)*)\s", ptx, "st", out)
+    n_tma = len(re.findall(r"cp\.async\.bulk\.tensor\.", ptx))
+    if n_tma:
+        out["tma"] = n_tma
     for m in re.finditer(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx):
         key = f"cp.async.{int(m.group(1), 0)}"
         out[key] = out.get(key, 0) + 1

@@ -282,3 +282,71 @@ def test_16bit_wide_layers_take_a_token_step_of_128(device, monkeypatch):
     ref = bookkeeping_wgrad_ref(seen(a[keep]), seen(g[keep]), scale[keep].double())
     ref_abs = bookkeeping_wgrad_ref(seen(a[keep]).abs(), seen(g[keep]).abs(), scale[keep].double())
     assert_close_signed(out, ref, ref_abs, n_reduce=3 * 130)
+
+
+TMA_CASES = [  # (B, T, d, p), config: tiles past d / p (TMA zero fill), several token tiles a sample
+    ((3, 64, 72, 40), (64, 64, 32)),
+    ((1, 32, 64, 136), (64, 64, 32)),
+    ((2, 256, 520, 512), (128, 128, 128)),
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "B{}xT{}xd{}xp{}".format(*c[0]))
+@pytest.mark.parametrize("device", kernel_devices())
+def test_tma_tiles_match_pointer_tiles(device, case, monkeypatch):
+    """bf16 tiles by TMA descriptors (forced with tma=True, so the CPU interpreter runs them too),
+    one layer and two layers in one tabled launch, into NaN-poisoned outputs, with a dropped
+    sample holding a NaN gradient: bit for bit the sums of the same tiles read by pointers, and
+    within the written tolerance of the float64 reference."""
+    import dpkern.kernels.bookkeeping as kb
+    (b, t, d, p), (bp, bd, bt) = case
+    used = []
+    real = kb.tma_ok
+    monkeypatch.setattr(kb, "tma_ok", lambda *a: used.append(real(*a)) or used[-1])
+    torch.manual_seed(sum(case[0]))
+    layers = [_inputs((b, t, d, p), torch.bfloat16, device) for _ in range(2)]
+    if b > 1:  # sample 0 dropped: a later sample that read its rows would be wrong
+        for _, g, scale in layers:
+            scale[0] = 0.0
+            g[0, t // 2, p // 3] = float("nan")
+
+    def run(tma, grouped):
+        cfg = kb.BookkeepingConfig(bp, bd, bt, 8, 8 if bp == 128 else 4, 3, tma=tma)
+        outs = [torch.full((p, d), float("nan"), device=device) for _ in layers]
+        if grouped:
+            kb.bookkeeping_grouped_fwd([x[0] for x in layers], [x[1] for x in layers],
+                                       [x[2] for x in layers], outs, False, cfg)
+        else:
+            kb.bookkeeping_fwd(*layers[0], outs[0], False, cfg)
+            outs = outs[:1]
+        return outs
+    for grouped in (False, True):
+        used.clear()
+        by_tma, by_ptr = run(True, grouped), run(False, grouped)
+        assert used == [True, False]
+        for (a, g, scale), w_tma, w_ptr in zip(layers, by_tma, by_ptr):
+            assert torch.equal(w_tma, w_ptr)
+            keep = scale != 0
+            ref = bookkeeping_wgrad_ref(seen(a[keep]), seen(g[keep]), scale[keep].double())
+            ref_abs = bookkeeping_wgrad_ref(seen(a[keep]).abs(), seen(g[keep]).abs(),
+                                            scale[keep].double())
+            assert_close_signed(w_tma, ref, ref_abs, n_reduce=b * t)
+
+
+def test_tma_ok_refuses_what_descriptors_cannot_read():
+    """TMA only where a tile is a box of a row-major (B·T, n) matrix inside one sample, with
+    16-byte aligned start and rows, 16-bit operands, and not switched off."""
+    from dpkern.kernels.bookkeeping import BookkeepingConfig, tma_ok
+    cfg = BookkeepingConfig(64, 64, 32, 8, 4, 3, tma=True)
+    a, g = torch.ones(2, 64, 72, dtype=torch.bfloat16), torch.ones(2, 64, 40, dtype=torch.bfloat16)
+    assert tma_ok([a], [g], cfg)
+    assert not tma_ok([a], [g], BookkeepingConfig(64, 64, 32, 8, 4, 3, tma=False))
+    assert not tma_ok([a], [g], BookkeepingConfig(64, 64, 32, 8, 4, 3))  # auto: no CUDA here
+    assert not tma_ok([a[:, :63]], [g[:, :63]], cfg)                   # T not a multiple of 32
+    assert not tma_ok([a[:, :, :60].contiguous()], [g], cfg)           # 120-byte rows
+    assert not tma_ok([a.transpose(0, 1).contiguous().transpose(0, 1)], [g], cfg)  # samples apart
+    assert not tma_ok([a.float()], [g.float()], cfg)
+    assert not tma_ok([a], [g.half()], cfg)
+    shifted = torch.ones(a.numel() + 1, dtype=torch.bfloat16)[1:].view(a.shape)  # 2-byte offset
+    assert not tma_ok([a, shifted], [g, g], cfg)
+    assert tma_ok([a[:1]], [g[:1]], cfg)                               # B = 1

@@ -247,3 +247,16 @@ def test_tabled_kernels_load_as_wide_as_single_ones():
         assert 1 <= table.pop("ld.v1.b64", 0) - single.pop("ld.v1.b64", 0) <= 4, (name, c)
         assert table == single, (name, c)
         assert any(k.startswith("cp.async.16") or k.startswith("ld.v4") for k in single), (name, c)
+
+
+def test_tma_bookkeeping_loads_by_descriptor_for_sm90():
+    """The TMA form of the book-keeping kernel (16-bit, Hopper) compiled for sm_90, single-layer
+    and tabled: its operand tiles come by TMA (cp.async.bulk.tensor) and by nothing else; the
+    tabled one adds only its table reads."""
+    from tests.sm90_ptx import tabled_load_counts
+    c = tabled_load_counts(["bookkeeping_tma"])["bookkeeping_tma"]
+    single, table = dict(c["single"]), dict(c["table"])
+    assert single.get("tma", 0) >= 2 and table.get("tma") == single["tma"], c
+    assert not any(k.startswith("cp.async.16") or k.startswith("ld.v4") for k in single), c
+    assert 1 <= table.pop("ld.v1.b64", 0) - single.pop("ld.v1.b64", 0) <= 4, c
+    assert table == single, c
