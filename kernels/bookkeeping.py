@@ -42,13 +42,18 @@ class BookkeepingConfig:
     tma: bool | None = None
 
 
-def bookkeeping_config(seq: int, d: int, p: int, bits16: bool = False) -> BookkeepingConfig:
+def bookkeeping_config(seq: int, d: int, p: int, bits16: bool = False,
+                       tma: bool = False) -> BookkeepingConfig:
     """Heuristic: 128 × 128 tiles (64 × 64 for narrow layers); token step ≤ the sequence length.
     bits16: 16-bit operands, whose 128 × 128 tiles take a token step of 128 from T = 128 (H100, the
-    1B model's shapes at 8x512 and 16x256: 13-16% faster than 64, bench/results/bk_probe_h100);
-    fp32 tiles of that size would not fit shared memory three stages deep."""
+    1B model's shapes at 8x512 and 16x256: 13-16% faster than 64); fp32 tiles of that size would
+    not fit shared memory three stages deep. tma: 16-bit tiles read by TMA (tma_ok), which run
+    fastest as 128 × 256 tiles with a token step of 64 (H100: 70-80% of torch.matmul against
+    64-68% with 128 × 128 × 128; bench/results/gpu_h100_e530117/bk_probe_tma.log)."""
     block_t = 64 if seq >= 64 else max(16, triton.next_power_of_2(seq))
     if min(d, p) >= 512:
+        if bits16 and tma and seq % 64 == 0:
+            return BookkeepingConfig(128, 256, 64, 8, 8, 3)
         return BookkeepingConfig(128, 128, 128 if bits16 and seq >= 128 else block_t, 8, 8, 3)
     return BookkeepingConfig(64, 64, block_t, 8, 4, 3)
 
@@ -206,13 +211,25 @@ def _tma_scratch(on_cuda: bool):
         var.reset(token)
 
 
+def _auto_config(as_: list, gs: list) -> BookkeepingConfig:
+    """The heuristic config, in its TMA form where the launch can read its tiles by TMA."""
+    bsz, seq, d = as_[0].shape
+    p = gs[0].shape[2]
+    bits16 = as_[0].element_size() == 2
+    if bits16:
+        cfg = bookkeeping_config(seq, d, p, bits16, tma=True)
+        if tma_ok(as_, gs, cfg):
+            return cfg
+    return bookkeeping_config(seq, d, p, bits16)
+
+
 def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded=False) -> None:
     a, g, w = as_[0], gs[0], ws[0]
     n_layers = len(as_)
     table = n_layers > 1
     bsz, seq, d = a.shape
     p = g.shape[2]
-    cfg = config or bookkeeping_config(seq, d, p, bits16=a.element_size() == 2)
+    cfg = config or _auto_config(as_, gs)
     mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     tab = pointer_table([as_, gs, scales, ws], a.device) if table else None
     grid = (triton.cdiv(p, cfg.BLOCK_P) * triton.cdiv(d, cfg.BLOCK_D), n_layers)

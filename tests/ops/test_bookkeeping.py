@@ -264,6 +264,9 @@ def test_16bit_wide_layers_take_a_token_step_of_128(device, monkeypatch):
     assert kb.bookkeeping_config(512, 2048, 2048).BLOCK_T == 64
     assert kb.bookkeeping_config(100, 2048, 2048, bits16=True).BLOCK_T == 64
     assert kb.bookkeeping_config(512, 256, 2048, bits16=True).BLOCK_T == 64
+    tma = kb.bookkeeping_config(512, 2048, 2048, bits16=True, tma=True)
+    assert (tma.BLOCK_P, tma.BLOCK_D, tma.BLOCK_T) == (128, 256, 64)
+    assert kb.bookkeeping_config(512, 2048, 2048, tma=True).BLOCK_T == 64  # fp32: no TMA tiles
     used = []
     real = kb.bookkeeping_config
 
@@ -277,7 +280,7 @@ def test_16bit_wide_layers_take_a_token_step_of_128(device, monkeypatch):
     g[1, 7, 3] = float("nan")
     out = torch.full((512, 512), float("nan"), device=device)
     bookkeeping_wgrad(a, g, scale, out=out, backend="triton")
-    assert [c.BLOCK_T for c in used] == [128]
+    assert (used[-1].BLOCK_D, used[-1].BLOCK_T) == (128, 128)  # the launch's config (T = 130: no TMA)
     keep = torch.tensor([True, False, True], device=device)
     ref = bookkeeping_wgrad_ref(seen(a[keep]), seen(g[keep]), scale[keep].double())
     ref_abs = bookkeeping_wgrad_ref(seen(a[keep]).abs(), seen(g[keep]).abs(), scale[keep].double())
@@ -350,3 +353,25 @@ def test_tma_ok_refuses_what_descriptors_cannot_read():
     shifted = torch.ones(a.numel() + 1, dtype=torch.bfloat16)[1:].view(a.shape)  # 2-byte offset
     assert not tma_ok([a, shifted], [g, g], cfg)
     assert tma_ok([a[:1]], [g[:1]], cfg)                               # B = 1
+
+
+@pytest.mark.gpu
+def test_hopper_runs_the_1b_shapes_by_tma(monkeypatch):
+    """On sm_90+ the engine's bf16 book-keeping of the 1B model's layers takes the TMA form with
+    its 128 × 256 tiles (the auto config), and its sum is the pointer form's."""
+    if not HAS_GPU or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper (sm_90+) GPU")
+    import dpkern.kernels.bookkeeping as kb
+    seen_cfg = []
+    real = kb.tma_ok
+    monkeypatch.setattr(kb, "tma_ok", lambda a, g, c: seen_cfg.append((c, real(a, g, c))) or
+                        seen_cfg[-1][1])
+    torch.manual_seed(3)
+    a, g, scale = _inputs((8, 512, 2048, 5632), torch.bfloat16, "cuda")
+    by_tma = bookkeeping_wgrad(a, g, scale, backend="triton")
+    cfg, ok = seen_cfg[-1]
+    assert ok and (cfg.BLOCK_P, cfg.BLOCK_D, cfg.BLOCK_T) == (128, 256, 64)
+    by_ptr = torch.empty_like(by_tma)
+    kb.bookkeeping_fwd(a, g, scale, by_ptr, False, kb.BookkeepingConfig(128, 256, 64, 8, 8, 3,
+                                                                         tma=False))
+    assert torch.equal(by_tma, by_ptr)
