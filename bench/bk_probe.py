@@ -29,8 +29,9 @@ SHAPES = ((2048, 2048), (2048, 5632), (5632, 2048))
 def configs(quick: bool) -> list:
     """Default first, then larger tiles / deeper pipelines / longer token steps."""
     c = kb.BookkeepingConfig
-    out = [None, c(128, 128, 128, 8, 8, 3, tma=False), c(128, 128, 64, 8, 8, 3, tma=False),
-           c(128, 128, 64, 8, 8, 4), c(128, 128, 64, 8, 8, 3), c(128, 256, 64, 8, 8, 3)]
+    out = [None, c(128, 128, 128, 8, 8, 3, tma=False), c(128, 128, 128, 8, 8, 3),
+           c(128, 128, 64, 8, 8, 4), c(128, 256, 64, 8, 8, 3, tma=False),
+           c(128, 256, 64, 8, 8, 3)]
     if not quick:
         out += [c(128, 256, 64, 8, 8, 3, tma=False), c(128, 128, 128, 8, 4, 3),
                 c(128, 256, 128, 8, 8, 2), c(128, 128, 128, 16, 8, 3), c(64, 256, 64, 8, 4, 4)]
