@@ -7,8 +7,9 @@ per-sample partial, never to a rounded g: each sample's contribution is scaled i
 training dtype. The result is written (or added, in fp32, then rounded once) into W in its dtype.
 Tiles are visited in grouped order so that neighbouring programs reuse g and a columns from L2.
 16-bit inputs on Hopper whose (B·T, n) rows are contiguous and T a multiple of the token step read
-their tiles by TMA descriptors built in the kernel (TMA=True; 8x512 / 16x256 at the 1B shapes:
-0.25 -> 0.19 ms, 53% -> 70% of torch.matmul, bench/results/gpu_h100_e530117/bk_tma.log).
+their tiles by TMA descriptors built in the kernel (TMA=True; H100, the 1B shapes: 77-80% of
+torch.matmul at 8x512, 68-71% at 16x256, against 49-55% / 43-49% by pointers;
+bench/results/gpu_h100_s13/README.md).
 fp32 inputs: in "tf32r" mode (default on GPU) the operands are rounded to TF32 by the same function
 as in the norm kernels (ghost_norm._round_tf32) and multiplied in TF32 (exact products), so each
 sample's partial is the sum of exactly the products whose norm the engine clipped.
@@ -49,7 +50,7 @@ def bookkeeping_config(seq: int, d: int, p: int, bits16: bool = False,
     1B model's shapes at 8x512 and 16x256: 13-16% faster than 64); fp32 tiles of that size would
     not fit shared memory three stages deep. tma: 16-bit tiles read by TMA (tma_ok), which run
     fastest as 128 × 256 tiles with a token step of 64 (H100: 70-80% of torch.matmul against
-    64-68% with 128 × 128 × 128; bench/results/gpu_h100_e530117/bk_probe_tma.log)."""
+    64-68% with 128 × 128 × 128; bench/results/gpu_h100_s13/08ea297)."""
     block_t = 64 if seq >= 64 else max(16, triton.next_power_of_2(seq))
     if min(d, p) >= 512:
         if bits16 and tma and seq % 64 == 0:
