@@ -202,6 +202,8 @@ def _tma_scratch(on_cuda: bool):
     without, so it is set around the launch and then restored."""
     from triton.runtime import _allocation
     var = getattr(_allocation, "_allocator", None)
+    if on_cuda and var is None:  # a Triton without the context variable: its public setter
+        triton.set_allocator(_scratch)
     if not on_cuda or var is None or not isinstance(var.get(), _allocation.NullAllocator):
         yield
         return

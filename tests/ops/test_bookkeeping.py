@@ -375,3 +375,31 @@ def test_hopper_runs_the_1b_shapes_by_tma(monkeypatch):
     kb.bookkeeping_fwd(a, g, scale, by_ptr, False, kb.BookkeepingConfig(128, 256, 64, 8, 8, 3,
                                                                          tma=False))
     assert torch.equal(by_tma, by_ptr)
+
+
+def test_tma_scratch_allocator_is_set_only_around_the_launch():
+    """The descriptors' scratch allocator is set for the launch when none is set, restored after
+    (also when the launch raises), and a caller's own allocator is left in place."""
+    from triton.runtime import _allocation
+
+    import dpkern.kernels.bookkeeping as kb
+    var = _allocation._allocator
+    assert isinstance(var.get(), _allocation.NullAllocator)
+    with kb._tma_scratch(True):
+        assert var.get() is kb._scratch
+    assert isinstance(var.get(), _allocation.NullAllocator)
+    with pytest.raises(RuntimeError, match="boom"):
+        with kb._tma_scratch(True):
+            raise RuntimeError("boom")
+    assert isinstance(var.get(), _allocation.NullAllocator)
+    with kb._tma_scratch(False):
+        assert isinstance(var.get(), _allocation.NullAllocator)
+
+    def mine(size, alignment, stream):
+        return None
+    token = var.set(mine)
+    try:
+        with kb._tma_scratch(True):
+            assert var.get() is mine
+    finally:
+        var.reset(token)
