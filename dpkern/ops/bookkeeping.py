@@ -135,7 +135,8 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
 
 
 def _wgrad(a, g, scale, out, accumulate: bool, be: str, mode: str, shared=None) -> torch.Tensor:
-    """bookkeeping_wgrad after its checks, on backend `be` in fp32 mode `mode` (shared: _k_major's)."""
+    """bookkeeping_wgrad after its checks, on backend `be` in fp32 mode `mode`
+    (shared: _k_major's)."""
     bsz, seq, d = a.shape
     p = g.shape[2]
     if be == "triton" and bsz * seq > 0:

@@ -72,7 +72,8 @@ def test_small_svd_padded_blocks_equal_each_alone():
         # Alone and padded, the BLAS may sum the products in another order (MKL picks kernels by
         # size); the 8 iterations amplify an ulp of difference by up to the ratio of r's extreme
         # singular values, 3^(l-1): tolerance 256 u 3^(l-1) (l = 9: 3.7e-10; 5.4e-11 seen on a
-        # 2-core AMD EPYC with torch 2.13's MKL). A block mixed with its neighbour's padding would be off by O(1).
+        # 2-core AMD EPYC with torch 2.13's MKL). A block mixed with its neighbour's padding
+        # would be off by O(1).
         tol = 256 * torch.finfo(torch.float64).eps * 3.0 ** (l - 1)
         for x, ref in ((w, w1), (t, t1), (z, z1)):
             torch.testing.assert_close(x[i, :l, :l], ref[0], rtol=tol, atol=tol)

@@ -280,14 +280,16 @@ def test_16bit_wide_layers_take_a_token_step_of_128(device, monkeypatch):
     g[1, 7, 3] = float("nan")
     out = torch.full((512, 512), float("nan"), device=device)
     bookkeeping_wgrad(a, g, scale, out=out, backend="triton")
-    assert (used[-1].BLOCK_D, used[-1].BLOCK_T) == (128, 128)  # the launch's config (T = 130: no TMA)
+    # the launch's config (T = 130: no TMA)
+    assert (used[-1].BLOCK_D, used[-1].BLOCK_T) == (128, 128)
     keep = torch.tensor([True, False, True], device=device)
     ref = bookkeeping_wgrad_ref(seen(a[keep]), seen(g[keep]), scale[keep].double())
     ref_abs = bookkeeping_wgrad_ref(seen(a[keep]).abs(), seen(g[keep]).abs(), scale[keep].double())
     assert_close_signed(out, ref, ref_abs, n_reduce=3 * 130)
 
 
-TMA_CASES = [  # (B, T, d, p), config: tiles past d / p (TMA zero fill), several token tiles a sample
+# (B, T, d, p), tile config: tiles past d / p (TMA zero fill), several token tiles a sample
+TMA_CASES = [
     ((3, 64, 72, 40), (64, 64, 32)),
     ((1, 32, 64, 136), (64, 64, 32)),
     ((2, 256, 520, 512), (128, 128, 128)),
