@@ -35,9 +35,13 @@ def test_grouped_norms_bench(timed, shape, dtype, launch):
     def grouped():
         return linear_norm_sq_grouped(layers, backend="triton")
 
-    def check():  # not reported if wrong: the grouped launch gives the per-layer numbers exactly
+    def check():  # not reported if wrong: the grouped launch gives the per-layer numbers
+        # From T >= 256 a large grouped launch takes wider ghost tiles than one layer's launch
+        # (ghost_norm_config, 2b630f3), so the two sum the same fp32 products in another order:
+        # equal to ~1e-6 relative on these positive norms. A wrong layer or tile is off by O(1).
         for x, y in zip(grouped(), per_layer()):
-            assert all(torch.equal(u, v) for u, v in zip(x, y))
+            for u, v in zip(x, y):
+                torch.testing.assert_close(u, v, rtol=1e-4, atol=0)
     flops = n_layers * bsz * (linear_norm_flops(seq, d, 0, "ghost")
                               + 3 * linear_norm_flops(seq, 0, p, "ghost"))
     info = timed(grouped if launch == "grouped" else per_layer, check=check, flops=flops)

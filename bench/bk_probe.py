@@ -3,8 +3,7 @@
     python bench/bk_probe.py [--out FILE] [--cases 16x256,8x512] [--quick]
 
 For each case (B×T) and Linear shape (d → p of the 953M Llama: 2048→2048, 2048→5632,
-5632→2048)
-and dtype (bf16; fp32 as the engine runs it: TF32-rounded K-major copies, then the kernel), times
+5632→2048) and dtype (bf16; fp32 as the engine runs it: TF32-rounded K-major copies, then the kernel), times
 every config of `configs()` (the default heuristic first) and torch.matmul of the same GEMM
 (bf16, or TF32 for fp32), and the K-major copy kernel with a few tile shapes (GB/s counting bytes
 read and written; each checked bit for bit against kmajor_tf32_copy). `bit_identical` says whether
