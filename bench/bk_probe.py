@@ -45,14 +45,7 @@ def _variant_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p, s_ab, s_at
     """Diagnostic twins of kb._bookkeeping_fwd_kernel (16-bit, contiguous d / p, one layer):
     NESTED=False: one accumulator, no per-sample scale (the plain GEMM over B·T: what this load
     structure reaches); NESTED: a loop per sample with the scale after it (the pre-flat form)."""
-    pid = tl.program_id(0)
-    n_p = tl.cdiv(p, BLOCK_P)
-    n_d = tl.cdiv(d, BLOCK_D)
-    per_group = GROUP_P * n_d
-    first_p = (pid // per_group) * GROUP_P
-    group_size = tl.minimum(n_p - first_p, GROUP_P)
-    i_p = first_p + (pid % per_group) % group_size
-    i_d = (pid % per_group) // group_size
+    i_p, i_d = kb.grouped_tile(tl.program_id(0), p, d, BLOCK_P, BLOCK_D, GROUP_P)
     o_p = (i_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     o_t = tl.arange(0, BLOCK_T)
@@ -99,14 +92,7 @@ def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
     """TMA twin (16-bit, T a multiple of BLOCK_T, contiguous (B·T, n) operands, one layer): the
     tiles come by tensor-memory-access descriptors instead of per-thread cp.async; SCALE=False is
     the plain GEMM. WS asks Triton for warp specialisation (3.6 ignores it on sm_90)."""
-    pid = tl.program_id(0)
-    n_p = tl.cdiv(p, BLOCK_P)
-    n_d = tl.cdiv(d, BLOCK_D)
-    per_group = GROUP_P * n_d
-    first_p = (pid // per_group) * GROUP_P
-    group_size = tl.minimum(n_p - first_p, GROUP_P)
-    i_p = first_p + (pid % per_group) % group_size
-    i_d = (pid % per_group) // group_size
+    i_p, i_d = kb.grouped_tile(tl.program_id(0), p, d, BLOCK_P, BLOCK_D, GROUP_P)
     b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     n_tt = seq // BLOCK_T

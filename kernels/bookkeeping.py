@@ -66,6 +66,18 @@ def bookkeeping_search_space():
 
 
 @triton.jit
+def grouped_tile(pid, p, d, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_P: tl.constexpr):
+    """Program pid's (row, column) tile of the (p, d) result in grouped order: GROUP_P row tiles
+    sweep the column tiles together, so neighbouring programs reuse g and a columns from L2."""
+    n_p = tl.cdiv(p, BLOCK_P)
+    n_d = tl.cdiv(d, BLOCK_D)
+    per_group = GROUP_P * n_d
+    first_p = (pid // per_group) * GROUP_P
+    group_size = tl.minimum(n_p - first_p, GROUP_P)
+    return first_p + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                             stride_ab, stride_at, stride_ad,
                             stride_gb, stride_gt, stride_gp,
@@ -89,16 +101,7 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                                            block_shape=[BLOCK_T, BLOCK_P])
     scale_ptr = layer_ptr(scale_ptr, i_l, TABLE, tl.float32)
     w_ptr = layer_ptr(w_ptr, i_l, TABLE, W_ELT)
-    # grouped ordering: GROUP_P row tiles sweep the column tiles together
-    pid = tl.program_id(0)
-    n_p = tl.cdiv(p, BLOCK_P)
-    n_d = tl.cdiv(d, BLOCK_D)
-    per_group = GROUP_P * n_d
-    first_p = (pid // per_group) * GROUP_P
-    group_size = tl.minimum(n_p - first_p, GROUP_P)
-    i_p = first_p + (pid % per_group) % group_size
-    i_d = (pid % per_group) // group_size
-
+    i_p, i_d = grouped_tile(tl.program_id(0), p, d, BLOCK_P, BLOCK_D, GROUP_P)
     o_p = (i_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
     o_d = (i_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     o_t = tl.arange(0, BLOCK_T)
