@@ -217,16 +217,18 @@ def _tma_scratch(on_cuda: bool):
         var.reset(token)
 
 
-def _auto_config(as_: list, gs: list) -> BookkeepingConfig:
-    """The heuristic config, in its TMA form where the launch can read its tiles by TMA."""
+def _auto_config(as_: list, gs: list) -> tuple[BookkeepingConfig, bool]:
+    """(the heuristic config, whether it reads by TMA): its TMA form where the launch can read its
+    tiles by TMA. When that form cannot, neither can the pointer form: it differs only for wide
+    16-bit layers with T a multiple of 64, where what failed is the layout, not the token step."""
     bsz, seq, d = as_[0].shape
     p = gs[0].shape[2]
     bits16 = as_[0].element_size() == 2
     if bits16:
         cfg = bookkeeping_config(seq, d, p, bits16, tma=True)
         if tma_ok(as_, gs, cfg):
-            return cfg
-    return bookkeeping_config(seq, d, p, bits16)
+            return cfg, True
+    return bookkeeping_config(seq, d, p, bits16), False
 
 
 def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded=False) -> None:
@@ -235,11 +237,10 @@ def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded=Fals
     table = n_layers > 1
     bsz, seq, d = a.shape
     p = g.shape[2]
-    cfg = config or _auto_config(as_, gs)
+    cfg, tma = (config, tma_ok(as_, gs, config)) if config else _auto_config(as_, gs)
     mode = resolve_mode(fp32_mode, cfg.fp32_dot, a.device)
     tab = pointer_table([as_, gs, scales, ws], a.device) if table else None
     grid = (triton.cdiv(p, cfg.BLOCK_P) * triton.cdiv(d, cfg.BLOCK_D), n_layers)
-    tma = tma_ok(as_, gs, cfg)
     with _tma_scratch(tma and a.is_cuda):
         _bookkeeping_fwd_kernel[grid](
             a_ptr=tab[0] if table else a, g_ptr=tab[1] if table else g,
