@@ -28,12 +28,6 @@ KERNELS = {
                          W_ELT=tl.bfloat16, TMA=False),
                     ("stride_ad", "stride_gp", "stride_wd"), {"scale_ptr": "*fp32"}, (),
                     dict(num_warps=8, num_stages=3)),
-    "bookkeeping_tma": (bookkeeping._bookkeeping_fwd_kernel,
-                        dict(ACCUMULATE=False, BLOCK_P=128, BLOCK_D=128, BLOCK_T=128, GROUP_P=8,
-                             UPCAST=False, DOT_PREC="ieee", ROUND=False, ELT=tl.bfloat16,
-                             W_ELT=tl.bfloat16, TMA=True),
-                        ("stride_ad", "stride_gp", "stride_wd"), {"scale_ptr": "*fp32"}, (),
-                        dict(num_warps=8, num_stages=3)),
     "ghost_norm": (ghost_norm._ghost_norm_fwd_kernel,
                    dict(NUM_G=3, BLOCK_T=64, BLOCK_K=64, UPCAST=False, DOT_PREC="ieee",
                         ROUND=False, ELT=tl.bfloat16),
@@ -58,6 +52,9 @@ KERNELS = {
                  {"u_ptr": "*fp32", "s_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*fp32",
                   "q_ptr": "*fp32"}, (), dict(num_warps=4)),
 }
+# the book-keeping's TMA form (16-bit tiles on Hopper): the same kernel, its launch config
+_bk = KERNELS["bookkeeping"]
+KERNELS["bookkeeping_tma"] = (_bk[0], dict(_bk[1], BLOCK_D=256, TMA=True), *_bk[2:])
 _FLOAT_ARGS = {"lr", "weight_decay", "decay", "momentum", "one_minus_damp", "beta1", "beta2",
                "one_minus_beta1", "one_minus_beta2", "eps", "step_size", "inv_sqrt_bc2"}
 
