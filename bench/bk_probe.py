@@ -147,11 +147,12 @@ def copy_variants():
 def time_copy(x, block_t, block_n, warps):
     bsz, seq, n = x.shape
     y = torch.empty(bsz, n, seq, device=x.device)
-    grid = (triton.cdiv(seq, block_t), triton.cdiv(n, block_n), bsz)
+    grid = (triton.cdiv(seq, block_t) * triton.cdiv(n, block_n), bsz, 1)
 
     def run():
-        kb._kmajor_tf32_kernel[grid](x, y, seq, n, x.stride(0), x.stride(1), x.stride(2),
-                                     BLOCK_T=block_t, BLOCK_N=block_n, num_warps=warps)
+        kb._kmajor_tf32_kernel[grid](x, y, seq, n, x.stride(0), x.stride(1), x.stride(2), 0,
+                                     TABLE=False, BLOCK_T=block_t, BLOCK_N=block_n,
+                                     num_warps=warps)
     run()
     ref = kb.kmajor_tf32_copy(x)
     assert torch.equal(y.transpose(1, 2).view(torch.int32), ref.view(torch.int32))

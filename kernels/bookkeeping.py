@@ -161,11 +161,11 @@ def bookkeeping_fwd(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, w: to
 
 def bookkeeping_grouped_fwd(as_: list, gs: list, scales: list, ws: list, accumulate: bool,
                             config: BookkeepingConfig | None = None,
-                            fp32_mode: str | None = None) -> None:
+                            fp32_mode: str | None = None, pre_rounded: bool = False) -> None:
     """L layers in one launch: ws[l] = Σ scales[l]_i gs[l]_iᵀ as_[l]_i (+ ws[l]). All as_ share
     one layout (kernels/_tables.py), as do all gs (in a's dtype), all ws and all scales (B,) fp32.
-    Caller validates; B·T > 0."""
-    _launch(as_, gs, scales, ws, accumulate, config, fp32_mode)
+    Caller validates; B·T > 0. pre_rounded: as bookkeeping_fwd's (kmajor_tf32_copies)."""
+    _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded)
 
 
 def tma_ok(as_: list, gs: list, cfg: BookkeepingConfig) -> bool:
@@ -257,16 +257,46 @@ def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded=Fals
 
 
 @triton.jit
-def _kmajor_tf32_kernel(x_ptr, y_ptr, seq, n, stride_xb, stride_xt, stride_xn,
-                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[b, j, t] = round_tf32(x[b, t, j]): one [BT, BN] tile, read along n, written along t."""
-    i_b = tl.program_id(2).to(tl.int64)
-    o_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    o_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+def _kmajor_tf32_kernel(x_ptr, y_ptr, seq, n, stride_xb, stride_xt, stride_xn, slot,
+                        TABLE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[l, b, j, t] = round_tf32(x_l[b, t, j]): one [BT, BN] tile of sample b of tensor l, read
+    along n, written along t. TABLE: x is a pointer table over L tensors of one layout (y holds
+    them `slot` elements apart); else one tensor."""
+    n_tt = tl.cdiv(seq, BLOCK_T)
+    i_t = tl.program_id(0) % n_tt
+    i_n = tl.program_id(0) // n_tt
+    i_b = tl.program_id(1).to(tl.int64)
+    i_l = tl.program_id(2).to(tl.int64)
+    x_ptr = layer_ptr(x_ptr, i_l, TABLE, tl.float32)
+    o_t = (i_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     m = (o_t < seq)[:, None] & (o_n < n)[None, :]
     b_x = tl.load(x_ptr + i_b * stride_xb + o_t[:, None] * stride_xt + o_n[None, :] * stride_xn,
                   mask=m, other=0.0)
-    tl.store(y_ptr + i_b * seq * n + o_n[None, :] * seq + o_t[:, None], _round_tf32(b_x), mask=m)
+    y_ptr += i_l * slot + i_b * seq * n
+    tl.store(y_ptr + o_n[None, :] * seq + o_t[:, None], _round_tf32(b_x), mask=m)
+
+
+# K-major copies of one grouped launch sit this many elements apart at least (128 bytes), so that
+# each copy starts aligned as the pointer tables require (kernels/_tables.ALIGN)
+_SLOT_ALIGN = 32
+
+
+def kmajor_slot(x: torch.Tensor) -> int:
+    """Elements one K-major copy of x (B, T, n) takes in a buffer of kmajor_tf32_copies."""
+    return -(-x.numel() // _SLOT_ALIGN) * _SLOT_ALIGN
+
+
+def _kmajor_launch(xs: list, y: torch.Tensor, slot: int) -> None:
+    x = xs[0]
+    bsz, seq, n = x.shape
+    if x.numel() == 0:
+        return
+    table = len(xs) > 1
+    grid = (triton.cdiv(seq, 64) * triton.cdiv(n, 64), bsz, len(xs))
+    _kmajor_tf32_kernel[grid](pointer_table([xs], x.device) if table else x, y, seq, n,
+                              x.stride(0), x.stride(1), x.stride(2), slot, TABLE=table,
+                              BLOCK_T=64, BLOCK_N=64, num_warps=4)
 
 
 def kmajor_tf32_copy(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,8 +307,20 @@ def kmajor_tf32_copy(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     bsz, seq, n = x.shape
     y = out if out is not None else torch.empty(bsz, n, seq, dtype=torch.float32, device=x.device)
     assert y.shape == (bsz, n, seq) and y.is_contiguous() and y.dtype == torch.float32
-    if x.numel():
-        grid = (triton.cdiv(seq, 64), triton.cdiv(n, 64), bsz)
-        _kmajor_tf32_kernel[grid](x, y, seq, n, x.stride(0), x.stride(1), x.stride(2),
-                                  BLOCK_T=64, BLOCK_N=64, num_warps=4)
+    _kmajor_launch([x], y, 0)
     return y.transpose(1, 2)
+
+
+def kmajor_tf32_copies(xs: list, out: torch.Tensor | None = None) -> list:
+    """kmajor_tf32_copy of L fp32 tensors of one layout (shape and strides, 16-byte aligned) in one
+    launch, into one buffer: copy l starts at element l·kmajor_slot(xs[0]) (128-byte aligned).
+    out: optional contiguous fp32 buffer of L·kmajor_slot elements (tests poison it)."""
+    x = xs[0]
+    bsz, seq, n = x.shape
+    slot = kmajor_slot(x)
+    y = out if out is not None else torch.empty(len(xs) * slot, dtype=torch.float32,
+                                                device=x.device)
+    assert y.numel() == len(xs) * slot and y.is_contiguous() and y.dtype == torch.float32
+    _kmajor_launch(xs, y, slot)
+    return [y[i * slot:i * slot + x.numel()].view(bsz, n, seq).transpose(1, 2)
+            for i in range(len(xs))]

@@ -51,6 +51,9 @@ KERNELS = {
                  ("stride_ur", "stride_sc", "stride_vr"),
                  {"u_ptr": "*fp32", "s_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*fp32",
                   "q_ptr": "*fp32"}, (), dict(num_warps=4)),
+    "kmajor_copy": (bookkeeping._kmajor_tf32_kernel, dict(BLOCK_T=64, BLOCK_N=64),
+                    ("stride_xn",), {"x_ptr": "*fp32", "y_ptr": "*fp32"}, ("y_ptr",),
+                    dict(num_warps=4)),
 }
 # the book-keeping's TMA form (16-bit tiles on Hopper): the same kernel, its launch config
 _bk = KERNELS["bookkeeping"]

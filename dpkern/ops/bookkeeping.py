@@ -20,8 +20,14 @@ from dpkern.ops._persample import (FLOAT_DTYPES, call_resolver, check_device, ch
 
 _IMPLEMENTED = ("triton", "torch")
 _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
-# Largest transient T-contiguous copy of (a, g) the fp32 path makes (DPKERN_BK_KMAJOR_BYTES; 0: never).
+# Most bytes of T-contiguous copies of (a, g) alive at once on the fp32 path
+# (DPKERN_BK_KMAJOR_BYTES; 0: never copy): a layer whose copies would exceed it copies g by column
+# blocks (the lm_head at 4096 tokens: 557 MB of (a, g)); a grouped launch copies as many layers
+# as fit.
 KMAJOR_BYTES = int(os.environ.get("DPKERN_BK_KMAJOR_BYTES", str(512 << 20)))
+# Devices whose fp32 TF32 book-keeping reads K-major copies (Hopper's TF32 wgmma wants K-major
+# tiles; tests add "cpu" to run the copying path in the interpreter).
+KMAJOR_DEVICES = ("cuda",)
 
 
 # fp32 "tf32r": the K-major copies also round to TF32 (DPKERN_BK_PREROUND=0: plain copies, the
@@ -29,39 +35,57 @@ KMAJOR_BYTES = int(os.environ.get("DPKERN_BK_KMAJOR_BYTES", str(512 << 20)))
 PREROUND = os.environ.get("DPKERN_BK_PREROUND", "1") != "0"
 
 
-def _k_major(a: torch.Tensor, g: torch.Tensor, mode: str, shared: dict | None = None):
-    """fp32 on CUDA with TF32 dots: Hopper's TF32 wgmma reads K-major tiles, and a (B, T, d),
-    g (B, T, p) are T-strided (the reduction runs over T). Views of T-contiguous copies give the
-    kernel K-major tiles and about double its rate, with bit-identical sums (H100, 8x512x2048x5632:
-    1.76 -> 0.90 ms plus 0.26 ms for the copies; bench/results/tf32_probe_h100). In "tf32r" the
-    copies hold round_tf32 of the values (PREROUND), so the kernel multiplies them as they are
-    instead of rounding every tile it reads in registers. The copy is skipped when it would exceed
-    KMAJOR_BYTES. Returns (a, g, pre_rounded) to hand to the kernel.
-    shared: a one-slot cache across calls of one grouped book-keeping: layers that read the same
-    input (q/k/v, gate/up) reuse the copy of a made for the first of them. It holds the source
-    tensor as well, so that its storage cannot be reused while the slot matches on it."""
-    if not (a.is_cuda and a.dtype == g.dtype == torch.float32 and mode != "ieee"):
-        return a, g, False
-    if a.numel() + g.numel() == 0 or (a.numel() + g.numel()) * 4 > KMAJOR_BYTES:
-        return a, g, False
+def _kmajor_wanted(a: torch.Tensor, g: torch.Tensor, mode: str) -> bool:
+    """fp32 with TF32 dots: Hopper's TF32 wgmma reads K-major tiles, and a (B, T, d), g (B, T, p)
+    are T-strided (the reduction runs over T). Views of T-contiguous copies give the kernel K-major
+    tiles and about double its rate, with bit-identical sums (H100, 8x512x2048x5632: 1.76 -> 0.90
+    ms plus 0.26 ms for the copies; bench/results/tf32_probe_h100). In "tf32r" the copies hold
+    round_tf32 of the values (PREROUND), so the kernel multiplies them as they are instead of
+    rounding every tile it reads in registers."""
+    return (a.device.type in KMAJOR_DEVICES and a.dtype == g.dtype == torch.float32
+            and mode != "ieee" and a.numel() > 0 and g.numel() > 0)
+
+
+def _g_columns(a: torch.Tensor, g: torch.Tensor) -> int:
+    """Columns of g per K-major copy, so that a's copy and one of g's stay within KMAJOR_BYTES:
+    all of them, else a multiple of 128 (the kernel's row tile), 0 when not even 128 fit (the
+    kernel then reads a and g as they are)."""
+    rows, p = a.shape[0] * a.shape[1], g.shape[2]
+    room = KMAJOR_BYTES // 4 - a.numel()
+    if room >= g.numel():
+        return p
+    return max(room // rows // 128 * 128, 0) if room > 0 else 0
+
+
+def _kmajor_copy(mode: str):
+    """(copy function, pre_rounded) of the fp32 path in `mode`."""
     if mode == "tf32r" and PREROUND:
         from dpkern.kernels.bookkeeping import kmajor_tf32_copy
-        return _shared_copy(a, shared, kmajor_tf32_copy), kmajor_tf32_copy(g), True
-    if a.stride(1) == 1 and g.stride(1) == 1:
-        return a, g, False
-    return (_shared_copy(a, shared, lambda x: x.transpose(1, 2).contiguous().transpose(1, 2)),
-            g.transpose(1, 2).contiguous().transpose(1, 2), False)
+        return kmajor_tf32_copy, True
+    return _t_contiguous, False
+
+
+def _t_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(1) == 1 else x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _shared_copy(a: torch.Tensor, shared: dict | None, copy) -> torch.Tensor:
-    """copy(a), or the copy held in `shared` when it was made from the same tensor data."""
+    """copy(a), or the copy held in `shared` when it was made from the same tensor data.
+    shared: a one-slot cache across calls of one grouped book-keeping: layers that read the same
+    input (q/k/v, gate/up) reuse the copy of a made for the first of them. It holds the source
+    tensor as well, so that its storage cannot be reused while the slot matches on it."""
     if shared is None:
         return copy(a)
-    key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device, copy.__name__)
+    key = _source_key(a, copy)
     if shared.get("key") != key:
         shared.clear()  # the previous copy goes before the next is made
         shared.update(key=key, src=a, copy=copy(a))
     return shared["copy"]
+
+
+def _source_key(a: torch.Tensor, copy=None) -> tuple:
+    return (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device,
+            getattr(copy, "__name__", None))
 
 
 def _check_scale(op, scale, bsz, ref):
@@ -136,18 +160,27 @@ def bookkeeping_wgrad(a: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, *, 
 
 def _wgrad(a, g, scale, out, accumulate: bool, be: str, mode: str, shared=None) -> torch.Tensor:
     """bookkeeping_wgrad after its checks, on backend `be` in fp32 mode `mode`
-    (shared: _k_major's)."""
+    (shared: _shared_copy's)."""
     bsz, seq, d = a.shape
     p = g.shape[2]
     if be == "triton" and bsz * seq > 0:
         from dpkern.kernels.bookkeeping import bookkeeping_fwd
         target = out if out is not None else _alloc.empty(p, d, dtype=torch.float32,
                                                           device=a.device)
-        a_k, g_k, pre = _k_major(a, g, mode, shared)
+        acc = accumulate and out is not None
         # the kernel reads scale[i] at offset i: a strided view would give it other samples' factors
-        bookkeeping_fwd(a_k, g_k, scale.contiguous(), target,
-                        accumulate=accumulate and out is not None, fp32_mode=mode,
-                        pre_rounded=pre)
+        scale = scale.contiguous()
+        cols = _g_columns(a, g) if _kmajor_wanted(a, g, mode) else 0
+        if cols == 0:
+            bookkeeping_fwd(a, g, scale, target, accumulate=acc, fp32_mode=mode)
+            return target
+        copy, pre = _kmajor_copy(mode)
+        a_k = _shared_copy(a, shared, copy)
+        for p0 in range(0, p, cols):  # one block of g's columns (rows of the result) at a time
+            g_k = copy(g[:, :, p0:p0 + cols])
+            bookkeeping_fwd(a_k, g_k, scale, target[p0:p0 + cols], accumulate=acc,
+                            fp32_mode=mode, pre_rounded=pre)
+            del g_k  # the next block's copy takes its place
         return target
     acc = torch.zeros(p, d, dtype=torch.float32, device=a.device)
     with exact_fp32_matmul(a.device):
@@ -156,6 +189,38 @@ def _wgrad(a, g, scale, out, accumulate: bool, be: str, mode: str, shared=None) 
             g_c = operand(g[sl][keep], mode) * scale[sl][keep, None, None]
             acc.addmm_(g_c.reshape(-1, p).t(), operand(a[sl][keep], mode).reshape(-1, d))
     return _finish(acc, out, accumulate)
+
+
+def _kmajor_chunks(items: list, idx: list) -> list:
+    """Split a grouped fp32 unit into launches whose K-major copies (each distinct input once,
+    every g) stay within KMAJOR_BYTES."""
+    chunks, cur, seen, used = [], [], set(), 0
+    for i in idx:
+        a, g = items[i][0], items[i][1]
+        key = _source_key(a)
+        need = g.numel() + (a.numel() if key not in seen else 0)
+        if cur and (used + need) * 4 > KMAJOR_BYTES:
+            chunks.append(cur)
+            cur, seen, used = [], set(), 0
+            need = g.numel() + a.numel()
+        cur.append(i)
+        seen.add(key)
+        used += need
+    return chunks + ([cur] if cur else [])
+
+
+def _grouped_kmajor(items: list, idx: list, ws: list, accumulate: bool, mode: str) -> None:
+    """One grouped launch over rounded K-major copies: one copy launch for the distinct inputs
+    (q/k/v read one), one for the gradients, then the book-keeping."""
+    from dpkern.kernels.bookkeeping import bookkeeping_grouped_fwd, kmajor_tf32_copies
+    pos: dict = {}
+    for i in idx:
+        pos.setdefault(_source_key(items[i][0]), (len(pos), items[i][0]))
+    a_k = kmajor_tf32_copies([a for _, a in pos.values()])
+    g_k = kmajor_tf32_copies([items[i][1] for i in idx])
+    bookkeeping_grouped_fwd([a_k[pos[_source_key(items[i][0])][0]] for i in idx], g_k,
+                            [items[i][2].contiguous() for i in idx], ws, accumulate,
+                            fp32_mode=mode, pre_rounded=True)
 
 
 def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
@@ -167,8 +232,10 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
     flag, at most _persample.GROUP_MAX_TOKENS rows and 16-byte aligned tensors, share one Triton
     launch: the 16 q_proj weights of a 16-layer model are one launch, not
     16. Each layer's sum is the one bookkeeping_wgrad computes (same kernel, same tiles, its own
-    scale). fp32 inputs in a TF32 mode on CUDA run item by item (their K-major copies would
-    otherwise all be alive at once), as do the torch backend and single layers.
+    scale). fp32 inputs in "tf32r" on CUDA are copied K-major (rounded) for as many layers of a
+    group as fit KMAJOR_BYTES, one copy launch for their inputs and one for their gradients, then
+    share one launch; other fp32 TF32 modes, the torch backend and single layers run item by
+    item.
     consume=True sets each entry of `items` to None once its launch is issued, so that the
     caller's inputs can be freed group by group (the engine's flush: the memory peak stays that
     of one group's results, not of all of them).
@@ -186,13 +253,15 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
     for i, (a, g, scale, dst, acc) in enumerate(items):
         _check_wgrad(op, a, g, scale, dst)
         be, mode = resolve(a.device)
-        kmajor = a.is_cuda and a.dtype == torch.float32 and mode != "ieee"
-        if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype or kmajor
+        kmajor = _kmajor_wanted(a, g, mode)
+        if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype
+                or (kmajor and not (mode == "tf32r" and PREROUND
+                                    and (a.numel() + g.numel()) * 4 <= KMAJOR_BYTES))
                 or not groupable(a, g, scale, *([dst] if dst is not None else []))):
             units[("one", i)] = [i]
             continue
         res = (dst.shape, dst.stride(), dst.dtype) if dst is not None else None
-        key = (layout_key(a), layout_key(g), res, bool(acc and dst is not None), mode)
+        key = (layout_key(a), layout_key(g), res, bool(acc and dst is not None), mode, kmajor)
         units.setdefault(key, []).append(i)
     out: list = [None] * len(items)
     shared: dict = {}  # fp32 K-major copy of the last input, for the next layer that reads it
@@ -201,18 +270,25 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
             a, g, scale, dst, acc = items[idx[0]]
             be, mode = resolve(a.device)
             out[idx[0]] = _wgrad(a, g, scale, dst, acc, be, mode, shared)
-        else:
-            from dpkern.kernels.bookkeeping import bookkeeping_grouped_fwd
-            for i in idx:
-                a, g, _, dst, _ = items[i]
-                out[i] = dst if dst is not None else _alloc.empty(
-                    g.shape[2], a.shape[2], dtype=torch.float32, device=a.device)
-            bookkeeping_grouped_fwd([items[i][0] for i in idx], [items[i][1] for i in idx],
-                                    [items[i][2].contiguous() for i in idx],
-                                    [out[i] for i in idx], key[3], fp32_mode=key[4])
-        if consume:
-            for i in idx:
-                items[i] = None
+            if consume:
+                items[idx[0]] = None
+            continue
+        from dpkern.kernels.bookkeeping import bookkeeping_grouped_fwd
+        for i in idx:
+            a, g, _, dst, _ = items[i]
+            out[i] = dst if dst is not None else _alloc.empty(
+                g.shape[2], a.shape[2], dtype=torch.float32, device=a.device)
+        a = g = None  # the launches below hold what they need; consumed inputs may then go
+        for part in _kmajor_chunks(items, idx) if key[5] else [idx]:
+            if key[5]:
+                _grouped_kmajor(items, part, [out[i] for i in part], key[3], key[4])
+            else:
+                bookkeeping_grouped_fwd([items[i][0] for i in part], [items[i][1] for i in part],
+                                        [items[i][2].contiguous() for i in part],
+                                        [out[i] for i in part], key[3], fp32_mode=key[4])
+            if consume:  # this launch's inputs (and K-major copies) may go
+                for i in part:
+                    items[i] = None
     return out
 
 

@@ -221,37 +221,123 @@ def test_shared_copy_reuses_only_the_same_input():
     assert torch.equal(_shared_copy(base, None, copy), base * 2) and len(made) == 5
 
 
-@pytest.mark.gpu
-def test_fp32_grouped_shares_the_input_copy(monkeypatch):
-    """Grouped fp32 book-keeping copies a shared input once for consecutive layers that read it
-    (q/k/v), again when another input came between, and each layer's sum is bit for bit the one
-    bookkeeping_wgrad gives alone."""
-    if not HAS_GPU:
-        pytest.skip("needs a CUDA device")
+@pytest.mark.parametrize("shape", [(3, 63, 60), (1, 1, 5), (0, 4, 8), (2, 130, 70)],
+                         ids=lambda s: "B{}xT{}xn{}".format(*s))
+def test_kmajor_tf32_copies_of_many_tensors_in_one_buffer(shape):
+    """L tensors of one layout copied in one launch: each copy bit for bit round_tf32 of its
+    tensor, starting 128 bytes aligned; the padding between copies keeps its poison (no write
+    outside a copy)."""
+    from dpkern.kernels.bookkeeping import kmajor_slot, kmajor_tf32_copies
+    from dpkern.ops._persample import round_tf32
+    dev = "cuda" if HAS_GPU else "cpu"
+    torch.manual_seed(2)
+    xs = [torch.randn(shape[0], shape[2], shape[1], device=dev).transpose(1, 2) for _ in range(3)]
+    if xs[1].numel():
+        xs[1][-1, -1, -1] = float("nan")
+    slot = kmajor_slot(xs[0])
+    assert slot % 32 == 0 and slot >= xs[0].numel()
+    out = torch.full((3 * slot,), float("inf"), device=dev)
+    ys = kmajor_tf32_copies(xs, out=out)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert y.shape == x.shape and (y.numel() == 0 or y.stride(1) == 1)
+        assert y.numel() == 0 or (y.data_ptr() - out.data_ptr()) == 4 * i * slot
+        assert torch.equal(y.contiguous().view(torch.int32), round_tf32(x.contiguous()).view(torch.int32))
+        assert torch.isinf(out[i * slot + x.numel():(i + 1) * slot]).all()
+
+
+def _kmajor_here(monkeypatch, device):
+    """Run the fp32 K-major path on `device` (the CPU: in the interpreter)."""
+    import dpkern.ops.bookkeeping as ob
+    monkeypatch.setattr(ob, "KMAJOR_DEVICES", ("cuda", torch.device(device).type))
+    return ob
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fp32_grouped_kmajor_copies_once_per_input(device, monkeypatch):
+    """Grouped fp32 "tf32r" book-keeping: layers of one layout share one launch over rounded
+    K-major copies, one copy launch for their distinct inputs (q/k/v read one) and one for their
+    gradients; over KMAJOR_BYTES a group splits into several such launches. Each layer's sum is
+    bit for bit the one bookkeeping_wgrad gives alone (and alone without copies), into poisoned
+    outputs, with a dropped sample whose gradient is NaN; a consumed list gives up its inputs."""
     import dpkern.kernels.bookkeeping as kb
     from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
+    ob = _kmajor_here(monkeypatch, device)
     torch.manual_seed(7)
-    b, t, d = 4, 63, 96
-    x, y = torch.randn(b, t, d, device="cuda"), torch.randn(b, t, d, device="cuda")
-    gs = [torch.randn(b, t, p, device="cuda") for p in (96, 40, 40, 200, 96)]
-    scale = torch.rand(b, device="cuda")
+    b, t, d = 3, 63, 60
+    x, y = torch.randn(b, t, d, device=device), torch.randn(b, t, d, device=device)
+    ps = (96, 40, 40, 200, 96, 40)
+    gs = [torch.randn(b, t, p, device=device) for p in ps]
+    gs[0][1] = float("nan")
+    scale = torch.rand(b, device=device)
     scale[1] = 0.0
-    inputs = [x, x, x, y, x]
+    inputs = [x, x, x, y, x, y]
     alone = [bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
              for a, g in zip(inputs, gs)]
-    copied = []
-    real = kb.kmajor_tf32_copy
+    monkeypatch.setattr(ob, "KMAJOR_BYTES", 0)
+    strided = [bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+               for a, g in zip(inputs, gs)]
+    assert all(torch.equal(u, v) for u, v in zip(alone, strided))
+    xr, gr = operand(x, "tf32r", torch.float64), operand(gs[1], "tf32r", torch.float64)
+    ref = bookkeeping_wgrad_ref(xr, gr, scale.double())
+    ref_abs = bookkeeping_wgrad_ref(xr.abs(), gr.abs(), scale.double())
+    assert_close_signed(alone[1], ref, ref_abs, t * b)
+    calls = []
+    real = kb.kmajor_tf32_copies
 
-    def spy(t_, out=None):
-        copied.append(t_.shape[2])
-        return real(t_, out=out)
-    monkeypatch.setattr(kb, "kmajor_tf32_copy", spy)
-    got = bookkeeping_wgrad_grouped([(a, g, scale, None, False) for a, g in zip(inputs, gs)],
-                                    backend="triton", fp32_mode="tf32r")
-    assert all(torch.equal(u, v) for u, v in zip(got, alone))
-    # copies of the inputs (width d) and of each g (width p): x, y, x again; all five g
-    n_input_copies = len(copied) - len(gs)
-    assert n_input_copies == 3, copied
+    def spy(xs, out=None):
+        calls.append(len(xs))
+        return real(xs, out=out)
+    monkeypatch.setattr(kb, "kmajor_tf32_copies", spy)
+    for budget, launches in (((1 << 30), [1, 2, 2, 3, 1, 1]),
+                             (4 * (b * t * (d + 96 + 96)) - 4, [1, 1, 1, 1, 2, 3])):
+        monkeypatch.setattr(ob, "KMAJOR_BYTES", budget)
+        calls.clear()
+        outs = [torch.full((p, d), float("nan"), device=device) for p in ps]
+        items = [(a, g, scale, o, False) for a, g, o in zip(inputs, gs, outs)]
+        got = bookkeeping_wgrad_grouped(items, backend="triton", fp32_mode="tf32r", consume=True)
+        assert all(u is o for u, o in zip(got, outs)) and items == [None] * len(ps)
+        assert all(torch.equal(u, v) for u, v in zip(got, alone))
+        # p = 96: inputs [x], g x2 (over the small budget: x, g, then x, g again); p = 40:
+        # inputs [x, y], g x3; p = 200: inputs [y], g x1 (over the small budget it runs alone,
+        # by column blocks)
+        assert calls == launches, calls
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+def test_fp32_copies_g_by_column_blocks_over_the_budget(device, monkeypatch):
+    """A layer whose K-major copies would pass KMAJOR_BYTES copies g 128 columns at a time (the
+    last block shorter), each block's rows of the result written by its own launch: bit for bit
+    the sum of one copy and of no copy, into a poisoned output and accumulating into one; below
+    128 columns it reads the tensors as they are."""
+    import dpkern.kernels.bookkeeping as kb
+    ob = _kmajor_here(monkeypatch, device)
+    torch.manual_seed(8)
+    b, t, d, p = 3, 63, 60, 300
+    a, g = torch.randn(b, t, d, device=device), torch.randn(b, t, p, device=device)
+    scale = torch.rand(b, device=device)
+    whole = bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r")
+    monkeypatch.setattr(ob, "KMAJOR_BYTES", 4 * (a.numel() + 200 * b * t))
+    assert ob._g_columns(a, g) == 128
+    blocks = []
+    real = kb.bookkeeping_fwd
+
+    def spy(a_, g_, s_, w_, **kw):
+        blocks.append((g_.shape[2], a_.stride(1), g_.stride(1), kw.get("pre_rounded")))
+        return real(a_, g_, s_, w_, **kw)
+    monkeypatch.setattr(kb, "bookkeeping_fwd", spy)
+    out = torch.full((p, d), float("nan"), device=device)
+    got = bookkeeping_wgrad(a, g, scale, out=out, backend="triton", fp32_mode="tf32r")
+    assert blocks == [(128, 1, 1, True), (128, 1, 1, True), (44, 1, 1, True)]
+    assert got is out and torch.equal(got, whole)
+    base = torch.randn(p, d, device=device)
+    acc = bookkeeping_wgrad(a, g, scale, out=base.clone(), accumulate=True, backend="triton",
+                            fp32_mode="tf32r")
+    assert torch.equal(acc, whole + base)
+    monkeypatch.setattr(ob, "KMAJOR_BYTES", 4 * (a.numel() + 100 * b * t))
+    assert ob._g_columns(a, g) == 0
+    blocks.clear()
+    assert torch.equal(bookkeeping_wgrad(a, g, scale, backend="triton", fp32_mode="tf32r"), whole)
+    assert blocks == [(p, a.stride(1), g.stride(1), None)]
 
 
 @pytest.mark.parametrize("device", kernel_devices())
