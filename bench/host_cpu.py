@@ -182,12 +182,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", choices=("all", "dp"), default=None,
                     help="cProfile after timing: whole steps, or only clipper + optimizer step")
     ap.add_argument("--top", type=int, default=40, help="functions listed per profile")
+    ap.add_argument("--fp32-gpu-path", action="store_true",
+                    help="issue what an fp32 step issues on CUDA: \"tf32r\" operands and the "
+                         "book-keeping's K-major copies (the CPU default is \"ieee\", no copies)")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r} (choose from {MODES})")
     _no_kernel_bodies()
+    if args.fp32_gpu_path:
+        os.environ["DPKERN_FP32_DOT"] = "tf32r"
+        import dpkern.ops.bookkeeping as ob
+        ob.KMAJOR_DEVICES = ("cuda", "cpu")
     torch.set_num_threads(1)  # tiny tensors: the numbers measure issuing, not arithmetic
     rows = {}
     for r in range(args.repeats):
