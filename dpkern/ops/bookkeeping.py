@@ -54,12 +54,17 @@ def _g_columns(a: torch.Tensor, g: torch.Tensor) -> int:
     room = KMAJOR_BYTES // 4 - a.numel()
     if room >= g.numel():
         return p
-    return max(room // rows // 128 * 128, 0) if room > 0 else 0
+    return room // rows // 128 * 128 if room > 0 else 0
+
+
+def _prerounds(mode: str) -> bool:
+    """Whether the K-major copies in `mode` also round to TF32 (kmajor_tf32_copy)."""
+    return mode == "tf32r" and PREROUND
 
 
 def _kmajor_copy(mode: str):
     """(copy function, pre_rounded) of the fp32 path in `mode`."""
-    if mode == "tf32r" and PREROUND:
+    if _prerounds(mode):
         from dpkern.kernels.bookkeeping import kmajor_tf32_copy
         return kmajor_tf32_copy, True
     return _t_contiguous, False
@@ -191,35 +196,38 @@ def _wgrad(a, g, scale, out, accumulate: bool, be: str, mode: str, shared=None) 
     return _finish(acc, out, accumulate)
 
 
-def _kmajor_chunks(items: list, idx: list) -> list:
+def _kmajor_chunks(items: list, idx: list):
     """Split a grouped fp32 unit into launches whose K-major copies (each distinct input once,
-    every g) stay within KMAJOR_BYTES."""
-    chunks, cur, seen, used = [], [], set(), 0
+    every g) stay within KMAJOR_BYTES: yields (item indices, distinct inputs, each item's input's
+    position among them) per launch, lazily, so that a consumed launch's inputs are not held."""
+    part, inputs, which, pos_of, used = [], [], [], {}, 0  # pos_of: input key -> position
     for i in idx:
         a, g = items[i][0], items[i][1]
         key = _source_key(a)
-        need = g.numel() + (a.numel() if key not in seen else 0)
-        if cur and (used + need) * 4 > KMAJOR_BYTES:
-            chunks.append(cur)
-            cur, seen, used = [], set(), 0
+        need = g.numel() + (a.numel() if key not in pos_of else 0)
+        if part and (used + need) * 4 > KMAJOR_BYTES:
+            yield part, inputs, which
+            part, inputs, which, pos_of, used = [], [], [], {}, 0
             need = g.numel() + a.numel()
-        cur.append(i)
-        seen.add(key)
+        if key not in pos_of:
+            pos_of[key] = len(inputs)
+            inputs.append(a)
+        part.append(i)
+        which.append(pos_of[key])
         used += need
-    return chunks + ([cur] if cur else [])
+    if part:
+        yield part, inputs, which
 
 
-def _grouped_kmajor(items: list, idx: list, ws: list, accumulate: bool, mode: str) -> None:
+def _grouped_kmajor(items: list, part: list, inputs: list, which: list, ws: list,
+                    accumulate: bool, mode: str) -> None:
     """One grouped launch over rounded K-major copies: one copy launch for the distinct inputs
     (q/k/v read one), one for the gradients, then the book-keeping."""
     from dpkern.kernels.bookkeeping import bookkeeping_grouped_fwd, kmajor_tf32_copies
-    pos: dict = {}
-    for i in idx:
-        pos.setdefault(_source_key(items[i][0]), (len(pos), items[i][0]))
-    a_k = kmajor_tf32_copies([a for _, a in pos.values()])
-    g_k = kmajor_tf32_copies([items[i][1] for i in idx])
-    bookkeeping_grouped_fwd([a_k[pos[_source_key(items[i][0])][0]] for i in idx], g_k,
-                            [items[i][2].contiguous() for i in idx], ws, accumulate,
+    a_k = kmajor_tf32_copies(inputs)
+    g_k = kmajor_tf32_copies([items[i][1] for i in part])
+    bookkeeping_grouped_fwd([a_k[j] for j in which], g_k,
+                            [items[i][2].contiguous() for i in part], ws, accumulate,
                             fp32_mode=mode, pre_rounded=True)
 
 
@@ -255,7 +263,7 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
         be, mode = resolve(a.device)
         kmajor = _kmajor_wanted(a, g, mode)
         if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype
-                or (kmajor and not (mode == "tf32r" and PREROUND
+                or (kmajor and not (_prerounds(mode)
                                     and (a.numel() + g.numel()) * 4 <= KMAJOR_BYTES))
                 or not groupable(a, g, scale, *([dst] if dst is not None else []))):
             units[("one", i)] = [i]
@@ -279,9 +287,9 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
             out[i] = dst if dst is not None else _alloc.empty(
                 g.shape[2], a.shape[2], dtype=torch.float32, device=a.device)
         a = g = None  # the launches below hold what they need; consumed inputs may then go
-        for part in _kmajor_chunks(items, idx) if key[5] else [idx]:
+        for part, *inputs in _kmajor_chunks(items, idx) if key[5] else [(idx,)]:
             if key[5]:
-                _grouped_kmajor(items, part, [out[i] for i in part], key[3], key[4])
+                _grouped_kmajor(items, part, *inputs, [out[i] for i in part], key[3], key[4])
             else:
                 bookkeeping_grouped_fwd([items[i][0] for i in part], [items[i][1] for i in part],
                                         [items[i][2].contiguous() for i in part],
@@ -289,6 +297,7 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
             if consume:  # this launch's inputs (and K-major copies) may go
                 for i in part:
                     items[i] = None
+            inputs = None
     return out
 
 
