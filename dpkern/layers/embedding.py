@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpkern.layers._site import Site
+from dpkern.layers._site import Site, function_apply
 from dpkern.layers.uses import EmbeddingUse
 
 
@@ -29,6 +29,9 @@ class _EmbeddingFn(torch.autograd.Function):
         return None, None, None, None
 
 
+_embedding_apply = function_apply(_EmbeddingFn)
+
+
 def check_embedding(module: torch.nn.Embedding, path: str) -> None:
     bad = [k for k in ("max_norm", "scale_grad_by_freq", "sparse") if getattr(module, k)]
     if bad:
@@ -44,4 +47,4 @@ def embedding_forward(module: torch.nn.Embedding, site: Site, ids: torch.Tensor)
         # would be broadcast over the batch and autograd would sum its gradient over samples
         # before we see it. Expanding gives the same values and keeps per-sample gradients.
         ids = ids.expand(hint, *ids.shape[1:])
-    return _EmbeddingFn.apply(ids, module.weight, module.padding_idx, site)
+    return _embedding_apply(ids, module.weight, module.padding_idx, site)

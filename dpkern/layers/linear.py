@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpkern.layers._site import Site, as_bt
+from dpkern.layers._site import Site, as_bt, function_apply
 from dpkern.layers.uses import LinearUse, PerSampleUse
 
 
@@ -63,6 +63,10 @@ class _Conv1DFn(torch.autograd.Function):
         return gx, None, None, None
 
 
+_linear_apply = function_apply(_LinearFn)
+_conv1d_apply = function_apply(_Conv1DFn)
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, the input (or weight) as the matmul will see it (cast once, here): the tape
     then keeps the low-precision copy that autocast itself would save, not the fp32 input, and the
@@ -81,8 +85,8 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
 def linear_forward(module: torch.nn.Linear, site: Site, x: torch.Tensor) -> torch.Tensor:
     xc = _autocast_input(x)
     token = site.tape.cast_token(x, xc.dtype) if xc is not x else None
-    return _LinearFn.apply(xc, module.weight, module.bias, site, token)
+    return _linear_apply(xc, module.weight, module.bias, site, token)
 
 
 def conv1d_forward(module, site: Site, x: torch.Tensor) -> torch.Tensor:
-    return _Conv1DFn.apply(_autocast_input(x), module.weight, module.bias, site)
+    return _conv1d_apply(_autocast_input(x), module.weight, module.bias, site)

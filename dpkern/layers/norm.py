@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpkern.layers._site import Site
+from dpkern.layers._site import Site, function_apply
 from dpkern.layers.uses import PerSampleUse
 
 # Hugging Face RMSNorm classes computing weight * (x * rsqrt(mean(x²) + eps)).to(input_dtype).
@@ -43,18 +43,21 @@ class _AffineFn(torch.autograd.Function):
         return gx, None, None, None
 
 
+_affine_apply = function_apply(_AffineFn)
+
+
 def layer_norm_forward(module: torch.nn.LayerNorm, site: Site, x: torch.Tensor) -> torch.Tensor:
     xhat = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-    return _AffineFn.apply(xhat, module.weight, module.bias, site)
+    return _affine_apply(xhat, module.weight, module.bias, site)
 
 
 def rms_norm_forward(module: torch.nn.RMSNorm, site: Site, x: torch.Tensor) -> torch.Tensor:
     xhat = F.rms_norm(x, module.normalized_shape, None, module.eps)
-    return _AffineFn.apply(xhat, module.weight, None, site)
+    return _affine_apply(xhat, module.weight, None, site)
 
 
 def hf_rms_norm_forward(module, site: Site, hidden_states: torch.Tensor) -> torch.Tensor:
     input_dtype = hidden_states.dtype
     h = hidden_states.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
-    return _AffineFn.apply(h.to(input_dtype), module.weight, None, site)
+    return _affine_apply(h.to(input_dtype), module.weight, None, site)

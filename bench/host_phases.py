@@ -1,0 +1,211 @@
+"""Where a host-bound step's time goes, non-private against dpkern, side by side in one process.
+
+bench/e2e_step.py times each mode after the other, so on the small (host-bound) cases the ratio
+follows whatever the host did while each mode ran. This script builds both modes once and runs
+them in rounds (one step of each per round, the order alternating), and splits every step into
+host phases: forward (loss included), backward (autograd, and within it dpkern's end-of-backward
+clipper), optimizer step + zero_grad, and the GPU tail (from step() returning to the GPU going
+idle). It also records the interpreter's garbage collections inside each step (count and time per
+generation) and, for one step per mode, the aten ops each phase issues.
+
+    python -m bench.host_phases --cases 8x128,2x512 --precisions fp32-tf32 --out phases.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
+
+PHASES = ("forward", "backward", "clipper", "step", "tail", "gpu", "gc")
+
+
+class _GcLog:
+    """Garbage collections while `on` is set: [(generation, seconds)]."""
+
+    def __init__(self):
+        self.on, self.events, self._t = False, [], 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase, info):
+        if not self.on:
+            return
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.events.append((info["generation"], time.perf_counter() - self._t))
+
+    def close(self):
+        gc.callbacks.remove(self)
+
+
+class _Clock:
+    """Wraps dpkern's end-of-backward callback and adds up its wall time."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def _clipper_clock(runner):
+    root = runner.model.__dict__.get("_dpkern_root")
+    if root is None:
+        return None
+    clock = root.tape.on_backward_end = _Clock(root.tape.on_backward_end)
+    return clock
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def one_step(runner, clock, ids, pos, amp, gclog) -> dict:
+    """One synchronised step: phase times in ms and the collections inside it. "gpu" is the
+    step's time by CUDA events (start and end recorded around it); on the CPU, its wall time."""
+    device = ids.device.type
+    if clock is not None:
+        clock.seconds = 0.0
+    _sync(device)
+    gclog.events, gclog.on = [], True
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    with amp:
+        loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    runner.opt.step()
+    runner.opt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    if device == "cuda":
+        end.record()
+    _sync(device)
+    t4 = time.perf_counter()
+    gclog.on = False
+    clip = clock.seconds if clock is not None else 0.0
+    row = {"forward": t1 - t0, "backward": t2 - t1, "clipper": clip, "step": t3 - t2,
+           "tail": t4 - t3, "gc": sum(s for _, s in gclog.events)}
+    row = {k: v * 1e3 for k, v in row.items()}
+    row["gpu"] = start.elapsed_time(end) if device == "cuda" else (t4 - t0) * 1e3
+    row["gc_by_gen"] = collections.Counter(g for g, _ in gclog.events)
+    return row
+
+
+def op_counts(runner, ids, pos, amp) -> dict:
+    """{phase: number of aten ops} of one step (forward, backward incl. clipper, step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+    out = {}
+    with Count():
+        with amp:
+            loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
+        out["forward"], Count.n = Count.n, 0
+        loss.backward()
+        out["backward"], Count.n = Count.n, 0
+        runner.opt.step()
+        runner.opt.zero_grad(set_to_none=True)
+        out["step"] = Count.n
+    _sync(ids.device.type)
+    return out
+
+
+def summary(rows: list) -> dict:
+    out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
+    out["min"] = {k: min(r[k] for r in rows) for k in PHASES}
+    gens = collections.Counter()
+    for r in rows:
+        gens.update(r["gc_by_gen"])
+    out["gc_per_step"] = {g: gens[g] / len(rows) for g in sorted(gens)}
+    out["steps_with_gc"] = sum(1 for r in rows if r["gc_by_gen"])
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="8x128,2x512")
+    ap.add_argument("--precisions", default="fp32-tf32,bf16")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gc", choices=["default", "freeze"], default="default")
+    ap.add_argument("--out", default="host_phases.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="2-layer model (tests)")
+    args = ap.parse_args(argv)
+    args.backend, args.sigma, args.clip = "triton", 1.0, 1.0
+    cfg = llama_config(args.tiny)
+    cases = _parse_cases(args.cases)
+    gclog = _GcLog()
+    report = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "gc": args.gc,
+              "rounds": args.rounds, "cases": []}
+    modes = ("nonprivate", "dpkern")
+    runners = {m: Runner(cfg, args.device, m, args, expected_bsz=cases[0][0])
+               for m in modes}
+    clocks = {m: _clipper_clock(r) for m, r in runners.items()}
+    try:
+        for prec in args.precisions.split(","):
+            for bsz, seq in cases:
+                ids, pos, amp = case_inputs(cfg, bsz, seq, prec, args.device)
+                for m in modes:
+                    for _ in range(args.warmup):
+                        runners[m].step(ids, pos, amp)
+                ops = {m: op_counts(runners[m], ids, pos, amp) for m in modes}
+                if args.gc == "freeze":
+                    gc.collect()
+                    gc.freeze()
+                rows = {m: [] for m in modes}
+                for i in range(args.rounds):
+                    for m in (modes if i % 2 == 0 else modes[::-1]):
+                        rows[m].append(one_step(runners[m], clocks[m], ids, pos, amp, gclog))
+                if args.gc == "freeze":
+                    gc.unfreeze()
+                s = {m: summary(rows[m]) for m in modes}
+                paired = [d["gpu"] / n["gpu"] for n, d in zip(rows["nonprivate"], rows["dpkern"])]
+                entry = {"B": bsz, "T": seq, "precision": prec, "ops": ops, "summary": s,
+                         "ratio_of_medians": s["dpkern"]["gpu"] / s["nonprivate"]["gpu"],
+                         "paired_ratio_median": statistics.median(paired),
+                         "rows": {m: [{k: v for k, v in r.items() if k != "gc_by_gen"}
+                                      | {"gc_by_gen": dict(r["gc_by_gen"])} for r in rows[m]]
+                                  for m in modes}}
+                report["cases"].append(entry)
+                print(f"{prec} {bsz}x{seq}: dpkern/nonprivate {entry['ratio_of_medians']:.3f} "
+                      f"(paired {entry['paired_ratio_median']:.3f})", flush=True)
+                for m in modes:
+                    x = s[m]
+                    print(f"  {m:<10} step {x['gpu']:6.1f}  fwd {x['forward']:5.1f}  bwd "
+                          f"{x['backward']:5.1f} (clipper {x['clipper']:5.1f})  opt {x['step']:4.1f}"
+                          f"  tail {x['tail']:5.1f}  gc {x['gc']:4.1f} ms, {x['gc_per_step']} per "
+                          f"step  ops {ops[m]}", flush=True)
+    finally:
+        gclog.close()
+        for r in runners.values():
+            r.close()
+        free(args.device)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
