@@ -20,7 +20,7 @@ from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
 from dpkern.layers.bounds import release_bounds
-from dpkern.layers.uses import LinearUse, batch_size, bookkeep, norms_sq
+from dpkern.layers.uses import LinearUse, PerSampleRows, batch_size, bookkeep, norms_sq
 from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
 from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
@@ -118,8 +118,10 @@ class _Clipper:
             return self._single_sample(uses, params)
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
+        # Norm weights and biases (one fp32 per-sample use each): bound terms and sums per width.
+        rows = PerSampleRows(uses, params) if not each else None
         norms = norms_sq(uses, params, backend=self.backend)
-        bounds = release_bounds(uses, params, norms, backend=self.backend)
+        bounds = release_bounds(uses, params, norms, backend=self.backend, rows=rows)
         if s != 1.0:
             bounds = [u * s for u in bounds]
         per_param = [self.per_param[p] for p in params] if self.per_param else None
@@ -131,9 +133,17 @@ class _Clipper:
                                   s * s)
         scales, opt.last_scales = {}, {}
         linear, linear_params = [], []  # one-Linear-use parameters: book-kept in grouped launches
+        row_scales = {}  # one-per-sample-use parameters: book-kept per width (rows.bookkeep)
         for p, c in zip(params, factors):
             p_uses = uses.pop(p)
             if p not in opt.params:
+                continue
+            sc = scales.get(id(c))
+            if sc is None:  # c·s rounded down: the factor the book-keeping applies keeps c U ≤ C
+                sc = scales[id(c)] = round_down_f32(c * s) if s != 1.0 else round_down_f32(c)
+            opt.last_scales[self.private[p]] = sc
+            if rows is not None and p in rows:
+                row_scales[p] = sc
                 continue
             # Non-finite samples have factor 0. Book-keeping of a Linear use gives a scale-0 sample
             # exactly nothing (even NaN/Inf rows); other uses multiply (0·NaN = NaN), so their
@@ -142,10 +152,6 @@ class _Clipper:
             acc = opt.summed.get(p)
             if acc is None and not isinstance(p_uses[0], LinearUse):
                 acc = opt.accumulator(p)
-            sc = scales.get(id(c))
-            if sc is None:  # c·s rounded down: the factor the book-keeping applies keeps c U ≤ C
-                sc = scales[id(c)] = round_down_f32(c * s) if s != 1.0 else round_down_f32(c)
-            opt.last_scales[self.private[p]] = sc
             if len(p_uses) == 1 and isinstance(p_uses[0], LinearUse) and not each:
                 linear.append((p_uses[0].a, p_uses[0].g, sc, acc, acc is not None))
                 linear_params.append(p)
@@ -154,6 +160,19 @@ class _Clipper:
             if each:
                 opt.param_summed(p)
         p_uses = None  # the grouped book-keeping frees each group's inputs once it is issued
+        if row_scales:
+            # non-finite samples contribute exact zeros (rows.bookkeep), as zero_samples gives
+            accs, adds = [], []
+            for p, x in rows.bookkeep(row_scales, finite, only=row_scales).items():
+                acc = opt.summed.get(p)
+                if acc is None:
+                    opt.summed[p] = x
+                else:  # a second backward before the step (gradient accumulation)
+                    accs.append(acc)
+                    adds.append(x.to(acc.dtype))
+            if accs:
+                torch._foreach_add_(accs, adds)
+        rows = None
         sums = bookkeeping_wgrad_grouped(linear, backend=self.backend, consume=True)
         opt.summed.update(zip(linear_params, sums))
         opt.note_backward(bsz, n_bad)

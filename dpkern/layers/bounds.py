@@ -23,7 +23,7 @@ import math
 import torch
 
 from dpkern import _alloc
-from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleUse, input_key
+from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleRows, PerSampleUse, input_key
 from dpkern.ops._persample import fp32_mode
 from dpkern.ops.rownorm import row_norm_dots_grouped
 from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error_bound
@@ -93,7 +93,7 @@ def _device_constants(values: list, device) -> torch.Tensor:
 
 
 def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,
-                   backend: str | None = None) -> list:
+                   backend: str | None = None, rows: PerSampleRows | None = None) -> list:
     """U_k (B,) float64 for each of `params`: an upper bound on the norm of every sample's released
     contribution to that parameter, before loss scaling (see the module docstring).
 
@@ -101,13 +101,24 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,
         uses_by_param: {param: [uses]} of one backward pass.
         params: the parameters, in the order of norms_sq.
         norms_sq: (B,) fp32 N̂² per parameter, as norms_sq() returned them.
+        rows: the stacked rows of the one-per-sample-use parameters, when the caller has them:
+            their sqrt(Q) terms are then taken per width, not per parameter (same values).
     """
     if not params:
         return []
     linear_sums = _linear_sums(uses_by_param, params, backend)
     sqs, facs, etas, betas = [], [], [], []
     mode = fp32_mode(norms_sq[0].device)
+    row_norms = rows.norms64() if rows is not None else {}
     for p, n2 in zip(params, norms_sq):
+        s = row_norms.get(p)
+        if s is not None:  # one PerSampleUse: as _sqrt_q, from the stacked rows
+            sqs.append(s)
+            facs.append(1.0)
+            eta, beta = _error_terms(1, uses_by_param[p][0].grads[0].numel(), 1, mode)
+            etas.append(eta)
+            betas.append(beta)
+            continue
         parts, seq, d, w = [], 0, 1, 1
         for u in uses_by_param[p]:
             s, f, (t_u, d_u, p_u) = _sqrt_q(u, linear_sums)

@@ -171,5 +171,77 @@ def bookkeep(uses: list, scale: torch.Tensor, out: torch.Tensor | None, *,
             out.index_add_(0, ids, rows)
         else:
             g = u.grads.reshape(u.grads.shape[0], -1)
-            out.add_((scale.to(g.dtype) @ g).view(out.shape).to(out.dtype))
+            out.add_(scaled_row_sums(g.unsqueeze(0), scale.to(g.dtype).unsqueeze(0))
+                     .view(out.shape).to(out.dtype))
     return out
+
+
+def scaled_row_sums(g: torch.Tensor, scales: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i s_li g_li: g (L, B, n) per-sample rows, scales (L, B) in g's dtype -> (L, n).
+
+    Elementwise products and a sum over samples, never a matmul: under the user's TF32 setting a
+    matmul may round the scales and the rows to 10 mantissa bits, rounding a sample's contribution
+    above c_i ‖g_i‖ by up to 2⁻¹⁰ relative, past the bound the clip factor was taken from. With
+    `keep` (B,) bool, samples where it is False contribute exact zeros (their factor is 0, but
+    0·NaN = NaN)."""
+    prod = g * scales.unsqueeze(2)
+    if keep is not None:
+        prod = torch.where(keep.view(1, -1, 1), prod, 0.0)
+    return prod.sum(dim=1)
+
+
+def stacked(xs: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.stack(xs).to(dtype), or an expanded view when every entry is one tensor (flat
+    clipping: one factor for all parameters)."""
+    x0 = xs[0]
+    if all(x is x0 for x in xs):
+        return x0.to(dtype or x0.dtype).unsqueeze(0).expand(len(xs), *x0.shape)
+    return torch.stack(xs).to(dtype or x0.dtype)
+
+
+class PerSampleRows:
+    """The parameters whose one use is a PerSampleUse of fp32 per-sample gradients (norm weights,
+    biases), their (B, n) rows stacked per (n, device): one (L, B, n) tensor per width. Their bound
+    terms and their book-keeping then take a few launches per width instead of a few per
+    parameter (a 1B Llama has 33 norm weights)."""
+
+    def __init__(self, uses_by_param: dict, params: list):
+        groups: dict = {}
+        for p in params:
+            us = uses_by_param[p]
+            if (len(us) == 1 and isinstance(us[0], PerSampleUse)
+                    and us[0].grads.dtype == torch.float32 and us[0].grads.dim() >= 1
+                    and us[0].grads.shape[0] > 0):
+                g = us[0].grads
+                groups.setdefault((g[0].numel(), g.device), []).append(p)
+        self.groups = []  # [(params, (L, B, n) rows)]
+        for (n, _), ps in groups.items():
+            bsz = uses_by_param[ps[0]][0].grads.shape[0]
+            self.groups.append((ps, torch.stack([uses_by_param[p][0].grads.reshape(bsz, n)
+                                                 for p in ps])))
+        self.params = {p for ps, _ in self.groups for p in ps}
+
+    def __contains__(self, p) -> bool:
+        return p in self.params
+
+    def norms64(self) -> dict:
+        """{p: (B,) fp64 ‖g_i‖} (the rows' exact-ish norms, for the release bounds)."""
+        out = {}
+        for ps, g in self.groups:
+            out.update(zip(ps, torch.linalg.vector_norm(g, dim=2, dtype=torch.float64).unbind(0)))
+        return out
+
+    def bookkeep(self, scales: dict, keep: torch.Tensor, only=None) -> dict:
+        """{p: Σ_i scales[p]_i g_i} fp32 of shape p.shape (views of one (L, n) tensor per width),
+        samples with keep False contributing zeros; `only` limits it to those parameters."""
+        out = {}
+        for ps, g in self.groups:
+            idx = [k for k, p in enumerate(ps) if only is None or p in only]
+            if not idx:
+                continue
+            if len(idx) < len(ps):
+                ps, g = [ps[k] for k in idx], g[idx]
+            sums = scaled_row_sums(g, stacked([scales[p] for p in ps], torch.float32), keep)
+            out.update((p, acc.view(p.shape)) for p, acc in zip(ps, sums.unbind(0)))
+        return out

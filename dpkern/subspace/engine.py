@@ -33,7 +33,8 @@ from dpkern import engine as _engine_mod
 from dpkern.engine import PrivacyEngine, _Clipper, _LastClip
 from dpkern.layers import unwrap_model
 from dpkern.layers.bounds import release_bounds
-from dpkern.layers.uses import LinearUse, PerSampleUse, batch_size, bookkeep, norms_sq
+from dpkern.layers.uses import (LinearUse, PerSampleUse, batch_size, bookkeep, norms_sq,
+                               scaled_row_sums, stacked)
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_grouped_
@@ -164,7 +165,7 @@ class _SubspaceClipper(_Clipper):
         for (ps, _, _), s64 in zip(groups, coords):  # ps ⊆ proj = opt.bases
             for p in ps:
                 uses.pop(p)
-            sc = _stacked([scales[id(factor_of[p])] for p in ps], torch.float64)  # (L, B)
+            sc = stacked([scales[id(factor_of[p])] for p in ps], torch.float64)  # (L, B)
             # a non-finite sample has factor 0, and 0·NaN = NaN: its coordinates are zeroed first
             s64 = torch.where(finite.view(1, -1, 1, 1), s64, 0.0)
             opt.add_sub_sums(ps, torch.einsum("lb,lbrs->lrs", sc, s64))  # fp64 (L, ru, rv)
@@ -188,23 +189,13 @@ class _SubspaceClipper(_Clipper):
                 acc = opt.accumulator(p)
             opt.summed[p] = bookkeep(p_uses, scales[id(c)], acc, backend=self.backend)
         for (n, _), items in per_sample.items():
-            # Σ_i c_i g_i of L parameters at once: (L, 1, B) @ (L, B, n), fp32 as bookkeep's
-            # (B,) @ (B, n); non-finite samples zeroed first (0·NaN = NaN)
+            # Σ_i c_i g_i of L parameters at once, in fp32 elementwise ops as bookkeep's (never
+            # a matmul: TF32); non-finite samples give zeros (0·NaN = NaN)
             g = torch.stack([x[1].reshape(bsz, n) for x in items])
-            g = torch.where(finite.view(1, -1, 1), g, 0.0)
-            sums = torch.bmm(_stacked([x[2] for x in items], torch.float32).unsqueeze(1), g)
+            sums = scaled_row_sums(g, stacked([x[2] for x in items], torch.float32), finite)
             for (p, _, _), acc in zip(items, sums.unbind(0)):
                 opt.summed[p] = acc.view(p.shape)
         opt.note_backward(bsz, n_bad)
-
-
-def _stacked(xs: list, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """torch.stack(xs).to(dtype), or a view when every entry is one tensor (flat clipping: one
-    factor for all)."""
-    x0 = xs[0]
-    if all(x is x0 for x in xs):
-        return x0.to(dtype or x0.dtype).unsqueeze(0).expand(len(xs), *x0.shape)
-    return torch.stack(xs).to(dtype or x0.dtype)
 
 
 class SubspaceDPOptimizer(DPOptimizer):
