@@ -118,8 +118,9 @@ class _Clipper:
             return self._single_sample(uses, params)
         # loss = mean_i ℓ_i gives output grads ∇ℓ_i / B: the true per-sample gradient is B times.
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
-        # Norm weights and biases (one fp32 per-sample use each): bound terms and sums per width.
-        rows = PerSampleRows(uses, params) if not each else None
+        # Norm weights and biases (one fp32 per-sample use each) that this optimizer releases:
+        # bound terms and sums per width (the others take the per-parameter path).
+        rows = PerSampleRows(uses, [p for p in params if p in opt.params]) if not each else None
         norms = norms_sq(uses, params, backend=self.backend)
         bounds = release_bounds(uses, params, norms, backend=self.backend, rows=rows)
         if s != 1.0:
@@ -163,7 +164,7 @@ class _Clipper:
         if row_scales:
             # non-finite samples contribute exact zeros (rows.bookkeep), as zero_samples gives
             accs, adds = [], []
-            for p, x in rows.bookkeep(row_scales, finite, only=row_scales).items():
+            for p, x in rows.bookkeep(row_scales, finite).items():
                 acc = opt.summed.get(p)
                 if acc is None:
                     opt.summed[p] = x

@@ -226,22 +226,18 @@ class PerSampleRows:
         return p in self.params
 
     def norms64(self) -> dict:
-        """{p: (B,) fp64 ‖g_i‖} (the rows' exact-ish norms, for the release bounds)."""
+        """{p: (B,) fp64 ‖g_i‖ of the fp32 rows}: the release bounds' sqrt(Q) term (bounds._sqrt_q
+        of a PerSampleUse, per width)."""
         out = {}
         for ps, g in self.groups:
             out.update(zip(ps, torch.linalg.vector_norm(g, dim=2, dtype=torch.float64).unbind(0)))
         return out
 
-    def bookkeep(self, scales: dict, keep: torch.Tensor, only=None) -> dict:
-        """{p: Σ_i scales[p]_i g_i} fp32 of shape p.shape (views of one (L, n) tensor per width),
-        samples with keep False contributing zeros; `only` limits it to those parameters."""
+    def bookkeep(self, scales: dict, keep: torch.Tensor) -> dict:
+        """{p: Σ_i scales[p]_i g_i} fp32 of shape p.shape (views of one (L, n) tensor per width)
+        for every parameter held, samples with keep False contributing zeros."""
         out = {}
         for ps, g in self.groups:
-            idx = [k for k, p in enumerate(ps) if only is None or p in only]
-            if not idx:
-                continue
-            if len(idx) < len(ps):
-                ps, g = [ps[k] for k in idx], g[idx]
             sums = scaled_row_sums(g, stacked([scales[p] for p in ps], torch.float32), keep)
             out.update((p, acc.view(p.shape)) for p, acc in zip(ps, sums.unbind(0)))
         return out

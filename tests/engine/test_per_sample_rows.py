@@ -109,14 +109,14 @@ def test_release_bounds_same_with_rows():
         assert torch.equal(a, b)
 
 
-def test_bookkeep_rows_against_reference_and_only():
+def test_bookkeep_rows_against_reference():
     w, _, _, _, uses = _uses()
-    rows = PerSampleRows(uses, list(uses))
+    rows = PerSampleRows(uses, [w[0], w[1], w[2]])  # w[3] left out: not held
     c = torch.rand(6)
     keep = torch.tensor([True, False, True, True, True, True])
     scales = {p: (c if k % 2 else torch.rand(6)) for k, p in enumerate(w)}
-    got = rows.bookkeep(scales, keep, only={w[0], w[2]})
-    assert set(got) == {w[0], w[2]}
+    got = rows.bookkeep(scales, keep)
+    assert set(got) == {w[0], w[1], w[2]} and w[3] not in rows
     for p in got:
         g = uses[p][0].grads
         assert got[p].shape == p.shape
