@@ -41,6 +41,8 @@ if __package__ in (None, ""):  # run as a script: make `dpkern`, `bench`, `tests
 
 import torch
 
+from bench.host_phases import clipper_clock
+
 MODES = ("nonprivate", "full", "subspace")
 COLUMNS = ("forward", "backward", "clipper", "step", "total")
 
@@ -81,36 +83,12 @@ def build(mode: str, *, layers: int, batch: int, seq: int, rank: int):
     return model, opt, ids, cfg.vocab_size
 
 
-class _Timer:
-    """Accumulates the wall time of the calls of a wrapped callable (the tape's end-of-backward
-    callback), so that the clipper's share of the backward is reported without a profiler."""
-
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t
-
-
-def _clipper_timer(model) -> _Timer | None:
-    root = model.__dict__.get("_dpkern_root")
-    if root is None:
-        return None
-    tape = root.tape
-    timer = tape.on_backward_end = _Timer(tape.on_backward_end)
-    return timer
-
-
 def run_mode(mode: str, *, steps: int, warmup: int, layers: int, batch: int, seq: int, rank: int,
              profile: str | None = None, top: int = 40) -> dict:
     """{column: median ms} over `steps` timed steps after `warmup` ones; with `profile` ("all":
     whole steps, "dp": only the clipper and the optimizer step) prints cProfile's top functions."""
     model, opt, ids, vocab = build(mode, layers=layers, batch=batch, seq=seq, rank=rank)
-    timer = _clipper_timer(model)
+    timer = clipper_clock(model)
     prof = cProfile.Profile() if profile else None
 
     def one_step(profiling: bool) -> tuple:

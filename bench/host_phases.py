@@ -45,8 +45,9 @@ class _GcLog:
         gc.callbacks.remove(self)
 
 
-class _Clock:
-    """Wraps dpkern's end-of-backward callback and adds up its wall time."""
+class ClipperClock:
+    """Wraps dpkern's end-of-backward callback (the clipper) and adds up its wall time in
+    `seconds`; `fn` is the wrapped callable (bench/host_cpu.py swaps in a profiled one)."""
 
     def __init__(self, fn):
         self.fn, self.seconds = fn, 0.0
@@ -59,11 +60,12 @@ class _Clock:
             self.seconds += time.perf_counter() - t
 
 
-def _clipper_clock(runner):
-    root = runner.model.__dict__.get("_dpkern_root")
+def clipper_clock(model) -> ClipperClock | None:
+    """Times the clipper of a model made private by dpkern (None for a plain model)."""
+    root = model.__dict__.get("_dpkern_root")
     if root is None:
         return None
-    clock = root.tape.on_backward_end = _Clock(root.tape.on_backward_end)
+    clock = root.tape.on_backward_end = ClipperClock(root.tape.on_backward_end)
     return clock
 
 
@@ -72,14 +74,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def one_step(runner, clock, ids, pos, amp, gclog) -> dict:
-    """One synchronised step: phase times in ms and the collections inside it. "gpu" is the
-    step's time by CUDA events (start and end recorded around it); on the CPU, its wall time."""
+def one_step(runner, clock, ids, pos, amp, gclog=None) -> dict:
+    """One synchronised step: phase times in ms (the clipper's from `clock`, when given) and,
+    with `gclog`, the collections inside it. "gpu" is the step's time by CUDA events (start and
+    end recorded around it); on the CPU, its wall time. forward + backward + step + tail is the
+    wall time from the first synchronisation to the last."""
     device = ids.device.type
     if clock is not None:
         clock.seconds = 0.0
     _sync(device)
-    gclog.events, gclog.on = [], True
+    events = []
+    if gclog is not None:
+        gclog.events, gclog.on = events, True
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -96,38 +102,35 @@ def one_step(runner, clock, ids, pos, amp, gclog) -> dict:
         end.record()
     _sync(device)
     t4 = time.perf_counter()
-    gclog.on = False
+    if gclog is not None:
+        gclog.on = False
     clip = clock.seconds if clock is not None else 0.0
     row = {"forward": t1 - t0, "backward": t2 - t1, "clipper": clip, "step": t3 - t2,
-           "tail": t4 - t3, "gc": sum(s for _, s in gclog.events)}
+           "tail": t4 - t3, "gc": sum(s for _, s in events)}
     row = {k: v * 1e3 for k, v in row.items()}
     row["gpu"] = start.elapsed_time(end) if device == "cuda" else (t4 - t0) * 1e3
-    row["gc_by_gen"] = collections.Counter(g for g, _ in gclog.events)
+    row["gc_by_gen"] = collections.Counter(g for g, _ in events)
     return row
 
 
 def op_counts(runner, ids, pos, amp) -> dict:
-    """{phase: number of aten ops} of one step (forward, backward incl. clipper, step)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
+    """{phase: number of aten ops} of one step (forward, backward with the clipper, optimizer
+    step), counted by tests/opcount.count_launches (launching ops and views together)."""
+    from tests.opcount import count_launches
     out = {}
-    with Count():
+    with count_launches() as c:
         with amp:
             loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
-        out["forward"], Count.n = Count.n, 0
+    out["forward"] = c
+    with count_launches() as c:
         loss.backward()
-        out["backward"], Count.n = Count.n, 0
+    out["backward"] = c
+    with count_launches() as c:
         runner.opt.step()
         runner.opt.zero_grad(set_to_none=True)
-        out["step"] = Count.n
+    out["step"] = c
     _sync(ids.device.type)
-    return out
+    return {k: c.aten + c.views for k, c in out.items()}
 
 
 def summary(rows: list) -> dict:
@@ -156,12 +159,13 @@ def main(argv=None) -> dict:
     cfg = llama_config(args.tiny)
     cases = _parse_cases(args.cases)
     gclog = _GcLog()
-    report = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "gc": args.gc,
-              "rounds": args.rounds, "cases": []}
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    report = {"gpu": gpu, "torch": torch.__version__, "gc": args.gc, "rounds": args.rounds,
+              "cases": []}
     modes = ("nonprivate", "dpkern")
     runners = {m: Runner(cfg, args.device, m, args, expected_bsz=cases[0][0])
                for m in modes}
-    clocks = {m: _clipper_clock(r) for m, r in runners.items()}
+    clocks = {m: clipper_clock(r.model) for m, r in runners.items()}
     try:
         for prec in args.precisions.split(","):
             for bsz, seq in cases:

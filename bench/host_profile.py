@@ -12,33 +12,22 @@ import cProfile
 import io
 import pstats
 import statistics
-import time
 
 import torch
 
 from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
+from bench.host_phases import one_step
 
 
 def phases(runner, ids, pos, amp, steps) -> dict:
     """Median host ms of forward, backward and optimizer step (no synchronisation inside a step,
-    so each number is the time to issue that phase's work)."""
-    out = {"forward": [], "backward": [], "step": [], "total": []}
-    for _ in range(steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with amp:
-            loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        runner.opt.step()
-        runner.opt.zero_grad(set_to_none=True)
-        t3 = time.perf_counter()
-        torch.cuda.synchronize()
-        t4 = time.perf_counter()
-        for k, v in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t0)):
-            out[k].append(v * 1e3)
-    return {k: statistics.median(v) for k, v in out.items()}
+    so each number is the time to issue that phase's work; host_phases.one_step) and of the
+    whole synchronised step."""
+    rows = [one_step(runner, None, ids, pos, amp) for _ in range(steps)]
+    for r in rows:
+        r["total"] = r["forward"] + r["backward"] + r["step"] + r["tail"]
+    return {k: statistics.median(r[k] for r in rows) for k in ("forward", "backward", "step",
+                                                                "total")}
 
 
 def sync_sites(runner, ids, pos, amp, steps=2) -> list:
