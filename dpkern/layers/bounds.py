@@ -43,12 +43,17 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=2, dtype=torch.float32)
 
 
-def _sqrt_q(use, linear_sums: dict) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
+def _sqrt_q(use, linear_sums: dict, row_norms: dict | None = None
+            ) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
     """(s, f, (T, d, p)): s (B,) fp64 with f·s a bound on sqrt(Q_i) for one use (f a float the
-    caller applies, so that one multiply serves every parameter), and (T, d, p) for η and β."""
+    caller applies, so that one multiply serves every parameter), and (T, d, p) for η and β.
+    row_norms: {id(use): s} of PerSampleUses whose norms were taken per width (PerSampleRows)."""
     if isinstance(use, PerSampleUse):
         flat = use.grads.reshape(use.grads.shape[0], -1)
-        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64), 1.0, (1, flat.shape[1], 1)
+        s = row_norms.get(id(use)) if row_norms else None
+        if s is None:
+            s = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+        return s, 1.0, (1, flat.shape[1], 1)
     if isinstance(use, EmbeddingUse):
         bsz, seq, d = use.g.shape
         rows = _row_norms(use.g)
@@ -109,19 +114,13 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,
     linear_sums = _linear_sums(uses_by_param, params, backend)
     sqs, facs, etas, betas = [], [], [], []
     mode = fp32_mode(norms_sq[0].device)
-    row_norms = rows.norms64() if rows is not None else {}
+    row_norms = None
+    if rows is not None:  # one PerSampleUse each: their norms per width
+        row_norms = {id(uses_by_param[p][0]): s for p, s in rows.norms64().items()}
     for p, n2 in zip(params, norms_sq):
-        s = row_norms.get(p)
-        if s is not None:  # one PerSampleUse: as _sqrt_q, from the stacked rows
-            sqs.append(s)
-            facs.append(1.0)
-            eta, beta = _error_terms(1, uses_by_param[p][0].grads[0].numel(), 1, mode)
-            etas.append(eta)
-            betas.append(beta)
-            continue
         parts, seq, d, w = [], 0, 1, 1
         for u in uses_by_param[p]:
-            s, f, (t_u, d_u, p_u) = _sqrt_q(u, linear_sums)
+            s, f, (t_u, d_u, p_u) = _sqrt_q(u, linear_sums, row_norms)
             parts.append((s, f))
             seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
         if len(parts) == 1:
