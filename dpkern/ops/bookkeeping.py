@@ -14,9 +14,11 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import (FLOAT_DTYPES, call_resolver, check_device, check_same,
-                                   check_shared_input, check_tensor, exact_fp32_matmul, fp32_mode,
-                                   groupable, layout_key, operand, sample_chunks)
+from dpkern.ops import _persample
+from dpkern.ops._persample import (FLOAT_DTYPES, PlanCache, call_resolver, check_device,
+                                   check_same, check_shared_input, check_tensor,
+                                   exact_fp32_matmul, fp32_mode, groupable, layout_key,
+                                   layout_sig, operand, plan_key, sample_chunks)
 
 _IMPLEMENTED = ("triton", "torch")
 _fp32_mode = fp32_mode  # the parameter of the same name shadows it inside bookkeeping_wgrad
@@ -256,21 +258,11 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
     op = "bookkeeping_wgrad_grouped"
     if not isinstance(items, list):
         raise TypeError(f"{op}: items must be a list of (a, g, scale, out, accumulate)")
-    units: dict = {}  # key -> item indices; a key of ("one", i) runs item i alone
     resolve = call_resolver(op, backend, fp32_mode, _IMPLEMENTED)
-    for i, (a, g, scale, dst, acc) in enumerate(items):
-        _check_wgrad(op, a, g, scale, dst)
-        be, mode = resolve(a.device)
-        kmajor = _kmajor_wanted(a, g, mode)
-        if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype
-                or (kmajor and not (_prerounds(mode)
-                                    and (a.numel() + g.numel()) * 4 <= KMAJOR_BYTES))
-                or not groupable(a, g, scale, *([dst] if dst is not None else []))):
-            units[("one", i)] = [i]
-            continue
-        res = (dst.shape, dst.stride(), dst.dtype) if dst is not None else None
-        key = (layout_key(a), layout_key(g), res, bool(acc and dst is not None), mode, kmajor)
-        units.setdefault(key, []).append(i)
+    sig, devices = _items_sig(items)
+    units = _PLANS.get(plan_key(sig, resolve, devices, _persample.GROUP_MAX_TOKENS, KMAJOR_BYTES,
+                                KMAJOR_DEVICES, PREROUND),
+                       lambda: _plan(op, items, resolve))
     out: list = [None] * len(items)
     shared: dict = {}  # fp32 K-major copy of the last input, for the next layer that reads it
     for key, idx in units.items():  # in order of first appearance
@@ -299,6 +291,41 @@ def bookkeeping_wgrad_grouped(items: list, *, backend: str | None = None,
                     items[i] = None
             inputs = None
     return out
+
+
+_PLANS = PlanCache()
+
+
+def _items_sig(items: list):
+    """(sig, devices) of bookkeeping_wgrad_grouped's items for its PlanCache, or (None, None)."""
+    try:
+        sig = tuple((layout_sig(a), layout_sig(g), layout_sig(s),
+                     None if dst is None else layout_sig(dst), bool(acc))
+                    for a, g, s, dst, acc in items)
+        return sig, {s[0][4] for s in sig}
+    except Exception:  # not a tensor, or not a 5-tuple (the plan's checks name it)
+        return None, None
+
+
+def _plan(op: str, items: list, resolve) -> dict:
+    """bookkeeping_wgrad_grouped's plan, after checking every item: {key: item indices} in order
+    of first appearance, key (a layout, g layout, result layout, accumulate, mode, K-major) for
+    one grouped launch, ("one", i) for item i alone."""
+    units: dict = {}
+    for i, (a, g, scale, dst, acc) in enumerate(items):
+        _check_wgrad(op, a, g, scale, dst)
+        be, mode = resolve(a.device)
+        kmajor = _kmajor_wanted(a, g, mode)
+        if (be != "triton" or a.shape[0] * a.shape[1] == 0 or a.dtype != g.dtype
+                or (kmajor and not (_prerounds(mode)
+                                    and (a.numel() + g.numel()) * 4 <= KMAJOR_BYTES))
+                or not groupable(a, g, scale, *([dst] if dst is not None else []))):
+            units[("one", i)] = [i]
+            continue
+        res = (dst.shape, dst.stride(), dst.dtype) if dst is not None else None
+        key = (layout_key(a), layout_key(g), res, bool(acc and dst is not None), mode, kmajor)
+        units.setdefault(key, []).append(i)
+    return units
 
 
 def bookkeeping_bias(g: torch.Tensor, scale: torch.Tensor, *, out=None, accumulate: bool = False,

@@ -22,9 +22,10 @@ import torch
 
 from dpkern import _alloc
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import (call_resolver, check_shared_input, check_tensor,
+from dpkern.ops import _persample
+from dpkern.ops._persample import (PlanCache, call_resolver, check_shared_input, check_tensor,
                                    exact_fp32_matmul, fp32_mode, groupable, layout_key, operand,
-                                   sample_chunks)
+                                   plan_key, sample_chunks, shared_items_sig)
 
 METHODS = ("auto", "ghost", "instantiate")
 _IMPLEMENTED = ("triton", "torch")
@@ -146,12 +147,39 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
     op = "linear_norm_sq_grouped"
     if not isinstance(items, (list, tuple)):
         raise TypeError(f"{op}: items must be a list of (a, gs) pairs")
+    resolve = call_resolver(op, backend, fp32_mode, _IMPLEMENTED)
+    sig, devices = shared_items_sig(items)
+    units = _PLANS.get(plan_key(sig, resolve, devices, _persample.GROUP_MAX_TOKENS),
+                       lambda: _plan(op, items, resolve))
+    out: list = [None] * len(items)
+    for mode, idx in units:
+        if mode is None:  # run alone
+            a, gs = items[idx[0]]
+            out[idx[0]] = linear_norm_sq_shared(a, list(gs), backend=backend, fp32_mode=fp32_mode)
+            continue
+        a0, gs0 = items[idx[0]]
+        if len(idx) == 1:
+            out[idx[0]] = linear_norm_sq_shared(a0, list(gs0), method="ghost", backend="triton",
+                                                fp32_mode=mode)
+            continue
+        from dpkern.kernels.ghost_norm import ghost_norm_grouped_fwd
+        res = _alloc.empty(len(idx), len(gs0), a0.shape[0], dtype=torch.float32, device=a0.device)
+        ghost_norm_grouped_fwd([items[i][0] for i in idx], [list(items[i][1]) for i in idx], res,
+                               empty=_alloc.empty, fp32_mode=mode)
+        for i, r in zip(idx, res.unbind(0)):
+            out[i] = list(r.unbind(0))
+    return out
+
+
+_PLANS = PlanCache()
+
+
+def _plan(op: str, items: list, resolve) -> list:
+    """linear_norm_sq_grouped's plan, after checking every item: [(mode, item indices)], one
+    grouped ghost launch per entry; mode None: the item runs alone."""
     for a, gs in items:
         check_shared_input(op, a, gs)
-    items = [(a, list(gs)) for a, gs in items]
-    out: list = [None] * len(items)
-    buckets: dict = {}
-    resolve = call_resolver(op, backend, fp32_mode, _IMPLEMENTED)
+    units, buckets = [], {}
     for i, (a, gs) in enumerate(items):
         be, mode = resolve(a.device)
         bsz, seq, d = a.shape
@@ -160,21 +188,9 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
                 and choose_method(seq, d, [g.shape[2] for g in gs], be) == "ghost"):
             key = (layout_key(a), tuple(layout_key(g) for g in gs), mode)
             buckets.setdefault(key, []).append(i)
-            continue
-        out[i] = linear_norm_sq_shared(a, gs, backend=backend, fp32_mode=fp32_mode)
-    for (_, _, mode), idx in buckets.items():
-        a0, gs0 = items[idx[0]]
-        if len(idx) == 1:
-            out[idx[0]] = linear_norm_sq_shared(a0, gs0, method="ghost", backend="triton",
-                                                fp32_mode=mode)
-            continue
-        from dpkern.kernels.ghost_norm import ghost_norm_grouped_fwd
-        res = _alloc.empty(len(idx), len(gs0), a0.shape[0], dtype=torch.float32, device=a0.device)
-        ghost_norm_grouped_fwd([items[i][0] for i in idx], [items[i][1] for i in idx], res,
-                               empty=_alloc.empty, fp32_mode=mode)
-        for i, r in zip(idx, res.unbind(0)):
-            out[i] = list(r.unbind(0))
-    return out
+        else:
+            units.append((None, [i]))
+    return units + [(key[2], idx) for key, idx in buckets.items()]
 
 
 def linear_norm_sq(a: torch.Tensor, g: torch.Tensor, *, method: str = "auto",

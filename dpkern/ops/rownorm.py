@@ -6,7 +6,9 @@ import torch
 from dpkern import _alloc
 from dpkern._ext import require_cuda_ext
 from dpkern.backend import resolve_backend
-from dpkern.ops._persample import call_resolver, check_shared_input, groupable, layout_key
+from dpkern.ops import _persample
+from dpkern.ops._persample import (PlanCache, call_resolver, check_shared_input, groupable,
+                                   layout_key, plan_key, shared_items_sig)
 from dpkern.reference.rownorm import rownorm_sq_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,19 +140,16 @@ def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
     op = "row_norm_dots_grouped"
     if not isinstance(items, (list, tuple)):
         raise TypeError(f"{op}: items must be a list of (a, gs) pairs")
-    out: list = [None] * len(items)
-    buckets: dict = {}
     resolve = call_resolver(op, backend, with_mode=False)
-    for i, (a, gs) in enumerate(items):
-        check_shared_input(op, a, gs)
-        be = resolve(a.device)[0]
-        if (be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs)
-                and groupable(a, *gs)):
-            key = (layout_key(a), tuple(layout_key(g) for g in gs))
-            buckets.setdefault(key, []).append(i)
-        else:
-            out[i] = row_norm_dots(a, gs, backend=backend)
-    for idx in buckets.values():
+    sig, devices = shared_items_sig(items)
+    units = _PLANS.get(plan_key(sig, resolve, devices, _persample.GROUP_MAX_TOKENS),
+                       lambda: _plan(op, items, resolve))
+    out: list = [None] * len(items)
+    for grouped, idx in units:
+        if not grouped:
+            a, gs = items[idx[0]]
+            out[idx[0]] = row_norm_dots(a, gs, backend=backend)
+            continue
         from dpkern.kernels.row_norm_dots import row_norm_dots_grouped_fwd
         a0, gs0 = items[idx[0]]
         res = _alloc.empty(len(idx), len(gs0), a0.shape[0], dtype=torch.float64,
@@ -160,3 +159,22 @@ def row_norm_dots_grouped(items: list, *, backend: str | None = None) -> list:
         for i, r in zip(idx, res.unbind(0)):
             out[i] = r
     return out
+
+
+_PLANS = PlanCache()
+
+
+def _plan(op: str, items: list, resolve) -> list:
+    """row_norm_dots_grouped's plan, after checking every item: [(grouped, item indices)], one
+    grouped launch per grouped entry, the others one item each."""
+    units, buckets = [], {}
+    for i, (a, gs) in enumerate(items):
+        check_shared_input(op, a, gs)
+        be = resolve(a.device)[0]
+        if (be == "triton" and a.shape[0] * a.shape[1] > 0 and all(g.dtype == a.dtype for g in gs)
+                and groupable(a, *gs)):
+            key = (layout_key(a), tuple(layout_key(g) for g in gs))
+            buckets.setdefault(key, []).append(i)
+        else:
+            units.append((False, [i]))
+    return units + [(True, idx) for idx in buckets.values()]
