@@ -298,8 +298,15 @@ _PLANS = PlanCache()
 
 def _items_sig(items: list):
     """(sig, devices) of bookkeeping_wgrad_grouped's items for its PlanCache, or (None, None)."""
+    seen: dict = {}  # layers share inputs (q/k/v) and scales (flat clipping): one sig each
+
+    def sig_of(x):
+        hit = seen.get(id(x))
+        if hit is None:
+            hit = seen[id(x)] = layout_sig(x)
+        return hit
     try:
-        sig = tuple((layout_sig(a), layout_sig(g), layout_sig(s),
+        sig = tuple((sig_of(a), layout_sig(g), sig_of(s),
                      None if dst is None else layout_sig(dst), bool(acc))
                     for a, g, s, dst, acc in items)
         return sig, {s[0][4] for s in sig}
