@@ -22,6 +22,7 @@ import time
 import torch
 
 from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
+from dpkern.ops._persample import PlanCache
 
 PHASES = ("forward", "backward", "clipper", "step", "tail", "gpu", "gc")
 
@@ -154,6 +155,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="host_phases.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="2-layer model (tests)")
+    ap.add_argument("--plan-cache-ab", action="store_true",
+                    help="also time the dpkern step with the grouped ops' plan cache off "
+                         "(mode dpkern-noplan: the same model, planning every backward)")
     args = ap.parse_args(argv)
     args.backend, args.sigma, args.clip = "triton", 1.0, 1.0
     cfg = llama_config(args.tiny)
@@ -162,10 +166,12 @@ def main(argv=None) -> dict:
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {"gpu": gpu, "torch": torch.__version__, "gc": args.gc, "rounds": args.rounds,
               "cases": []}
-    modes = ("nonprivate", "dpkern")
+    modes = ("nonprivate", "dpkern") + (("dpkern-noplan",) if args.plan_cache_ab else ())
     runners = {m: Runner(cfg, args.device, m, args, expected_bsz=cases[0][0])
-               for m in modes}
+               for m in modes[:2]}
     clocks = {m: clipper_clock(r.model) for m, r in runners.items()}
+    if args.plan_cache_ab:
+        runners["dpkern-noplan"], clocks["dpkern-noplan"] = runners["dpkern"], clocks["dpkern"]
     try:
         for prec in args.precisions.split(","):
             for bsz, seq in cases:
@@ -180,29 +186,39 @@ def main(argv=None) -> dict:
                 rows = {m: [] for m in modes}
                 for i in range(args.rounds):
                     for m in (modes if i % 2 == 0 else modes[::-1]):
-                        rows[m].append(one_step(runners[m], clocks[m], ids, pos, amp, gclog))
+                        PlanCache.enabled = m != "dpkern-noplan"
+                        try:
+                            rows[m].append(one_step(runners[m], clocks[m], ids, pos, amp, gclog))
+                        finally:
+                            PlanCache.enabled = True
                 if args.gc == "freeze":
                     gc.unfreeze()
                 s = {m: summary(rows[m]) for m in modes}
-                paired = [d["gpu"] / n["gpu"] for n, d in zip(rows["nonprivate"], rows["dpkern"])]
+                paired = {m: statistics.median(d["gpu"] / n["gpu"] for n, d in
+                                               zip(rows["nonprivate"], rows[m]))
+                          for m in modes[1:]}
                 entry = {"B": bsz, "T": seq, "precision": prec, "ops": ops, "summary": s,
                          "ratio_of_medians": s["dpkern"]["gpu"] / s["nonprivate"]["gpu"],
-                         "paired_ratio_median": statistics.median(paired),
+                         "paired_ratio_median": paired["dpkern"],
                          "rows": {m: [{k: v for k, v in r.items() if k != "gc_by_gen"}
                                       | {"gc_by_gen": dict(r["gc_by_gen"])} for r in rows[m]]
                                   for m in modes}}
+                if args.plan_cache_ab:
+                    entry["paired_ratio_median_noplan"] = paired["dpkern-noplan"]
                 report["cases"].append(entry)
                 print(f"{prec} {bsz}x{seq}: dpkern/nonprivate {entry['ratio_of_medians']:.3f} "
-                      f"(paired {entry['paired_ratio_median']:.3f})", flush=True)
+                      f"(paired {entry['paired_ratio_median']:.3f}"
+                      + (f"; plan cache off: paired {paired['dpkern-noplan']:.3f}"
+                         if args.plan_cache_ab else "") + ")", flush=True)
                 for m in modes:
                     x = s[m]
-                    print(f"  {m:<10} step {x['gpu']:6.1f}  fwd {x['forward']:5.1f}  bwd "
+                    print(f"  {m:<13} step {x['gpu']:6.1f}  fwd {x['forward']:5.1f}  bwd "
                           f"{x['backward']:5.1f} (clipper {x['clipper']:5.1f})  opt {x['step']:4.1f}"
                           f"  tail {x['tail']:5.1f}  gc {x['gc']:4.1f} ms, {x['gc_per_step']} per "
                           f"step  ops {ops[m]}", flush=True)
     finally:
         gclog.close()
-        for r in runners.values():
+        for r in {id(r): r for r in runners.values()}.values():
             r.close()
         free(args.device)
     with open(args.out, "w") as f:

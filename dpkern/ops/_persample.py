@@ -56,6 +56,10 @@ class PlanCache:
     item the key cannot describe (not a tensor) gives no key and is planned, and refused, from
     scratch."""
 
+    # False: every call plans from scratch (DPKERN_PLAN_CACHE=0; bench/host_phases.py
+    # --plan-cache-ab times a step both ways in one process)
+    enabled = os.environ.get("DPKERN_PLAN_CACHE", "1") != "0"
+
     def __init__(self, size: int = 32):
         self.size = size
         self._plans: dict = {}
@@ -63,6 +67,8 @@ class PlanCache:
 
     def get(self, key, build):
         """The plan stored under `key`, else build() (stored unless key is None)."""
+        if not PlanCache.enabled:
+            key = None
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
             plan = build()

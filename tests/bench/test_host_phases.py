@@ -23,3 +23,23 @@ def test_host_phases_tiny_cpu(tmp_path):
             ops = case["ops"][mode]
             assert ops["forward"] > 0 and ops["backward"] > 0 and ops["step"] > 0, ops
         assert case["ratio_of_medians"] > 0 and case["paired_ratio_median"] > 0
+
+
+def test_host_phases_plan_cache_ab(tmp_path, monkeypatch):
+    """--plan-cache-ab: a third mode steps the dpkern model with the plan cache off (and only
+    that mode: the cache is on again for the others)."""
+    from dpkern.ops import _persample
+    seen = []
+    real = host_phases.one_step
+
+    def spy(runner, clock, *args, **kw):
+        seen.append(_persample.PlanCache.enabled)
+        return real(runner, clock, *args, **kw)
+    monkeypatch.setattr(host_phases, "one_step", spy)
+    rep = host_phases.main(["--tiny", "--device", "cpu", "--cases", "2x8", "--precisions",
+                            "fp32", "--rounds", "2", "--warmup", "1", "--plan-cache-ab",
+                            "--out", str(tmp_path / "p.json")])
+    case = rep["cases"][0]
+    assert len(case["rows"]["dpkern-noplan"]) == 2 and case["paired_ratio_median_noplan"] > 0
+    assert all(r["clipper"] > 0 for r in case["rows"]["dpkern-noplan"])
+    assert seen.count(False) == 2 and len(seen) == 6 and _persample.PlanCache.enabled

@@ -158,3 +158,11 @@ def test_plan_cache_bounded_and_keyless_items_not_stored():
     assert len(built) == 2 and None not in cache._plans
     assert persample.shared_items_sig([(1, [2])]) == (None, None)
     assert persample.shared_items_sig([(torch.ones(1, 1, 1), torch.ones(1, 1, 1))]) == (None, None)
+
+
+def test_plan_cache_off_plans_every_call(monkeypatch):
+    monkeypatch.setattr(persample.PlanCache, "enabled", False)
+    cache, built = persample.PlanCache(), []
+    for _ in range(2):
+        assert cache.get("k", lambda: built.append(1) or ["plan"]) == ["plan"]
+    assert len(built) == 2 and not cache._plans
