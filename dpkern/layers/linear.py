@@ -31,7 +31,9 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         site = ctx.site
-        gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
+        gx = None
+        if ctx.needs_input_grad[0]:  # (.to on a Parameter is slow even when it returns it)
+            gx = gy.matmul(weight if weight.dtype == gy.dtype else weight.to(gy.dtype))
         g = as_bt(gy, "grad_output", site.path)
         if site.wants("weight"):
             a = site.tape.shared_input(ctx.token, as_bt(x, "input", site.path).to(g.dtype))
@@ -55,7 +57,9 @@ class _Conv1DFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         site = ctx.site
-        gx = gy.matmul(weight.to(gy.dtype).t()) if ctx.needs_input_grad[0] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gy.matmul((weight if weight.dtype == gy.dtype else weight.to(gy.dtype)).t())
         g = as_bt(gy, "grad_output", site.path)
         if site.wants("weight"):  # weight (d, p): gradient Σ_t x_tᵀ g_t, a LinearUse with roles swapped
             site.record("weight", LinearUse(g, as_bt(x, "input", site.path).to(g.dtype), site.path))
@@ -67,6 +71,9 @@ _linear_apply = function_apply(_LinearFn)
 _conv1d_apply = function_apply(_Conv1DFn)
 
 
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, the input (or weight) as the matmul will see it (cast once, here): the tape
     then keeps the low-precision copy that autocast itself would save, not the fp32 input, and the
@@ -74,6 +81,8 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     to cast every weight again there: 113 more casts per step of the 1B Llama). Layers reading one
     input (q/k/v) each cast it, as autocast does; `GradTape.cast_token` names the casts of one
     tensor so that the tape keeps one of them and the norms share its Gram."""
+    if not _any_autocast():  # the common case, without reading x's device (slow on a Parameter)
+        return x
     dev = x.device.type
     if x.is_floating_point() and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)

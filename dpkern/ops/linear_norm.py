@@ -166,8 +166,9 @@ def linear_norm_sq_grouped(items: list, *, backend: str | None = None,
         res = _alloc.empty(len(idx), len(gs0), a0.shape[0], dtype=torch.float32, device=a0.device)
         ghost_norm_grouped_fwd([items[i][0] for i in idx], [list(items[i][1]) for i in idx], res,
                                empty=_alloc.empty, fp32_mode=mode)
-        for i, r in zip(idx, res.unbind(0)):
-            out[i] = list(r.unbind(0))
+        flat, k = res.view(-1, a0.shape[0]).unbind(0), len(gs0)  # one unbind for the launch
+        for j, i in enumerate(idx):
+            out[i] = list(flat[j * k:(j + 1) * k])
     return out
 
 
