@@ -71,7 +71,9 @@ _linear_apply = function_apply(_LinearFn)
 _conv1d_apply = function_apply(_Conv1DFn)
 
 
-_any_autocast = torch._C._is_any_autocast_enabled
+# Whether autocast is on for any device type (one C call; torch.utils.checkpoint uses it too). A
+# torch without it gets the full check on every call.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
