@@ -161,22 +161,30 @@ class _Clipper:
             if each:
                 opt.param_summed(p)
         p_uses = None  # the grouped book-keeping frees each group's inputs once it is issued
-        if row_scales:
-            # non-finite samples contribute exact zeros (rows.bookkeep), as zero_samples gives
-            accs, adds = [], []
-            for p, x in rows.bookkeep(row_scales, finite).items():
-                acc = opt.summed.get(p)
-                if acc is None:
-                    opt.summed[p] = x
-                else:  # a second backward before the step (gradient accumulation)
-                    accs.append(acc)
-                    adds.append(x.to(acc.dtype))
-            if accs:
-                torch._foreach_add_(accs, adds)
+        self._bookkeep_rows(rows, row_scales, finite)
         rows = None
         sums = bookkeeping_wgrad_grouped(linear, backend=self.backend, consume=True)
         opt.summed.update(zip(linear_params, sums))
         opt.note_backward(bsz, n_bad)
+
+    def _bookkeep_rows(self, rows: PerSampleRows | None, row_scales: dict,
+                       finite: torch.Tensor) -> None:
+        """The sums of the parameters held in `rows` (scales by parameter) into the optimizer's
+        accumulators, per width; non-finite samples contribute exact zeros (rows.bookkeep), as
+        zero_samples gives."""
+        if not row_scales:
+            return
+        opt = self.optimizer
+        accs, adds = [], []
+        for p, x in rows.bookkeep(row_scales, finite).items():
+            acc = opt.summed.get(p)
+            if acc is None:
+                opt.summed[p] = x
+            else:  # a second backward before the step (gradient accumulation)
+                accs.append(acc)
+                adds.append(x.to(acc.dtype))
+        if accs:
+            torch._foreach_add_(accs, adds)
 
     def _single_sample(self, uses: dict, params: list) -> None:
         """B = 1: the per-sample gradient is the batch gradient. Form it once (`_one_gradient`: a

@@ -33,8 +33,8 @@ from dpkern import engine as _engine_mod
 from dpkern.engine import PrivacyEngine, _Clipper, _LastClip
 from dpkern.layers import unwrap_model
 from dpkern.layers.bounds import release_bounds
-from dpkern.layers.uses import (LinearUse, PerSampleUse, batch_size, bookkeep, norms_sq,
-                               scaled_row_sums, stacked)
+from dpkern.layers.uses import (LinearUse, PerSampleRows, batch_size, bookkeep, norms_sq,
+                               stacked)
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_grouped_
@@ -136,8 +136,11 @@ class _SubspaceClipper(_Clipper):
         s = float(bsz) if self.loss_reduction == "mean" else 1.0
         full = [p for p in params if p not in proj]
         sub = [p for p in params if p in proj]
+        # norm weights and biases this optimizer releases: bounds and sums per width, as the engine
+        rows = PerSampleRows(uses, [p for p in full if p in opt.params])
         n_full = norms_sq(uses, full, backend=self.backend) if full else []
-        b_full = release_bounds(uses, full, n_full, backend=self.backend) if full else []
+        b_full = (release_bounds(uses, full, n_full, backend=self.backend, rows=rows)
+                  if full else [])
         if s != 1.0:
             b_full = [u * s for u in b_full]
         by_p = dict(zip(full, zip(n_full, b_full)))
@@ -169,17 +172,15 @@ class _SubspaceClipper(_Clipper):
             # a non-finite sample has factor 0, and 0·NaN = NaN: its coordinates are zeroed first
             s64 = torch.where(finite.view(1, -1, 1, 1), s64, 0.0)
             opt.add_sub_sums(ps, torch.einsum("lb,lbrs->lrs", sc, s64))  # fp64 (L, ru, rv)
-        per_sample: dict = {}  # first sums of one-per-sample-use parameters: grouped by size
+        row_scales = {}  # parameters held in `rows`: book-kept per width
         for p, c in zip(params, factors):
             if p in proj:
                 continue
             p_uses = uses.pop(p)
             if p not in opt.params:
                 continue
-            if (len(p_uses) == 1 and isinstance(p_uses[0], PerSampleUse) and p not in opt.summed
-                    and p.dtype != torch.float64 and p_uses[0].grads.dtype == torch.float32):
-                g = p_uses[0].grads
-                per_sample.setdefault((g[0].numel(), g.device), []).append((p, g, scales[id(c)]))
+            if p in rows:
+                row_scales[p] = scales[id(c)]
                 continue
             # as the engine: book-keeping gives a scale-0 Linear sample nothing; other uses are
             # zeroed (0·NaN = NaN), always, so the control flow does not depend on the data
@@ -188,13 +189,7 @@ class _SubspaceClipper(_Clipper):
             if acc is None and not isinstance(p_uses[0], LinearUse):
                 acc = opt.accumulator(p)
             opt.summed[p] = bookkeep(p_uses, scales[id(c)], acc, backend=self.backend)
-        for (n, _), items in per_sample.items():
-            # Σ_i c_i g_i of L parameters at once, in fp32 elementwise ops as bookkeep's (never
-            # a matmul: TF32); non-finite samples give zeros (0·NaN = NaN)
-            g = torch.stack([x[1].reshape(bsz, n) for x in items])
-            sums = scaled_row_sums(g, stacked([x[2] for x in items], torch.float32), finite)
-            for (p, _, _), acc in zip(items, sums.unbind(0)):
-                opt.summed[p] = acc.view(p.shape)
+        self._bookkeep_rows(rows, row_scales, finite)
         opt.note_backward(bsz, n_bad)
 
 
