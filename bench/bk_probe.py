@@ -9,7 +9,9 @@ every config of `configs()` (the default heuristic first) and torch.matmul of th
 read and written; each checked bit for bit against kmajor_tf32_copy). `bit_identical` says whether
 a config's sum equals the default config's (another token step sums in another order: equal up to
 fp32 rounding, not bit for bit). --variants adds, in bf16, two diagnostic twins of the kernel:
-the plain GEMM (no per-sample scale) and the loop-per-sample form. Prints a table; --out: JSON.
+the plain GEMM (no per-sample scale) and the loop-per-sample form. --boundary adds, in bf16, TMA
+twins of the per-sample boundary: the next sample's scale loaded ahead, and tiles small enough
+for two fp32 accumulators without spilling. Prints a table; --out: JSON.
 """
 from __future__ import annotations
 
@@ -88,14 +90,18 @@ def time_variant(a, g, s, nested, bt, warps=8, stages=3):
 @triton.jit
 def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
                 SCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr, WS: tl.constexpr):
+                BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr, WS: tl.constexpr,
+                PREFETCH: tl.constexpr):
     """TMA twin (16-bit, T a multiple of BLOCK_T, contiguous (B·T, n) operands, one layer): the
     tiles come by tensor-memory-access descriptors instead of per-thread cp.async; SCALE=False is
-    the plain GEMM. WS asks Triton for warp specialisation (3.6 ignores it on sm_90)."""
+    the plain GEMM. WS asks Triton for warp specialisation (3.6 ignores it on sm_90). PREFETCH:
+    the next sample's scale is loaded at each sample boundary (a loop-carried scalar), so the
+    boundary does not wait on a global load."""
     i_p, i_d = kb.grouped_tile(tl.program_id(0), p, d, BLOCK_P, BLOCK_D, GROUP_P)
     b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     n_tt = seq // BLOCK_T
+    s_cur = tl.load(scale_ptr)
     for k in tl.range(0, batch * n_tt, warp_specialize=WS):
         i = k // n_tt
         j = k - i * n_tt
@@ -105,7 +111,11 @@ def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
         if SCALE:
             b_gi = tl.dot(b_g.T, b_a, b_gi)
             if j == n_tt - 1:
-                scale_i = tl.load(scale_ptr + i)
+                if PREFETCH:
+                    scale_i = s_cur
+                    s_cur = tl.load(scale_ptr + tl.minimum(i + 1, batch - 1))
+                else:
+                    scale_i = tl.load(scale_ptr + i)
                 b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
                 b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         else:
@@ -116,21 +126,21 @@ def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
              mask=(o_p < p)[:, None] & (o_d < d)[None, :])
 
 
-def time_tma(a, g, s, scale, bt, stages=3, ws=False):
+def time_tma(a, g, s, scale, bt, stages=3, ws=False, bp=128, bd=128, warps=8, prefetch=False):
     """ms of the TMA twin, and whether its sum equals bookkeeping_fwd's at the same token step."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     bsz, seq, d = a.shape
     p = g.shape[2]
     a2, g2 = a.reshape(-1, d), g.reshape(-1, p)
-    a_desc = TensorDescriptor(a2, list(a2.shape), list(a2.stride()), [bt, 128])
-    g_desc = TensorDescriptor(g2, list(g2.shape), list(g2.stride()), [bt, 128])
+    a_desc = TensorDescriptor(a2, list(a2.shape), list(a2.stride()), [bt, bd])
+    g_desc = TensorDescriptor(g2, list(g2.shape), list(g2.stride()), [bt, bp])
     w = torch.empty(p, d, device=a.device)
-    grid = (triton.cdiv(p, 128) * triton.cdiv(d, 128),)
+    grid = (triton.cdiv(p, bp) * triton.cdiv(d, bd),)
 
     def run():
-        _tma_kernel[grid](a_desc, g_desc, s, w, bsz, seq, d, p, SCALE=scale, BLOCK_P=128,
-                          BLOCK_D=128, BLOCK_T=bt, GROUP_P=8, WS=ws, num_warps=8,
-                          num_stages=stages)
+        _tma_kernel[grid](a_desc, g_desc, s, w, bsz, seq, d, p, SCALE=scale, BLOCK_P=bp,
+                          BLOCK_D=bd, BLOCK_T=bt, GROUP_P=8, WS=ws, PREFETCH=prefetch,
+                          num_warps=warps, num_stages=stages)
     run()
     same = None
     if scale:
@@ -138,6 +148,19 @@ def time_tma(a, g, s, scale, bt, stages=3, ws=False):
         kb.bookkeeping_fwd(a, g, s, ref, False, kb.BookkeepingConfig(128, 128, bt, 8, 8, stages))
         same = bool(torch.equal(ref, w))
     return triton.testing.do_bench(run, warmup=10, rep=40), same
+
+
+def boundary_variants():
+    """(name, time_tma kwargs): the per-sample boundary's cost, at the default 128x256x64 tile and
+    at tiles small enough for two per-sample accumulators without spilling (several CTAs per SM)."""
+    out = [("plain 128x256x64 w8 s3", dict(scale=False, bt=64, bp=128, bd=256))]
+    for bp, bd, warps, stages in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 256, 4, 3),
+                                  (64, 128, 4, 4), (64, 128, 4, 3)):
+        for pf in (False, True):
+            out.append((f"scaled{' prefetch' if pf else ''} {bp}x{bd}x64 w{warps} s{stages}",
+                        dict(scale=True, bt=64, bp=bp, bd=bd, warps=warps, stages=stages,
+                             prefetch=pf)))
+    return out
 
 
 def copy_variants():
@@ -169,6 +192,8 @@ def main() -> None:
     ap.add_argument("--no-copy", action="store_true", help="skip the K-major copy timings")
     ap.add_argument("--tma", action="store_true", help="bf16: the TMA twins too")
     ap.add_argument("--no-configs", action="store_true", help="skip the config sweep")
+    ap.add_argument("--boundary", action="store_true",
+                    help="bf16: TMA twins of the per-sample boundary (scale prefetch, small tiles)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -223,6 +248,18 @@ def main() -> None:
                                           (True, 64, 4), (True, 128, 3), (False, 128, 3)):
                         ms, same = time_tma(a, g, s, scale, bt, st)
                         name = f"tma {'scaled' if scale else 'plain'} BLOCK_T={bt} stages={st}"
+                        rows.append(dict(case=case, d=d, p=p, dtype=dt, ms=ms, config=name,
+                                         tflops=flops / ms / 1e9, matmul_ms=mm,
+                                         of_matmul=mm / ms, bit_identical=same))
+                        print(f"{case} {d}->{p} {name}: {ms:.4f} ms {flops / ms / 1e9:.0f} TF/s "
+                              f"({mm / ms:.0%} of matmul) same={same}", flush=True)
+                if not pre and args.boundary:
+                    for name, kw in boundary_variants():
+                        try:
+                            ms, same = time_tma(a, g, s, **kw)
+                        except Exception as e:  # out of shared memory / registers
+                            print(f"{case} {d}->{p} {name}: {str(e)[:120]}", flush=True)
+                            continue
                         rows.append(dict(case=case, d=d, p=p, dtype=dt, ms=ms, config=name,
                                          tflops=flops / ms / 1e9, matmul_ms=mm,
                                          of_matmul=mm / ms, bit_identical=same))
