@@ -91,12 +91,14 @@ def time_variant(a, g, s, nested, bt, warps=8, stages=3):
 def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
                 SCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr, WS: tl.constexpr,
-                PREFETCH: tl.constexpr):
+                PREFETCH: tl.constexpr, EPI: tl.constexpr):
     """TMA twin (16-bit, T a multiple of BLOCK_T, contiguous (B·T, n) operands, one layer): the
     tiles come by tensor-memory-access descriptors instead of per-thread cp.async; SCALE=False is
     the plain GEMM. WS asks Triton for warp specialisation (3.6 ignores it on sm_90). PREFETCH:
     the next sample's scale is loaded at each sample boundary (a loop-carried scalar), so the
-    boundary does not wait on a global load."""
+    boundary does not wait on a global load. EPI, the boundary's arithmetic: 0 a select, a multiply
+    and an add per element (the kernel before the scalar branch); 1 a branch on the sample's scale
+    and one fused multiply-add per element; 3 as 1, the partial reset by a select before the dot."""
     i_p, i_d = kb.grouped_tile(tl.program_id(0), p, d, BLOCK_P, BLOCK_D, GROUP_P)
     b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
@@ -109,15 +111,22 @@ def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
         b_g = g_desc.load([row, i_p * BLOCK_P])  # [BT, BP]
         b_a = a_desc.load([row, i_d * BLOCK_D])  # [BT, BD]
         if SCALE:
-            b_gi = tl.dot(b_g.T, b_a, b_gi)
+            if EPI == 3:  # the reset as a select on a uniform condition (wgmma's use-C flag)
+                b_gi = tl.dot(b_g.T, b_a, tl.where(j == 0, 0.0, b_gi))
+            else:
+                b_gi = tl.dot(b_g.T, b_a, b_gi)
             if j == n_tt - 1:
                 if PREFETCH:
                     scale_i = s_cur
                     s_cur = tl.load(scale_ptr + tl.minimum(i + 1, batch - 1))
                 else:
                     scale_i = tl.load(scale_ptr + i)
-                b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
-                b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+                if EPI == 0:  # per element: multiply, select, add
+                    b_w += tl.where(scale_i != 0.0, scale_i * b_gi, 0.0)
+                elif scale_i != 0.0:  # one branch for the tile: one fused multiply-add
+                    b_w = tl.fma(b_gi, scale_i, b_w)
+                if EPI != 3:
+                    b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
         else:
             b_w = tl.dot(b_g.T, b_a, b_w)
     o_p = (i_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
@@ -126,7 +135,8 @@ def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
              mask=(o_p < p)[:, None] & (o_d < d)[None, :])
 
 
-def time_tma(a, g, s, scale, bt, stages=3, ws=False, bp=128, bd=128, warps=8, prefetch=False):
+def time_tma(a, g, s, scale, bt, stages=3, ws=False, bp=128, bd=128, warps=8, prefetch=False,
+             epi=0):
     """ms of the TMA twin, and whether its sum equals bookkeeping_fwd's at the same token step."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     bsz, seq, d = a.shape
@@ -139,7 +149,7 @@ def time_tma(a, g, s, scale, bt, stages=3, ws=False, bp=128, bd=128, warps=8, pr
 
     def run():
         _tma_kernel[grid](a_desc, g_desc, s, w, bsz, seq, d, p, SCALE=scale, BLOCK_P=bp,
-                          BLOCK_D=bd, BLOCK_T=bt, GROUP_P=8, WS=ws, PREFETCH=prefetch,
+                          BLOCK_D=bd, BLOCK_T=bt, GROUP_P=8, WS=ws, PREFETCH=prefetch, EPI=epi,
                           num_warps=warps, num_stages=stages)
     run()
     same = None
@@ -151,15 +161,16 @@ def time_tma(a, g, s, scale, bt, stages=3, ws=False, bp=128, bd=128, warps=8, pr
 
 
 def boundary_variants():
-    """(name, time_tma kwargs): the per-sample boundary's cost, at the default 128x256x64 tile and
-    at tiles small enough for two per-sample accumulators without spilling (several CTAs per SM)."""
+    """(name, time_tma kwargs): the per-sample boundary's cost at the default 128x256x64 tile
+    (its arithmetic, the scale loaded ahead) and at 128x128 tiles (two accumulators, no spill)."""
     out = [("plain 128x256x64 w8 s3", dict(scale=False, bt=64, bp=128, bd=256))]
-    for bp, bd, warps, stages in ((128, 256, 8, 3), (128, 128, 8, 4), (64, 256, 4, 3),
-                                  (64, 128, 4, 4), (64, 128, 4, 3)):
-        for pf in (False, True):
-            out.append((f"scaled{' prefetch' if pf else ''} {bp}x{bd}x64 w{warps} s{stages}",
-                        dict(scale=True, bt=64, bp=bp, bd=bd, warps=warps, stages=stages,
-                             prefetch=pf)))
+    for epi in (0, 1, 3):
+        out.append((f"scaled epi{epi} 128x256x64 w8 s3",
+                    dict(scale=True, bt=64, bp=128, bd=256, epi=epi)))
+    out.append(("scaled epi1 prefetch 128x256x64 w8 s3",
+                dict(scale=True, bt=64, bp=128, bd=256, epi=1, prefetch=True)))
+    out.append(("scaled epi1 128x128x64 w8 s4",
+                dict(scale=True, bt=64, bp=128, bd=128, stages=4, epi=1)))
     return out
 
 
