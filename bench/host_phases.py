@@ -6,7 +6,9 @@ them in rounds (one step of each per round, the order alternating), and splits e
 host phases: forward (loss included), backward (autograd, and within it dpkern's end-of-backward
 clipper), optimizer step + zero_grad, and the GPU tail (from step() returning to the GPU going
 idle). It also records the interpreter's garbage collections inside each step (count and time per
-generation) and, for one step per mode, the aten ops each phase issues.
+generation) and, for one step per mode, the aten ops each phase issues. --clipper-parts splits
+the dpkern clipper's host time further (ClipperParts): per-width rows, norms, release bounds,
+clip factors, book-keeping, and the Triton launch path summed over all of them.
 
     python -m bench.host_phases --cases 8x128,2x512 --precisions fp32-tf32 --out phases.json
 """
@@ -59,6 +61,57 @@ class ClipperClock:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t
+
+
+class ClipperParts:
+    """Host time of the clipper's stages (the functions dpkern.engine calls, wrapped while
+    installed) and of every Triton launch inside them (JITFunction.run: argument binding,
+    specialisation, cache lookup, the driver call), in ms, added up while `on`. The Triton time
+    overlaps the stages; "other" in a row is the clipper's time outside the stages."""
+
+    STAGES = {"rows": "PerSampleRows", "norms": "norms_sq", "bounds": "release_bounds",
+              "clip": "clip_factors", "bookkeeping": "bookkeeping_wgrad_grouped"}
+
+    def __init__(self):
+        import dpkern.engine as eng
+        import triton.runtime.jit as jit
+        self.on, self.ms, self.launches = False, collections.Counter(), 0
+        self._undo = []
+        for part, name in self.STAGES.items():
+            self._wrap(eng, name, part)
+        self._wrap(eng._Clipper, "_bookkeep_rows", "rows")
+        self._wrap(jit.JITFunction, "run", "triton", count=True)
+        try:  # the CPU's launch path under TRITON_INTERPRET=1
+            from triton.runtime.interpreter import InterpretedFunction
+            self._wrap(InterpretedFunction, "run", "triton", count=True)
+        except ImportError:  # pragma: no cover
+            pass
+
+    def _wrap(self, owner, name, part, count=False):
+        fn = owner.__dict__[name]
+
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[part] += (time.perf_counter() - t) * 1e3
+                self.launches += count
+        setattr(owner, name, timed)
+        self._undo.append((owner, name, fn))
+
+    def take(self) -> dict:
+        """The stages' ms since the last take (and "launches": Triton launches), then zero."""
+        out = {k: self.ms[k] for k in (*self.STAGES, "triton")} | {"launches": self.launches}
+        self.ms, self.launches = collections.Counter(), 0
+        return out
+
+    def close(self):
+        for owner, name, fn in reversed(self._undo):
+            setattr(owner, name, fn)
+        self._undo = []
 
 
 def clipper_clock(model) -> ClipperClock | None:
@@ -155,6 +208,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="host_phases.json")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="2-layer model (tests)")
+    ap.add_argument("--clipper-parts", action="store_true",
+                    help="split the dpkern clipper's host time by stage (ClipperParts)")
     ap.add_argument("--plan-cache-ab", action="store_true",
                     help="also time the dpkern step with the grouped ops' plan cache off "
                          "(mode dpkern-noplan: the same model, planning every backward)")
@@ -163,6 +218,7 @@ def main(argv=None) -> dict:
     cfg = llama_config(args.tiny)
     cases = _parse_cases(args.cases)
     gclog = _GcLog()
+    parts = ClipperParts() if args.clipper_parts else None
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     report = {"gpu": gpu, "torch": torch.__version__, "gc": args.gc, "rounds": args.rounds,
               "cases": []}
@@ -187,10 +243,15 @@ def main(argv=None) -> dict:
                 for i in range(args.rounds):
                     for m in (modes if i % 2 == 0 else modes[::-1]):
                         PlanCache.enabled = m != "dpkern-noplan"
+                        if parts is not None:
+                            parts.on = m == "dpkern"
                         try:
                             rows[m].append(one_step(runners[m], clocks[m], ids, pos, amp, gclog))
                         finally:
                             PlanCache.enabled = True
+                        if parts is not None and m == "dpkern":
+                            parts.on = False
+                            rows[m][-1]["parts"] = parts.take()
                 if args.gc == "freeze":
                     gc.unfreeze()
                 s = {m: summary(rows[m]) for m in modes}
@@ -205,6 +266,12 @@ def main(argv=None) -> dict:
                                   for m in modes}}
                 if args.plan_cache_ab:
                     entry["paired_ratio_median_noplan"] = paired["dpkern-noplan"]
+                if parts is not None:
+                    pr = [r["parts"] for r in rows["dpkern"]]
+                    entry["clipper_parts"] = {k: statistics.median(r[k] for r in pr) for k in pr[0]}
+                    entry["clipper_parts"]["other"] = statistics.median(
+                        r["clipper"] - sum(v for k, v in r["parts"].items()
+                                           if k in ClipperParts.STAGES) for r in rows["dpkern"])
                 report["cases"].append(entry)
                 print(f"{prec} {bsz}x{seq}: dpkern/nonprivate {entry['ratio_of_medians']:.3f} "
                       f"(paired {entry['paired_ratio_median']:.3f}"
@@ -216,8 +283,14 @@ def main(argv=None) -> dict:
                           f"{x['backward']:5.1f} (clipper {x['clipper']:5.1f})  opt {x['step']:4.1f}"
                           f"  tail {x['tail']:5.1f}  gc {x['gc']:4.1f} ms, {x['gc_per_step']} per "
                           f"step  ops {ops[m]}", flush=True)
+                if parts is not None:
+                    print("  clipper parts (median ms): " + ", ".join(
+                        f"{k} {v:.2f}" if k != "launches" else f"{k} {v:.0f}"
+                        for k, v in entry["clipper_parts"].items()), flush=True)
     finally:
         gclog.close()
+        if parts is not None:
+            parts.close()
         for r in {id(r): r for r in runners.values()}.values():
             r.close()
         free(args.device)

@@ -50,3 +50,25 @@ def test_host_phases_plan_cache_ab(tmp_path, monkeypatch):
     assert len(case["rows"]["dpkern-noplan"]) == 2 and case["paired_ratio_median_noplan"] > 0
     assert all(r["clipper"] > 0 for r in case["rows"]["dpkern-noplan"])
     assert seen.count(False) == 2 and len(seen) == 6 and _persample.PlanCache.enabled
+
+
+def test_host_phases_clipper_parts(tmp_path):
+    """--clipper-parts: the dpkern clipper split by stage, stages inside the clipper, Triton
+    launches counted, and the wrapped functions restored afterwards."""
+    import dpkern.engine as eng
+    import triton.runtime.jit as jit
+    before = (eng.norms_sq, eng.release_bounds, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
+    rep = host_phases.main(["--tiny", "--device", DEVICE, "--cases", "2x8", "--precisions",
+                            "fp32", "--rounds", "2", "--warmup", "1", "--clipper-parts",
+                            "--out", str(tmp_path / "p.json")])
+    case = rep["cases"][0]
+    for r in case["rows"]["dpkern"]:
+        parts = r["parts"]
+        staged = sum(parts[k] for k in host_phases.ClipperParts.STAGES)
+        assert all(parts[k] > 0 for k in ("norms", "bounds", "clip", "bookkeeping")), parts
+        assert staged <= r["clipper"] + 1e-6 and parts["triton"] <= staged, (parts, r)
+        assert parts["launches"] > 0
+    assert all("parts" not in r for r in case["rows"]["nonprivate"])
+    assert set(case["clipper_parts"]) >= {"norms", "triton", "launches", "other"}
+    after = (eng.norms_sq, eng.release_bounds, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
+    assert all(x is y for x, y in zip(before, after))
