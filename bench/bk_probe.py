@@ -175,6 +175,12 @@ def boundary_variants():
                 dict(scale=True, bt=64, bp=128, bd=256, epi=1, prefetch=True)))
     out.append(("scaled epi1 128x128x64 w8 s4",
                 dict(scale=True, bt=64, bp=128, bd=128, stages=4, epi=1)))
+    # the kernel's form (epi2) with a deeper pipeline, and with a token step of 128 (fewer
+    # iterations, the same boundaries)
+    out.append(("scaled epi2 128x256x64 w8 s4",
+                dict(scale=True, bt=64, bp=128, bd=256, stages=4, epi=2)))
+    out.append(("scaled epi2 128x256x128 w8 s2",
+                dict(scale=True, bt=128, bp=128, bd=256, stages=2, epi=2)))
     return out
 
 
