@@ -7,9 +7,9 @@ per-sample partial, never to a rounded g: each sample's contribution is scaled i
 training dtype. The result is written (or added, in fp32, then rounded once) into W in its dtype.
 Tiles are visited in grouped order so that neighbouring programs reuse g and a columns from L2.
 16-bit inputs on Hopper whose (B·T, n) rows are contiguous and T a multiple of the token step read
-their tiles by TMA descriptors built in the kernel (TMA=True; H100, the 1B shapes: 77-80% of
-torch.matmul at 8x512, 68-71% at 16x256, against 49-55% / 43-49% by pointers;
-bench/results/gpu_h100_s13/README.md).
+their tiles by TMA descriptors built in the kernel (TMA=True; H100, the 1B shapes, timed from
+CUDA-graph replays: 82-85% of torch.matmul at 8x512, 75-81% at 16x256; by pointers 49-55% /
+43-49%; bench/results/gpu_h100_s17/README.md, gpu_h100_s13/README.md).
 fp32 inputs: in "tf32r" mode (default on GPU) the operands are rounded to TF32 by the same function
 as in the norm kernels (ghost_norm._round_tf32) and multiplied in TF32 (exact products), so each
 sample's partial is the sum of exactly the products whose norm the engine clipped.

@@ -279,7 +279,10 @@ def norm_error_bound(seq: int, d: int, p: int, method: str = "auto", mode: str =
 @functools.lru_cache(maxsize=4096)
 def bookkeeping_error_bound(seq: int, mode: str = "tf32r") -> float:
     """β with ‖fl(c_i Ĝ_i) − c_i G̃_i‖_F ≤ β · c_i ‖|g̃_i|ᵀ|ã_i|‖_F for the per-sample fp32 partial
-    Ĝ_i of the book-keeping kernel (length-T dots, then one multiply by c_i): β = γ(chain(T) + 1)."""
+    Ĝ_i of the book-keeping kernel (length-T dots, then one multiply by c_i): β = γ(chain(T) + 1).
+    The Triton kernel fuses that multiply into the add of the running sum over samples (one
+    fused multiply-add): the product then is not rounded on its own, one rounding fewer than β
+    counts."""
     return _gamma(_chain(seq, mode) + 1)
 
 
