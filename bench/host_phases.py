@@ -67,7 +67,7 @@ class ClipperParts:
     """Host time of the clipper's stages (the functions dpkern.engine calls, wrapped while
     installed) and of every Triton launch inside them (JITFunction.run: argument binding,
     specialisation, cache lookup, the driver call), in ms, added up while `on`. The Triton time
-    overlaps the stages; "other" in a row is the clipper's time outside the stages."""
+    is part of the stages'; "other" in a row is the clipper's time outside the stages."""
 
     STAGES = {"rows": "PerSampleRows", "norms": "norms_sq", "bounds": "release_bounds",
               "clip": "clip_factors", "bookkeeping": "bookkeeping_wgrad_grouped"}
@@ -76,7 +76,7 @@ class ClipperParts:
         import dpkern.engine as eng
         import triton.runtime.jit as jit
         self.on, self.ms, self.launches = False, collections.Counter(), 0
-        self._undo = []
+        self._undo, self._depth = [], 0  # _depth: inside a stage (launches count only there)
         for part, name in self.STAGES.items():
             self._wrap(eng, name, part)
         self._wrap(eng._Clipper, "_bookkeep_rows", "rows")
@@ -91,12 +91,14 @@ class ClipperParts:
         fn = owner.__dict__[name]
 
         def timed(*args, **kwargs):
-            if not self.on:
+            if not self.on or (count and not self._depth):
                 return fn(*args, **kwargs)
             t = time.perf_counter()
+            self._depth += not count
             try:
                 return fn(*args, **kwargs)
             finally:
+                self._depth -= not count
                 self.ms[part] += (time.perf_counter() - t) * 1e3
                 self.launches += count
         setattr(owner, name, timed)

@@ -69,6 +69,16 @@ def test_host_phases_clipper_parts(tmp_path):
         assert staged <= r["clipper"] + 1e-6 and parts["triton"] <= staged, (parts, r)
         assert parts["launches"] > 0
     assert all("parts" not in r for r in case["rows"]["nonprivate"])
+    # a launch outside the stages (here: outside any clipper) is not counted
+    parts = host_phases.ClipperParts()
+    try:
+        parts.on = True
+        import torch
+        from dpkern.ops.rownorm import rownorm_sq
+        rownorm_sq(torch.ones(2, 3, device=DEVICE), backend="triton")
+        assert parts.take()["launches"] == 0
+    finally:
+        parts.close()
     assert set(case["clipper_parts"]) >= {"norms", "triton", "launches", "other"}
     after = (eng.norms_sq, eng.release_bounds, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
     assert all(x is y for x, y in zip(before, after))
