@@ -225,7 +225,8 @@ def main() -> None:
     ap.add_argument("--tma", action="store_true", help="bf16: the TMA twins too")
     ap.add_argument("--no-configs", action="store_true", help="skip the config sweep")
     ap.add_argument("--boundary", action="store_true",
-                    help="bf16: TMA twins of the per-sample boundary (scale prefetch, small tiles)")
+                    help="bf16: TMA twins of the per-sample boundary (its arithmetic, the scale "
+                         "loaded ahead, smaller tiles, deeper pipelines)")
     ap.add_argument("--graph", action="store_true",
                     help="time CUDA-graph replays (GPU time without the host's launch path)")
     ap.add_argument("--out", default=None)
