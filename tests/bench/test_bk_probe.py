@@ -1,6 +1,6 @@
 """bench/bk_probe.py's diagnostic twins of the book-keeping kernel compute what they claim, so the
 rates the probe reports for them are rates of the right sums: the plain twins the unscaled GEMM
-over B·T, the scaled / nested ones Σ_i scale_i g_iᵀ a_i. In the interpreter on fp32 operands
+over B·T, the scaled / nested ones (every boundary form of --boundary) Σ_i scale_i g_iᵀ a_i. In the interpreter on fp32 operands
 (exact dots there), against torch in float64."""
 import pytest
 import torch
@@ -23,12 +23,14 @@ def test_bk_probe_twins_compute_their_sums():
                        for i in range(b)) for scaled in (False, True)}
     grid = ((p + 127) // 128 * ((d + 127) // 128),)
     a2, g2 = a.reshape(-1, d), g.reshape(-1, p)
-    for scaled in (False, True):
+    # the plain GEMM, then every boundary form of --boundary (epi 0-3, the scale loaded ahead)
+    for scaled, epi, prefetch in ((False, 0, False), (True, 0, False), (True, 1, False),
+                                  (True, 2, False), (True, 3, False), (True, 2, True)):
         w = torch.full((p, d), float("nan"), device=device)
         bp._tma_kernel[grid](TensorDescriptor(a2, [b * t, d], [d, 1], [32, 128]),
                              TensorDescriptor(g2, [b * t, p], [p, 1], [32, 128]), s, w, b, t, d, p,
                              SCALE=scaled, BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, GROUP_P=8,
-                             WS=False)
+                             WS=False, PREFETCH=prefetch, EPI=epi)
         torch.testing.assert_close(w.double(), ref[scaled], rtol=1e-5, atol=1e-4)
     # the pointer twins read whole tiles (no masks): p a multiple of 128
     g = g[:, :, :128].contiguous()
