@@ -230,6 +230,7 @@ def main(argv=None) -> dict:
     clocks = {m: clipper_clock(r.model) for m, r in runners.items()}
     if args.plan_cache_ab:
         runners["dpkern-noplan"], clocks["dpkern-noplan"] = runners["dpkern"], clocks["dpkern"]
+    cache_on = PlanCache.enabled  # as the environment set it (DPKERN_PLAN_CACHE)
     try:
         for prec in args.precisions.split(","):
             for bsz, seq in cases:
@@ -244,13 +245,13 @@ def main(argv=None) -> dict:
                 rows = {m: [] for m in modes}
                 for i in range(args.rounds):
                     for m in (modes if i % 2 == 0 else modes[::-1]):
-                        PlanCache.enabled = m != "dpkern-noplan"
+                        PlanCache.enabled = cache_on and m != "dpkern-noplan"
                         if parts is not None:
                             parts.on = m == "dpkern"
                         try:
                             rows[m].append(one_step(runners[m], clocks[m], ids, pos, amp, gclog))
                         finally:
-                            PlanCache.enabled = True
+                            PlanCache.enabled = cache_on
                         if parts is not None and m == "dpkern":
                             parts.on = False
                             rows[m][-1]["parts"] = parts.take()

@@ -50,6 +50,13 @@ def test_host_phases_plan_cache_ab(tmp_path, monkeypatch):
     assert len(case["rows"]["dpkern-noplan"]) == 2 and case["paired_ratio_median_noplan"] > 0
     assert all(r["clipper"] > 0 for r in case["rows"]["dpkern-noplan"])
     assert seen.count(False) == 2 and len(seen) == 6 and _persample.PlanCache.enabled
+    # with the cache off in the environment (DPKERN_PLAN_CACHE=0) no mode turns it on, and it
+    # stays off afterwards
+    seen.clear()
+    monkeypatch.setattr(_persample.PlanCache, "enabled", False)
+    host_phases.main(["--tiny", "--device", DEVICE, "--cases", "2x8", "--precisions", "fp32",
+                      "--rounds", "2", "--warmup", "1", "--out", str(tmp_path / "q.json")])
+    assert seen == [False] * 4 and not _persample.PlanCache.enabled
 
 
 def test_host_phases_clipper_parts(tmp_path):
