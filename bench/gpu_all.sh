@@ -9,8 +9,9 @@
 #   STAGES="subspace denoise rmt" ...          # on request: projected vs full step, denoiser calls,
 #                                              # the denoised step's host / GPU split
 #   STAGES="phases" ...                        # on request: small steps' host phases (host_phases)
+#   STAGES="probe" PROBE_ARGS="--graph ..."     # on request: book-keeping configs (bk_probe.py)
 # After a run, on CPU: python bench/history.py merge <run>/history.jsonl (bench/README.md).
-# Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, STAGE_TIMEOUT (s per stage),
+# Knobs: TEST_PATHS, TEST_ARGS, BENCH_PATHS, BENCH_ARGS, E2E_ARGS, PROBE_ARGS, STAGE_TIMEOUT (s per stage),
 # BUDGET_S (s for the whole call, shared among the stages; `make bench-gpu` sets 560).
 # A stage that fails is logged and the next one still runs; the exit code ORs every stage's.
 set -uo pipefail
@@ -42,7 +43,7 @@ $PY -c "import dpkern; print('cuda_available', dpkern.cuda_available(), dpkern.c
 # remaining time times its weight over the weights of the stages still to run (capped by TMO); the
 # benchmark harness skips cases past its deadline (reported as skipped) and e2e_step.py drops the
 # cases past its --budget-s, so the call ends inside the budget.
-declare -A WEIGHT=([tests]=4 [bench]=9 [e2e]=8 [profile]=3 [audit]=3 [job]=2 [report]=1 [subspace]=2 [denoise]=1 [rmt]=1 [phases]=2)
+declare -A WEIGHT=([tests]=4 [bench]=9 [e2e]=8 [profile]=3 [audit]=3 [job]=2 [report]=1 [subspace]=2 [denoise]=1 [rmt]=1 [phases]=2 [probe]=2)
 LEFT_STAGES=" $STAGES "
 limit_for() {  # limit_for NAME: this stage's seconds
   if [ -z "${BUDGET_S:-}" ]; then echo "$TMO"; return; fi
@@ -91,6 +92,8 @@ for s in $STAGES; do
     phases) stage phases "$OUT/host_phases.log" $PY -m bench.host_phases --out "$OUT/host_phases.json" \
              --cases ${PHASES_CASES:-8x128,2x512} --precisions ${PHASES_PRECISIONS:-fp32-tf32,bf16} \
              ${PHASES_ARGS:-} ;;
+    # on request: the book-keeping kernel's configs against torch.matmul (bk_probe.py)
+    probe) stage probe "$OUT/bk_probe.log" $PY bench/bk_probe.py --out "$OUT/bk_probe.json" ${PROBE_ARGS:-} ;;
     denoise) stage denoise "$OUT/denoise.log" $PY -m pytest bench/bench_denoise.py -q -p no:cacheprovider \
              -k "test_denoise_steps and not adaptive and not warm6" --benchmark-json="$OUT/denoise_steps.json" ;;
     *)     echo "unknown stage $s"; rc=1 ;;

@@ -23,14 +23,17 @@ def test_bk_probe_twins_compute_their_sums():
                        for i in range(b)) for scaled in (False, True)}
     grid = ((p + 127) // 128 * ((d + 127) // 128),)
     a2, g2 = a.reshape(-1, d), g.reshape(-1, p)
-    # the plain GEMM, then every boundary form of --boundary (epi 0-3, the scale loaded ahead)
-    for scaled, epi, prefetch in ((False, 0, False), (True, 0, False), (True, 1, False),
-                                  (True, 2, False), (True, 3, False), (True, 2, True)):
+    # the plain GEMM (also asked to be warp-specialised), then every boundary form of --boundary
+    # (epi 0-3, the scale loaded ahead)
+    for scaled, epi, prefetch, ws in ((False, 0, False, False), (False, 0, False, True),
+                                      (True, 0, False, False), (True, 1, False, False),
+                                      (True, 2, False, False), (True, 3, False, False),
+                                      (True, 2, True, False)):
         w = torch.full((p, d), float("nan"), device=device)
         bp._tma_kernel[grid](TensorDescriptor(a2, [b * t, d], [d, 1], [32, 128]),
                              TensorDescriptor(g2, [b * t, p], [p, 1], [32, 128]), s, w, b, t, d, p,
                              SCALE=scaled, BLOCK_P=128, BLOCK_D=128, BLOCK_T=32, GROUP_P=8,
-                             WS=False, PREFETCH=prefetch, EPI=epi)
+                             WS=ws, PREFETCH=prefetch, EPI=epi)
         torch.testing.assert_close(w.double(), ref[scaled], rtol=1e-5, atol=1e-4)
     # the pointer twins read whole tiles (no masks): p a multiple of 128
     g = g[:, :, :128].contiguous()
