@@ -11,8 +11,8 @@ a config's sum equals the default config's (another token step sums in another o
 fp32 rounding, not bit for bit). --variants adds, in bf16, two diagnostic twins of the kernel:
 the plain GEMM (no per-sample scale) and the loop-per-sample form. --boundary adds, in bf16, TMA
 twins of the per-sample boundary: the next sample's scale loaded ahead, and tiles small enough
-for two fp32 accumulators without spilling. --ws adds the plain GEMM warp-specialised (the
-configs include the kernel's warp-specialised form, ws_configs). Prints a table; --out: JSON.
+for two fp32 accumulators without spilling. --ws adds the plain GEMM warp-specialised by Triton.
+Prints a table; --out: JSON.
 """
 from __future__ import annotations
 
@@ -45,20 +45,11 @@ def configs(quick: bool) -> list:
     c = kb.BookkeepingConfig
     out = [None, c(128, 128, 128, 8, 8, 3, tma=False), c(128, 128, 128, 8, 8, 3),
            c(128, 128, 64, 8, 8, 4), c(128, 256, 64, 8, 8, 3, tma=False),
-           c(128, 256, 64, 8, 8, 3)] + ws_configs()
+           c(128, 256, 64, 8, 8, 3)]
     if not quick:
         out += [c(128, 256, 64, 8, 8, 3, tma=False), c(128, 128, 128, 8, 4, 3),
                 c(128, 256, 128, 8, 8, 2), c(128, 128, 128, 16, 8, 3), c(64, 256, 64, 8, 4, 4)]
     return out
-
-
-def ws_configs() -> list:
-    """The warp-specialised form (16-bit TMA launches; num_warps 4 gives a producer and two
-    consumer warp groups on sm_90). 128 x 256 tiles hold two fp32 accumulators of 128 registers a
-    consumer thread, over the 232 each consumer gets: they spill (ptxas), 128 x 128 do not."""
-    c = kb.BookkeepingConfig
-    return [c(128, 128, 64, 8, 4, 3, ws=True), c(128, 128, 64, 8, 4, 4, ws=True),
-            c(128, 128, 128, 8, 4, 3, ws=True), c(128, 256, 64, 8, 4, 3, ws=True)]
 
 
 @triton.jit
@@ -115,10 +106,10 @@ def _tma_kernel(a_desc, g_desc, scale_ptr, w_ptr, batch, seq, d, p,
                 PREFETCH: tl.constexpr, EPI: tl.constexpr):
     """TMA twin (16-bit, T a multiple of BLOCK_T, contiguous (B·T, n) operands, one layer): the
     tiles come by tensor-memory-access descriptors instead of per-thread cp.async; SCALE=False is
-    the plain GEMM. WS asks Triton for warp specialisation (3.6 takes it on sm_90 for the plain GEMM
-    at num_warps 4, not for a loop with the boundary's branch). PREFETCH:
-    the next sample's scale is loaded at each sample boundary (a loop-carried scalar), so the
-    boundary does not wait on a global load. EPI, the boundary's arithmetic: 0 a select, a multiply
+    the plain GEMM. WS asks Triton for warp specialisation (3.6 takes it on sm_90 for the plain
+    GEMM at num_warps 4, not for a loop with the boundary's branch). PREFETCH: the next sample's
+    scale is loaded at each sample boundary (a loop-carried scalar), so the boundary does not wait
+    on a global load. EPI, the boundary's arithmetic: 0 a select, a multiply
     and an add per element (the kernel before the scalar branch); 1 a branch on the sample's scale
     and one fused multiply-add per element; 2 a fused multiply-add and a select per element; 3 as
     1, the partial reset by a select before the dot. H100 (gpu_h100_s17/c2_d1f7f23): 1 and 3 are
@@ -207,9 +198,11 @@ def boundary_variants():
 
 
 def ws_plain_variants():
-    """(name, time_tma kwargs): the plain GEMM (no scale) as the flat kernel's TMA tiles and
-    warp-specialised (a loop without a branch: Triton's sm_90 pass takes it at num_warps 4), what
-    the book-keeping's warp-specialised form (ws_configs) can reach at each tile."""
+    """(name, time_tma kwargs): the plain GEMM (no scale) as the kernel's TMA tiles and
+    warp-specialised by Triton (a loop without a branch: its sm_90 pass takes it at num_warps 4;
+    a producer and two consumer warp groups). H100 (gpu_h100_s18/c1_fd6a5c6): 68-75% of
+    torch.matmul at 128 x 128, and 128 x 256 does not fit shared memory; a warp-specialised
+    book-keeping (a loop per sample, fd6a5c6, removed) gave 63-76%, below the flat kernel."""
     return [("plain 128x256x64 w8 s3", dict(scale=False, bt=64, bp=128, bd=256)),
             ("plain ws 128x128x64 w4 s3",
              dict(scale=False, bt=64, bp=128, bd=128, ws=True, warps=4)),

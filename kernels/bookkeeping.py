@@ -41,10 +41,6 @@ class BookkeepingConfig:
     fp32_dot: str | None = None
     # tiles by TMA descriptors (tma_ok); None: wherever the launch allows it
     tma: bool | None = None
-    # warp-specialised form (TMA launches only; else ignored): a loop per sample that Triton splits
-    # into a producer warp group issuing the TMA loads and consumer warp groups each owning rows
-    # of the tile (num_warps 4: two consumers, 12 warps in all on sm_90)
-    ws: bool = False
 
 
 def bookkeeping_config(seq: int, d: int, p: int, bits16: bool = False,
@@ -82,17 +78,6 @@ def grouped_tile(pid, p, d, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _add_scaled(b_w, b_gi, scale_i):
-    """b_w + scale_i · b_gi at a sample's end; a dropped sample (scale 0) contributes exactly
-    nothing, even with non-finite grads. A fused multiply-add and a select per element: the
-    boundary's arithmetic keeps the tensor cores idle, and against a multiply, a select and an add
-    this form took the 128 x 256 TMA kernel from 71-82% to 77-86% of torch.matmul (H100, the 1B
-    shapes; a branch on the scale instead was 5x slower: bench/results/gpu_h100_s17). The sum
-    rounds once where the multiply and the add rounded twice (same error bound)."""
-    return tl.where(scale_i != 0.0, tl.fma(b_gi, scale_i, b_w), b_w)
-
-
-@triton.jit
 def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                             stride_ab, stride_at, stride_ad,
                             stride_gb, stride_gt, stride_gp,
@@ -101,7 +86,7 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
                             BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr,
                             UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ROUND: tl.constexpr,
                             TABLE: tl.constexpr, ELT: tl.constexpr, W_ELT: tl.constexpr,
-                            TMA: tl.constexpr, WS: tl.constexpr):
+                            TMA: tl.constexpr):
     # TABLE: a, g, scale and w are pointer tables over layers (kernels/_tables.py), axis 1 the layer
     # TMA: a and g are row-major (B·T, n) with T a multiple of BLOCK_T (tma_ok): each token tile
     # comes by a tensor-memory-access descriptor (columns past d / p read as zeros), not by
@@ -123,53 +108,44 @@ def _bookkeeping_fwd_kernel(a_ptr, g_ptr, scale_ptr, w_ptr, batch, seq, d, p,
     m_p = o_p < p
     m_d = o_d < d
     b_w = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] running Σ_i scale_i G_i
+    b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] sample i's G_i tile
+    # One flat loop over (sample, token tile): the compiler pipelines it across sample boundaries,
+    # where a loop per sample drained the pipeline every sample (short sequences: T = 128 is two
+    # token tiles per sample). Each sample's partial is still summed alone, in the same order.
     n_tt = tl.cdiv(seq, BLOCK_T)
-    if WS:  # TMA only. A loop per sample, token tiles inside: Triton warp-specialises the sample
-        # loop (its Hopper pass takes no branch in the loop, hence not the flat form below). The
-        # producer runs ahead across sample boundaries; each sample is summed in the same order.
-        for i in tl.range(0, batch, warp_specialize=True):
+    for k in range(0, batch * n_tt):
+        i = k // n_tt
+        j = k - i * n_tt
+        i64 = tl.cast(i, tl.int64)
+        if TMA:  # row k·BT of the (B·T, n) view is token j·BT of sample i
+            b_g = g_desc.load([k * BLOCK_T, i_p * BLOCK_P]).T  # [BP, BT]
+            b_a = a_desc.load([k * BLOCK_T, i_d * BLOCK_D])  # [BT, BD]
+        else:
+            o_tt = (j * BLOCK_T + o_t).to(tl.int64)
+            m_t = o_tt < seq
+            b_g = tl.load(g_ptr + i64 * stride_gb + o_p[:, None] * stride_gp
+                          + o_tt[None, :] * stride_gt,
+                          mask=m_p[:, None] & m_t[None, :], other=0.0)  # [BP, BT]
+            b_a = tl.load(a_ptr + i64 * stride_ab + o_tt[:, None] * stride_at
+                          + o_d[None, :] * stride_ad,
+                          mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
+        if UPCAST:
+            b_g = b_g.to(tl.float32)
+            b_a = b_a.to(tl.float32)
+        if ROUND:  # the same TF32 operands as the norm kernels
+            b_g = _round_tf32(b_g.to(tl.float32))
+            b_a = _round_tf32(b_a.to(tl.float32))
+        b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
+        if j == n_tt - 1:  # sample i's last token tile: scale its partial, start the next one
+            # a dropped sample (scale 0) contributes exactly nothing, even with non-finite grads.
+            # A fused multiply-add and a select per element: the boundary's arithmetic keeps the
+            # tensor cores idle, and against a multiply, a select and an add this form took the
+            # 128 x 256 TMA kernel from 71-82% to 77-86% of torch.matmul (H100, the 1B shapes;
+            # a branch on the scale instead was 5x slower: bench/results/gpu_h100_s17). The sum
+            # rounds once where the multiply and the add rounded twice (same error bound).
+            scale_i = tl.load(scale_ptr + i)
+            b_w = tl.where(scale_i != 0.0, tl.fma(b_gi, scale_i, b_w), b_w)
             b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-            for j in range(0, n_tt):
-                row = (i * n_tt + j) * BLOCK_T
-                b_g = g_desc.load([row, i_p * BLOCK_P]).T  # [BP, BT]
-                b_a = a_desc.load([row, i_d * BLOCK_D])  # [BT, BD]
-                if UPCAST:
-                    b_g = b_g.to(tl.float32)
-                    b_a = b_a.to(tl.float32)
-                b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
-            b_w = _add_scaled(b_w, b_gi, tl.load(scale_ptr + i))
-    else:
-        # One flat loop over (sample, token tile): the compiler pipelines it across sample
-        # boundaries, where a loop per sample drained the pipeline every sample (short sequences:
-        # T = 128 is two token tiles per sample). Each sample's partial is still summed alone, in
-        # the same order.
-        b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)  # [BP, BD] sample i's G_i tile
-        for k in range(0, batch * n_tt):
-            i = k // n_tt
-            j = k - i * n_tt
-            i64 = tl.cast(i, tl.int64)
-            if TMA:  # row k·BT of the (B·T, n) view is token j·BT of sample i
-                b_g = g_desc.load([k * BLOCK_T, i_p * BLOCK_P]).T  # [BP, BT]
-                b_a = a_desc.load([k * BLOCK_T, i_d * BLOCK_D])  # [BT, BD]
-            else:
-                o_tt = (j * BLOCK_T + o_t).to(tl.int64)
-                m_t = o_tt < seq
-                b_g = tl.load(g_ptr + i64 * stride_gb + o_p[:, None] * stride_gp
-                              + o_tt[None, :] * stride_gt,
-                              mask=m_p[:, None] & m_t[None, :], other=0.0)  # [BP, BT]
-                b_a = tl.load(a_ptr + i64 * stride_ab + o_tt[:, None] * stride_at
-                              + o_d[None, :] * stride_ad,
-                              mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
-            if UPCAST:
-                b_g = b_g.to(tl.float32)
-                b_a = b_a.to(tl.float32)
-            if ROUND:  # the same TF32 operands as the norm kernels
-                b_g = _round_tf32(b_g.to(tl.float32))
-                b_a = _round_tf32(b_a.to(tl.float32))
-            b_gi = tl.dot(b_g, b_a, b_gi, input_precision=DOT_PREC)
-            if j == n_tt - 1:  # sample i's last token tile: scale its partial, start the next one
-                b_w = _add_scaled(b_w, b_gi, tl.load(scale_ptr + i))
-                b_gi = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
     p_w = w_ptr + o_p[:, None] * stride_wp + o_d[None, :] * stride_wd
     m_w = m_p[:, None] & m_d[None, :]
     if ACCUMULATE:
@@ -282,7 +258,6 @@ def _launch(as_, gs, scales, ws, accumulate, config, fp32_mode, pre_rounded=Fals
             GROUP_P=cfg.GROUP_P, UPCAST=a.device.type != "cuda" or a.dtype != g.dtype,
             DOT_PREC=dot_precision(mode, a, g), ROUND=rounds(mode, a, g) and not pre_rounded,
             TABLE=table, ELT=TL_DTYPE[a.dtype], W_ELT=TL_DTYPE[w.dtype], TMA=tma,
-            WS=tma and cfg.ws,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -382,15 +382,13 @@ TMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ws", [False, True], ids=["flat", "ws"])
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: "B{}xT{}xd{}xp{}".format(*c[0]))
 @pytest.mark.parametrize("device", kernel_devices())
-def test_tma_tiles_match_pointer_tiles(device, case, ws, monkeypatch):
+def test_tma_tiles_match_pointer_tiles(device, case, monkeypatch):
     """bf16 tiles by TMA descriptors (forced with tma=True, so the CPU interpreter runs them too),
     one layer and two layers in one tabled launch, into NaN-poisoned outputs, with a dropped
     sample holding a NaN gradient: bit for bit the sums of the same tiles read by pointers, and
-    within the written tolerance of the float64 reference. ws: the warp-specialised form (a loop
-    per sample; on sm_90 a producer and two consumer warp groups), which sums in the same order."""
+    within the written tolerance of the float64 reference."""
     import dpkern.kernels.bookkeeping as kb
     (b, t, d, p), (bp, bd, bt) = case
     used = []
@@ -404,8 +402,7 @@ def test_tma_tiles_match_pointer_tiles(device, case, ws, monkeypatch):
             g[0, t // 2, p // 3] = float("nan")
 
     def run(tma, grouped):
-        warps = 4 if ws and tma or bp < 128 else 8
-        cfg = kb.BookkeepingConfig(bp, bd, bt, 8, warps, 3, tma=tma, ws=ws)
+        cfg = kb.BookkeepingConfig(bp, bd, bt, 8, 8 if bp == 128 else 4, 3, tma=tma)
         outs = [torch.full((p, d), float("nan"), device=device) for _ in layers]
         if grouped:
             kb.bookkeeping_grouped_fwd([x[0] for x in layers], [x[1] for x in layers],
