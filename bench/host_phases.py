@@ -9,6 +9,8 @@ idle). It also records the interpreter's garbage collections inside each step (c
 generation) and, for one step per mode, the aten ops each phase issues. --clipper-parts splits
 the dpkern clipper's host time further (ClipperParts): per-width rows, norms, release bounds,
 clip factors, book-keeping, and the Triton launch path summed over all of them.
+--input-addresses records whether each backward's clipper inputs sit where the previous
+backward's did (InputAddresses).
 
     python -m bench.host_phases --cases 8x128,2x512 --precisions fp32-tf32 --out phases.json
 """
@@ -61,6 +63,36 @@ class ClipperClock:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t
+
+
+class InputAddresses:
+    """Wraps dpkern's end-of-backward callback and records, for every backward while `on`, the
+    clipper's inputs as (data_ptr, shape, strides, dtype) of every tensor of every use, in the
+    tape's order. `repeats()` counts the backwards whose inputs sat where the previous one's did:
+    the condition for replaying a captured clipper (a CUDA graph reads its inputs at the captured
+    addresses) without copying them into static buffers."""
+
+    def __init__(self, fn):
+        self.fn, self.on, self.sigs = fn, False, []
+
+    def __call__(self, uses, *args, **kwargs):
+        if self.on:
+            sig = []
+            for p, us in uses.items():
+                for u in us:
+                    for x in vars(u).values():
+                        if isinstance(x, torch.Tensor):
+                            sig.append((x.data_ptr(), tuple(x.shape), x.stride(), x.dtype))
+            self.sigs.append(tuple(sig))
+        return self.fn(uses, *args, **kwargs)
+
+    def repeats(self) -> dict:
+        """{"backwards", "same_as_previous", "tensors", "moved_tensors_median"}."""
+        pairs = list(zip(self.sigs, self.sigs[1:]))
+        moved = [sum(a != b for a, b in zip(x, y)) + abs(len(x) - len(y)) for x, y in pairs]
+        return {"backwards": len(self.sigs), "same_as_previous": sum(m == 0 for m in moved),
+                "tensors": len(self.sigs[-1]) if self.sigs else 0,
+                "moved_tensors_median": statistics.median(moved) if moved else 0}
 
 
 class ClipperParts:
@@ -212,6 +244,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="2-layer model (tests)")
     ap.add_argument("--clipper-parts", action="store_true",
                     help="split the dpkern clipper's host time by stage (ClipperParts)")
+    ap.add_argument("--input-addresses", action="store_true",
+                    help="record whether each backward's clipper inputs sit at the previous "
+                         "backward's addresses (InputAddresses)")
     ap.add_argument("--plan-cache-ab", action="store_true",
                     help="also time the dpkern step with the grouped ops' plan cache off "
                          "(mode dpkern-noplan: the same model, planning every backward)")
@@ -228,6 +263,9 @@ def main(argv=None) -> dict:
     runners = {m: Runner(cfg, args.device, m, args, expected_bsz=cases[0][0])
                for m in modes[:2]}
     clocks = {m: clipper_clock(r.model) for m, r in runners.items()}
+    addrs = None
+    if args.input_addresses:  # inside the clock: its time stays the clipper's alone
+        addrs = clocks["dpkern"].fn = InputAddresses(clocks["dpkern"].fn)
     if args.plan_cache_ab:
         runners["dpkern-noplan"], clocks["dpkern-noplan"] = runners["dpkern"], clocks["dpkern"]
     cache_on = PlanCache.enabled  # as the environment set it (DPKERN_PLAN_CACHE)
@@ -248,6 +286,8 @@ def main(argv=None) -> dict:
                         PlanCache.enabled = cache_on and m != "dpkern-noplan"
                         if parts is not None:
                             parts.on = m == "dpkern"
+                        if addrs is not None:
+                            addrs.on = m == "dpkern"
                         try:
                             rows[m].append(one_step(runners[m], clocks[m], ids, pos, amp, gclog))
                         finally:
@@ -269,6 +309,12 @@ def main(argv=None) -> dict:
                                   for m in modes}}
                 if args.plan_cache_ab:
                     entry["paired_ratio_median_noplan"] = paired["dpkern-noplan"]
+                if addrs is not None:
+                    addrs.on = False
+                    entry["input_addresses"] = addrs.repeats()
+                    addrs.sigs = []
+                    print(f"  clipper inputs at the previous backward's addresses: "
+                          f"{entry['input_addresses']}", flush=True)
                 if parts is not None:
                     pr = [r["parts"] for r in rows["dpkern"]]
                     entry["clipper_parts"] = {k: statistics.median(r[k] for r in pr) for k in pr[0]}

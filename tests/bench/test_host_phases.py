@@ -89,3 +89,29 @@ def test_host_phases_clipper_parts(tmp_path):
     assert set(case["clipper_parts"]) >= {"norms", "triton", "launches", "other"}
     after = (eng.norms_sq, eng.release_bounds, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
     assert all(x is y for x, y in zip(before, after))
+
+
+def test_input_addresses_counts_repeats(tmp_path):
+    """--input-addresses: one signature per dpkern backward (none for the non-private mode), and
+    InputAddresses.repeats() counts a backward whose inputs moved, changed layout or count."""
+    rep = host_phases.main(["--tiny", "--device", DEVICE, "--cases", "2x8", "--precisions",
+                            "fp32", "--rounds", "3", "--warmup", "1", "--input-addresses",
+                            "--out", str(tmp_path / "p.json")])
+    got = rep["cases"][0]["input_addresses"]
+    assert got["backwards"] == 3 and got["tensors"] > 0
+    assert 0 <= got["same_as_previous"] <= 2
+    rec = host_phases.InputAddresses(lambda uses: None)
+    rec.on = True
+    import torch
+    x = torch.zeros(4, 3)
+
+    class Use:
+        def __init__(self, t):
+            self.a, self.path = t, "p"
+    rec({"w": [Use(x)]})
+    rec({"w": [Use(x)]})                # same tensor: a repeat
+    rec({"w": [Use(x.t())]})            # same address, other strides: moved
+    rec({"w": [Use(x[1:])]})            # another address
+    rec({"w": [Use(x[1:]), Use(x)]})    # one tensor more
+    assert rec.repeats() == {"backwards": 5, "same_as_previous": 1, "tensors": 2,
+                             "moved_tensors_median": 1.0}
