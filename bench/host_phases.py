@@ -101,7 +101,7 @@ class ClipperParts:
     specialisation, cache lookup, the driver call), in ms, added up while `on`. The Triton time
     is part of the stages'; "other" in a row is the clipper's time outside the stages."""
 
-    STAGES = {"rows": "PerSampleRows", "norms": "norms_sq", "bounds": "release_bounds",
+    STAGES = {"rows": "PerSampleRows", "norms": "norms_sq", "bounds": "release_bound_matrix",
               "clip": "clip_factors", "bookkeeping": "bookkeeping_wgrad_grouped"}
 
     def __init__(self):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
-from dpkern.layers.bounds import release_bounds
+from dpkern.layers.bounds import release_bound_matrix
 from dpkern.layers.uses import LinearUse, PerSampleRows, batch_size, bookkeep, norms_sq
 from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
 from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
@@ -122,16 +122,16 @@ class _Clipper:
         # bound terms and sums per width (the others take the per-parameter path).
         rows = PerSampleRows(uses, [p for p in params if p in opt.params]) if not each else None
         norms = norms_sq(uses, params, backend=self.backend)
-        bounds = release_bounds(uses, params, norms, backend=self.backend, rows=rows)
+        bounds = release_bound_matrix(uses, params, norms, backend=self.backend, rows=rows)
         if s != 1.0:
-            bounds = [u * s for u in bounds]
+            bounds = bounds * s
         per_param = [self.per_param[p] for p in params] if self.per_param else None
         factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
         # No host sync here: the count of non-finite samples stays on the device until read.
         n_bad = bsz - finite.sum()
-        opt.last_clip = _LastClip({self.private[p]: (n, u) for p, n, u in zip(params, norms, bounds)},
-                                  s * s)
+        opt.last_clip = _LastClip({self.private[p]: (n, u)
+                                   for p, n, u in zip(params, norms, bounds.unbind(0))}, s * s)
         scales, opt.last_scales = {}, {}
         linear, linear_params = [], []  # one-Linear-use parameters: book-kept in grouped launches
         row_scales = {}  # one-per-sample-use parameters: book-kept per width (rows.bookkeep)

@@ -43,11 +43,11 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=2, dtype=torch.float32)
 
 
-def _sqrt_q(use, linear_sums: dict, row_norms: dict | None = None
-            ) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
-    """(s, f, (T, d, p)): s (B,) fp64 with f·s a bound on sqrt(Q_i) for one use (f a float the
-    caller applies, so that one multiply serves every parameter), and (T, d, p) for η and β.
-    row_norms: {id(use): s} of PerSampleUses whose norms were taken per width (PerSampleRows)."""
+def _sqrt_q(use, row_norms: dict | None) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
+    """(s, f, (T, d, p)): s (B,) fp64 with f·s a bound on sqrt(Q_i) for one use that is not a
+    LinearUse (f a float the caller applies, so that one multiply serves every parameter), and
+    (T, d, p) for η and β. row_norms: {id(use): s} of PerSampleUses whose norms were taken per
+    width (PerSampleRows). A LinearUse's s is its row of _linear_sums (f: _use_terms)."""
     if isinstance(use, PerSampleUse):
         flat = use.grads.reshape(use.grads.shape[0], -1)
         s = row_norms.get(id(use)) if row_norms else None
@@ -60,26 +60,39 @@ def _sqrt_q(use, linear_sums: dict, row_norms: dict | None = None
         if use.padding_idx is not None:
             rows = torch.where(use.ids.reshape(bsz, seq) == use.padding_idx, 0.0, rows)
         return rows.sum(dim=1, dtype=torch.float64), 1.0 + _gamma(d + seq + 4), (seq, d, 1)
-    bsz, seq, d = use.a.shape
-    p = use.g.shape[2]
-    s = linear_sums[id(use)]  # fp32 row norms and products, fp64 sum (row_norm_dots)
-    return s, (1.0 + _gamma(d + p + 6)) * _TF32_GROWTH, (seq, d, p)
+    raise TypeError(f"_sqrt_q: a {type(use).__name__} has no computed term (_use_terms)")
 
 
-def _linear_sums(uses_by_param: dict, params: list, backend) -> dict:
-    """{id(LinearUse): (B,) fp64 Σ_t ‖a_t‖‖g_t‖}: one row_norm_dots per shared input, layers of
-    one layout in one launch (row_norm_dots_grouped)."""
+def _use_terms(use) -> tuple[float, tuple[int, int, int]]:
+    """(f, (T, d, p)) of a use whose s is gathered (a LinearUse's row of _linear_sums, a
+    PerSampleUse's row of its width): the factor and the shape _sqrt_q gives for it."""
+    if isinstance(use, LinearUse):
+        bsz, seq, d = use.a.shape
+        p = use.g.shape[2]
+        return (1.0 + _gamma(d + p + 6)) * _TF32_GROWTH, (seq, d, p)
+    return 1.0, (1, use.grads.reshape(use.grads.shape[0], -1).shape[1], 1)
+
+
+def _linear_sums(uses_by_param: dict, params: list, backend) -> tuple:
+    """(sums, row): sums (N, B) fp64 with row[id(LinearUse)] its Σ_t ‖a_t‖‖g_t‖, for every
+    LinearUse of `params` (None when there is none). One row_norm_dots per shared input, layers
+    of one layout in one launch (row_norm_dots_grouped); their results in one tensor, not one
+    per use (host time: a 1B Llama has 113)."""
     groups: dict = {}
     for p in params:
         for u in uses_by_param[p]:
             if isinstance(u, LinearUse):
                 groups.setdefault(input_key(u.a), []).append(u)
     groups = list(groups.values())
+    if not groups:
+        return None, {}
     res = row_norm_dots_grouped([(us[0].a, [u.g for u in us]) for us in groups], backend=backend)
-    out = {}
-    for us, r in zip(groups, res):
-        out.update(zip(map(id, us), r.unbind(0)))
-    return out
+    row, n = {}, 0
+    for us in groups:
+        for u in us:
+            row[id(u)] = n
+            n += 1
+    return (torch.cat(res) if len(res) > 1 else res[0]), row
 
 
 @functools.lru_cache(maxsize=4096)  # a handful of distinct shapes, asked for every backward
@@ -97,46 +110,80 @@ def _device_constants(values: list, device) -> torch.Tensor:
     return _alloc.device_constants(values, device, torch.float64)
 
 
-def release_bounds(uses_by_param: dict, params: list, norms_sq: list, *,
+def release_bounds(uses_by_param: dict, params: list, norms_sq, *,
                    backend: str | None = None, rows: PerSampleRows | None = None) -> list:
-    """U_k (B,) float64 for each of `params`: an upper bound on the norm of every sample's released
-    contribution to that parameter, before loss scaling (see the module docstring).
+    """U_k (B,) float64 for each of `params`: the rows of release_bound_matrix."""
+    if not params:
+        return []
+    return list(release_bound_matrix(uses_by_param, params, norms_sq, backend=backend,
+                                     rows=rows).unbind(0))
+
+
+def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,
+                         backend: str | None = None, rows: PerSampleRows | None = None
+                         ) -> torch.Tensor:
+    """(P, B) float64: row k an upper bound U_k on the norm of every sample's released
+    contribution to params[k], before loss scaling (see the module docstring).
 
     Args:
         uses_by_param: {param: [uses]} of one backward pass.
-        params: the parameters, in the order of norms_sq.
-        norms_sq: (B,) fp32 N̂² per parameter, as norms_sq() returned them.
+        params: the parameters, in the order of norms_sq (P ≥ 1).
+        norms_sq: (B,) fp32 N̂² per parameter, as norms_sq() returned them, or their (P, B) stack.
         rows: the stacked rows of the one-per-sample-use parameters, when the caller has them:
             their sqrt(Q) terms are then taken per width, not per parameter (same values).
+    The sqrt(Q) terms are gathered from a few (n, B) tensors (the Linear sums of all layers, the
+    rows' norms per width) by one index_select, not stacked from one tensor per parameter.
     """
-    if not params:
-        return []
-    linear_sums = _linear_sums(uses_by_param, params, backend)
-    sqs, facs, etas, betas = [], [], [], []
-    mode = fp32_mode(norms_sq[0].device)
-    row_norms = None
+    sums, linear_row = _linear_sums(uses_by_param, params, backend)
+    dev = norms_sq[0].device
+    pieces, n_rows = ([sums], sums.shape[0]) if sums is not None else ([], 0)
+    rows_row = {}  # id(PerSampleUse) -> its row among the pieces
     if rows is not None:  # one PerSampleUse each: their norms per width
-        row_norms = {id(uses_by_param[p][0]): s for p, s in rows.norms64().items()}
-    for p, n2 in zip(params, norms_sq):
-        parts, seq, d, w = [], 0, 1, 1
-        for u in uses_by_param[p]:
-            s, f, (t_u, d_u, p_u) = _sqrt_q(u, linear_sums, row_norms)
-            parts.append((s, f))
-            seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
-        if len(parts) == 1:
-            sqs.append(parts[0][0])
-            facs.append(parts[0][1])
+        for ps, g in rows.groups:
+            pieces.append(torch.linalg.vector_norm(g, dim=2, dtype=torch.float64))
+            for p in ps:
+                rows_row[id(uses_by_param[p][0])] = n_rows
+                n_rows += 1
+    index, facs, etas, betas = [], [], [], []
+    mode = fp32_mode(dev)
+    for p in params:
+        us = uses_by_param[p]
+        if len(us) == 1:
+            u = us[0]
+            r = linear_row.get(id(u)) if isinstance(u, LinearUse) else rows_row.get(id(u))
+            if r is None:
+                s, f, (seq, d, w) = _sqrt_q(u, None)
+                pieces.append(s.view(1, -1))
+                r, n_rows = n_rows, n_rows + 1
+            else:
+                f, (seq, d, w) = _use_terms(u)
+            index.append(r)
+            facs.append(f)
         else:  # several uses: their bounds add (rare: tied weights, a layer called twice)
-            sqs.append(sum(s * f for s, f in parts))
+            total, seq, d, w = 0.0, 0, 1, 1
+            for u in us:
+                r = linear_row.get(id(u)) if isinstance(u, LinearUse) else None
+                if r is None:
+                    s, f, (t_u, d_u, p_u) = _sqrt_q(u, None)
+                else:
+                    s, (f, (t_u, d_u, p_u)) = sums[r], _use_terms(u)
+                total = total + s * f
+                seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
+            pieces.append(total.view(1, -1))
+            index.append(n_rows)
+            n_rows += 1
             facs.append(1.0)
         eta, beta = _error_terms(seq, d, w, mode)
         etas.append(eta)
         betas.append(beta)
     # One batched evaluation over all parameters (P, B): a handful of launches, not ~10 per layer.
-    dev = norms_sq[0].device
-    n2 = torch.stack(norms_sq).double().clamp_min(0)
-    sq = torch.stack(sqs) * _device_constants(facs, dev).unsqueeze(1)
+    n2 = norms_sq if isinstance(norms_sq, torch.Tensor) else torch.stack(norms_sq)
+    n2 = n2.double().clamp_min(0)
+    sq = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    if index != list(range(sq.shape[0])):
+        sq = sq.index_select(0, _alloc.device_constants(index, dev, torch.int64))
+    sq = sq * _device_constants(facs, dev).unsqueeze(1)
     eta = _device_constants(etas, dev).unsqueeze(1)
     beta = _device_constants(betas, dev).unsqueeze(1)
     bound = ((n2 + eta * sq.square()).sqrt() + beta * sq) * (1.0 + 8 * FP32_ULP)
-    return list(torch.where(torch.isfinite(n2), bound, math.inf).unbind(0))
+    return torch.where(torch.isfinite(n2), bound, math.inf)

@@ -55,14 +55,18 @@ def clip_factors(bounds: list, clipping: str, max_grad_norm: float,
 
     Args:
         bounds: list over parameters of (B,) float64 U_ik ≥ ‖released contribution of sample i to
-            parameter k‖ (already scaled to the true per-sample gradient).
+            parameter k‖ (already scaled to the true per-sample gradient), or their (K, B) stack
+            (release_bound_matrix).
         per_param: C_k for each entry of bounds (per_layer only).
     Returns:
         (factors, finite): factors is a list of (B,) float64 (one per parameter; the same tensor
         for all in flat / automatic mode), finite a (B,) bool mask of the samples kept.
         Round them down to fp32 (round_down_f32) after any further scaling.
     """
-    u2 = torch.stack([b.double() for b in bounds]).square()
+    if isinstance(bounds, torch.Tensor):
+        u2 = bounds.double().square()
+    else:
+        u2 = torch.stack([b.double() for b in bounds]).square()
     # fp64 sum of K squares: relative error ≤ K·2^-53; covered by the (1 + K·2^-52) factor.
     total = u2.sum(dim=0).sqrt() * (1.0 + len(bounds) * 2.0 ** -52)
     finite = torch.isfinite(total)

@@ -64,7 +64,7 @@ def test_host_phases_clipper_parts(tmp_path):
     launches counted, and the wrapped functions restored afterwards."""
     import dpkern.engine as eng
     import triton.runtime.jit as jit
-    before = (eng.norms_sq, eng.release_bounds, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
+    before = (eng.norms_sq, eng.release_bound_matrix, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
     rep = host_phases.main(["--tiny", "--device", DEVICE, "--cases", "2x8", "--precisions",
                             "fp32", "--rounds", "2", "--warmup", "1", "--clipper-parts",
                             "--out", str(tmp_path / "p.json")])
@@ -87,7 +87,7 @@ def test_host_phases_clipper_parts(tmp_path):
     finally:
         parts.close()
     assert set(case["clipper_parts"]) >= {"norms", "triton", "launches", "other"}
-    after = (eng.norms_sq, eng.release_bounds, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
+    after = (eng.norms_sq, eng.release_bound_matrix, eng._Clipper._bookkeep_rows, jit.JITFunction.run)
     assert all(x is y for x, y in zip(before, after))
 
 

@@ -86,9 +86,9 @@ def test_released_contribution_at_most_c_triton_interpreter(monkeypatch):
 def test_check_catches_a_bound_below_the_norm(monkeypatch):
     """Control (mutation): bounds 1e-4 below the fp32 norms make clipped contributions exceed C."""
     import dpkern.engine as engine_mod
-    real = engine_mod.release_bounds
-    monkeypatch.setattr(engine_mod, "release_bounds", lambda uses, params, norms, **kw: [
-        n.double().sqrt() * (1 - 1e-4) for n in norms])
+    real = engine_mod.release_bound_matrix
+    monkeypatch.setattr(engine_mod, "release_bound_matrix", lambda uses, params, norms, **kw:
+                        torch.stack([n.double().sqrt() * (1 - 1e-4) for n in norms]))
     released, _, _, c, _ = _released("dynamic_range", "ieee", "torch", monkeypatch)
     assert (released > c).any()
-    monkeypatch.setattr(engine_mod, "release_bounds", real)
+    monkeypatch.setattr(engine_mod, "release_bound_matrix", real)

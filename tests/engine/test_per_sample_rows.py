@@ -140,3 +140,62 @@ def test_sums_stay_fp32_with_tf32_allowed():
         _check_sums(out.unsqueeze(0), g[:1], s.unsqueeze(0))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _bound_per_parameter(uses, p, n2, mode):
+    """U of one parameter evaluated on its own, use by use (the module docstring's formula): the
+    reference for release_bound_matrix's gathered (P, B) evaluation."""
+    from dpkern.layers import bounds as bd
+    from dpkern.ops.rownorm import row_norm_dots
+    parts, seq, d, w = [], 0, 1, 1
+    for u in uses[p]:
+        if isinstance(u, LinearUse):
+            s = row_norm_dots(u.a, [u.g], backend="torch")[0]
+            f, (t_u, d_u, p_u) = bd._use_terms(u)
+        else:
+            s, f, (t_u, d_u, p_u) = _sqrt_q(u, None)
+        parts.append((s, f))
+        seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
+    sq = parts[0][0] * parts[0][1] if len(parts) == 1 else sum(s * f for s, f in parts)
+    eta, beta = bd._error_terms(seq, d, w, mode)
+    n2 = n2.double().clamp_min(0)
+    bound = ((n2 + eta * sq.square()).sqrt() + beta * sq) * (1.0 + 8 * bd.FP32_ULP)
+    return torch.where(torch.isfinite(n2), bound, math.inf)
+
+
+@pytest.mark.parametrize("with_rows", [False, True])
+def test_release_bound_matrix_equals_the_per_parameter_bounds(with_rows):
+    """Every kind of use and sharing: q/k reading one input (one row_norm_dots group), a weight
+    used twice (an embedding lookup and an output projection, as tied weights are), per-sample
+    rows of two widths, an fp64 and a two-use per-sample parameter, a non-finite norm. The
+    gathered (P, B) matrix is bit for bit the per-parameter evaluation, and release_bounds its
+    rows."""
+    from dpkern.layers.bounds import release_bound_matrix
+    from dpkern.layers.uses import EmbeddingUse
+    from dpkern.ops._persample import fp32_mode
+    w, lin, f64, two, uses = _uses()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 4, generator=gen)
+    q, k = torch.nn.Parameter(torch.ones(5, 4)), torch.nn.Parameter(torch.ones(7, 4))
+    uses[q] = [LinearUse(x, torch.randn(6, 2, 5, generator=gen), "q")]
+    uses[k] = [LinearUse(x, torch.randn(6, 2, 7, generator=gen), "k")]
+    tied = torch.nn.Parameter(torch.ones(11, 4))
+    ids = torch.randint(0, 11, (6, 2), generator=gen)
+    uses[tied] = [EmbeddingUse(ids, torch.randn(6, 2, 4, generator=gen), 0, "emb"),
+                  LinearUse(torch.randn(6, 2, 4, generator=gen),
+                            torch.randn(6, 2, 11, generator=gen), "head")]
+    params = list(uses)
+    n2 = norms_sq(uses, params, backend="torch")
+    n2[1] = n2[1].clone()
+    n2[1][2] = float("nan")
+    rows = PerSampleRows(uses, params) if with_rows else None
+    got = release_bound_matrix(uses, params, n2, backend="torch", rows=rows)
+    assert got.shape == (len(params), 6) and got.dtype == torch.float64
+    mode = fp32_mode(torch.device("cpu"))
+    for i, p in enumerate(params):
+        assert torch.equal(got[i], _bound_per_parameter(uses, p, n2[i], mode)), i
+    assert math.isinf(got[1, 2])
+    for a, b in zip(release_bounds(uses, params, n2, backend="torch", rows=rows), got):
+        assert torch.equal(a, b)
+    assert torch.equal(release_bound_matrix(uses, params, torch.stack(n2), backend="torch",
+                                            rows=rows), got)
