@@ -10,7 +10,8 @@ generation) and, for one step per mode, the aten ops each phase issues. --clippe
 the dpkern clipper's host time further (ClipperParts): per-width rows, norms, release bounds,
 clip factors, book-keeping, and the Triton launch path summed over all of them.
 --input-addresses records whether each backward's clipper inputs sit where the previous
-backward's did (InputAddresses).
+backward's did (InputAddresses). --cuda-api lists each phase's CUDA runtime calls that can make
+the host wait (allocations, copies, synchronisations), with the launches for scale.
 
     python -m bench.host_phases --cases 8x128,2x512 --precisions fp32-tf32 --out phases.json
 """
@@ -221,6 +222,51 @@ def op_counts(runner, ids, pos, amp) -> dict:
     return {k: c.aten + c.views for k, c in out.items()}
 
 
+# CUDA runtime calls that can make the host wait: allocation (cudaMalloc and cudaFree synchronise
+# the device), copies and explicit synchronisation. Launches are listed for scale.
+CUDA_API = ("cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaMemcpyAsync", "cudaMemcpy",
+            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+            "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def cuda_api(runner, ids, pos, amp, steps: int = 3) -> dict:
+    """{phase: {CUDA runtime call: [count, host ms]}} summed over `steps` synchronised steps,
+    from torch.profiler (CPU and CUDA activities: CUPTI records the runtime API calls), phases
+    marked by record_function. On a host without CUDA the calls are absent (empty dicts)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
+    marks = []
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            _sync(ids.device.type)
+            with record_function("phase:forward"):
+                with amp:
+                    loss = (runner.model(input_ids=ids, position_ids=pos, labels=ids).loss
+                            * runner.loss_scale)
+            with record_function("phase:backward"):
+                loss.backward()
+            with record_function("phase:step"):
+                runner.opt.step()
+                runner.opt.zero_grad(set_to_none=True)
+            _sync(ids.device.type)
+    events = prof.events()
+    for e in events:
+        if e.name.startswith("phase:"):
+            marks.append((e.time_range.start, e.time_range.end, e.name[6:]))
+    out = {name: {} for _, _, name in marks}
+    for e in events:
+        if e.name not in CUDA_API:
+            continue
+        t = e.time_range.start
+        for start, end, name in marks:
+            if start <= t <= end:
+                c = out[name].setdefault(e.name, [0, 0.0])
+                c[0] += 1
+                c[1] += (e.time_range.end - e.time_range.start) / 1e3
+                break
+    return out
+
+
 def summary(rows: list) -> dict:
     out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
     out["min"] = {k: min(r[k] for r in rows) for k in PHASES}
@@ -247,6 +293,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--input-addresses", action="store_true",
                     help="record whether each backward's clipper inputs sit at the previous "
                          "backward's addresses (InputAddresses)")
+    ap.add_argument("--cuda-api", action="store_true",
+                    help="per mode and phase, the CUDA runtime calls of 3 profiled steps "
+                         "(allocations, copies, synchronisations, launches: cuda_api)")
     ap.add_argument("--plan-cache-ab", action="store_true",
                     help="also time the dpkern step with the grouped ops' plan cache off "
                          "(mode dpkern-noplan: the same model, planning every backward)")
@@ -277,6 +326,8 @@ def main(argv=None) -> dict:
                     for _ in range(args.warmup):
                         runners[m].step(ids, pos, amp)
                 ops = {m: op_counts(runners[m], ids, pos, amp) for m in modes}
+                api = ({m: cuda_api(runners[m], ids, pos, amp) for m in modes[:2]}
+                       if args.cuda_api else None)
                 if args.gc == "freeze":
                     gc.collect()
                     gc.freeze()
@@ -309,6 +360,13 @@ def main(argv=None) -> dict:
                                   for m in modes}}
                 if args.plan_cache_ab:
                     entry["paired_ratio_median_noplan"] = paired["dpkern-noplan"]
+                if api is not None:
+                    entry["cuda_api"] = api
+                    for m, phases in api.items():
+                        print(f"  {m} CUDA calls (3 steps, count / host ms): " + "; ".join(
+                            f"{ph}: " + ", ".join(f"{k} {n} / {ms:.1f}"
+                                                  for k, (n, ms) in sorted(calls.items()))
+                            for ph, calls in phases.items()), flush=True)
                 if addrs is not None:
                     addrs.on = False
                     entry["input_addresses"] = addrs.repeats()

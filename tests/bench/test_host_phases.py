@@ -115,3 +115,24 @@ def test_input_addresses_counts_repeats(tmp_path):
     rec({"w": [Use(x[1:]), Use(x)]})    # one tensor more
     assert rec.repeats() == {"backwards": 5, "same_as_previous": 1, "tensors": 2,
                              "moved_tensors_median": 1.0}
+
+
+def test_cuda_api_by_phase(tmp_path):
+    """--cuda-api: the three phases of both modes, each call counted once with a host time; on a
+    CUDA device the launches are there, and dpkern's backward and step do not synchronise the
+    device (tests/engine/test_no_sync_gpu.py's contract; the forward holds the model's own loss)."""
+    rep = host_phases.main(["--tiny", "--device", DEVICE, "--cases", "2x8", "--precisions",
+                            "fp32", "--rounds", "1", "--warmup", "1", "--cuda-api",
+                            "--out", str(tmp_path / "p.json")])
+    api = rep["cases"][0]["cuda_api"]
+    assert set(api) == {"nonprivate", "dpkern"}
+    for phases in api.values():
+        assert set(phases) == {"forward", "backward", "step"}
+        for calls in phases.values():
+            assert set(calls) <= set(host_phases.CUDA_API)
+            assert all(n > 0 and ms >= 0 for n, ms in calls.values())
+    if DEVICE == "cuda":
+        assert sum(n for n, _ in api["dpkern"]["backward"].values()) > 0
+        for ph in ("backward", "step"):
+            for sync in ("cudaStreamSynchronize", "cudaDeviceSynchronize"):
+                assert sync not in api["dpkern"][ph], (ph, api["dpkern"][ph])
