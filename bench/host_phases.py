@@ -224,19 +224,25 @@ def op_counts(runner, ids, pos, amp) -> dict:
 
 # CUDA runtime calls that can make the host wait: allocation (cudaMalloc and cudaFree synchronise
 # the device), copies and explicit synchronisation. Launches are listed for scale.
-CUDA_API = ("cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaMemcpyAsync", "cudaMemcpy",
-            "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+CUDA_API = ("cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaFreeHost", "cudaMemcpyAsync",
+            "cudaMemcpy", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
             "cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+# the calls that wait for the GPU: where each comes from is recorded (cuda_api's "waits")
+WAITS = ("cudaMalloc", "cudaFree", "cudaFreeHost", "cudaMemcpy", "cudaStreamSynchronize",
+         "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
 def cuda_api(runner, ids, pos, amp, steps: int = 3) -> dict:
     """{phase: {CUDA runtime call: [count, host ms]}} summed over `steps` synchronised steps,
     from torch.profiler (CPU and CUDA activities: CUPTI records the runtime API calls), phases
-    marked by record_function. On a host without CUDA the calls are absent (empty dicts)."""
+    marked by record_function, plus "waits": {"phase call": [the enclosing events' names,
+    innermost first, Python frames included]} for each kind of call that waits for the GPU. On a
+    host without CUDA the calls are absent (empty dicts)."""
     from torch.profiler import ProfilerActivity, profile, record_function
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
     marks = []
-    with profile(activities=acts) as prof:
+    # Python stacks only on CUDA: on the CPU the Triton interpreter would record every line it runs
+    with profile(activities=acts, with_stack=ids.device.type == "cuda") as prof:
         for _ in range(steps):
             _sync(ids.device.type)
             with record_function("phase:forward"):
@@ -254,6 +260,7 @@ def cuda_api(runner, ids, pos, amp, steps: int = 3) -> dict:
         if e.name.startswith("phase:"):
             marks.append((e.time_range.start, e.time_range.end, e.name[6:]))
     out = {name: {} for _, _, name in marks}
+    waits: dict = {}
     for e in events:
         if e.name not in CUDA_API:
             continue
@@ -263,7 +270,14 @@ def cuda_api(runner, ids, pos, amp, steps: int = 3) -> dict:
                 c = out[name].setdefault(e.name, [0, 0.0])
                 c[0] += 1
                 c[1] += (e.time_range.end - e.time_range.start) / 1e3
+                if e.name in WAITS and f"{name} {e.name}" not in waits:
+                    chain, up = [], e.cpu_parent
+                    while up is not None and len(chain) < 16:
+                        chain.append(up.name)
+                        up = up.cpu_parent
+                    waits[f"{name} {e.name}"] = chain + list(getattr(e, "stack", None) or [])
                 break
+    out["waits"] = waits
     return out
 
 
@@ -366,7 +380,9 @@ def main(argv=None) -> dict:
                         print(f"  {m} CUDA calls (3 steps, count / host ms): " + "; ".join(
                             f"{ph}: " + ", ".join(f"{k} {n} / {ms:.1f}"
                                                   for k, (n, ms) in sorted(calls.items()))
-                            for ph, calls in phases.items()), flush=True)
+                            for ph, calls in phases.items() if ph != "waits"), flush=True)
+                        for call, chain in phases["waits"].items():
+                            print(f"    {m} {call} from: " + " < ".join(chain), flush=True)
                 if addrs is not None:
                     addrs.on = False
                     entry["input_addresses"] = addrs.repeats()

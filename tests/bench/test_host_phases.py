@@ -127,7 +127,8 @@ def test_cuda_api_by_phase(tmp_path):
     api = rep["cases"][0]["cuda_api"]
     assert set(api) == {"nonprivate", "dpkern"}
     for phases in api.values():
-        assert set(phases) == {"forward", "backward", "step"}
+        assert set(phases) == {"forward", "backward", "step", "waits"}
+        assert all(k.split()[1] in host_phases.WAITS for k in phases.pop("waits"))
         for calls in phases.values():
             assert set(calls) <= set(host_phases.CUDA_API)
             assert all(n > 0 and ms >= 0 for n, ms in calls.values())
