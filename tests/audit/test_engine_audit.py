@@ -201,9 +201,11 @@ def test_audit_holds_for_the_engine():
 def test_audit_catches_clipping_disabled(monkeypatch):
     import dpkern.engine as engine_mod
 
-    def no_clip(norms_sq, clipping, max_grad_norm, per_param=None, gamma=0.01):
-        finite = torch.isfinite(torch.stack(norms_sq).sum(0))
-        return [finite.float()] * len(norms_sq), finite
+    def no_clip(bounds, clipping, max_grad_norm, per_param=None, gamma=0.01):
+        # bounds: the engine's (P, B) matrix (clip_factors also takes a list of (B,) rows)
+        u = bounds if isinstance(bounds, torch.Tensor) else torch.stack(bounds)
+        finite = torch.isfinite(u.sum(0))
+        return [finite.float()] * len(bounds), finite
 
     monkeypatch.setattr(engine_mod, "clip_factors", no_clip)
     res = _audit(seed=11)

@@ -144,10 +144,11 @@ def test_fuzz_catches_clipping_disabled(monkeypatch):
     """Mutation: clip factors forced to 1 (clipping disabled). The fuzzer must see distances > C."""
     import dpkern.engine as engine_mod
 
-    def no_clip(norms_sq, clipping, max_grad_norm, per_param=None, gamma=0.01):
-        total = torch.stack(norms_sq).sum(0)
+    def no_clip(bounds, clipping, max_grad_norm, per_param=None, gamma=0.01):
+        # bounds: the engine's (P, B) matrix (clip_factors also takes a list of (B,) rows)
+        total = (bounds if isinstance(bounds, torch.Tensor) else torch.stack(bounds)).sum(0)
         finite = torch.isfinite(total)
-        return [finite.to(total.dtype)] * len(norms_sq), finite
+        return [finite.to(total.dtype)] * len(bounds), finite
 
     monkeypatch.setattr(engine_mod, "clip_factors", no_clip)
     with pytest.raises(AssertionError):
@@ -159,8 +160,8 @@ def test_fuzz_catches_missing_nonfinite_zeroing(monkeypatch):
     import dpkern.engine as engine_mod
     real = engine_mod.clip_factors
 
-    def keep_all(norms_sq, clipping, max_grad_norm, per_param=None, gamma=0.01):
-        factors, finite = real(norms_sq, clipping, max_grad_norm, per_param, gamma)
+    def keep_all(bounds, clipping, max_grad_norm, per_param=None, gamma=0.01):
+        factors, finite = real(bounds, clipping, max_grad_norm, per_param, gamma)
         return [torch.where(finite, f, torch.ones_like(f)) for f in factors], torch.ones_like(finite)
 
     monkeypatch.setattr(engine_mod, "clip_factors", keep_all)
