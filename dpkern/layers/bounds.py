@@ -43,16 +43,14 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=2, dtype=torch.float32)
 
 
-def _sqrt_q(use, row_norms: dict | None) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
+def _sqrt_q(use) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
     """(s, f, (T, d, p)): s (B,) fp64 with f·s a bound on sqrt(Q_i) for one use that is not a
     LinearUse (f a float the caller applies, so that one multiply serves every parameter), and
-    (T, d, p) for η and β. row_norms: {id(use): s} of PerSampleUses whose norms were taken per
-    width (PerSampleRows). A LinearUse's s is its row of _linear_sums (f: _use_terms)."""
+    (T, d, p) for η and β. A LinearUse's s is its row of _linear_sums, and a PerSampleUse held in
+    PerSampleRows has its row of norms64 (f and shape: _use_terms)."""
     if isinstance(use, PerSampleUse):
         flat = use.grads.reshape(use.grads.shape[0], -1)
-        s = row_norms.get(id(use)) if row_norms else None
-        if s is None:
-            s = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+        s = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
         return s, 1.0, (1, flat.shape[1], 1)
     if isinstance(use, EmbeddingUse):
         bsz, seq, d = use.g.shape
@@ -139,8 +137,8 @@ def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,
     pieces, n_rows = ([sums], sums.shape[0]) if sums is not None else ([], 0)
     rows_row = {}  # id(PerSampleUse) -> its row among the pieces
     if rows is not None:  # one PerSampleUse each: their norms per width
-        for ps, g in rows.groups:
-            pieces.append(torch.linalg.vector_norm(g, dim=2, dtype=torch.float64))
+        for ps, norms in rows.norms64():
+            pieces.append(norms)
             for p in ps:
                 rows_row[id(uses_by_param[p][0])] = n_rows
                 n_rows += 1
@@ -152,7 +150,7 @@ def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,
             u = us[0]
             r = linear_row.get(id(u)) if isinstance(u, LinearUse) else rows_row.get(id(u))
             if r is None:
-                s, f, (seq, d, w) = _sqrt_q(u, None)
+                s, f, (seq, d, w) = _sqrt_q(u)
                 pieces.append(s.view(1, -1))
                 r, n_rows = n_rows, n_rows + 1
             else:
@@ -164,7 +162,7 @@ def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,
             for u in us:
                 r = linear_row.get(id(u)) if isinstance(u, LinearUse) else None
                 if r is None:
-                    s, f, (t_u, d_u, p_u) = _sqrt_q(u, None)
+                    s, f, (t_u, d_u, p_u) = _sqrt_q(u)
                 else:
                     s, (f, (t_u, d_u, p_u)) = sums[r], _use_terms(u)
                 total = total + s * f

@@ -225,13 +225,11 @@ class PerSampleRows:
     def __contains__(self, p) -> bool:
         return p in self.params
 
-    def norms64(self) -> dict:
-        """{p: (B,) fp64 ‖g_i‖ of the fp32 rows}: the release bounds' sqrt(Q) term (bounds._sqrt_q
-        of a PerSampleUse, per width)."""
-        out = {}
-        for ps, g in self.groups:
-            out.update(zip(ps, torch.linalg.vector_norm(g, dim=2, dtype=torch.float64).unbind(0)))
-        return out
+    def norms64(self) -> list:
+        """[(params, (L, B) fp64 ‖g_i‖ of their fp32 rows)] per width: the release bounds'
+        sqrt(Q) terms (bounds._sqrt_q of a PerSampleUse), one tensor per width."""
+        return [(ps, torch.linalg.vector_norm(g, dim=2, dtype=torch.float64))
+                for ps, g in self.groups]
 
     def bookkeep(self, scales: dict, keep: torch.Tensor) -> dict:
         """{p: Σ_i scales[p]_i g_i} fp32 of shape p.shape (views of one (L, n) tensor per width)

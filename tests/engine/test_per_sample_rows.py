@@ -93,9 +93,10 @@ def test_rows_group_by_width_and_leave_the_rest():
 def test_norms64_equal_the_per_parameter_terms():
     w, _, _, _, uses = _uses()
     rows = PerSampleRows(uses, list(uses))
-    got = rows.norms64()
+    got = {p: x for ps, m in rows.norms64() for p, x in zip(ps, m)}
+    assert set(got) == set(w)
     for p in w:
-        s, f, _ = _sqrt_q(uses[p][0], {})
+        s, f, _ = _sqrt_q(uses[p][0])
         assert f == 1.0 and torch.equal(got[p], s)
 
 
@@ -153,7 +154,7 @@ def _bound_per_parameter(uses, p, n2, mode):
             s = row_norm_dots(u.a, [u.g], backend="torch")[0]
             f, (t_u, d_u, p_u) = bd._use_terms(u)
         else:
-            s, f, (t_u, d_u, p_u) = _sqrt_q(u, None)
+            s, f, (t_u, d_u, p_u) = _sqrt_q(u)
         parts.append((s, f))
         seq, d, w = seq + t_u, max(d, d_u), max(w, p_u)
     sq = parts[0][0] * parts[0][1] if len(parts) == 1 else sum(s * f for s, f in parts)
