@@ -12,6 +12,9 @@ clip factors, book-keeping, and the Triton launch path summed over all of them.
 --input-addresses records whether each backward's clipper inputs sit where the previous
 backward's did (InputAddresses). --cuda-api lists each phase's CUDA runtime calls that can make
 the host wait (allocations, copies, synchronisations), with the launches for scale.
+--step-waits finds the calls of the optimizer step that wait for the GPU (step_waits).
+--pipelined K also times K steps of each mode back to back, synchronised only around them
+(pipelined): a loop that does not read the loss every step lets the host run ahead of the GPU.
 
     python -m bench.host_phases --cases 8x128,2x512 --precisions fp32-tf32 --out phases.json
 """
@@ -281,6 +284,137 @@ def cuda_api(runner, ids, pos, amp, steps: int = 3) -> dict:
     return out
 
 
+class StepCalls:
+    """Host time of the calls inside a DP optimizer step (CALLS, wrapped while installed, and the
+    optimizer's step hooks), in ms, added up while `on`; `take()` returns them and zeroes."""
+
+    CALLS = (("dpkern.optim.dp_optimizer", "DPOptimizer", "_check_grads"),
+             ("dpkern.optim.dp_optimizer", "DPOptimizer", "_fused_step"),
+             ("dpkern.optim.dp_optimizer", None, "fused_noisy_step"),
+             ("dpkern.noise.step", None, "_descriptors"),
+             ("dpkern.noise.step", None, "_launch_cuda"),
+             ("dpkern.optim.dp_optimizer", "DPOptimizer", "zero_grad"))
+
+    def __init__(self, opt=None):
+        import importlib
+        self.on, self.ms, self._undo = False, collections.Counter(), []
+        for mod, cls, name in self.CALLS:
+            owner = importlib.import_module(mod)
+            owner = getattr(owner, cls) if cls else owner
+            fn = owner.__dict__[name]
+            setattr(owner, name, self._timed(fn, name))
+            self._undo.append((owner, name, fn))
+        hooks = getattr(opt, "step_hooks", None)
+        if hooks:
+            self._hooks, self._hooks_before = hooks, list(hooks)
+            hooks[:] = [self._timed(h, f"step_hook{i}") for i, h in enumerate(hooks)]
+
+    def _timed(self, fn, label):
+        def timed(*args, **kwargs):
+            if not self.on:
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[label] += (time.perf_counter() - t) * 1e3
+        return timed
+
+    def take(self) -> dict:
+        out, self.ms = dict(self.ms), collections.Counter()
+        return out
+
+    def close(self):
+        for owner, name, fn in reversed(self._undo):
+            setattr(owner, name, fn)
+        self._undo = []
+        if getattr(self, "_hooks", None) is not None:
+            self._hooks[:] = self._hooks_before
+            self._hooks = None
+
+
+def gpu_sleep(ms: float):
+    """A callable that queues about `ms` of GPU work (torch.cuda._sleep, its clock rate measured
+    once), and the measured ms it queues."""
+    def timed(cycles):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(cycles)
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    timed(1000)
+    per_ms = 4_000_000 / timed(4_000_000)
+    cycles = int(ms * per_ms)
+    return (lambda: torch.cuda._sleep(cycles)), timed(cycles)
+
+
+def step_waits(runner, ids, pos, amp, *, queue=None, queued_ms: float = 0.0,
+               repeats: int = 3) -> dict:
+    """Which calls of the optimizer step (opt.step + zero_grad) make the host wait for the GPU.
+    Each step runs twice `repeats` times after a synchronised forward + backward: with the GPU
+    idle, and with `queue()` having queued `queued_ms` of GPU work just before. A call that
+    waits for the GPU takes about queued_ms longer on the host the second way ("waits": more
+    than half of it). On CUDA the default queue is gpu_sleep(30); elsewhere nothing is queued
+    unless `queue` is given (tests). Returns {"queued_ms", "calls": {call: {"idle_ms",
+    "queued_ms", "waits"}}} with the calls "step", "zero_grad" and StepCalls' that ran."""
+    cuda = ids.device.type == "cuda"
+    if queue is None:
+        if not cuda:
+            return {"queued_ms": 0.0, "calls": {}}
+        queue, queued_ms = gpu_sleep(30.0)
+    calls = StepCalls(runner.opt)
+    rows = {False: [], True: []}
+    try:
+        for queued in (False, True) * repeats:
+            with amp:
+                loss = (runner.model(input_ids=ids, position_ids=pos, labels=ids).loss
+                        * runner.loss_scale)
+            loss.backward()
+            _sync(ids.device.type)
+            if queued:
+                queue()
+            calls.on = True
+            t0 = time.perf_counter()
+            runner.opt.step()
+            t1 = time.perf_counter()
+            runner.opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            calls.on = False
+            rows[queued].append({"step": (t1 - t0) * 1e3, "zero_grad": (t2 - t1) * 1e3}
+                                | calls.take())
+            _sync(ids.device.type)
+    finally:
+        calls.close()
+    out = {}
+    for name in rows[False][0]:
+        idle = statistics.median(r.get(name, 0.0) for r in rows[False])
+        busy = statistics.median(r.get(name, 0.0) for r in rows[True])
+        out[name] = {"idle_ms": idle, "queued_ms": busy, "waits": busy - idle > 0.5 * queued_ms}
+    return {"queued_ms": queued_ms, "calls": out}
+
+
+def pipelined(runner, ids, pos, amp, steps: int) -> dict:
+    """`steps` training steps back to back, synchronised only before the first and after the
+    last (as a training loop that does not read the loss every step): ms per step by CUDA events
+    ("gpu"; on the CPU, wall time) and the host's ms per step until the last step returned."""
+    device = ids.device.type
+    _sync(device)
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.step(ids, pos, amp)
+    t1 = time.perf_counter()
+    if device == "cuda":
+        end.record()
+    _sync(device)
+    t2 = time.perf_counter()
+    gpu = start.elapsed_time(end) if device == "cuda" else (t2 - t0) * 1e3
+    return {"gpu": gpu / steps, "host": (t1 - t0) * 1e3 / steps}
+
+
 def summary(rows: list) -> dict:
     out = {k: statistics.median(r[k] for r in rows) for k in PHASES}
     out["min"] = {k: min(r[k] for r in rows) for k in PHASES}
@@ -310,6 +444,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--cuda-api", action="store_true",
                     help="per mode and phase, the CUDA runtime calls of 3 profiled steps "
                          "(allocations, copies, synchronisations, launches: cuda_api)")
+    ap.add_argument("--step-waits", action="store_true",
+                    help="which calls of the optimizer step wait for the GPU (step_waits)")
+    ap.add_argument("--pipelined", type=int, default=0, metavar="K",
+                    help="also, per round, K steps of each mode back to back, synchronised only "
+                         "around them (pipelined): the ratio a loop that does not sync sees")
     ap.add_argument("--plan-cache-ab", action="store_true",
                     help="also time the dpkern step with the grouped ops' plan cache off "
                          "(mode dpkern-noplan: the same model, planning every backward)")
@@ -342,6 +481,8 @@ def main(argv=None) -> dict:
                 ops = {m: op_counts(runners[m], ids, pos, amp) for m in modes}
                 api = ({m: cuda_api(runners[m], ids, pos, amp) for m in modes[:2]}
                        if args.cuda_api else None)
+                waits = ({m: step_waits(runners[m], ids, pos, amp) for m in modes[:2]}
+                         if args.step_waits else None)
                 if args.gc == "freeze":
                     gc.collect()
                     gc.freeze()
@@ -360,6 +501,10 @@ def main(argv=None) -> dict:
                         if parts is not None and m == "dpkern":
                             parts.on = False
                             rows[m][-1]["parts"] = parts.take()
+                piped = {m: [] for m in modes[:2]}
+                for i in range(args.rounds if args.pipelined else 0):
+                    for m in (modes[:2] if i % 2 == 0 else modes[1::-1]):
+                        piped[m].append(pipelined(runners[m], ids, pos, amp, args.pipelined))
                 if args.gc == "freeze":
                     gc.unfreeze()
                 s = {m: summary(rows[m]) for m in modes}
@@ -374,6 +519,26 @@ def main(argv=None) -> dict:
                                   for m in modes}}
                 if args.plan_cache_ab:
                     entry["paired_ratio_median_noplan"] = paired["dpkern-noplan"]
+                if args.pipelined:
+                    entry["pipelined"] = {
+                        "steps": args.pipelined, "rows": piped,
+                        "ms_per_step": {m: statistics.median(r["gpu"] for r in piped[m])
+                                        for m in piped},
+                        "paired_ratio_median": statistics.median(
+                            d["gpu"] / n["gpu"] for n, d in zip(piped["nonprivate"],
+                                                                piped["dpkern"]))}
+                    pl = entry["pipelined"]
+                    print(f"  pipelined ({args.pipelined} steps a run): paired "
+                          f"{pl['paired_ratio_median']:.3f}; ms per step " + ", ".join(
+                              f"{m} {v:.1f}" for m, v in pl["ms_per_step"].items()), flush=True)
+                if waits is not None:
+                    entry["step_waits"] = waits
+                    for m, w in waits.items():
+                        print(f"  {m} step calls, host ms idle / with {w['queued_ms']:.0f} ms "
+                              "queued: " + ", ".join(
+                                  f"{k} {v['idle_ms']:.2f}/{v['queued_ms']:.2f}"
+                                  + (" WAITS" if v["waits"] else "")
+                                  for k, v in w["calls"].items()), flush=True)
                 if api is not None:
                     entry["cuda_api"] = api
                     for m, phases in api.items():

@@ -137,3 +137,74 @@ def test_cuda_api_by_phase(tmp_path):
         for ph in ("backward", "step"):
             for sync in ("cudaStreamSynchronize", "cudaDeviceSynchronize"):
                 assert sync not in api["dpkern"][ph], (ph, api["dpkern"][ph])
+
+
+def test_step_waits_flags_the_call_that_waits(monkeypatch):
+    """step_waits: a call that waits for the queued work (here a stand-in: _check_grads sleeps
+    50 ms once the queue was called) is flagged, with the step around it; the calls that do not
+    wait are not; the wrapped calls and step hooks are restored afterwards."""
+    import threading
+    import time
+    import types
+
+    from bench.e2e_step import Runner, case_inputs, llama_config
+    from dpkern.optim.dp_optimizer import DPOptimizer
+    cfg = llama_config(True)
+    runner = Runner(cfg, DEVICE, "dpkern", types.SimpleNamespace(backend="triton", sigma=1.0,
+                                                                 clip=1.0), expected_bsz=2)
+    ids, pos, amp = case_inputs(cfg, 2, 8, "fp32", DEVICE)
+    queued = threading.Event()
+    real = DPOptimizer._check_grads
+
+    def waiting(self):
+        if queued.is_set():
+            time.sleep(0.05)
+            queued.clear()
+        return real(self)
+    monkeypatch.setattr(DPOptimizer, "_check_grads", waiting)
+    hooks = list(runner.opt.step_hooks)
+    try:
+        got = host_phases.step_waits(runner, ids, pos, amp, queue=queued.set, queued_ms=50.0,
+                                     repeats=2)
+        assert len(hooks) == 1 and runner.opt.step_hooks == hooks  # the same hook objects
+    finally:
+        runner.close()
+    calls = got["calls"]
+    assert got["queued_ms"] == 50.0
+    assert calls["_check_grads"]["waits"] and calls["step"]["waits"], calls
+    assert calls["_check_grads"]["queued_ms"] >= 50.0 > calls["_check_grads"]["idle_ms"]
+    assert not calls["zero_grad"]["waits"] and not calls["step_hook0"]["waits"], calls
+    assert all(not v["waits"] for k, v in calls.items() if k not in ("_check_grads", "step"))
+    assert DPOptimizer.__dict__["_check_grads"] is waiting
+
+
+def test_step_waits_without_cuda_queues_nothing():
+    """Off CUDA, with no queue given, there is nothing to wait for: no calls reported."""
+    import types
+
+    import torch
+    x = types.SimpleNamespace(device=torch.device("cpu"))
+    assert host_phases.step_waits(None, x, None, None) == {"queued_ms": 0.0, "calls": {}}
+
+
+def test_pipelined_rounds(tmp_path, monkeypatch):
+    """--pipelined K: per round, K steps of each mode back to back (counted), times per step,
+    and a paired ratio."""
+    from bench.e2e_step import Runner
+    steps = []
+    real = Runner.step
+
+    def counted(self, *a, **kw):
+        steps.append(self.mode)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(Runner, "step", counted)
+    rep = host_phases.main(["--tiny", "--device", DEVICE, "--cases", "2x8", "--precisions",
+                            "fp32", "--rounds", "2", "--warmup", "1", "--pipelined", "3",
+                            "--out", str(tmp_path / "p.json")])
+    pl = rep["cases"][0]["pipelined"]
+    assert pl["steps"] == 3 and set(pl["rows"]) == {"nonprivate", "dpkern"}
+    for rows in pl["rows"].values():
+        assert len(rows) == 2 and all(r["gpu"] > 0 and r["host"] > 0 for r in rows)
+    assert pl["paired_ratio_median"] > 0
+    # 1 warm-up step per mode, then 2 rounds x 3 pipelined steps per mode
+    assert steps.count("dpkern") == steps.count("nonprivate") == 1 + 6
