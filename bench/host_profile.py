@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
-from bench.host_phases import one_step
+from bench.host_phases import clipper_clock, one_step
 
 
 def phases(runner, ids, pos, amp, steps) -> dict:
@@ -66,6 +66,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--out", default="host_profile.txt")
+    ap.add_argument("--clipper-only", action="store_true",
+                    help="profile only dpkern's end-of-backward clipper (the other modes: whole steps)")
     ap.add_argument("--sync-check", action="store_true",
                     help="also list the host-GPU synchronisations of two steps, with their stacks")
     args = ap.parse_args(argv)
@@ -90,8 +92,20 @@ def main(argv=None):
             print(msg, flush=True)
             report.write(msg)
         prof = cProfile.Profile()
+        clock = clipper_clock(runner.model) if args.clipper_only else None
+        if clock is not None:  # the profiler on inside the clipper only
+            inner = clock.fn
+
+            def profiled(*a, **kw):
+                prof.enable()
+                try:
+                    return inner(*a, **kw)
+                finally:
+                    prof.disable()
+            clock.fn = profiled
         torch.cuda.synchronize()
-        prof.enable()
+        if clock is None:
+            prof.enable()
         for _ in range(args.steps):
             runner.step(ids, pos, amp)
         torch.cuda.synchronize()
@@ -100,7 +114,9 @@ def main(argv=None):
         for key in ("tottime", "cumulative"):
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats(key).print_stats(args.top)
-            report.write(f"\n==== {mode}: top {args.top} by {key} over {args.steps} steps ====\n")
+            what = "the clipper" if clock is not None else "steps"
+            report.write(f"\n==== {mode}: top {args.top} by {key}, {what} of {args.steps} "
+                         "steps ====\n")
             report.write(s.getvalue())
         runner.close()
         del runner
