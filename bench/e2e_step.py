@@ -22,6 +22,11 @@ the DP / non-private time ratio is 1 + norm FLOPs / training FLOPs.
 Each run records its step times and, per step, the host time until step() returned (a step
 whose host time is close to its step time is launch-bound).
 
+`--paired` builds the non-private and dpkern models together and interleaves their steps case by
+case (run_paired_case): both modes then see the same host and GPU state, which one mode after
+the other does not give on the small, host-bound cases; dpkern's rows add "paired_ratio", and a
+mode's peak memory is its resident bytes plus what its steps allocated on top of both models.
+
 Outputs: JSON (every run, GPU, versions, commit, date), CSV (one row per case, precision and mode:
 ms, peak GiB, ratios, floor, status), PNG (measured ratio vs floor over the sweep), and a table.
 
@@ -230,6 +235,70 @@ def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
     return res
 
 
+PAIRED = ("nonprivate", "dpkern")
+
+
+def resident_bytes(runner, host_too: bool = False) -> int:
+    """Bytes a runner holds between steps on its device (with host_too, on the host as well):
+    its parameters and optimizer state, each storage once."""
+    seen = {}
+    tensors = list(runner.model.parameters())
+    for st in runner.opt.state.values():
+        tensors += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if host_too or t.device.type != "cpu":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def run_paired_case(runners: dict, cfg, device, precision, bsz, seq, args) -> dict:
+    """run_case for the non-private and dpkern runners together, their steps interleaved (one of
+    each per round, the order alternating), so that both see the same host and GPU state: {mode:
+    run_case's result} plus, for dpkern, "paired_ratio" (median over rounds of the DP step's time
+    over the round's non-private one). Both models stay resident, so a mode's peak memory is its
+    own resident bytes (parameters + optimizer state) plus the most its steps allocated above
+    the two models at rest."""
+    ids, pos, amp = case_inputs(cfg, bsz, seq, precision, device)
+    cuda = device == "cuda"
+    for m in PAIRED:
+        for _ in range(args.warmup):
+            runners[m].step(ids, pos, amp)
+    times, host, extra, loss = ({m: [] for m in PAIRED}, {m: [] for m in PAIRED},
+                                dict.fromkeys(PAIRED, 0), {})
+    for i in range(args.steps):
+        for m in (PAIRED if i % 2 == 0 else PAIRED[::-1]):
+            if cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                start, end = (torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True))
+                start.record()
+            t0 = time.perf_counter()
+            loss[m] = runners[m].step(ids, pos, amp)
+            host[m].append((time.perf_counter() - t0) * 1e3)
+            if cuda:
+                end.record()
+                torch.cuda.synchronize()
+                times[m].append(start.elapsed_time(end))
+                extra[m] = max(extra[m], torch.cuda.max_memory_allocated() - base)
+            else:
+                times[m].append(host[m][-1])
+    out = {}
+    for m in PAIRED:
+        t = times[m]
+        out[m] = {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t),
+                  "min_ms": min(t), "max_ms": max(t), "times_ms": t, "host_ms": host[m],
+                  "gc": args.gc, "loss": float(loss[m].detach()), "n_params": runners[m].n_params,
+                  "status": "ok", "paired": True}
+        if cuda:
+            out[m]["peak_mem_gib"] = (resident_bytes(runners[m]) + extra[m]) / 2**30
+    out["dpkern"]["paired_ratio"] = statistics.median(
+        d / n for n, d in zip(times["nonprivate"], times["dpkern"]))
+    return out
+
+
 def _failure(exc) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "failed: out of memory"
@@ -263,7 +332,7 @@ def summarize(report: dict, cfg) -> list:
                "median_ms": r.get("median_ms"), "peak_mem_gib": r.get("peak_mem_gib"),
                "floor": flop_floor(cfg, bsz, seq)["floor"],
                "floor_triangle": flop_floor(cfg, bsz, seq)["floor_triangle"],
-               "time_ratio": None, "mem_ratio": None}
+               "time_ratio": None, "mem_ratio": None, "paired_ratio": r.get("paired_ratio")}
         if r.get("median_ms") and base.get("median_ms"):
             row["time_ratio"] = r["median_ms"] / base["median_ms"]
             if r.get("peak_mem_gib") and base.get("peak_mem_gib"):
@@ -345,6 +414,52 @@ def _ratio(rows, prec, case, mode):
                  and r["precision"] == prec and r["mode"] == mode), None)
 
 
+def run_paired(cfg, args, cases, report, t_start) -> None:
+    """The non-private and dpkern modes built together and run case by case with
+    run_paired_case; one entry per case, precision and mode in report["runs"], as main's loop."""
+    def build():
+        runners = {}
+        try:
+            for m in PAIRED:
+                runners[m] = Runner(cfg, args.device, m, args, expected_bsz=cases[0][0])
+            return runners, None
+        except Exception as exc:  # noqa: BLE001 - recorded for every case
+            return runners, _failure(exc)
+
+    def close(runners):
+        for r in runners.values():
+            r.close()
+        runners.clear()
+        free(args.device)
+
+    runners, error = build()
+    for precision in args.precisions.split(","):
+        for bsz, seq in cases:
+            entries = {m: {"B": bsz, "T": seq, "precision": precision, "mode": m}
+                       | flop_floor(cfg, bsz, seq) for m in PAIRED}
+            if time.perf_counter() - t_start > args.budget_s:
+                status = "skipped: time budget"
+            elif error is not None:
+                status = error
+            else:
+                try:
+                    for m, res in run_paired_case(runners, cfg, args.device, precision, bsz, seq,
+                                                  args).items():
+                        entries[m].update(res)
+                    status = None
+                except Exception as exc:  # noqa: BLE001 - OOM: both modes of this case
+                    status = _failure(exc)
+                    close(runners)  # a step that failed half-way leaves state behind: rebuild
+                    runners, error = build()
+            for m in PAIRED:
+                if status is not None:
+                    entries[m]["status"] = status
+                report["runs"].append(entries[m])
+                print(json.dumps(entries[m]), flush=True)
+            free(args.device)
+    close(runners)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cases", default=None, help="comma-separated BxT list (default: table + sweep)")
@@ -360,6 +475,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test)")
     ap.add_argument("--out", default="e2e_step.json", help="JSON path; .csv and .png beside it")
+    ap.add_argument("--paired", action="store_true",
+                    help="run the non-private and dpkern steps of each case interleaved "
+                         "(run_paired_case): ratios that a drifting host does not skew")
     ap.add_argument("--gc", choices=["default", "freeze"], default="default",
                     help="freeze: gc.freeze() once the models are built (the interpreter's cyclic "
                          "collector then skips the long-lived objects; times collector pauses)")
@@ -384,7 +502,12 @@ def main(argv=None) -> dict:
         with contextlib.suppress(ImportError):
             report[mod] = __import__(mod).__version__
     t_start = time.perf_counter()
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    if args.paired and all(m in modes for m in PAIRED):
+        report["paired"] = True
+        run_paired(cfg, args, cases, report, t_start)
+        modes = [m for m in modes if m not in PAIRED]
+    for mode in modes:
         mode_cases = [c for c in cases if not mode.startswith("opacus") or c in opacus_cases]
         if not mode_cases:
             continue

@@ -58,3 +58,53 @@ def test_rmt_mode_denoises_every_step(tmp_path, monkeypatch):
     assert runs["dpkern-rmt"]["status"] == "ok" and runs["dpkern"]["status"] == "ok"
     assert len(calls) == 3 and calls[0] > 0  # warm-up + 2 timed steps, on the released grads
     assert "mean_ms" in runs["dpkern-rmt"]
+
+
+def test_paired_runs_interleave_the_two_modes(tmp_path, monkeypatch):
+    """--paired: non-private and dpkern built together, their steps interleaved per case (the
+    warm-up of each, then one step of each per round, the order alternating), dpkern's rows with
+    a paired ratio; a mode outside the pair still runs after, on its own."""
+    order = []
+    real = e2e_step.Runner.step
+
+    def step(self, *a, **kw):
+        order.append(self.mode)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(e2e_step.Runner, "step", step)
+    monkeypatch.setattr(e2e_step, "plot", lambda rows, path: None)
+    out = tmp_path / "e2e.json"
+    rep = e2e_step.main(["--tiny", "--device", "cpu", "--paired", "--modes",
+                         "dpkern,nonprivate,dpkern-rmt", "--cases", "2x8,1x5", "--precisions",
+                         "fp32", "--steps", "3", "--warmup", "1", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert rep["paired"] and [(r["B"], r["mode"]) for r in runs[:4]] == [
+        (2, "nonprivate"), (2, "dpkern"), (1, "nonprivate"), (1, "dpkern")]
+    assert all(r["status"] == "ok" and r.get("paired") for r in runs[:4])
+    assert runs[4]["mode"] == "dpkern-rmt" and "paired" not in runs[4]
+    np_, dp = "nonprivate", "dpkern"
+    case = [np_, dp, np_, dp, dp, np_, np_, dp]  # warm-up, then rounds np dp / dp np / np dp
+    assert order[:16] == case + case
+    for r in runs[:4]:
+        assert len(r["times_ms"]) == 3 and r["median_ms"] > 0
+    for r in (runs[1], runs[3]):
+        ratios = sorted(d / n for n, d in zip(runs[runs.index(r) - 1]["times_ms"], r["times_ms"]))
+        assert r["paired_ratio"] == ratios[1]
+    rows = {(r["B"], r["mode"]): r for r in rep["summary"]}
+    assert rows[(2, "dpkern")]["paired_ratio"] == runs[1]["paired_ratio"]
+    assert rows[(2, "nonprivate")]["paired_ratio"] is None
+
+
+def test_resident_bytes_counts_parameters_and_state_once():
+    """resident_bytes: parameters and optimizer state tensors, a shared storage once; host
+    tensors only when asked (the device count of CPU tensors is 0)."""
+    import types
+
+    import torch
+    w = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.float64))   # 256 bytes
+    model = torch.nn.Module()
+    model.w, model.v = w, torch.nn.Parameter(torch.zeros(3))         # 12 bytes
+    shared = torch.zeros(10)                                          # 40 bytes, two views
+    opt = types.SimpleNamespace(state={w: {"m": shared, "v": shared[2:], "step": 3}})
+    runner = types.SimpleNamespace(model=model, opt=opt)
+    assert e2e_step.resident_bytes(runner, host_too=True) == 256 + 12 + 40
+    assert e2e_step.resident_bytes(runner) == 0
