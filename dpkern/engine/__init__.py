@@ -188,7 +188,8 @@ class _Clipper:
 
     def _single_sample(self, uses: dict, params: list) -> None:
         """B = 1: the per-sample gradient is the batch gradient. Form it once (`_one_gradient`: a
-        plain GEMM for fp32 Linear uses, book-keeping with scale 1 otherwise), take its norm from the
+        plain GEMM for fp32 Linear uses, book-keeping with scale 1 otherwise, grouped over the
+        parameters with one 16-bit Linear use), take its norm from the
         very fp32 values that will be released, scale it in place.
         No norm kernels and no second pass over (a, g): clipping costs one read of the gradient.
 
@@ -197,16 +198,38 @@ class _Clipper:
         opt = self.optimizer
         ones: dict = {}
         grads, norms, bounds = [], [], []
+        # One-Linear-use parameters with 16-bit operands: their gradients in grouped book-keeping
+        # launches (scale 1), each bit for bit bookkeep's (fp32 ones stay a cuBLAS GEMM). Their
+        # uses leave `uses` here, so each launch group's inputs are freed once it is issued.
+        grouped, items = {}, []
         for p in params:
-            p_uses = uses.pop(p)
-            one = ones.get(p.device)
-            if one is None:
-                one = ones[p.device] = torch.ones(1, dtype=torch.float32, device=p.device)
-            acc = None
-            if not isinstance(p_uses[0], LinearUse):
-                acc = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64
-                                  else torch.float32, device=p.device)
-            g = _one_gradient(p_uses, one, acc, self.backend)
+            p_uses = uses[p]
+            u = p_uses[0]
+            if len(p_uses) == 1 and isinstance(u, LinearUse) and not (
+                    u.a.dtype == u.g.dtype == torch.float32):
+                one = ones.get(p.device)
+                if one is None:
+                    one = ones[p.device] = torch.ones(1, dtype=torch.float32, device=p.device)
+                del uses[p]
+                grouped[p] = len(items)
+                items.append((u.a, u.g, one, None, False))
+        p_uses = u = None
+        formed = bookkeeping_wgrad_grouped(items, backend=self.backend, consume=True)
+        items = None
+        for p in params:
+            k = grouped.get(p)
+            if k is not None:
+                g, formed[k] = formed[k], None
+            else:
+                p_uses = uses.pop(p)
+                one = ones.get(p.device)
+                if one is None:
+                    one = ones[p.device] = torch.ones(1, dtype=torch.float32, device=p.device)
+                acc = None
+                if not isinstance(p_uses[0], LinearUse):
+                    acc = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64
+                                      else torch.float32, device=p.device)
+                g = _one_gradient(p_uses, one, acc, self.backend)
             n = torch.linalg.vector_norm(g, dtype=torch.float64).reshape(1)
             grads.append(g)
             norms.append(n.square())

@@ -99,3 +99,58 @@ def test_single_sample_micro_batches_accumulate():
     for n in fast:
         torch.testing.assert_close(fast[n], sum(p[n] for p in parts), rtol=1e-5, atol=1e-12)
     assert opt.backwards == 3 and opt.samples == 3
+
+
+class TwoLinear(nn.Module):
+    """Two Linear layers of one layout (one grouped launch), a LayerNorm and a tied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.lin1 = nn.Linear(6, 6)
+        self.lin2 = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.norm(self.lin2(torch.tanh(self.lin1(self.emb(ids))))))
+
+
+def _bf16_release(monkeypatch=None, per_item=False):
+    """One B = 1 backward of TwoLinear in bf16 on the Triton backend: the released sums and the
+    launches of the backward; per_item: the engine's grouped book-keeping replaced by one
+    bookkeeping_wgrad per item (what the path did before it was grouped)."""
+    import dpkern.engine as eng
+    from dpkern.ops.bookkeeping import bookkeeping_wgrad
+    from tests.opcount import count_launches
+    if per_item:
+        monkeypatch.setattr(eng, "bookkeeping_wgrad_grouped", lambda items, backend=None, **kw: [
+            bookkeeping_wgrad(a, g, s, backend=backend) for a, g, s, _, _ in items])
+    torch.manual_seed(3)
+    model = TwoLinear().to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, opt, _ = PrivacyEngine(accountant="rdp", backend="triton").make_private(
+        module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=0.05,
+        expected_batch_size=1, sample_rate=0.1, loss_reduction="sum")
+    ids = torch.randint(0, 11, (1, 63))
+    out = model(ids)
+    with count_launches() as c:
+        (out.float().square().sum() * 100.0).backward()
+    return {n: opt.summed[p].clone() for p, n in opt.params.items()}, c
+
+
+def test_single_sample_groups_16bit_linear_gradients(monkeypatch):
+    """B = 1 with 16-bit Linear layers: the one-use layers' gradients come from grouped
+    book-keeping launches (lin1 and lin2 in one, the tied head's on its own: 2 launches, not 3),
+    bit for bit what one launch per layer gives, and the release stays within C."""
+    grouped, c = _bf16_release()
+    assert c.by_name["triton:_bookkeeping_fwd_kernel"] == 2, c.by_name
+    with monkeypatch.context() as m:
+        single, c1 = _bf16_release(m, per_item=True)
+    assert c1.by_name["triton:_bookkeeping_fwd_kernel"] == 3, c1.by_name
+    assert grouped.keys() == single.keys() and len(grouped) == 7
+    for n in grouped:
+        assert torch.equal(grouped[n], single[n]), n
+    total = float(sum(g.double().square().sum() for g in grouped.values()).sqrt())
+    assert 0.05 * (1 - 1e-6) < total <= 0.05
