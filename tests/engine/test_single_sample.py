@@ -118,7 +118,8 @@ class TwoLinear(nn.Module):
 
 
 def _bf16_release(monkeypatch=None, per_item=False):
-    """One B = 1 backward of TwoLinear in bf16 on the Triton backend: the released sums and the
+    """One B = 1 backward of TwoLinear in bf16 on the Triton backend (on the GPU when there is
+    one): the released sums and the
     launches of the backward; per_item: the engine's grouped book-keeping replaced by one
     bookkeeping_wgrad per item (what the path did before it was grouped)."""
     import dpkern.engine as eng
@@ -127,17 +128,19 @@ def _bf16_release(monkeypatch=None, per_item=False):
     if per_item:
         monkeypatch.setattr(eng, "bookkeeping_wgrad_grouped", lambda items, backend=None, **kw: [
             bookkeeping_wgrad(a, g, s, backend=backend) for a, g, s, _, _ in items])
+    from tests.conftest import HAS_GPU
+    dev = "cuda" if HAS_GPU else "cpu"  # the CPU runs the kernels in Triton's interpreter
     torch.manual_seed(3)
-    model = TwoLinear().to(torch.bfloat16)
+    model = TwoLinear().to(dev, torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     model, opt, _ = PrivacyEngine(accountant="rdp", backend="triton").make_private(
         module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0, max_grad_norm=0.05,
         expected_batch_size=1, sample_rate=0.1, loss_reduction="sum")
-    ids = torch.randint(0, 11, (1, 63))
+    ids = torch.randint(0, 11, (1, 63)).to(dev)
     out = model(ids)
     with count_launches() as c:
         (out.float().square().sum() * 100.0).backward()
-    return {n: opt.summed[p].clone() for p, n in opt.params.items()}, c
+    return {n: opt.summed[p].cpu() for p, n in opt.params.items()}, c
 
 
 def test_single_sample_groups_16bit_linear_gradients(monkeypatch):
