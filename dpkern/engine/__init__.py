@@ -205,8 +205,8 @@ class _Clipper:
         for p in params:
             p_uses = uses[p]
             u = p_uses[0]
-            if len(p_uses) == 1 and isinstance(u, LinearUse) and not (
-                    u.a.dtype == u.g.dtype == torch.float32):
+            if len(p_uses) == 1 and isinstance(u, LinearUse) and u.a.dtype == u.g.dtype \
+                    and u.a.dtype in (torch.float16, torch.bfloat16):
                 one = ones.get(p.device)
                 if one is None:
                     one = ones[p.device] = torch.ones(1, dtype=torch.float32, device=p.device)
