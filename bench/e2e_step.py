@@ -201,35 +201,44 @@ def case_inputs(cfg, bsz, seq, precision, device="cuda"):
     return ids, pos, amp
 
 
+def timed_step(runner, ids, pos, amp, cuda: bool) -> tuple:
+    """One synchronised step: (loss, step ms by CUDA events (on the CPU: wall time), host ms until
+    step() returned (launch time: close to the step time = launch-bound))."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    loss = runner.step(ids, pos, amp)
+    host = (time.perf_counter() - t0) * 1e3
+    if not cuda:
+        return loss, host, host
+    end.record()
+    torch.cuda.synchronize()
+    return loss, start.elapsed_time(end), host
+
+
+def step_stats(times: list, host: list, loss, runner, args) -> dict:
+    """A case's result from its timed steps (ms) and its last loss."""
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
+            "min_ms": min(times), "max_ms": max(times), "times_ms": times, "host_ms": host,
+            "gc": args.gc, "loss": float(loss.detach()), "n_params": runner.n_params,
+            "status": "ok"}
+
+
 def run_case(runner, cfg, device, precision, bsz, seq, args) -> dict:
     ids, pos, amp = case_inputs(cfg, bsz, seq, precision, device)
     cuda = device == "cuda"
     for _ in range(args.warmup):
         runner.step(ids, pos, amp)
-    times = []
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    host = []  # ms until step() returned (launch time): close to the step time = launch-bound
+    times, host = [], []
     for _ in range(args.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            t0 = time.perf_counter()
-            loss = runner.step(ids, pos, amp)
-            host.append((time.perf_counter() - t0) * 1e3)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            loss = runner.step(ids, pos, amp)
-            times.append((time.perf_counter() - t0) * 1e3)
-            host.append(times[-1])
-    res = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-           "min_ms": min(times), "max_ms": max(times),
-           "times_ms": times, "host_ms": host, "gc": args.gc,
-           "loss": float(loss.detach()), "n_params": runner.n_params, "status": "ok"}
+        loss, ms, h = timed_step(runner, ids, pos, amp, cuda)
+        times.append(ms)
+        host.append(h)
+    res = step_stats(times, host, loss, runner, args)
     if cuda:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
@@ -272,26 +281,14 @@ def run_paired_case(runners: dict, cfg, device, precision, bsz, seq, args) -> di
                 torch.cuda.synchronize()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
-                start, end = (torch.cuda.Event(enable_timing=True),
-                              torch.cuda.Event(enable_timing=True))
-                start.record()
-            t0 = time.perf_counter()
-            loss[m] = runners[m].step(ids, pos, amp)
-            host[m].append((time.perf_counter() - t0) * 1e3)
+            loss[m], ms, h = timed_step(runners[m], ids, pos, amp, cuda)
+            times[m].append(ms)
+            host[m].append(h)
             if cuda:
-                end.record()
-                torch.cuda.synchronize()
-                times[m].append(start.elapsed_time(end))
                 extra[m] = max(extra[m], torch.cuda.max_memory_allocated() - base)
-            else:
-                times[m].append(host[m][-1])
     out = {}
     for m in PAIRED:
-        t = times[m]
-        out[m] = {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t),
-                  "min_ms": min(t), "max_ms": max(t), "times_ms": t, "host_ms": host[m],
-                  "gc": args.gc, "loss": float(loss[m].detach()), "n_params": runners[m].n_params,
-                  "status": "ok", "paired": True}
+        out[m] = step_stats(times[m], host[m], loss[m], runners[m], args) | {"paired": True}
         if cuda:
             out[m]["peak_mem_gib"] = (resident_bytes(runners[m]) + extra[m]) / 2**30
     out["dpkern"]["paired_ratio"] = statistics.median(

@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `dpkern`, `bench`, `tests
 
 import torch
 
-from bench.host_phases import clipper_clock
+from bench.host_phases import clipper_clock, profile_clipper
 
 MODES = ("nonprivate", "full", "subspace")
 COLUMNS = ("forward", "backward", "clipper", "step", "total")
@@ -120,15 +120,7 @@ def run_mode(mode: str, *, steps: int, warmup: int, layers: int, batch: int, seq
     row = {c: statistics.median(t[i] for t in times) * 1e3 for i, c in enumerate(COLUMNS)}
     if profile:
         if timer is not None and profile == "dp":
-            inner = timer.fn
-
-            def profiled(uses):
-                prof.enable()
-                try:
-                    return inner(uses)
-                finally:
-                    prof.disable()
-            timer.fn = profiled
+            profile_clipper(timer, prof)
         for _ in range(max(3, steps // 2)):
             one_step(True)
         for key in ("cumulative", "tottime"):

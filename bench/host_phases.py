@@ -161,9 +161,28 @@ def clipper_clock(model) -> ClipperClock | None:
     return clock
 
 
+def profile_clipper(clock: ClipperClock, prof) -> None:
+    """Has the cProfile.Profile `prof` record only while the clipper runs (wraps clock.fn)."""
+    inner = clock.fn
+
+    def profiled(*args, **kwargs):
+        prof.enable()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            prof.disable()
+    clock.fn = profiled
+
+
 def _sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def forward_loss(runner, ids, pos, amp) -> torch.Tensor:
+    """The forward of Runner.step (loss included, under `amp`): what every phase split times."""
+    with amp:
+        return runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
 
 
 def one_step(runner, clock, ids, pos, amp, gclog=None) -> dict:
@@ -182,8 +201,7 @@ def one_step(runner, clock, ids, pos, amp, gclog=None) -> dict:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
-    with amp:
-        loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
+    loss = forward_loss(runner, ids, pos, amp)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
@@ -211,8 +229,7 @@ def op_counts(runner, ids, pos, amp) -> dict:
     from tests.opcount import count_launches
     out = {}
     with count_launches() as c:
-        with amp:
-            loss = runner.model(input_ids=ids, position_ids=pos, labels=ids).loss * runner.loss_scale
+        loss = forward_loss(runner, ids, pos, amp)
     out["forward"] = c
     with count_launches() as c:
         loss.backward()
@@ -249,9 +266,7 @@ def cuda_api(runner, ids, pos, amp, steps: int = 3) -> dict:
         for _ in range(steps):
             _sync(ids.device.type)
             with record_function("phase:forward"):
-                with amp:
-                    loss = (runner.model(input_ids=ids, position_ids=pos, labels=ids).loss
-                            * runner.loss_scale)
+                loss = forward_loss(runner, ids, pos, amp)
             with record_function("phase:backward"):
                 loss.backward()
             with record_function("phase:step"):
@@ -367,10 +382,7 @@ def step_waits(runner, ids, pos, amp, *, queue=None, queued_ms: float = 0.0,
     rows = {False: [], True: []}
     try:
         for queued in (False, True) * repeats:
-            with amp:
-                loss = (runner.model(input_ids=ids, position_ids=pos, labels=ids).loss
-                        * runner.loss_scale)
-            loss.backward()
+            forward_loss(runner, ids, pos, amp).backward()
             _sync(ids.device.type)
             if queued:
                 queue()

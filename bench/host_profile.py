@@ -16,7 +16,7 @@ import statistics
 import torch
 
 from bench.e2e_step import Runner, _parse_cases, case_inputs, free, llama_config
-from bench.host_phases import clipper_clock, one_step
+from bench.host_phases import clipper_clock, one_step, profile_clipper
 
 
 def phases(runner, ids, pos, amp, steps) -> dict:
@@ -94,15 +94,7 @@ def main(argv=None):
         prof = cProfile.Profile()
         clock = clipper_clock(runner.model) if args.clipper_only else None
         if clock is not None:  # the profiler on inside the clipper only
-            inner = clock.fn
-
-            def profiled(*a, **kw):
-                prof.enable()
-                try:
-                    return inner(*a, **kw)
-                finally:
-                    prof.disable()
-            clock.fn = profiled
+            profile_clipper(clock, prof)
         torch.cuda.synchronize()
         if clock is None:
             prof.enable()

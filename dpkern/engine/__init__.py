@@ -197,6 +197,12 @@ class _Clipper:
         ‖G‖ ≤ N̂ (1 + (n+2)·2⁻⁵²) for N̂ the fp64 norm of the n fp32 entries of G."""
         opt = self.optimizer
         ones: dict = {}
+
+        def one(dev):  # the scale-1 tensor of a device
+            t = ones.get(dev)
+            if t is None:
+                t = ones[dev] = torch.ones(1, dtype=torch.float32, device=dev)
+            return t
         grads, norms, bounds = [], [], []
         # One-Linear-use parameters with 16-bit operands: their gradients in grouped book-keeping
         # launches (scale 1), each bit for bit bookkeep's (fp32 ones stay a cuBLAS GEMM). Their
@@ -207,12 +213,9 @@ class _Clipper:
             u = p_uses[0]
             if len(p_uses) == 1 and isinstance(u, LinearUse) and u.a.dtype == u.g.dtype \
                     and u.a.dtype in (torch.float16, torch.bfloat16):
-                one = ones.get(p.device)
-                if one is None:
-                    one = ones[p.device] = torch.ones(1, dtype=torch.float32, device=p.device)
                 del uses[p]
                 grouped[p] = len(items)
-                items.append((u.a, u.g, one, None, False))
+                items.append((u.a, u.g, one(p.device), None, False))
         p_uses = u = None
         formed = bookkeeping_wgrad_grouped(items, backend=self.backend, consume=True)
         items = None
@@ -222,14 +225,11 @@ class _Clipper:
                 g, formed[k] = formed[k], None
             else:
                 p_uses = uses.pop(p)
-                one = ones.get(p.device)
-                if one is None:
-                    one = ones[p.device] = torch.ones(1, dtype=torch.float32, device=p.device)
                 acc = None
                 if not isinstance(p_uses[0], LinearUse):
                     acc = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64
                                       else torch.float32, device=p.device)
-                g = _one_gradient(p_uses, one, acc, self.backend)
+                g = _one_gradient(p_uses, one(p.device), acc, self.backend)
             n = torch.linalg.vector_norm(g, dtype=torch.float64).reshape(1)
             grads.append(g)
             norms.append(n.square())

@@ -50,8 +50,7 @@ def _sqrt_q(use) -> tuple[torch.Tensor, float, tuple[int, int, int]]:
     PerSampleRows has its row of norms64 (f and shape: _use_terms)."""
     if isinstance(use, PerSampleUse):
         flat = use.grads.reshape(use.grads.shape[0], -1)
-        s = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
-        return s, 1.0, (1, flat.shape[1], 1)
+        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64), *_use_terms(use)
     if isinstance(use, EmbeddingUse):
         bsz, seq, d = use.g.shape
         rows = _row_norms(use.g)
