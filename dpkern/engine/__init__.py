@@ -20,7 +20,8 @@ from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
 from dpkern.layers.bounds import release_bound_matrix
-from dpkern.layers.uses import LinearUse, PerSampleRows, batch_size, bookkeep, norms_sq
+from dpkern.layers.uses import (LinearUse, PerSampleRows, backward_batch_size, bookkeep,
+                                norms_sq)
 from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
 from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
@@ -102,12 +103,7 @@ class _Clipper:
     def __call__(self, uses: dict) -> None:
         opt = self.optimizer
         params = [p for p in self.private if p in uses]
-        sizes = {(batch_size(u), u.path) for p in params for u in uses[p]}
-        if len({b for b, _ in sizes}) > 1:
-            raise RuntimeError("layers saw different batch sizes in one backward pass ("
-                               + ", ".join(f"{w}: {b}" for b, w in sorted(sizes)) + "); the engine "
-                               "needs every supported layer's input to keep the batch on dim 0")
-        bsz = next(iter(sizes))[0] if sizes else 0
+        bsz = backward_batch_size(uses, params)
         if bsz == 0:
             opt.note_backward(0)
             return

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpkern.ops._persample import layout_key
+from dpkern.ops._persample import FLOAT_DTYPES, layout_key
 from dpkern.ops.bookkeeping import bookkeeping_wgrad
 from dpkern.ops.embedding_norm import embedding_norm_sq, tied_cross_term
 from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_grouped
@@ -65,6 +65,33 @@ USE_KINDS = (LinearUse, EmbeddingUse, PerSampleUse)
 def batch_size(use) -> int:
     return (use.a if isinstance(use, LinearUse) else
             use.g if isinstance(use, EmbeddingUse) else use.grads).shape[0]
+
+
+def backward_batch_size(uses_by_param: dict, params: list) -> int:
+    """The batch size every use of `params` saw in one backward pass (0 when there is no use).
+
+    Raises RuntimeError, naming the layers, when the uses disagree on it, or when a Linear or
+    Embedding use carries an output gradient the per-sample kernels do not take (float64: a model
+    cast after make_private, which refuses such layers up front). One pass over the uses; the
+    messages are built only on failure (this runs every backward)."""
+    sizes, wide = set(), False
+    for p in params:
+        for u in uses_by_param[p]:
+            t = u.grads if type(u) is PerSampleUse else u.g
+            sizes.add(t.shape[0])
+            wide = wide or (t.dtype not in FLOAT_DTYPES and type(u) is not PerSampleUse)
+    if wide:
+        bad = sorted({f"{u.path} ({u.g.dtype})" for p in params for u in uses_by_param[p]
+                      if type(u) is not PerSampleUse and u.g.dtype not in FLOAT_DTYPES})
+        raise RuntimeError(f"layers {', '.join(bad)}: the per-sample kernels take float32, "
+                           "bfloat16 and float16 Linear / Embedding gradients; cast the model "
+                           "back (model.float())")
+    if len(sizes) > 1:
+        seen = sorted({(batch_size(u), u.path) for p in params for u in uses_by_param[p]})
+        raise RuntimeError("layers saw different batch sizes in one backward pass ("
+                           + ", ".join(f"{w}: {b}" for b, w in seen) + "); the engine needs every "
+                           "supported layer's input to keep the batch on dim 0")
+    return next(iter(sizes)) if sizes else 0
 
 
 def _split(uses):

@@ -33,8 +33,8 @@ from dpkern import engine as _engine_mod
 from dpkern.engine import PrivacyEngine, _Clipper, _LastClip
 from dpkern.layers import unwrap_model
 from dpkern.layers.bounds import release_bounds
-from dpkern.layers.uses import (LinearUse, PerSampleRows, batch_size, bookkeep, norms_sq,
-                               stacked)
+from dpkern.layers.uses import (LinearUse, PerSampleRows, backward_batch_size, batch_size,
+                               bookkeep, norms_sq, stacked)
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_grouped_
@@ -122,11 +122,7 @@ class _SubspaceClipper(_Clipper):
         if not proj:
             return super().__call__(uses)
         params = [p for p in self.private if p in uses]
-        sizes = {(batch_size(u), u.path) for p in params for u in uses[p]}
-        if len({b for b, _ in sizes}) > 1:
-            raise RuntimeError("layers saw different batch sizes in one backward pass ("
-                               + ", ".join(f"{w}: {b}" for b, w in sorted(sizes)) + ")")
-        bsz = next(iter(sizes))[0] if sizes else 0
+        bsz = backward_batch_size(uses, params)
         if bsz == 0:
             opt.note_backward(0)
             return

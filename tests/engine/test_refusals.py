@@ -136,3 +136,49 @@ def test_deepcopy_of_a_private_model_is_a_plain_model():
     _make(c)  # and it can be made private itself
     c(torch.randn(4, 3)).sum().backward()
     assert all(p.grad is None for p in c.parameters())
+
+
+@pytest.mark.parametrize("layer, name", [(nn.Linear(3, 2), r"0 \(Linear\): trainable weight "
+                                                           r"\(torch.float64\), bias"),
+                                         (nn.Embedding(5, 3), r"0 \(Embedding\): trainable weight")])
+def test_float64_linear_and_embedding_refused_up_front(layer, name):
+    m = nn.Sequential(layer.double())
+    with pytest.raises(UnsupportedModuleError, match=name + r".*model.float\(\)"):
+        _make(m)
+    assert "forward" not in m[0].__dict__
+
+
+def test_float64_norm_layer_is_fine():
+    m = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3).double())
+    _make(m)
+
+
+def test_model_cast_to_float64_after_wrapping_is_named_at_backward():
+    m = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    engine = PrivacyEngine(accountant="rdp")
+    _, opt, _ = engine.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                                    data_loader=None, noise_multiplier=1.0, max_grad_norm=1.0,
+                                    expected_batch_size=4, sample_rate=0.1, loss_reduction="sum")
+    m.double()
+    with pytest.raises(RuntimeError, match=r"layers 0 \(torch.float64\), 2 \(torch.float64\): "
+                                           r"the per-sample kernels take"):
+        m(torch.randn(4, 3, dtype=torch.float64)).sum().backward()  # the engine's flush raises
+    m.float()  # nothing was kept or counted: training goes on
+    assert engine.accountant.history == [] and not opt.summed
+    m(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    assert len(engine.accountant.history) == 1
+
+
+def test_layers_that_see_different_batch_sizes_are_named():
+    class TwoBatches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):  # b sees the batch reshaped: its dim 0 is not the batch
+            return self.a(x).sum() + self.b(x.reshape(2, -1, 3)).sum()
+    m = TwoBatches()
+    _make(m, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match=r"different batch sizes.*b: 2, a: 4"):
+        m(torch.randn(4, 1, 3)).sum().backward()
