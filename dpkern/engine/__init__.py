@@ -20,8 +20,8 @@ from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
 from dpkern.layers.bounds import release_bound_matrix
-from dpkern.layers.uses import (LinearUse, PerSampleRows, backward_batch_size, bookkeep,
-                                norms_sq)
+from dpkern.layers.uses import (LinearInputs, LinearUse, PerSampleRows, backward_batch_size,
+                                bookkeep, norms_sq)
 from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
 from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
@@ -117,8 +117,11 @@ class _Clipper:
         # Norm weights and biases (one fp32 per-sample use each) that this optimizer releases:
         # bound terms and sums per width (the others take the per-parameter path).
         rows = PerSampleRows(uses, [p for p in params if p in opt.params]) if not each else None
-        norms = norms_sq(uses, params, backend=self.backend)
-        bounds = release_bound_matrix(uses, params, norms, backend=self.backend, rows=rows)
+        linear = LinearInputs(uses, params)  # read by the norms and by the bounds' sums
+        norms = norms_sq(uses, params, backend=self.backend, linear=linear)
+        bounds = release_bound_matrix(uses, params, norms, backend=self.backend, rows=rows,
+                                      linear=linear)
+        linear = None
         if s != 1.0:
             bounds = bounds * s
         per_param = [self.per_param[p] for p in params] if self.per_param else None

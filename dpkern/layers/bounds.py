@@ -23,7 +23,8 @@ import math
 import torch
 
 from dpkern import _alloc
-from dpkern.layers.uses import EmbeddingUse, LinearUse, PerSampleRows, PerSampleUse, input_key
+from dpkern.layers.uses import (EmbeddingUse, LinearInputs, LinearUse, PerSampleRows,
+                               PerSampleUse)
 from dpkern.ops._persample import fp32_mode
 from dpkern.ops.rownorm import row_norm_dots_grouped
 from dpkern.ops.linear_norm import FP32_ULP, bookkeeping_error_bound, norm_error_bound
@@ -70,23 +71,17 @@ def _use_terms(use) -> tuple[float, tuple[int, int, int]]:
     return 1.0, (1, use.grads.reshape(use.grads.shape[0], -1).shape[1], 1)
 
 
-def _linear_sums(uses_by_param: dict, params: list, backend) -> tuple:
+def _linear_sums(linear: LinearInputs, backend) -> tuple:
     """(sums, row): sums (N, B) fp64 with row[id(LinearUse)] its Σ_t ‖a_t‖‖g_t‖, for every
-    LinearUse of `params` (None when there is none). One row_norm_dots per shared input, layers
+    LinearUse of `linear` (None when there is none). One row_norm_dots per shared input, layers
     of one layout in one launch (row_norm_dots_grouped); their results in one tensor, not one
     per use (host time: a 1B Llama has 113)."""
-    groups: dict = {}
-    for p in params:
-        for u in uses_by_param[p]:
-            if isinstance(u, LinearUse):
-                groups.setdefault(input_key(u.a), []).append(u)
-    groups = list(groups.values())
-    if not groups:
+    if not linear.groups:
         return None, {}
-    res = row_norm_dots_grouped([(us[0].a, [u.g for u in us]) for us in groups], backend=backend)
+    res = row_norm_dots_grouped(linear.items, backend=backend)
     row, n = {}, 0
-    for us in groups:
-        for u in us:
+    for group in linear.groups:
+        for _, u in group:
             row[id(u)] = n
             n += 1
     return (torch.cat(res) if len(res) > 1 else res[0]), row
@@ -117,8 +112,8 @@ def release_bounds(uses_by_param: dict, params: list, norms_sq, *,
 
 
 def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,
-                         backend: str | None = None, rows: PerSampleRows | None = None
-                         ) -> torch.Tensor:
+                         backend: str | None = None, rows: PerSampleRows | None = None,
+                         linear: LinearInputs | None = None) -> torch.Tensor:
     """(P, B) float64: row k an upper bound U_k on the norm of every sample's released
     contribution to params[k], before loss scaling (see the module docstring).
 
@@ -128,10 +123,13 @@ def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,
         norms_sq: (B,) fp32 N̂² per parameter, as norms_sq() returned them, or their (P, B) stack.
         rows: the stacked rows of the one-per-sample-use parameters, when the caller has them:
             their sqrt(Q) terms are then taken per width, not per parameter (same values).
+        linear: the LinearInputs of (uses_by_param, params), when the caller has them.
     The sqrt(Q) terms are gathered from a few (n, B) tensors (the Linear sums of all layers, the
     rows' norms per width) by one index_select, not stacked from one tensor per parameter.
     """
-    sums, linear_row = _linear_sums(uses_by_param, params, backend)
+    if linear is None:
+        linear = LinearInputs(uses_by_param, params)
+    sums, linear_row = _linear_sums(linear, backend)
     dev = norms_sq[0].device
     pieces, n_rows = ([sums], sums.shape[0]) if sums is not None else ([], 0)
     rows_row = {}  # id(PerSampleUse) -> its row among the pieces

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpkern.ops._persample import FLOAT_DTYPES, layout_key
+from dpkern.ops._persample import FLOAT_DTYPES, SharedItems, layout_key
 from dpkern.ops.bookkeeping import bookkeeping_wgrad
 from dpkern.ops.embedding_norm import embedding_norm_sq, tied_cross_term
 from dpkern.ops.linear_norm import linear_norm_sq, linear_norm_sq_grouped
@@ -146,27 +146,52 @@ def input_key(a: torch.Tensor) -> tuple:
     return (a.data_ptr(),) + layout_key(a)
 
 
-def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None) -> list:
+class LinearInputs:
+    """The LinearUses of one backward's `params`, grouped by the input they read (input_key:
+    q/k/v, gate/up read one tensor), each group's items frozen as SharedItems. norms_sq and the
+    release bounds' Linear sums (bounds._linear_sums) both take these groups: the inputs' keys
+    and every tensor's layout are read once per backward, not once per op."""
+
+    def __init__(self, uses_by_param: dict, params: list):
+        groups: dict = {}
+        self.all_single = True  # every Linear parameter has exactly one use
+        for p in params:
+            us = uses_by_param[p]
+            for u in us:
+                if isinstance(u, LinearUse):
+                    groups.setdefault(input_key(u.a), []).append((p, u))
+                    self.all_single = self.all_single and len(us) == 1
+        self.groups = list(groups.values())  # [[(param, use), ...]] in order of first use
+        self.items = SharedItems((g[0][1].a, [u.g for _, u in g]) for g in self.groups)
+
+
+def norms_sq(uses_by_param: dict, params: list, *, backend: str | None = None,
+             linear: LinearInputs | None = None) -> list:
     """param_norm_sq for each of `params`; Linear layers that read one input tensor (q/k/v,
     gate/up) share one Gram computation, and layers of one layout share one launch
-    (linear_norm_sq_grouped)."""
+    (linear_norm_sq_grouped). linear: the LinearInputs of (uses_by_param, params), when the caller
+    has them."""
     out: dict = {}
-    shared: dict = {}
     rows, rows_params = [], []  # norm / bias weights: their rows' norms in one launch
     for p in params:
         uses = uses_by_param[p]
         if len(uses) == 1 and isinstance(uses[0], LinearUse):
-            shared.setdefault(input_key(uses[0].a), []).append(p)
-        elif all(isinstance(u, PerSampleUse) and u.grads.dtype != torch.float64 for u in uses):
+            continue  # grouped below
+        if all(isinstance(u, PerSampleUse) and u.grads.dtype != torch.float64 for u in uses):
             rows.append(_per_sample_rows(uses))
             rows_params.append(p)
         else:
             out[p] = param_norm_sq(uses, backend=backend)
     out.update(zip(rows_params, rownorm_sq_many(rows, backend=backend)))
-    groups = list(shared.values())
-    res = linear_norm_sq_grouped(
-        [(uses_by_param[g[0]][0].a, [uses_by_param[p][0].g for p in g]) for g in groups],
-        backend=backend)
+    linear = linear if linear is not None else LinearInputs(uses_by_param, params)
+    if linear.all_single:
+        groups, items = [[p for p, _ in g] for g in linear.groups], linear.items
+    else:  # the single-use parameters' Linear uses (the others were normed above)
+        groups = [[p for p, _ in g if len(uses_by_param[p]) == 1] for g in linear.groups]
+        items = [(linear.items[k][0], [uses_by_param[p][0].g for p in g])
+                 for k, g in enumerate(groups) if g]
+        groups = [g for g in groups if g]
+    res = linear_norm_sq_grouped(items, backend=backend)
     for group, r in zip(groups, res):
         out.update(zip(group, r))
     return [out[p] for p in params]

@@ -3,6 +3,7 @@ fp32 precision mode (with the torch twin of the kernels' TF32 rounding)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -88,9 +89,29 @@ def plan_key(sig, resolve, devices, *settings) -> tuple | None:
     return (sig, frozenset((d, resolve(d)) for d in devices)) + settings
 
 
+class SharedItems(tuple):
+    """Items ((a, gs), ...) of the shared-input grouped ops (linear_norm_sq_grouped,
+    row_norm_dots_grouped), frozen as tuples so that their shared_items_sig is read once and kept:
+    the engine hands one backward's Linear layers to the norms and to the release bounds' sums,
+    and each op would otherwise read every tensor's layout again (~200 tensors per backward)."""
+
+    def __new__(cls, items):
+        return super().__new__(cls, ((a, tuple(gs)) for a, gs in items))
+
+    @functools.cached_property
+    def sig(self):
+        return _items_sig(self)
+
+
 def shared_items_sig(items):
     """(sig, devices) of items [(a, gs), ...] (a layer input and its gradients), or (None, None)
     when an item is not a tensor with a list of tensors."""
+    if type(items) is SharedItems:
+        return items.sig
+    return _items_sig(items)
+
+
+def _items_sig(items):
     try:
         sig = tuple((layout_sig(a), tuple(map(layout_sig, gs))) for a, gs in items
                     if type(gs) in (list, tuple))
