@@ -93,14 +93,13 @@ def wrap_model(model: nn.Module, tape) -> dict:
             raise UnsupportedModuleError(f"{where}: trainable parameters {sorted(extra)} have no rule")
         if kind == "embedding":
             check_embedding(m, path)
-        if kind != "persample":
-            wide = [f"{n} ({getattr(m, n).dtype})" for n in trainable
-                    if getattr(m, n).dtype not in (torch.float32, torch.bfloat16, torch.float16)]
-            if wide:
-                raise UnsupportedModuleError(
-                    f"{where}: trainable {', '.join(wide)}; the per-sample kernels of Linear, "
-                    "Conv1D and Embedding layers take float32, bfloat16 and float16 weights. "
-                    "Cast the model (model.float()) before make_private")
+        w = getattr(m, "weight", None)  # a bias takes any float dtype (per-sample rows)
+        if (kind != "persample" and "weight" in trainable
+                and w.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+            raise UnsupportedModuleError(
+                f"{where}: trainable weight of dtype {w.dtype}; the per-sample kernels of Linear, "
+                "Conv1D and Embedding weights take float32, bfloat16 and float16. Cast the model "
+                "(model.float()) before make_private, or freeze the weight")
         for n in trainable:
             kinds.setdefault(getattr(m, n), []).append((kind, f"{path}.{n}"))
         plan.append((path, m, names, factory))
