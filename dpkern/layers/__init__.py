@@ -21,6 +21,7 @@ from dpkern.layers.linear import conv1d_forward, linear_forward
 from dpkern.layers.norm import (HF_RMSNORM_NAMES, hf_rms_norm_forward, layer_norm_forward,
                                 rms_norm_forward)
 from dpkern.layers._site import Site
+from dpkern.ops._persample import FLOAT_DTYPES
 
 __all__ = ["UnsupportedModuleError", "find_rule", "unwrap_model", "wrap_model", "wrap_root"]
 
@@ -93,13 +94,12 @@ def wrap_model(model: nn.Module, tape) -> dict:
             raise UnsupportedModuleError(f"{where}: trainable parameters {sorted(extra)} have no rule")
         if kind == "embedding":
             check_embedding(m, path)
-        w = getattr(m, "weight", None)  # a bias takes any float dtype (per-sample rows)
-        if (kind != "persample" and "weight" in trainable
-                and w.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        # the weight only: a bias takes any float dtype (per-sample rows)
+        if kind != "persample" and "weight" in trainable and m.weight.dtype not in FLOAT_DTYPES:
             raise UnsupportedModuleError(
-                f"{where}: trainable weight of dtype {w.dtype}; the per-sample kernels of Linear, "
-                "Conv1D and Embedding weights take float32, bfloat16 and float16. Cast the model "
-                "(model.float()) before make_private, or freeze the weight")
+                f"{where}: trainable weight of dtype {m.weight.dtype}; the per-sample kernels of "
+                "Linear, Conv1D and Embedding weights take float32, bfloat16 and float16. Cast the "
+                "model (model.float()) before make_private, or freeze the weight")
         for n in trainable:
             kinds.setdefault(getattr(m, n), []).append((kind, f"{path}.{n}"))
         plan.append((path, m, names, factory))

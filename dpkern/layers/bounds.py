@@ -103,12 +103,13 @@ def _device_constants(values: list, device) -> torch.Tensor:
 
 
 def release_bounds(uses_by_param: dict, params: list, norms_sq, *,
-                   backend: str | None = None, rows: PerSampleRows | None = None) -> list:
+                   backend: str | None = None, rows: PerSampleRows | None = None,
+                   linear: LinearInputs | None = None) -> list:
     """U_k (B,) float64 for each of `params`: the rows of release_bound_matrix."""
     if not params:
         return []
     return list(release_bound_matrix(uses_by_param, params, norms_sq, backend=backend,
-                                     rows=rows).unbind(0))
+                                     rows=rows, linear=linear).unbind(0))
 
 
 def release_bound_matrix(uses_by_param: dict, params: list, norms_sq, *,

@@ -33,8 +33,8 @@ from dpkern import engine as _engine_mod
 from dpkern.engine import PrivacyEngine, _Clipper, _LastClip
 from dpkern.layers import unwrap_model
 from dpkern.layers.bounds import release_bounds
-from dpkern.layers.uses import (LinearUse, PerSampleRows, backward_batch_size, batch_size,
-                               bookkeep, norms_sq, stacked)
+from dpkern.layers.uses import (LinearInputs, LinearUse, PerSampleRows, backward_batch_size,
+                               batch_size, bookkeep, norms_sq, stacked)
 from dpkern.optim.clipping import clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 from dpkern.subspace.backproj import backproj_hyper, subspace_backproj_step_grouped_
@@ -134,9 +134,11 @@ class _SubspaceClipper(_Clipper):
         sub = [p for p in params if p in proj]
         # norm weights and biases this optimizer releases: bounds and sums per width, as the engine
         rows = PerSampleRows(uses, [p for p in full if p in opt.params])
-        n_full = norms_sq(uses, full, backend=self.backend) if full else []
-        b_full = (release_bounds(uses, full, n_full, backend=self.backend, rows=rows)
-                  if full else [])
+        linear = LinearInputs(uses, full)  # read by the norms and by the bounds' sums
+        n_full = norms_sq(uses, full, backend=self.backend, linear=linear) if full else []
+        b_full = (release_bounds(uses, full, n_full, backend=self.backend, rows=rows,
+                                 linear=linear) if full else [])
+        linear = None
         if s != 1.0:
             b_full = [u * s for u in b_full]
         by_p = dict(zip(full, zip(n_full, b_full)))
