@@ -76,6 +76,10 @@ OPS: dict[str, OpCases] = {c.op: c for c in [
     OpCases("noise_step", ("tensors",), full=(_llama_1b_tensors(),),
             quick=(((300, 64), (64,), (1000, 7)),), dtypes=("fp32", "bf16"),
             note="fused noise + optimizer over a 1.0B-parameter tensor set"),
+    OpCases("tensor_sumsq", ("tensors",), full=(_llama_1b_tensors(),),
+            quick=(((300, 64), (64,), (1000, 7)),), dtypes=("float32",),
+            note="B = 1 clip: fp64 norms of every gradient + in-place scale, one launch each, "
+                 "vs the per-tensor torch ops; GB/s of the bytes read (+ written)"),
     OpCases("noise_add", ("n",), full=((1 << 28,),), quick=((1 << 12,),),
             note="LMO-DP and Gaussian noise add, GB/s of the buffer read + written"),
     # one projected weight of the Llama-1B (q/k/v/o, MLP up/gate, down, lm_head) at DP-SFT ranks
@@ -92,6 +96,9 @@ OPS: dict[str, OpCases] = {c.op: c for c in [
             full=((2048, 5504, 22, 4),), quick=((64, 172, 2, 2),), dtypes=("float32",),
             note="ms per call and GEMM passes per matrix, cold vs warm start"),
 ]}
+
+
+TENSOR_SETS = tuple(c.op for c in OPS.values() if c.dims == ("tensors",))
 
 
 def op(name: str) -> OpCases:
@@ -117,7 +124,7 @@ def cases(quick: bool | None = None) -> list[dict]:
         for s in c.shapes(quick):
             for dt in c.dtypes:
                 out.append({"op": c.op, "shape": s, "dtype": dt,
-                            "id": f"{c.op}[{c.shape_id(s) if c.op != 'noise_step' else len(s)}-{dt}]"})
+                            "id": f"{c.op}[{c.shape_id(s) if c.dims != ('tensors',) else len(s)}-{dt}]"})
     return out
 
 
@@ -127,7 +134,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     quick = False if args.full else QUICK
     for c in cases(quick):
-        shape = f"{len(c['shape'])} tensors" if c["op"] == "noise_step" else c["shape"]
+        shape = f"{len(c['shape'])} tensors" if c["op"] in TENSOR_SETS else c["shape"]
         print(f"{c['op']:<20} {str(shape):<28} {c['dtype']}")
 
 

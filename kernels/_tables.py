@@ -25,10 +25,11 @@ def aligned(*xs: torch.Tensor) -> bool:
     return all(x.data_ptr() % ALIGN == 0 for x in xs)
 
 
-def pointer_table(rows: list, device: torch.device, ints: list | None = None) -> torch.Tensor:
-    """rows: R lists of L tensors -> (R (+1), L) int64 on `device`: their data pointers, then, when
-    given, one row of plain integers `ints` (L of them). Every pointer must be ALIGN-aligned (the
-    ops send other tensors through single-layer launches). Cached by value (weights', states' and
+def pointer_table(rows: list, device: torch.device, ints: list | None = None,
+                  int_rows: list | None = None) -> torch.Tensor:
+    """rows: R lists of L tensors -> (R (+1) (+I), L) int64 on `device`: their data pointers, then,
+    when given, one row of plain integers `ints` (L of them), then the I rows `int_rows`. Every
+    pointer must be ALIGN-aligned (the ops send other tensors through single-layer launches). Cached by value (weights', states' and
     often activations' tables are the same every step): no upload on a hit, and on a miss a
     pinned, non-blocking one (no host-GPU synchronisation). A table holds addresses only, so a
     hit is right whatever tensors now live there."""
@@ -37,6 +38,8 @@ def pointer_table(rows: list, device: torch.device, ints: list | None = None) ->
         raise ValueError(f"pointer_table: every tensor must start on a {ALIGN}-byte boundary")
     if ints is not None:
         vals.append(tuple(int(i) for i in ints))
+    for row in int_rows or ():
+        vals.append(tuple(int(i) for i in row))
     key = (tuple(vals), str(device))
     hit = _TABLES.get(key)
     if hit is not None:

@@ -15,7 +15,7 @@ import sys
 
 import triton.language as tl
 
-from dpkern.kernels import bookkeeping, ghost_norm, row_norm_dots
+from dpkern.kernels import bookkeeping, ghost_norm, row_norm_dots, tensor_norms
 from dpkern.kernels import subspace_backproj as sb
 from dpkern.kernels import subspace_proj as sp
 
@@ -55,6 +55,15 @@ KERNELS = {
                     ("stride_xn",), {"x_ptr": "*fp32", "y_ptr": "*fp32"}, ("y_ptr",),
                     dict(num_warps=4)),
 }
+# kernels that always read their tensors through a table (no TABLE switch: both variants alike)
+_TN = {"tab_ptr": "*i64", "partial_ptr": "*fp64", "out_ptr": "*fp64", "scale_ptr": "*fp32",
+       "keep_ptr": "*i1"}
+KERNELS["tensor_sumsq"] = (tensor_norms._sumsq_chunks_kernel,
+                           dict(CHUNK=tensor_norms.CHUNK, BLOCK=tensor_norms.BLOCK, L_POW2=256),
+                           (), _TN, (), dict(num_warps=8))
+KERNELS["tensor_scale"] = (tensor_norms._scale_chunks_kernel,
+                           dict(CHUNK=tensor_norms.CHUNK, BLOCK=tensor_norms.BLOCK, L_POW2=256),
+                           (), _TN, (), dict(num_warps=8))
 # the book-keeping's TMA form (16-bit tiles on Hopper): the same kernel, its launch config
 _bk = KERNELS["bookkeeping"]
 KERNELS["bookkeeping_tma"] = (_bk[0], dict(_bk[1], BLOCK_D=256, TMA=True), *_bk[2:])
@@ -79,7 +88,8 @@ def counts(name: str, table: bool) -> dict:
     target = GPUTarget("cuda", 90, 32)
     fn, consts, unit_strides, ptr_types, untabled, opts = KERNELS[name]
     aligned = make_backend(target).parse_attr("D")  # what Triton assumes of an aligned argument
-    sig, constexprs, attrs = {}, dict(consts, TABLE=table), {}
+    sig, attrs = {}, {}
+    constexprs = dict(consts, TABLE=table) if "TABLE" in fn.arg_names else dict(consts)
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             sig[arg] = "constexpr"
@@ -87,7 +97,8 @@ def counts(name: str, table: bool) -> dict:
             sig[arg] = "constexpr"
             constexprs[arg] = 1
         elif arg.endswith("_ptr"):
-            sig[arg] = "*i64" if table and arg not in untabled else ptr_types.get(arg, "*bf16")
+            sig[arg] = ("*i64" if table and arg not in untabled and "TABLE" in fn.arg_names
+                        else ptr_types.get(arg, "*bf16"))
             attrs[(i,)] = aligned
         elif arg in _FLOAT_ARGS:
             sig[arg] = "fp32"

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch.utils.data import DataLoader
 
+from dpkern import _alloc
 from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
@@ -23,6 +24,7 @@ from dpkern.layers.bounds import release_bound_matrix
 from dpkern.layers.uses import (LinearInputs, LinearUse, PerSampleRows, backward_batch_size,
                                 bookkeep, norms_sq)
 from dpkern.ops.bookkeeping import bookkeeping_wgrad_grouped
+from dpkern.ops.tensor_norms import scale_many_, sumsq_many
 from dpkern.optim.clipping import check_clipping, clip_factors, round_down_f32
 from dpkern.optim.dp_optimizer import DPOptimizer
 
@@ -173,13 +175,19 @@ class _Clipper:
         zero_samples gives."""
         if not row_scales:
             return
+        self._store_sums(rows.bookkeep(row_scales, finite).items())
+
+    def _store_sums(self, sums) -> None:
+        """(parameter, released sum) pairs into the optimizer's accumulators: stored as they are,
+        or added (one foreach launch for all) to those of an earlier backward before the step
+        (gradient accumulation)."""
         opt = self.optimizer
         accs, adds = [], []
-        for p, x in rows.bookkeep(row_scales, finite).items():
+        for p, x in sums:
             acc = opt.summed.get(p)
             if acc is None:
                 opt.summed[p] = x
-            else:  # a second backward before the step (gradient accumulation)
+            else:
                 accs.append(acc)
                 adds.append(x.to(acc.dtype))
         if accs:
@@ -188,12 +196,14 @@ class _Clipper:
     def _single_sample(self, uses: dict, params: list) -> None:
         """B = 1: the per-sample gradient is the batch gradient. Form it once (`_one_gradient`: a
         plain GEMM for fp32 Linear uses, book-keeping with scale 1 otherwise, grouped over the
-        parameters with one 16-bit Linear use), take its norm from the
-        very fp32 values that will be released, scale it in place.
-        No norm kernels and no second pass over (a, g): clipping costs one read of the gradient.
+        parameters with one 16-bit Linear use), take its norm from the very fp32 values that will
+        be released, scale it in place. No norm kernels and no second pass over (a, g): clipping
+        costs one read of the gradients for their norms (`sumsq_many`) and one read + write to
+        scale them (`scale_many_`), each one launch for all fp32 gradients on the Triton backend.
 
         Bound: the release is fl(c·G) with G the fp32 gradient, so ‖release‖ ≤ c‖G‖(1 + 2⁻²⁴), and
-        ‖G‖ ≤ N̂ (1 + (n+2)·2⁻⁵²) for N̂ the fp64 norm of the n fp32 entries of G."""
+        ‖G‖ ≤ N̂ (1 + (n+2)·2⁻⁵²) for N̂ = fl(√s), s the fp64 sum of the n squares of G's fp32
+        entries (exact squares, summed in any order: relative error ≤ (n - 1)·2⁻⁵³)."""
         opt = self.optimizer
         ones: dict = {}
 
@@ -202,7 +212,6 @@ class _Clipper:
             if t is None:
                 t = ones[dev] = torch.ones(1, dtype=torch.float32, device=dev)
             return t
-        grads, norms, bounds = [], [], []
         # One-Linear-use parameters with 16-bit operands: their gradients in grouped book-keeping
         # launches (scale 1), each bit for bit bookkeep's (fp32 ones stay a cuBLAS GEMM). Their
         # uses leave `uses` here, so each launch group's inputs are freed once it is issued.
@@ -218,6 +227,7 @@ class _Clipper:
         p_uses = u = None
         formed = bookkeeping_wgrad_grouped(items, backend=self.backend, consume=True)
         items = None
+        grads = []
         for p in params:
             k = grouped.get(p)
             if k is not None:
@@ -229,30 +239,34 @@ class _Clipper:
                     acc = torch.zeros(p.shape, dtype=torch.float64 if p.dtype == torch.float64
                                       else torch.float32, device=p.device)
                 g = _one_gradient(p_uses, one(p.device), acc, self.backend)
-            n = torch.linalg.vector_norm(g, dtype=torch.float64).reshape(1)
             grads.append(g)
-            norms.append(n.square())
-            bounds.append(n * ((1.0 + (g.numel() + 2) * 2.0 ** -52) * (1.0 + 2.0 ** -23)))
+        p_uses = g = None
+        sumsq = sumsq_many(grads, backend=self.backend)  # (K,) fp64
+        slack = _alloc.device_constants(
+            [(1.0 + (x.numel() + 2) * 2.0 ** -52) * (1.0 + 2.0 ** -23) for x in grads],
+            sumsq.device, torch.float64)
+        bounds = (sumsq.sqrt() * slack).view(-1, 1)  # (K, B = 1)
         per_param = [self.per_param[p] for p in params] if self.per_param else None
         factors, finite = clip_factors(bounds, self.clipping, self.max_grad_norm, per_param,
                                        self.gamma)
-        opt.last_clip = _LastClip({self.private[p]: (n, u) for p, n, u in zip(params, norms, bounds)},
+        opt.last_clip = _LastClip({self.private[p]: (n, u) for p, n, u in
+                                   zip(params, sumsq.view(-1, 1).unbind(0), bounds.unbind(0))},
                                   1.0)
-        scales, opt.last_scales = {}, {}
-        drop = ~finite
-        for p, g, c in zip(params, grads, factors):
-            if p not in opt.params:
-                continue
-            sc = scales.get(id(c))
-            if sc is None:
-                sc = scales[id(c)] = round_down_f32(c)
-            opt.last_scales[self.private[p]] = sc
-            g.mul_(sc.to(g.dtype)).masked_fill_(drop.view([1] * g.dim()), 0.0)  # NaN·0 is NaN
-            prev = opt.summed.get(p)
-            if prev is None:
-                opt.summed[p] = g
+        kept = [k for k, p in enumerate(params) if p in opt.params]
+        opt.last_scales = {}
+        if kept:
+            if all(c is factors[0] for c in factors):  # flat / automatic: one factor for all
+                sc = round_down_f32(factors[0])
+                rows = [sc] * len(kept)
             else:
-                prev.add_(g.to(prev.dtype))
+                sc = round_down_f32(torch.cat([factors[k] for k in kept]))
+                rows = list(sc.view(-1, 1).unbind(0))
+            released = [grads[k] for k in kept]
+            # dropped (non-finite) samples give exact zeros, NaN / Inf entries included
+            scale_many_(released, sc, finite, backend=self.backend)
+            for k, row in zip(kept, rows):
+                opt.last_scales[self.private[params[k]]] = row
+            self._store_sums((params[k], g) for k, g in zip(kept, released))
         opt.note_backward(1, 1 - finite.sum())
 
 

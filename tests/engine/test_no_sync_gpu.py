@@ -22,8 +22,9 @@ def test_the_check_catches_a_blocking_copy():
         torch.tensor([1.0, 2.0], device="cuda")
 
 
-def _three_steps(name, dtype, clipping):
-    """Three DP steps (AdamW, fused noise); the third one's backward and step under the guard."""
+def _three_steps(name, dtype, clipping, bsz=4):
+    """Three DP steps (AdamW, fused noise); the third one's backward and step under the guard.
+    bsz = 1 takes the one-gradient path (engine._Clipper._single_sample)."""
     torch.manual_seed(0)
     model = _models.build(name).cuda()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -33,7 +34,7 @@ def _three_steps(name, dtype, clipping):
                                         clipping=clipping, expected_batch_size=4,
                                         sample_rate=0.01, loss_reduction="sum", seed=0)
     assert opt.fused_available()
-    batch = {k: v.cuda() for k, v in _models.batch_for(name, 4, seq=63, seed=1).items()}
+    batch = {k: v.cuda() for k, v in _models.batch_for(name, bsz, seq=63, seed=1).items()}
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if dtype == torch.bfloat16
            else contextlib.nullcontext())
     for step in range(3):  # the first steps fill caches (compiled kernels, descriptor tables)
@@ -46,11 +47,12 @@ def _three_steps(name, dtype, clipping):
     return model
 
 
-@pytest.mark.parametrize("name,dtype,clipping", [
-    ("llama", torch.float32, "flat"), ("llama", torch.bfloat16, "flat"),
-    ("bert", torch.float32, "per_layer"), ("gpt2", torch.float32, "automatic")])
-def test_backward_and_step_do_not_synchronise(name, dtype, clipping):
-    model = _three_steps(name, dtype, clipping)
+@pytest.mark.parametrize("name,dtype,clipping,bsz", [
+    ("llama", torch.float32, "flat", 4), ("llama", torch.bfloat16, "flat", 4),
+    ("bert", torch.float32, "per_layer", 4), ("gpt2", torch.float32, "automatic", 4),
+    ("llama", torch.float32, "flat", 1), ("llama", torch.bfloat16, "per_layer", 1)])
+def test_backward_and_step_do_not_synchronise(name, dtype, clipping, bsz):
+    model = _three_steps(name, dtype, clipping, bsz)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

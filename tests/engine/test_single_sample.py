@@ -26,10 +26,10 @@ class Tied(nn.Module):
         return self.head(self.norm(torch.tanh(self.lin(self.emb(ids)))))
 
 
-def _released(model, ids, fast, clipping="flat", c=0.05, scale=1.0, micro=1):
+def _released(model, ids, fast, clipping="flat", c=0.05, scale=1.0, micro=1, backend=None):
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+    model, opt, _ = PrivacyEngine(accountant="rdp", backend=backend).make_private(
         module=model, optimizer=opt, data_loader=None, noise_multiplier=0.0,
         max_grad_norm=c if clipping != "per_layer" else [c] * 5, clipping=clipping,
         expected_batch_size=1, sample_rate=0.1, loss_reduction="sum")
@@ -149,6 +149,10 @@ def test_single_sample_groups_16bit_linear_gradients(monkeypatch):
     bit for bit what one launch per layer gives, and the release stays within C."""
     grouped, c = _bf16_release()
     assert c.by_name["triton:_bookkeeping_fwd_kernel"] == 2, c.by_name
+    # the norms and the scaling of all 7 gradients: one launch pair and one launch
+    assert c.by_name["triton:_sumsq_chunks_kernel"] == 1, c.by_name
+    assert c.by_name["triton:_sumsq_finish_kernel"] == 1, c.by_name
+    assert c.by_name["triton:_scale_chunks_kernel"] == 1, c.by_name
     with monkeypatch.context() as m:
         single, c1 = _bf16_release(m, per_item=True)
     assert c1.by_name["triton:_bookkeeping_fwd_kernel"] == 3, c1.by_name
@@ -157,3 +161,28 @@ def test_single_sample_groups_16bit_linear_gradients(monkeypatch):
         assert torch.equal(grouped[n], single[n]), n
     total = float(sum(g.double().square().sum() for g in grouped.values()).sqrt())
     assert 0.05 * (1 - 1e-6) < total <= 0.05
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_single_sample_triton_norms_and_scaling_match_torch(clipping):
+    """The Triton backend's one-launch norms (fp64 sums in another order) and scaling release what
+    the torch backend's per-tensor ones release, to fp32 rounding, in one backward and over
+    micro-batches; a clipped sample sits at C and not above."""
+    from tests.conftest import HAS_GPU
+    dev = "cuda" if HAS_GPU else "cpu"
+    torch.manual_seed(4)
+    model = Tied().to(dev)
+    ids = torch.randint(0, 11, (2, 63)).to(dev)
+    tri, opt = _released(model, ids, True, clipping, scale=10.0, micro=2, backend="triton")
+    ref, _ = _released(model, ids, True, clipping, scale=10.0, micro=2, backend="torch")
+    for n in ref:
+        torch.testing.assert_close(tri[n], ref[n], rtol=1e-6, atol=1e-12)
+    assert opt.backwards == 2 and opt.samples == 2
+    one, _ = _released(model, ids, True, clipping, scale=10.0, backend="triton")
+    if clipping == "flat":
+        total = float(sum(g.square().sum() for g in one.values()).sqrt())
+        assert 0.05 * (1 - 1e-6) < total <= 0.05
+    else:
+        norms = [float(g.norm()) for g in one.values()]
+        assert all(n <= 0.05 for n in norms)  # C_k = C each (a list)
+        assert any(n > 0.05 * (1 - 1e-6) for n in norms)  # clipped ones sit at C_k
