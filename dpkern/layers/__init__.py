@@ -103,6 +103,7 @@ def wrap_model(model: nn.Module, tape) -> dict:
         for n in trainable:
             kinds.setdefault(getattr(m, n), []).append((kind, f"{path}.{n}"))
         plan.append((path, m, names, factory))
+    _refuse_devices(kinds)
     for p, ks in kinds.items():
         if len({k for k, _ in ks}) > 1 and any(k == "persample" for k, _ in ks):
             raise UnsupportedModuleError(
@@ -116,6 +117,24 @@ def wrap_model(model: nn.Module, tape) -> dict:
         if p.requires_grad and p not in private:
             private[p] = name
     return private
+
+
+def _refuse_devices(kinds: dict) -> None:
+    """One device for every trainable parameter: the clip factors combine all parameters' norms
+    (flat clipping: one norm per sample), so a model split over devices (e.g. a Hugging Face
+    device_map) would fail at its first backward with an error that names no layer. Several GPUs
+    run one model replica each through torch.distributed (DDP / FSDP)."""
+    by_device: dict = {}
+    for p, ks in kinds.items():
+        by_device.setdefault(str(p.device), []).append(ks[0][1])
+    if len(by_device) > 1:
+        where = "; ".join(f"{dev}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more"
+                                                              if len(names) > 3 else "")
+                          for dev, names in by_device.items())
+        raise UnsupportedModuleError(
+            f"the trainable parameters sit on {len(by_device)} devices ({where}). The DP engine "
+            "needs the whole trainable model on one device: move it there (model.to(device)), or "
+            "train on several GPUs with one replica each through torch.distributed (DDP / FSDP)")
 
 
 def _install(m: nn.Module, site: Site, rule_forward) -> None:

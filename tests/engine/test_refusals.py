@@ -188,3 +188,18 @@ def test_layers_that_see_different_batch_sizes_are_named():
     _make(m, loss_reduction="sum")
     with pytest.raises(RuntimeError, match=r"different batch sizes.*b: 2, a: 4"):
         m(torch.randn(4, 1, 3)).sum().backward()
+
+
+def test_model_split_over_devices_is_refused_naming_them():
+    """A model whose trainable parameters sit on two devices (a device_map-style split; "meta"
+    stands in for a second GPU on the CPU) is refused at make_private, naming the devices and
+    parameters, and left unwrapped. Frozen parameters elsewhere are not the engine's concern."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    m[1].to("meta")
+    with pytest.raises(UnsupportedModuleError,
+                       match=r"on 2 devices \(cpu: 0\.weight, 0\.bias; meta: 1\.weight, 1\.bias\)"
+                             r".*one device.*torch\.distributed"):
+        _make(m)
+    assert "forward" not in m[0].__dict__ and "forward" not in m[1].__dict__
+    m[1].requires_grad_(False)
+    _make(m)
