@@ -29,10 +29,10 @@ def pointer_table(rows: list, device: torch.device, ints: list | None = None,
                   int_rows: list | None = None) -> torch.Tensor:
     """rows: R lists of L tensors -> (R (+1) (+I), L) int64 on `device`: their data pointers, then,
     when given, one row of plain integers `ints` (L of them), then the I rows `int_rows`. Every
-    pointer must be ALIGN-aligned (the ops send other tensors through single-layer launches). Cached by value (weights', states' and
-    often activations' tables are the same every step): no upload on a hit, and on a miss a
-    pinned, non-blocking one (no host-GPU synchronisation). A table holds addresses only, so a
-    hit is right whatever tensors now live there."""
+    pointer must be ALIGN-aligned (the ops send other tensors through single-layer launches).
+    Cached by value (weights', states' and often activations' tables are the same every step): no
+    upload on a hit, and on a miss a pinned, non-blocking one (no host-GPU synchronisation). A
+    table holds addresses only, so a hit is right whatever tensors now live there."""
     vals = [tuple(x.data_ptr() for x in row) for row in rows]
     if any(v % ALIGN for row in vals for v in row):
         raise ValueError(f"pointer_table: every tensor must start on a {ALIGN}-byte boundary")

@@ -14,10 +14,11 @@ the true ‖x‖² (the bound the engine takes). Fixed order: the same inputs gi
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from dpkern.kernels._tables import ALIGN, pointer_table
+from dpkern.kernels._tables import pointer_table
 
 CHUNK = 32768  # elements per program (128 KB of fp32)
 BLOCK = 2048  # elements per loop step
@@ -106,7 +107,6 @@ def _table(xs: list):
 def sumsq_many_fwd(xs: list, out, empty) -> None:
     """out[k] = Σ fl64(x_k²) for fp32 tensors xs (one device; checked by the op): two launches.
     empty(n, dtype, device) allocates the chunk partials."""
-    import torch
     tab, chunks, l_pow2 = _table(xs)
     partial = empty(chunks, dtype=torch.float64, device=xs[0].device)
     _sumsq_chunks_kernel[(chunks,)](tab, partial, len(xs), CHUNK=CHUNK, BLOCK=BLOCK,
@@ -124,4 +124,4 @@ def scale_many_fwd(xs: list, scale, keep) -> None:
                                     num_warps=8)
 
 
-__all__ = ["ALIGN", "CHUNK", "scale_many_fwd", "sumsq_many_fwd"]
+__all__ = ["CHUNK", "scale_many_fwd", "sumsq_many_fwd"]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -270,6 +271,19 @@ class _Clipper:
         opt.note_backward(1, 1 - finite.sum())
 
 
+ENGINE_BACKENDS = ("auto", "triton", "torch")
+
+
+def _check_engine_backend(name, what: str) -> None:
+    """The engine's per-sample ops (norms, book-keeping, the B = 1 passes) run on Triton or on
+    torch; the CUDA C++ backend has only the row norms. Refused before anything is built, where
+    it would otherwise fail at the first backward."""
+    if name not in ENGINE_BACKENDS:
+        raise ValueError(f"{what} must be one of {ENGINE_BACKENDS} for the DP engine, got "
+                         f"{name!r}" + (" (the 'cuda' backend has only the row-norm op)"
+                                        if name == "cuda" else ""))
+
+
 def _one_gradient(uses: list, one: torch.Tensor, acc, backend) -> torch.Tensor:
     """B = 1: a parameter's gradient G itself, fp32. fp32 Linear uses run as a plain GEMM (cuBLAS
     on a GPU, under the user's TF32 setting, as autograd's own weight gradient would): the clip
@@ -302,6 +316,8 @@ class PrivacyEngine:
         self.accountant_name = accountant
         self.accountant = create_accountant(accountant)
         self.secure_mode = bool(secure_mode)
+        if backend is not None:
+            _check_engine_backend(backend, "backend")
         self.backend = backend
         self.sample_rate: float | None = None
         self.mechanism = None
@@ -374,6 +390,9 @@ class PrivacyEngine:
             raise ValueError("average_sum=True needs loss_reduction='sum' ('mean' already divides)")
         if seed is not None and self.secure_mode:
             raise ValueError("seed: explicit seeds are not allowed with secure_mode=True")
+        if self.backend is None:  # the environment's choice, read by every per-sample op
+            _check_engine_backend(os.environ.get("DPKERN_BACKEND", "auto"),
+                                  "the environment variable DPKERN_BACKEND")
         self._check_optimizer(module, optimizer)
         n_private = len({p for p in module.parameters() if p.requires_grad})
         total_c, per_param = check_clipping(clipping, max_grad_norm, n_private)

@@ -203,3 +203,19 @@ def test_model_split_over_devices_is_refused_naming_them():
     assert "forward" not in m[0].__dict__ and "forward" not in m[1].__dict__
     m[1].requires_grad_(False)
     _make(m)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "nope"])
+def test_engine_backend_refused_up_front(backend, monkeypatch):
+    """The engine's per-sample ops run on triton or torch: another backend, given to the engine
+    or through DPKERN_BACKEND, is refused before the model is wrapped (it failed at the first
+    backward, inside an op)."""
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\)"):
+        PrivacyEngine(accountant="rdp", backend=backend)
+    monkeypatch.setenv("DPKERN_BACKEND", backend)
+    m = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"DPKERN_BACKEND must be one of .*" + repr(backend)):
+        _make(m)
+    assert "forward" not in m.__dict__
+    monkeypatch.setenv("DPKERN_BACKEND", "torch")
+    _make(m)
