@@ -26,17 +26,19 @@ FINISH_BLOCK = 128  # chunk partials per loop step of the finishing pass
 
 
 @triton.jit
-def _chunk_owner(tab_ptr, n_tensors, CHUNK: tl.constexpr, L_POW2: tl.constexpr):
+def _chunk_owner(tab_ptr, n_tensors, CHUNK: tl.constexpr, L_POW2: tl.constexpr,
+                 ROWS: tl.constexpr = 1):
     """(k, pointer, element count, first element) of this program's chunk: the tensor k with the
     largest start ≤ program id (starts rise strictly: every tensor has a chunk), counted over
-    the whole start row in one load (L_POW2 ≥ n_tensors, a power of two)."""
+    the whole start row in one load (L_POW2 ≥ n_tensors, a power of two). ROWS: pointer rows
+    before the count and start rows."""
     pid = tl.program_id(0).to(tl.int64)
-    starts = tab_ptr + 2 * n_tensors
+    starts = tab_ptr + (ROWS + 1) * n_tensors
     o_l = tl.arange(0, L_POW2)
     b_s = tl.load(starts + o_l, mask=o_l < n_tensors, other=pid + 1)  # [L_POW2]
     k = tl.sum((b_s <= pid).to(tl.int64), axis=0) - 1
     ptr = tl.multiple_of(tl.load(tab_ptr + k).to(tl.pointer_type(tl.float32)), 16)  # ALIGN
-    numel = tl.load(tab_ptr + n_tensors + k)
+    numel = tl.load(tab_ptr + ROWS * n_tensors + k)
     return k, ptr, numel, (pid - tl.load(starts + k)) * CHUNK
 
 
@@ -74,33 +76,45 @@ def _sumsq_finish_kernel(tab_ptr, partial_ptr, out_ptr, n_tensors, CHUNK: tl.con
 
 @triton.jit
 def _scale_chunks_kernel(tab_ptr, scale_ptr, stride_s, keep_ptr, n_tensors, CHUNK: tl.constexpr,
-                         BLOCK: tl.constexpr, L_POW2: tl.constexpr):
-    k, x_ptr, numel, first = _chunk_owner(tab_ptr, n_tensors, CHUNK, L_POW2)
+                         BLOCK: tl.constexpr, L_POW2: tl.constexpr, ACC: tl.constexpr):
+    # ACC: the table's second pointer row holds accumulators: y_k += (scaled x_k), x_k untouched
+    # (the launch turns fp contraction off, so the add rounds after the multiply, as torch's
+    # mul then add_ do); otherwise x_k is overwritten with the scaled values.
+    k, x_ptr, numel, first = _chunk_owner(tab_ptr, n_tensors, CHUNK, L_POW2, 2 if ACC else 1)
+    y_ptr = x_ptr
+    if ACC:
+        y_ptr = tl.multiple_of(tl.load(tab_ptr + n_tensors + k).to(tl.pointer_type(tl.float32)),
+                               16)  # ALIGN
     scale = tl.load(scale_ptr + k * stride_s)
     keep = tl.load(keep_ptr) != 0
     o = tl.arange(0, BLOCK).to(tl.int64)
     # a dropped sample gives exact zeros, also where x is NaN or Inf (0·NaN would be NaN)
     if first + CHUNK <= numel:  # a whole chunk: unmasked, 16 bytes wide
         for start in range(0, CHUNK, BLOCK):
-            p_x = x_ptr + tl.multiple_of(first + start, BLOCK) + o
-            tl.store(p_x, tl.where(keep, tl.load(p_x) * scale, 0.0))
+            o_x = tl.multiple_of(first + start, BLOCK) + o
+            b_y = tl.where(keep, tl.load(x_ptr + o_x) * scale, 0.0)
+            if ACC:
+                b_y = tl.load(y_ptr + o_x) + b_y
+            tl.store(y_ptr + o_x, b_y)
     else:
         for start in range(0, CHUNK, BLOCK):
             o_x = first + start + o
             m_x = o_x < numel
-            b_x = tl.load(x_ptr + o_x, mask=m_x, other=0.0)
-            tl.store(x_ptr + o_x, tl.where(keep, b_x * scale, 0.0), mask=m_x)
+            b_y = tl.where(keep, tl.load(x_ptr + o_x, mask=m_x, other=0.0) * scale, 0.0)
+            if ACC:
+                b_y = tl.load(y_ptr + o_x, mask=m_x, other=0.0) + b_y
+            tl.store(y_ptr + o_x, b_y, mask=m_x)
 
 
-def _table(xs: list):
+def _table(xs: list, ys: list | None = None):
     """(device table, number of chunks, L_POW2) for fp32 tensors xs (contiguous, ALIGN-aligned,
-    non-empty: the op checks)."""
+    non-empty: the op checks), with a second pointer row for ys (same shapes) when given."""
     counts = [x.numel() for x in xs]
     starts, total = [], 0
     for n in counts:
         starts.append(total)
         total += triton.cdiv(n, CHUNK)
-    tab = pointer_table([xs], xs[0].device, int_rows=[counts, starts])
+    tab = pointer_table([xs] if ys is None else [xs, ys], xs[0].device, int_rows=[counts, starts])
     return tab, total, triton.next_power_of_2(len(xs))
 
 
@@ -115,13 +129,13 @@ def sumsq_many_fwd(xs: list, out, empty) -> None:
                                      num_warps=4)
 
 
-def scale_many_fwd(xs: list, scale, keep) -> None:
-    """x_k ← keep ? x_k · scale[k] : 0 in place, fp32 (scale (L,) or (1,) fp32, keep (1,) bool):
-    one launch."""
-    tab, chunks, l_pow2 = _table(xs)
+def scale_many_fwd(xs: list, scale, keep, add_to: list | None = None) -> None:
+    """x_k ← keep ? x_k · scale[k] : 0 in place, fp32 (scale (L,) or (1,) fp32, keep (1,) bool),
+    or with add_to (fp32 tensors shaped as xs) add_to[k] += that value, xs untouched: one launch."""
+    tab, chunks, l_pow2 = _table(xs, add_to)
     _scale_chunks_kernel[(chunks,)](tab, scale, 0 if scale.numel() == 1 else scale.stride(0),
                                     keep, len(xs), CHUNK=CHUNK, BLOCK=BLOCK, L_POW2=l_pow2,
-                                    num_warps=8)
+                                    ACC=add_to is not None, num_warps=8, enable_fp_fusion=False)
 
 
 __all__ = ["CHUNK", "scale_many_fwd", "sumsq_many_fwd"]

@@ -62,8 +62,10 @@ KERNELS["tensor_sumsq"] = (tensor_norms._sumsq_chunks_kernel,
                            dict(CHUNK=tensor_norms.CHUNK, BLOCK=tensor_norms.BLOCK, L_POW2=256),
                            (), _TN, (), dict(num_warps=8))
 KERNELS["tensor_scale"] = (tensor_norms._scale_chunks_kernel,
-                           dict(CHUNK=tensor_norms.CHUNK, BLOCK=tensor_norms.BLOCK, L_POW2=256),
-                           (), _TN, (), dict(num_warps=8))
+                           dict(CHUNK=tensor_norms.CHUNK, BLOCK=tensor_norms.BLOCK, L_POW2=256,
+                                ACC=False), (), _TN, (), dict(num_warps=8))
+KERNELS["tensor_scale_acc"] = (KERNELS["tensor_scale"][0],
+                               dict(KERNELS["tensor_scale"][1], ACC=True), *KERNELS["tensor_scale"][2:])
 # the book-keeping's TMA form (16-bit tiles on Hopper): the same kernel, its launch config
 _bk = KERNELS["bookkeeping"]
 KERNELS["bookkeeping_tma"] = (_bk[0], dict(_bk[1], BLOCK_D=256, TMA=True), *_bk[2:])

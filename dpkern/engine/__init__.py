@@ -200,7 +200,8 @@ class _Clipper:
         parameters with one 16-bit Linear use), take its norm from the very fp32 values that will
         be released, scale it in place. No norm kernels and no second pass over (a, g): clipping
         costs one read of the gradients for their norms (`sumsq_many`) and one read + write to
-        scale them (`scale_many_`), each one launch for all fp32 gradients on the Triton backend.
+        scale them (`scale_many_`; a later backward of the same step scales into the earlier sums
+        in that pass), each one launch for all fp32 gradients on the Triton backend.
 
         Bound: the release is fl(c·G) with G the fp32 gradient, so ‖release‖ ≤ c‖G‖(1 + 2⁻²⁴), and
         ‖G‖ ≤ N̂ (1 + (n+2)·2⁻⁵²) for N̂ = fl(√s), s the fp64 sum of the n squares of G's fp32
@@ -253,21 +254,32 @@ class _Clipper:
         opt.last_clip = _LastClip({self.private[p]: (n, u) for p, n, u in
                                    zip(params, sumsq.view(-1, 1).unbind(0), bounds.unbind(0))},
                                   1.0)
-        kept = [k for k, p in enumerate(params) if p in opt.params]
         opt.last_scales = {}
-        if kept:
-            if all(c is factors[0] for c in factors):  # flat / automatic: one factor for all
-                sc = round_down_f32(factors[0])
-                rows = [sc] * len(kept)
+        flat = all(c is factors[0] for c in factors)  # flat / automatic: one factor for all
+        one_sc = round_down_f32(factors[0]) if flat else None
+        # First sums of this step are scaled in place and kept; later ones (gradient
+        # accumulation) are scaled into the sums of the earlier backwards in the same pass.
+        # Dropped (non-finite) samples give exact zeros, NaN / Inf entries included.
+        kept = [k for k, p in enumerate(params) if p in opt.params]
+        parts = [[k for k in kept if params[k] not in opt.summed],
+                 [k for k in kept if params[k] in opt.summed]]
+        for first, ks in zip((True, False), parts):
+            if not ks:
+                continue
+            if flat:
+                sc, rows = one_sc, [one_sc] * len(ks)
             else:
-                sc = round_down_f32(torch.cat([factors[k] for k in kept]))
+                sc = round_down_f32(torch.cat([factors[k] for k in ks]))
                 rows = list(sc.view(-1, 1).unbind(0))
-            released = [grads[k] for k in kept]
-            # dropped (non-finite) samples give exact zeros, NaN / Inf entries included
-            scale_many_(released, sc, finite, backend=self.backend)
-            for k, row in zip(kept, rows):
+            for k, row in zip(ks, rows):
                 opt.last_scales[self.private[params[k]]] = row
-            self._store_sums((params[k], g) for k, g in zip(kept, released))
+            released = [grads[k] for k in ks]
+            if first:
+                scale_many_(released, sc, finite, backend=self.backend)
+                opt.summed.update((params[k], g) for k, g in zip(ks, released))
+            else:
+                scale_many_(released, sc, finite, backend=self.backend,
+                            add_to=[opt.summed[params[k]] for k in ks])
         opt.note_backward(1, 1 - finite.sum())
 
 

@@ -69,16 +69,19 @@ def sumsq_many(xs: list, *, backend: str | None = None) -> torch.Tensor:
     return torch.stack([sumsq_ref(x) if s is None else s for x, s in zip(xs, sums)])
 
 
-def scale_many_(xs: list, scale: torch.Tensor, keep: torch.Tensor, *,
+def scale_many_(xs: list, scale: torch.Tensor, keep: torch.Tensor, *, add_to: list | None = None,
                 backend: str | None = None) -> None:
     """In place: x_k ← x_k · scale_k if keep, else exact zeros (also where x_k is NaN or Inf, which
     a multiply by 0 would not give). fp32 tensors multiply by the fp32 scale (one rounding, as
-    `x.mul_(scale)`); float64 ones by the scale widened to fp64.
+    `x.mul_(scale)`); float64 ones by the scale widened to fp64. With add_to, that value is added
+    to add_to[k] instead (rounded after the multiply, as `y.add_(x * scale)`) and xs are left as
+    they are: one pass for a second backward's sums before the step.
 
     Args:
         xs: list of float32 / float64 tensors on one device.
         scale: float32 on their device, (1,) (one scale for all) or (len(xs),).
         keep: (1,) bool on their device.
+        add_to: None, or a list of tensors shaped as xs (float32 / float64) on their device.
         backend: "auto" | "triton" | "torch" (default: DPKERN_BACKEND or "auto").
 
     Example:
@@ -97,18 +100,31 @@ def scale_many_(xs: list, scale: torch.Tensor, keep: torch.Tensor, *,
             and tuple(keep.shape) == (1,) and keep.device == device):
         raise ValueError(f"{op}: keep must be a (1,) bool tensor on {device}, got "
                          f"{_describe(keep)}")
+    if add_to is not None:
+        if _check(op + " add_to", add_to) not in (None, device) or len(add_to) != len(xs):
+            raise ValueError(f"{op}: add_to must hold {len(xs)} tensors on {device}")
+        for k, (x, y) in enumerate(zip(xs, add_to)):
+            if y.shape != x.shape:
+                raise ValueError(f"{op}: add_to[{k}] has shape {tuple(y.shape)}, xs[{k}] "
+                                 f"{tuple(x.shape)}")
     be = resolve_backend(backend, device, op=op, implemented=("triton", "torch"),
                          auto_order=("triton",))
     one = scale.shape[0] == 1
-    fast = [k for k, x in enumerate(xs) if _launchable(x)] if be == "triton" else []
+    fast = ([k for k, x in enumerate(xs) if _launchable(x)
+             and (add_to is None or _launchable(add_to[k]))] if be == "triton" else [])
     if fast:
         from dpkern.kernels.tensor_norms import scale_many_fwd
         scale_many_fwd([xs[k] for k in fast], scale if one or len(fast) == len(xs)
-                       else torch.stack([scale[k] for k in fast]), keep)
+                       else torch.stack([scale[k] for k in fast]), keep,
+                       None if add_to is None else [add_to[k] for k in fast])
     if len(fast) < len(xs):
         rest = set(range(len(xs))).difference(fast)
         for k in sorted(rest):
-            scale_ref_(xs[k], scale[0:1] if one else scale[k:k + 1], keep)
+            s_k = scale[0:1] if one else scale[k:k + 1]
+            if add_to is None:
+                scale_ref_(xs[k], s_k, keep)
+            else:
+                add_to[k].add_(scale_ref_(xs[k].clone(), s_k, keep).to(add_to[k].dtype))
 
 
 def _describe(x) -> str:

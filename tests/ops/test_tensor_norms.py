@@ -126,6 +126,31 @@ def test_scale_many_dropped_sample_gives_exact_zeros(device, small_chunks):
         assert not torch.signbit(x).any()  # +0.0, as masked_fill gives
 
 
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("device", kernel_devices())
+def test_scale_many_add_to_is_mul_then_add(device, small_chunks, keep):
+    """add_to: y_k ← y_k + fl(x_k·scale_k) (or + 0 for a dropped sample), bit for bit torch's
+    mul then add_, on every element; xs are left as they are. A float64 sum takes the reference
+    beside the launch."""
+    xs = _tensors(_sizes(small_chunks), device, seed=8)
+    xs[1][5] = float("nan")  # a dropped sample's NaN must not reach the sums
+    ys = [t * 3.0 for t in _tensors(_sizes(small_chunks), device, seed=9)]
+    ys[-1] = ys[-1].double()
+    scale = (torch.rand(len(xs)) + 0.01).to(device)
+    k_t = torch.full((1,), keep, dtype=torch.bool, device=device)
+    want = [y.clone().add_(scale_ref_(x.clone(), scale[k:k + 1], k_t).to(y.dtype))
+            for k, (x, y) in enumerate(zip(xs, ys))]
+    before = [x.clone() for x in xs]
+    with count_launches() as c:
+        scale_many_(xs, scale, k_t, add_to=ys, backend="triton")
+    assert c.by_name["triton:_scale_chunks_kernel"] == 1, c.by_name
+    for y, w in zip(ys, want):  # bit for bit; NaN where a kept sample had one
+        torch.testing.assert_close(y, w, rtol=0, atol=0, equal_nan=True)
+    for x, b in zip(xs, before):
+        torch.testing.assert_close(x, b, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(ys[1]).any() == keep
+
+
 def test_scale_many_refuses_bad_arguments():
     x = torch.ones(4)
     keep = torch.ones(1, dtype=torch.bool)
@@ -139,6 +164,10 @@ def test_scale_many_refuses_bad_arguments():
         sumsq_many([x, x.bfloat16()])
     with pytest.raises(TypeError, match="list of tensors"):
         sumsq_many(x)
+    with pytest.raises(ValueError, match=r"add_to\[0\] has shape \(5,\), xs\[0\] \(4,\)"):
+        scale_many_([x], torch.ones(1), keep, add_to=[torch.zeros(5)])
+    with pytest.raises(ValueError, match="add_to must hold 1 tensors"):
+        scale_many_([x], torch.ones(1), keep, add_to=[])
     assert torch.equal(x, torch.ones(4))  # nothing written on refusal
 
 
@@ -153,9 +182,14 @@ def test_sumsq_and_scale_at_model_size():
     for k, x in enumerate(xs):
         ref = float(sumsq_ref(x))  # fp64, another order: both within n·u of the exact sum
         assert abs(float(out[k]) - ref) <= 2 * x.numel() * U64 * ref, k
-    want = [x * 0.25 for x in xs]
-    scale_many_(xs, torch.full((1,), 0.25, device="cuda"),
-                torch.ones(1, dtype=torch.bool, device="cuda"), backend="triton")
+    keep = torch.ones(1, dtype=torch.bool, device="cuda")
+    sc = torch.full((1,), 0.3, device="cuda")  # not a power of two: the products round
+    ys = [torch.randn(s, device="cuda", generator=g) for s in shapes]
+    want_y = [y + x * sc for x, y in zip(xs, ys)]  # two roundings: a fused multiply-add differs
+    scale_many_(xs, sc, keep, add_to=ys, backend="triton")
+    assert all(torch.equal(y, w) for y, w in zip(ys, want_y))
+    want = [x * sc for x in xs]
+    scale_many_(xs, sc, keep, backend="triton")
     assert all(torch.equal(x, w) for x, w in zip(xs, want))
 
 
@@ -164,7 +198,8 @@ def test_whole_chunks_read_and_write_16_bytes_wide():
     four at a time. Masked by the tensor's end they would be scalar: the last, partial chunk
     alone takes the masked loop."""
     from tests.sm90_ptx import tabled_load_counts
-    got = tabled_load_counts(["tensor_sumsq", "tensor_scale"])
+    got = tabled_load_counts(["tensor_sumsq", "tensor_scale", "tensor_scale_acc"])
     assert got["tensor_sumsq"]["table"].get("ld.v4.b32", 0) >= 1, got
-    assert got["tensor_scale"]["table"].get("ld.v4.b32", 0) >= 1, got
-    assert got["tensor_scale"]["table"].get("st.v4.b32", 0) >= 1, got
+    for name, loads in (("tensor_scale", 1), ("tensor_scale_acc", 2)):  # x (and the sums)
+        assert got[name]["table"].get("ld.v4.b32", 0) >= loads, got
+        assert got[name]["table"].get("st.v4.b32", 0) >= 1, got
