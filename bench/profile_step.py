@@ -18,8 +18,9 @@ Llama-style model from transformers' LlamaConfig (random init, eager attention).
 
 The engine has no named ranges of its own, so this script adds them from outside: module forward
 hooks (forward per layer type), the layers' autograd Functions' backward (backward per layer type),
-and the engine's module-level helpers norms_sq / release_bound_matrix / clip_factors / bookkeep and the
-per-sample ops they call (norms and book-keeping per layer type). Nothing is changed for good: the
+and the engine's module-level helpers norms_sq / release_bound_matrix / clip_factors / bookkeep (at
+B = 1 also sumsq_many / scale_many_) and the per-sample ops they call (norms and book-keeping per
+layer type). Nothing is changed for good: the
 patches are undone when the script ends.
 """
 from __future__ import annotations
@@ -126,8 +127,10 @@ def instrument(model, ranges: Ranges):
         saved.append((obj, attr, obj.__dict__[attr]))
         setattr(obj, attr, new)
 
+    # B = 1 (engine._Clipper._single_sample): the gradients' norms, then their scaling
     for attr, name in [("norms_sq", "norms"), ("bookkeep", "bookkeeping"),
-                       ("release_bound_matrix", "clip"), ("clip_factors", "clip")]:
+                       ("release_bound_matrix", "clip"), ("clip_factors", "clip"),
+                       ("sumsq_many", "norms"), ("scale_many_", "clip")]:
         patch(eng, attr, _wrap_fn(ranges, name, getattr(eng, attr)))
     # Linear weights are book-kept in grouped launches outside `bookkeep`
     patch(eng, "bookkeeping_wgrad_grouped", _wrap_fn(ranges, "bookkeeping", _wrap_fn(
