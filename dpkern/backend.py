@@ -26,6 +26,12 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: `backend` itself, or DPKERN_BACKEND when it is None (default
+    "auto"). Not validated: resolve_backend checks it against the op."""
+    return backend if backend is not None else os.environ.get("DPKERN_BACKEND", "auto")
+
+
 def resolve_backend(backend: str | None, device: torch.device, op: str,
                     implemented: tuple[str, ...] = ("triton", "cuda", "torch"),
                     auto_order: tuple[str, ...] = ("triton", "cuda")) -> str:
@@ -34,7 +40,7 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
     backend=None reads DPKERN_BACKEND (default "auto"). `auto_order` lists the fast backends in
     order of preference for this op; "torch" is always the last resort.
     """
-    name = backend if backend is not None else os.environ.get("DPKERN_BACKEND", "auto")
+    name = requested_backend(backend)
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":

@@ -14,14 +14,13 @@ at most `n_iter` iterations. Computation is float32 whatever the input dtype.
 """
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from typing import NamedTuple, Sequence
 
 import torch
 
 from dpkern._alloc import device_constants, empty
-from dpkern.backend import triton_available
+from dpkern.backend import requested_backend, triton_available
 
 ORTHS = ("cholqr2", "qr")
 
@@ -34,7 +33,7 @@ def _cholqr_kernel(y: torch.Tensor) -> bool:
     if not (y.dim() == 3 and y.dtype in (torch.float32, torch.float64)
             and 1 <= y.shape[-1] <= MAX_L and y.shape[0] > 0 and y.shape[1] > 0):
         return False
-    name = os.environ.get("DPKERN_BACKEND", "auto")
+    name = requested_backend()
     if name == "torch" or not triton_available(y.device):
         return False
     return y.device.type == "cuda" or name == "triton"

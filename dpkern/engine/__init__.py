@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
 from torch.utils.data import DataLoader
 
 from dpkern import _alloc
+from dpkern.backend import requested_backend
 from dpkern.data.poisson import DPDataLoader, secret_generator
 from dpkern.engine.tape import GradTape
 from dpkern.layers import wrap_model
@@ -403,8 +403,7 @@ class PrivacyEngine:
         if seed is not None and self.secure_mode:
             raise ValueError("seed: explicit seeds are not allowed with secure_mode=True")
         if self.backend is None:  # the environment's choice, read by every per-sample op
-            _check_engine_backend(os.environ.get("DPKERN_BACKEND", "auto"),
-                                  "the environment variable DPKERN_BACKEND")
+            _check_engine_backend(requested_backend(), "the environment variable DPKERN_BACKEND")
         self._check_optimizer(module, optimizer)
         n_private = len({p for p in module.parameters() if p.requires_grad})
         total_c, per_param = check_clipping(clipping, max_grad_norm, n_private)
