@@ -176,19 +176,13 @@ class _Clipper:
         zero_samples gives."""
         if not row_scales:
             return
-        self._store_sums(rows.bookkeep(row_scales, finite).items())
-
-    def _store_sums(self, sums) -> None:
-        """(parameter, released sum) pairs into the optimizer's accumulators: stored as they are,
-        or added (one foreach launch for all) to those of an earlier backward before the step
-        (gradient accumulation)."""
         opt = self.optimizer
         accs, adds = [], []
-        for p, x in sums:
+        for p, x in rows.bookkeep(row_scales, finite).items():
             acc = opt.summed.get(p)
             if acc is None:
                 opt.summed[p] = x
-            else:
+            else:  # a second backward before the step (gradient accumulation)
                 accs.append(acc)
                 adds.append(x.to(acc.dtype))
         if accs:
